@@ -1,0 +1,49 @@
+"""batchfit: measure the batch size to train a Keras 3 / TensorFlow model with.
+
+The public API. Names that need TensorFlow are imported lazily, so ``import batchfit`` is
+instant and the results, the pure search logic and the reports work without TensorFlow.
+
+Example:
+
+>>> import batchfit
+>>> batchfit.parse_size("512MiB")
+536870912
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (BatchfitError, InvalidInputError, ModelLoadError, NothingFitsError,
+                     ProbeFailedError)
+from .results import SCHEMA_VERSION, MaxBatchResult, MemoryModel, Probe, load_result
+from .tf.oom import is_oom_error
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "find_max_batch_size": ("batchfit.tf.maxbatch", "find_max_batch_size"),
+    "parse_size": ("batchfit.core.sizes", "parse_size"),
+    "format_bytes": ("batchfit.core.sizes", "format_bytes"),
+}
+
+__all__ = [
+    "BatchfitError", "InvalidInputError", "MaxBatchResult", "MemoryModel", "ModelLoadError",
+    "NothingFitsError", "Probe", "ProbeFailedError", "SCHEMA_VERSION", "find_max_batch_size",
+    "format_bytes", "is_oom_error", "load_result", "parse_size", "__version__",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core.sizes import format_bytes, parse_size
+    from .tf.maxbatch import find_max_batch_size
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'batchfit' has no attribute {name!r}")

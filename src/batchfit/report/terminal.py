@@ -1,0 +1,102 @@
+"""Terminal rendering with ``rich``: one line per probe while searching, then a summary.
+
+``rich`` decides from the stream itself whether it may use colour and cursor movement, so the
+same code prints plain, clean lines into CI logs and files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..core.sizes import format_bytes
+from ..results import MaxBatchResult, Probe
+
+_OUTCOME_STYLE = {"fits": "green", "oom": "red", "over_budget": "red", "refused": "yellow",
+                  "crashed": "magenta", "timeout": "magenta"}
+
+
+def _bytes(n: float | None) -> str:
+    return "-" if n is None else format_bytes(n)
+
+
+class ProbeLog:
+    """Prints one line per probe as it completes (pass it as ``on_probe=``).
+
+    Example:
+
+    >>> from batchfit.results import Probe
+    >>> log = ProbeLog(Console(width=100, color_system=None))
+    >>> log(Probe(batch_size=64, fits=True, outcome="fits", peak_bytes=3 << 20, seconds=1.25))
+    probe  1  batch       64  fits          3.00 MiB    1.2 s
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.count = 0
+
+    def __call__(self, probe: Probe) -> None:
+        self.count += 1
+        style = _OUTCOME_STYLE.get(probe.outcome, "")
+        line = (f"probe {self.count:>2}  batch {probe.batch_size:>8}  "
+                f"[{style}]{probe.outcome:<11}[/{style}] {_bytes(probe.peak_bytes):>11}  "
+                f"{probe.seconds:>5.1f} s")
+        if not probe.fits and probe.detail:
+            line += f"  [dim]{_escape(probe.detail[:90])}[/dim]"
+        self.console.print(line, highlight=False)
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", r"\[")
+
+
+def render_max(result: MaxBatchResult, console: Console | None = None, *,
+               show_probes: bool = True) -> None:
+    """Print a :class:`MaxBatchResult`: the answer, the memory model and the probes."""
+    console = console or Console()
+    budget = ("device total unknown" if result.memory_budget_bytes is None
+              else f"{format_bytes(result.memory_budget_bytes)} ({result.budget_source})")
+    summary = Table(show_header=False, box=None, pad_edge=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("model", result.model_name or "-")
+    summary.add_row("device", f"{result.device}, {result.isolation}")
+    summary.add_row("memory budget", budget)
+    exact = "exact" if result.bracketed else "not bracketed: a lower bound"
+    g = f", granularity {result.granularity}" if result.granularity > 1 else ""
+    summary.add_row("largest batch that fits",
+                    f"[bold green]{result.max_batch_size}[/bold green] ({exact}{g})")
+    summary.add_row("safe batch size",
+                    f"{result.safe_batch_size} (leaves {result.headroom:.0%} of the budget free)")
+    m = result.memory_model
+    if m is not None:
+        r2 = f", R² {m.r_squared:.4f}" if m.r_squared is not None else ""
+        summary.add_row("memory model", f"{_bytes(m.fixed_bytes)} + {_bytes(m.per_sample_bytes)}"
+                                        f" x batch ({m.points} probes{r2})")
+    summary.add_row("search", f"{result.strategy}: {len(result.probes)} probes, "
+                              f"{result.oom_count} out-of-memory, {result.seconds:.1f} s")
+    console.print(summary)
+    if show_probes and result.probes:
+        table = Table(title="probes", title_justify="left")
+        for col, just in (("#", "right"), ("batch", "right"), ("outcome", "left"),
+                          ("peak", "right"), ("step", "right"), ("seconds", "right")):
+            table.add_column(col, justify=just)  # type: ignore[arg-type]
+        for i, p in enumerate(result.probes, 1):
+            style = _OUTCOME_STYLE.get(p.outcome, "")
+            table.add_row(str(i), str(p.batch_size), f"[{style}]{p.outcome}[/{style}]",
+                          _bytes(p.peak_bytes),
+                          "-" if p.step_seconds is None else f"{p.step_seconds * 1000:.1f} ms",
+                          f"{p.seconds:.1f}")
+        console.print(table)
+    for note in result.notes:
+        console.print(f"[dim]note:[/dim] {_escape(note)}", highlight=False)
+
+
+def render(result: Any, console: Console | None = None) -> None:
+    """Render any saved batchfit result."""
+    if isinstance(result, MaxBatchResult):
+        render_max(result, console)
+    else:  # pragma: no cover - future result kinds register here
+        raise TypeError(f"no renderer for {type(result).__name__}")

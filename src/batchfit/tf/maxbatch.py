@@ -1,0 +1,343 @@
+"""``find_max_batch_size``: the largest batch that fits a memory budget, found with few probes."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+from ..core.memory_model import fit_memory_model
+from ..core.search import Trial, make_policy, run_search
+from ..core.sizes import format_bytes, parse_size
+from ..errors import InvalidInputError, ModelLoadError, NothingFitsError, ProbeFailedError
+from ..results import MaxBatchResult, MemoryModel, Probe
+
+STRATEGIES = ("guided", "binsearch", "power")
+ISOLATION_MODES = ("auto", "process", "none")
+DEFAULT_UPPER = 1 << 20
+HOST_RESERVE_BYTES = 1 << 30  # left to the OS and this process when the budget is "all of RAM"
+
+
+def host_available_bytes() -> int | None:
+    """Memory the kernel says is available for new allocations (``MemAvailable``), if known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gpu_total_bytes(index: int = 0) -> tuple[int | None, str]:
+    """``(total bytes, name)`` of a GPU through NVML (``nvidia-ml-py``), ``(None, "")`` without it."""
+    try:
+        import pynvml  # provided by nvidia-ml-py
+    except ImportError:
+        return None, ""
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total), name
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - NVML missing or driver mismatch: unknown, not fatal
+        return None, ""
+
+
+def _is_keras_model(obj: Any) -> bool:
+    return hasattr(obj, "train_on_batch") and hasattr(obj, "variables")
+
+
+def _validate(strategy: str, granularity: Any, headroom: Any, steps: Any, upper: Any,
+              isolate: str) -> None:
+    if strategy not in STRATEGIES:
+        raise InvalidInputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
+        raise InvalidInputError(f"granularity must be an integer >= 1 (e.g. 8 for tensor cores), "
+                                f"got {granularity!r}")
+    if not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
+        raise InvalidInputError(f"headroom must be a fraction in [0, 1), e.g. 0.1 for 10%, got {headroom!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InvalidInputError(f"steps must be an integer >= 1, got {steps!r}")
+    if upper is not None and (isinstance(upper, bool) or not isinstance(upper, int) or upper < granularity):
+        raise InvalidInputError(f"max batch size (upper bound) must be an integer >= granularity "
+                                f"({granularity}), got {upper!r}")
+    if isolate not in ISOLATION_MODES:
+        raise InvalidInputError(f"isolate must be one of {', '.join(ISOLATION_MODES)}, got {isolate!r}")
+
+
+def resolve_budget(memory: Any, device: str) -> tuple[int | None, str, str]:
+    """``(budget bytes or None, source, note)`` for a ``memory=`` argument on ``device``."""
+    if memory is not None:
+        return parse_size(memory), "user", ""
+    if device.upper().startswith("GPU"):
+        total, _ = gpu_total_bytes()
+        if total is None:
+            return None, "device", ("GPU total memory unknown (install nvidia-ml-py to read it): "
+                                    "the search runs until the device refuses")
+        return total, "device", ""
+    avail = host_available_bytes()
+    if avail is None:
+        raise InvalidInputError("cannot read this machine's available memory; pass memory= "
+                                "(e.g. memory='8GiB')")
+    budget = max(avail - HOST_RESERVE_BYTES, avail // 2)
+    return budget, "device", (f"CPU: budget is this machine's available memory less a reserve "
+                              f"({format_bytes(budget)})")
+
+
+def _device_name(device: str | None) -> str:
+    if device:
+        d = device.upper()
+        if d in ("CPU", "GPU"):
+            d += ":0"
+        if not (d.startswith("CPU:") or d.startswith("GPU:")):
+            raise InvalidInputError(f"device must be 'CPU:0' or 'GPU:0', got {device!r}")
+        return d
+    import tensorflow as tf
+
+    return "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+
+
+def find_max_batch_size(
+    model: Any,
+    memory: str | int | None = None,
+    strategy: str = "guided",
+    *,
+    granularity: int = 1,
+    data: Any = None,
+    input_shapes: Any = None,
+    upper: int | None = None,
+    headroom: float = 0.1,
+    steps: int = 3,
+    isolate: str = "auto",
+    device: str | None = None,
+    probe_timeout: float = 600.0,
+    max_probes: int = 60,
+    on_probe: Callable[[Probe], None] | None = None,
+    seed: int = 0,
+) -> MaxBatchResult:
+    """Find the largest batch size that trains within a memory budget.
+
+    Each probe runs ``steps`` real training steps of the model (its optimizer, loss and layers)
+    at one batch size and reads the allocator's peak. With a budget on CPU the probes run in an
+    isolated worker process whose TensorFlow allocator is capped at the budget, so "does not fit"
+    is a real ``ResourceExhaustedError``, as on a GPU of that size; a probe that crashes the
+    worker is reported and the search goes on. The caller's model is never changed.
+
+    Args:
+        model: a compiled ``keras.Model``, a zero-argument function returning one (needed for
+            process isolation when the model cannot be pickled), or a spec string
+            (``"file.py:factory"``, ``"package.module:factory"``, ``"model.keras"``).
+        memory: the budget: ``"16GiB"``, ``"512MiB"``, bytes as an int; default: the device's
+            own memory (a GPU's total; on CPU the available RAM less a reserve).
+        strategy: ``"guided"`` (memory-model guided, default), ``"binsearch"`` or ``"power"``
+            (PyTorch Lightning's algorithms, reproduced for comparison).
+        granularity: only multiples of this are tried and reported (e.g. 8 for tensor cores).
+        data: the user's own sample, ``(x, y)`` arrays or a ``tf.data.Dataset`` (or a
+            ``"file.py:function"`` spec). Default: inputs and targets synthesized from the
+            model's input specs and compiled loss.
+        input_shapes: lengths for non-batch ``None`` dimensions, e.g. ``{"tokens": (128,)}``.
+        upper: never try a batch larger than this (default 2**20).
+        headroom: fraction of the budget ``safe_batch_size`` leaves free (default 0.1).
+        steps: training steps per probe (default 3).
+        isolate: ``"process"`` (worker process, budget enforced), ``"none"`` (this process;
+            a budget is checked against measured peaks), or ``"auto"`` (process on CPU and for
+            spec strings; in-process for a model object on a GPU this process already holds).
+        device: ``"CPU:0"`` or ``"GPU:0"``; default: the GPU if TensorFlow sees one.
+        probe_timeout: seconds one probe may take before its worker is killed.
+        max_probes: hard cap on the number of probes.
+        on_probe: called with each :class:`~batchfit.results.Probe` as it completes.
+        seed: seed for synthesized data.
+
+    Returns:
+        A :class:`~batchfit.results.MaxBatchResult`.
+
+    Raises:
+        InvalidInputError: bad argument (unparsable size, budget <= 0, granularity < 1, ...).
+        ModelLoadError: the model (spec, factory) could not be loaded.
+        ProbeFailedError: the model fails to train at the smallest size for a reason other
+            than memory (its own error is in the message).
+        NothingFitsError: even the smallest batch does not fit; states the fixed cost.
+
+    Example:
+
+    >>> import batchfit
+    >>> from batchfit.examples.models import seed_mlp
+    >>> r = batchfit.find_max_batch_size(seed_mlp, memory="64MiB")  # doctest: +SKIP
+    >>> r.max_batch_size, len(r.probes)                               # doctest: +SKIP
+    (1893, 5)
+    """
+    t_start = time.perf_counter()
+    _validate(strategy, granularity, headroom, steps, upper, isolate)
+    if model is None or (not isinstance(model, str) and not callable(model)
+                         and not _is_keras_model(model)):
+        raise InvalidInputError(
+            f"model must be a compiled keras.Model, a function returning one, or a spec "
+            f"'file.py:factory' / 'package.module:factory' / 'model.keras'; got {type(model).__name__}")
+    if _is_keras_model(model):
+        from .loader import check_model
+        check_model(model)
+    dev = _device_name(device)
+    budget, budget_source, budget_note = resolve_budget(memory, dev)
+    notes = [budget_note] if budget_note else []
+    upper = upper if upper is not None else DEFAULT_UPPER
+
+    mode = isolate
+    if mode == "auto":
+        mode = "process" if (dev.startswith("CPU") or not _is_keras_model(model)) else "none"
+    runner: Any = None
+    worker: Any = None
+    info: dict[str, Any] = {}
+    if mode == "process":
+        worker, info, fallback_note = _start_worker(model, data, input_shapes, steps, dev, budget,
+                                                    seed, probe_timeout, explicit=isolate == "process")
+        if worker is None:
+            mode = "none"
+            notes.append(fallback_note)
+    if mode == "none":
+        runner, info = _in_process_runner(model, data, input_shapes, steps, dev, budget, seed)
+        if budget is not None and dev.startswith("CPU"):
+            notes.append("in-process probes: the budget is compared with measured peaks, "
+                         "not enforced by the allocator (fragmentation is not accounted)")
+    notes.extend(info.get("notes", []))
+
+    policy = make_policy(strategy, budget_bytes=budget, granularity=granularity, upper=upper)
+    probes: list[Probe] = []
+
+    def trial(b: int) -> Trial:
+        p = worker.probe(b) if worker is not None else runner.run(b)
+        probes.append(p)
+        if on_probe is not None:
+            on_probe(p)
+        if p.outcome == "refused" and not any(q.fits for q in probes) and len(probes) == 1:
+            raise ProbeFailedError(
+                f"the model does not train at batch size {b}, for a reason other than memory: "
+                f"{p.detail}. Fix the model (or its inputs: pass data= / input_shapes=) and retry.")
+        return Trial(batch_size=b, fits=p.fits, peak_bytes=p.peak_bytes)
+
+    try:
+        trials = run_search(policy, trial, max_probes=max_probes)
+    finally:
+        if worker is not None:
+            worker.close()
+
+    best = policy.best(trials)
+    mem_model = _fit(probes)
+    state = info.get("state_bytes")
+    if best <= 0:
+        smallest = min((p.batch_size for p in probes), default=granularity)
+        fixed = mem_model.fixed_bytes if mem_model else state
+        parts = [f"nothing fits: even batch {smallest} does not fit"]
+        if budget is not None:
+            parts.append(f"in {format_bytes(budget)}")
+        msg = " ".join(parts) + "."
+        if state is not None:
+            msg += (f" The model's weights, optimizer state and metrics alone take "
+                    f"{format_bytes(state)}")
+            msg += f" ({state / budget:.0%} of the budget)." if budget else "."
+        msg += (" Use a larger budget, a smaller model, mixed precision, or an optimizer with "
+                "less state (Adam keeps two extra copies of the weights, SGD none).")
+        raise NothingFitsError(msg, fixed_bytes=fixed, budget_bytes=budget)
+
+    if not any(p.peak_bytes is not None for p in probes):
+        notes.append("the allocator kept no statistics, so no peaks were measured (on CPU, "
+                     "set TF_CPU_ALLOCATOR_USE_BFC=true before importing TensorFlow)")
+    safe, safe_note = _safe_size(best, mem_model, budget, headroom, granularity,
+                                 min(p.batch_size for p in probes if p.fits))
+    if safe_note:
+        notes.append(safe_note)
+    bad = [p for p in probes if p.outcome in ("crashed", "timeout")]
+    if bad:
+        notes.append(f"{len(bad)} probe(s) killed the worker ({bad[0].detail[:120]}); "
+                     f"treated as not fitting, the search went on")
+    return MaxBatchResult(
+        max_batch_size=best, safe_batch_size=safe, headroom=headroom,
+        memory_budget_bytes=budget, budget_source=budget_source, device=dev,
+        isolation="process" if mode == "process" else "in-process", strategy=strategy,
+        granularity=granularity, upper_bound=upper, bracketed=policy.bracketed(trials),
+        memory_model=mem_model, probes=probes, seconds=time.perf_counter() - t_start,
+        model_name=str(info.get("model_name", "")), notes=notes,
+        environment=dict(info.get("environment", {})))
+
+
+def _fit(probes: list[Probe]) -> MemoryModel | None:
+    pts: dict[int, float] = {}
+    for p in probes:
+        if p.fits and p.peak_bytes is not None:
+            pts[p.batch_size] = float(p.peak_bytes)
+    if len(pts) < 2:
+        return None
+    return fit_memory_model(sorted(pts.items()))
+
+
+def _safe_size(best: int, model: MemoryModel | None, budget: int | None, headroom: float,
+               granularity: int, smallest_fit: int) -> tuple[int, str]:
+    if model is not None and budget is not None and model.per_sample_bytes > 0:
+        safe = min(best, model.max_batch(budget * (1 - headroom), granularity))
+    else:
+        safe = (int(best * (1 - headroom)) // granularity) * granularity
+    if safe < smallest_fit:
+        return smallest_fit, (f"no batch leaves {headroom:.0%} of the budget free; "
+                              f"safe_batch_size is the smallest that fits")
+    return safe, ""
+
+
+def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: str,
+                  budget: int | None, seed: int, probe_timeout: float, *,
+                  explicit: bool) -> tuple[Any, dict[str, Any], str]:
+    from .worker import ModelSource, ProbeWorker, WorkerConfig
+
+    try:
+        source = ModelSource.from_model(model)
+    except Exception as exc:  # noqa: BLE001 - unpicklable model: fall back or explain
+        why = (f"the model cannot be sent to a worker process ({type(exc).__name__}: "
+               f"{str(exc).splitlines()[0][:200] if str(exc) else ''})")
+        if explicit:
+            raise InvalidInputError(why + "; pass a module-level factory function instead of the "
+                                          "model object, or isolate='none'") from exc
+        return None, {}, why + "; probed in this process instead"
+    payload = data
+    if data is not None and not isinstance(data, str):
+        from .data import DataSample
+        payload = DataSample.from_data(data)
+    worker = ProbeWorker(WorkerConfig(source=source, data=payload, input_shapes=input_shapes,
+                                      steps=steps, device=device, budget_bytes=budget, seed=seed),
+                         probe_timeout=probe_timeout)
+    try:
+        info = worker.start()
+    except ModelLoadError:
+        if source.kind != "pickle" or explicit:
+            raise
+        return None, {}, ("the model could not be rebuilt in a worker process (custom layers "
+                          "without get_config?); probed in this process instead. Pass a "
+                          "module-level factory to get an enforced budget")
+    return worker, info, ""
+
+
+def _in_process_runner(model: Any, data: Any, input_shapes: Any, steps: int, device: str,
+                       budget: int | None, seed: int) -> tuple[Any, dict[str, Any]]:
+    from .loader import check_model, load_model
+    from .probe import ProbeRunner, state_bytes
+    from .worker import environment_info, make_batch_fn
+
+    if isinstance(model, str):
+        model = load_model(model)
+    elif not _is_keras_model(model):
+        try:
+            built = model()
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"the model factory raised {type(exc).__name__}: {exc}") from exc
+        check_model(built)
+        model = built
+    batch_fn, notes = make_batch_fn(model, data, input_shapes, seed)
+    runner = ProbeRunner(model, batch_fn, steps=steps, device=device, budget_bytes=budget)
+    return runner, {"model_name": model.name, "state_bytes": state_bytes(model), "notes": notes,
+                    "environment": environment_info()}

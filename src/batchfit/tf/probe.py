@@ -1,0 +1,192 @@
+"""Run a few real training steps at one batch size and measure them, leaving the model as it was.
+
+A probe uses the user's own compiled model: its optimizer, loss, layers and train step, through
+``model.train_on_batch``. Around the steps it resets and reads the allocator's peak
+(``tf.config.experimental.reset_memory_stats`` / ``get_memory_info``), times each step, and
+afterwards assigns back every variable it may have touched (weights, non-trainable state, random
+seed state, optimizer slots and iteration count), so probing is invisible to the caller.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+from ..results import Probe
+from .oom import is_oom_error
+
+BatchFn = Callable[[int], "tuple[Any, Any]"]
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip()
+    # Keras wraps layer errors: keep the most informative non-empty line.
+    lines = [ln.strip(" \x1b[0m").strip() for ln in text.splitlines() if ln.strip()]
+    msg = ""
+    for ln in lines:
+        if "exceeds" in ln or "OOM" in ln or "Error" in ln or not msg:
+            msg = ln
+            if "OOM" in ln or "exceeds" in ln:
+                break
+    msg = msg.replace("\x1b[1m", "").replace("\x1b[0m", "")
+    return f"{type(exc).__name__}: {msg}"[:limit]
+
+
+def model_variables(model: Any) -> list[Any]:
+    """Every variable a training step can change: model state, optimizer state, metric state.
+
+    Builds the optimizer first when it has never been built, so its slots exist to be saved (the
+    values are the optimizer's fresh initial values, as its first real step would create them).
+    """
+    opt = getattr(model, "optimizer", None)
+    if opt is not None and not getattr(opt, "built", True):
+        opt.build(model.trainable_variables)
+    seen: set[int] = set()
+    out: list[Any] = []
+    groups = [model.variables, getattr(opt, "variables", []) or []]
+    for metric in getattr(model, "metrics", []) or []:
+        groups.append(getattr(metric, "variables", []) or [])
+    for group in groups:
+        for v in group:
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+    return out
+
+
+def _bytes_of(variables: Any) -> int:
+    total = 0
+    for v in variables:
+        n = int(np.prod(v.shape)) if len(v.shape) else 1
+        total += n * tf.as_dtype(v.dtype).size
+    return total
+
+
+def weights_bytes(model: Any) -> int:
+    """Bytes of the model's own variables (weights and state), without building anything."""
+    return _bytes_of(model.variables)
+
+
+def state_bytes(model: Any) -> int:
+    """Bytes held by the model's and optimizer's variables: the floor of any batch's memory."""
+    return _bytes_of(model_variables(model))
+
+
+class ModelState:
+    """A snapshot of every variable of a model (see :func:`model_variables`), restorable exactly.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> m.compile("adam", "mse")
+    >>> s = ModelState(m)
+    >>> _ = m.train_on_batch(np.ones((4, 3)), np.ones((4, 1)))
+    >>> s.restore(); s.equals_current()
+    True
+    """
+
+    def __init__(self, model: Any) -> None:
+        self._vars = model_variables(model)
+        self._values = [np.array(v.numpy(), copy=True) for v in self._vars]
+
+    def restore(self) -> None:
+        """Assign the saved values back to every variable."""
+        for v, value in zip(self._vars, self._values):
+            v.assign(value)
+
+    def equals_current(self) -> bool:
+        """Whether every variable holds exactly (bitwise) its saved value."""
+        return all(np.array_equal(np.asarray(v.numpy()), value, equal_nan=True)
+                   for v, value in zip(self._vars, self._values))
+
+
+def memory_device(device: str | None = None) -> str:
+    """The device whose allocator a probe reads: ``'GPU:0'`` when a GPU is visible, else ``'CPU:0'``."""
+    if device:
+        return device
+    return "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+
+
+def read_peak(device: str) -> int | None:
+    """The allocator's peak bytes since the last reset, or ``None`` if it keeps no statistics."""
+    try:
+        return int(tf.config.experimental.get_memory_info(device)["peak"])
+    except (ValueError, RuntimeError, tf.errors.OpError):
+        return None
+
+
+def reset_peak(device: str) -> None:
+    try:
+        tf.config.experimental.reset_memory_stats(device)
+    except (ValueError, RuntimeError, tf.errors.OpError):
+        pass
+
+
+class ProbeRunner:
+    """Measures training steps at chosen batch sizes on one model, in this process.
+
+    Args:
+        model: a compiled ``keras.Model``; its state is restored after every probe.
+        batch_fn: ``batch_fn(b) -> (x, y)`` builds one batch of ``b`` examples.
+        steps: training steps per probe (the first also traces; default 3, as Lightning).
+        device: allocator to read (``'CPU:0'``/``'GPU:0'``); default: the GPU if any.
+        budget_bytes: when set, a probe whose measured peak exceeds it is reported as
+            ``"over_budget"`` (used when the budget cannot be enforced by the allocator itself).
+    """
+
+    def __init__(self, model: Any, batch_fn: BatchFn, *, steps: int = 3,
+                 device: str | None = None, budget_bytes: int | None = None) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.model = model
+        self.batch_fn = batch_fn
+        self.steps = steps
+        self.device = memory_device(device)
+        self.budget_bytes = budget_bytes
+        self.state = ModelState(model)
+
+    def run(self, batch_size: int) -> Probe:
+        """Run ``steps`` training steps at ``batch_size`` and report what happened.
+
+        Out-of-memory errors and errors raised by the model become the probe's outcome
+        (``"oom"``/``"refused"``); the model's state is restored in every case.
+        """
+        t0 = time.perf_counter()
+        step_times: list[float] = []
+        try:
+            x, y = self.batch_fn(batch_size)
+            reset_peak(self.device)
+            for _ in range(self.steps):
+                s = time.perf_counter()
+                logs = self.model.train_on_batch(x, y, return_dict=True)
+                # train_on_batch returns numpy values: the step has finished on the device.
+                step_times.append(time.perf_counter() - s)
+            peak = read_peak(self.device)
+            del x, y
+            loss = logs.get("loss") if isinstance(logs, dict) else None
+            detail = ""
+            if loss is not None and not np.isfinite(loss):
+                detail = "loss is not finite at this batch size (memory measured anyway)"
+            over = self.budget_bytes is not None and peak is not None and peak > self.budget_bytes
+            return Probe(
+                batch_size=batch_size, fits=not over,
+                outcome="over_budget" if over else "fits",
+                peak_bytes=peak, seconds=time.perf_counter() - t0,
+                step_seconds=statistics.median(step_times[1:]) if len(step_times) > 1 else None,
+                detail=("measured peak exceeds the budget" if over else detail))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a probe outcome
+            outcome = "oom" if is_oom_error(exc) else "refused"
+            return Probe(batch_size=batch_size, fits=False, outcome=outcome, peak_bytes=None,
+                         seconds=time.perf_counter() - t0, step_seconds=None,
+                         detail=_first_line(exc))
+        finally:
+            self.state.restore()
+            try:
+                self.model.reset_metrics()
+            except Exception:  # noqa: BLE001 - metrics without reset are harmless here
+                pass

@@ -1,0 +1,82 @@
+"""Ground truth: probes in fresh processes, and an exhaustive bisection made of them.
+
+A search keeps one worker across probes; this module starts a new process for every single
+probe, so no state (allocator fragmentation, cached kernels, a previous OOM) carries over. It is
+slow (a TensorFlow start per probe) and meant for verifying answers: tests and benchmarks compare
+every strategy with :func:`exhaustive_max`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from ..core.sizes import parse_size
+from ..results import Probe
+from .worker import ModelSource, ProbeWorker, WorkerConfig
+
+
+def fresh_probe(model: Any, batch_size: int, memory: str | int, *, steps: int = 3,
+                data: Any = None, input_shapes: Any = None, device: str = "CPU:0",
+                seed: int = 0, probe_timeout: float = 600.0) -> Probe:
+    """Run one probe in a brand-new worker process under ``memory`` and return it.
+
+    Args:
+        model: a spec string or a picklable zero-argument factory (see
+            :func:`batchfit.find_max_batch_size`).
+        batch_size: the size to try.
+        memory: the budget (``"256MiB"`` or bytes).
+
+    Example:
+
+    >>> fresh_probe("batchfit.examples.models:seed_mlp", 64, "256MiB").fits  # doctest: +SKIP
+    True
+    """
+    config = WorkerConfig(source=ModelSource.from_model(model), data=data,
+                          input_shapes=input_shapes, steps=steps, device=device,
+                          budget_bytes=parse_size(memory), seed=seed)
+    with ProbeWorker(config, probe_timeout=probe_timeout) as worker:
+        return worker.probe(batch_size)
+
+
+def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
+                   upper: int = 1 << 20, on_probe: Callable[[Probe], None] | None = None,
+                   **probe_kwargs: Any) -> tuple[int, list[Probe], float]:
+    """The largest fitting batch by doubling then bisection, every probe in a fresh process.
+
+    Returns:
+        ``(largest fitting size or 0, probes, seconds)``. The bisection runs to the exact
+        size (to ``granularity``): it stops only when ``hi - lo == granularity``.
+    """
+    t0 = time.perf_counter()
+    probes: list[Probe] = []
+
+    def fits(b: int) -> bool:
+        p = fresh_probe(model, b, memory, **probe_kwargs)
+        probes.append(p)
+        if on_probe is not None:
+            on_probe(p)
+        return p.fits
+
+    lo, hi = 0, None
+    b = granularity
+    while b <= upper:
+        if fits(b):
+            lo = b
+            b *= 2
+        else:
+            hi = b
+            break
+    if hi is None:  # doubling passed the bound with everything fitting: try the bound itself
+        if lo >= upper or fits(upper):
+            return upper, probes, time.perf_counter() - t0
+        hi = upper
+    while hi - lo > granularity:
+        mid = ((lo + hi) // 2 // granularity) * granularity
+        if mid <= lo:
+            mid = lo + granularity
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, probes, time.perf_counter() - t0

@@ -1,0 +1,448 @@
+"""Probes in an isolated worker process, under a memory budget that is really enforced.
+
+On CPU the budget becomes TensorFlow's own allocator cap (``TF_CPU_ALLOCATOR_USE_BFC=true
+TF_CPU_BFC_MEM_LIMIT_IN_MB=N``, oneDNN off), set in the worker's environment before it imports
+TensorFlow: a batch that does not fit raises a real ``ResourceExhaustedError`` there, exactly as
+on a GPU with that much memory. On a GPU the worker creates a logical device with
+``memory_limit``. The worker lives across probes (one TensorFlow import, one model build, one
+retrace per new shape); if it dies (segfault, killed by the kernel) the probe is reported as
+``"crashed"``, the caller is untouched, and the next probe starts a fresh worker.
+
+This module imports no TensorFlow at import time: the worker imports it after its environment
+and standard error are set up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from multiprocessing.connection import Connection
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidInputError, ModelLoadError, NothingFitsError, ProbeFailedError
+from ..results import Probe
+
+MiB = 1 << 20
+
+
+@dataclass
+class ModelSource:
+    """How the worker gets the model: a spec string, a picklable factory, or pickled bytes."""
+
+    kind: str  # "spec" | "callable" | "pickle"
+    payload: Any
+    label: str = ""
+
+    @classmethod
+    def from_model(cls, model: Any) -> "ModelSource":
+        """Describe ``model`` (a ``keras.Model``, a zero-argument factory or a spec string)."""
+        if isinstance(model, str):
+            return cls("spec", model, model)
+        if callable(model) and not hasattr(model, "train_on_batch"):
+            if getattr(model, "__module__", None) == "__main__":
+                raise InvalidInputError(
+                    f"the factory {getattr(model, '__qualname__', model)!r} is defined in "
+                    f"__main__, which a worker process cannot import; define it in a module")
+            pickle.dumps(model)  # must be importable by reference (a module-level function)
+            return cls("callable", model, getattr(model, "__qualname__", repr(model)))
+        return cls("pickle", pickle.dumps(model), getattr(model, "name", "model"))
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs, picklable."""
+
+    source: ModelSource
+    data: Any = None                # a DataSample, a data spec string, or None (synthesize)
+    input_shapes: Any = None
+    steps: int = 3
+    device: str = "CPU:0"           # "CPU:0" or "GPU:0"
+    budget_bytes: int | None = None
+    seed: int = 0
+    log_path: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+_ENTRY = ("import sys; from batchfit.tf.worker import _entry; "
+          "_entry(int(sys.argv[1]), int(sys.argv[2]))")
+
+
+def worker_environment(device: str, budget_bytes: int | None) -> dict[str, str]:
+    """Environment variables the worker needs before importing TensorFlow.
+
+    On CPU with a budget: the BFC allocator cap (oneDNN off, since with oneDNN on the step after
+    an OOM can segfault; see the project's memory notes). GPUs are hidden from a CPU worker.
+    """
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
+    if device.upper().startswith("CPU"):
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
+        # The BFC allocator also keeps the statistics probes read; the default CPU allocator
+        # keeps none on some machines.
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+        if budget_bytes is not None:
+            mib = max(1, budget_bytes // MiB)
+            env.update({"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPU_BFC_MEM_LIMIT_IN_MB": str(mib)})
+    return env
+
+
+@contextlib.contextmanager
+def _patched_environ(values: dict[str, str]):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (killed: the kernel's out-of-memory killer?)" if -code == signal.SIGKILL else ""
+        return f"worker died with {name}{hint}"
+    return f"worker exited with status {code}"
+
+
+def _tail(path: str, lines: int = 6) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 8192))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    keep = [ln for ln in text.splitlines() if ln.strip()][-lines:]
+    return " | ".join(keep)
+
+
+class ProbeWorker:
+    """A long-lived worker process that runs probes under an enforced memory budget.
+
+    Args:
+        config: what to load and how to probe (see :class:`WorkerConfig`).
+        start_timeout: seconds allowed for the worker to import TensorFlow and build the model.
+        probe_timeout: seconds allowed for one probe before the worker is killed.
+
+    Example (not run here: it starts TensorFlow in a subprocess):
+
+    >>> # with ProbeWorker(WorkerConfig(ModelSource.from_model("batchfit.examples.models:seed_mlp"),
+    >>> #                               budget_bytes=256 << 20)) as w:
+    >>> #     print(w.info["device"], w.probe(64).fits)
+    """
+
+    def __init__(self, config: WorkerConfig, *, start_timeout: float = 600.0,
+                 probe_timeout: float = 600.0) -> None:
+        self.config = config
+        self.start_timeout = start_timeout
+        self.probe_timeout = probe_timeout
+        self.info: dict[str, Any] = {}
+        self.starts = 0
+        self._proc: Any = None
+        self._conn: Any = None
+        self._send_conn: Any = None
+        self._logfile = tempfile.NamedTemporaryFile(prefix="batchfit-worker-", suffix=".log",
+                                                    delete=False)
+        self._logfile.close()
+        self.config.log_path = self._logfile.name
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> dict[str, Any]:
+        """Start the worker and wait until it has built the model; return what it reports.
+
+        The worker is a fresh interpreter (``python -c``), not a ``multiprocessing`` child, so
+        the caller's ``__main__`` is never re-run and needs no ``if __name__ == "__main__"``
+        guard. Messages travel over a pipe pair of their own; the worker's stdout and stderr go
+        to a log file whose tail is reported if it dies.
+
+        Raises:
+            ModelLoadError: the worker could not load or build the model.
+            ProbeFailedError: the worker died or hung while starting.
+        """
+        env = dict(os.environ)
+        env.update(worker_environment(self.config.device, self.config.budget_bytes))
+        env.update(self.config.extra_env)
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        log = open(self.config.log_path, "wb")  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _ENTRY, str(to_child_r), str(from_child_w)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                pass_fds=(to_child_r, from_child_w), close_fds=True)
+        finally:
+            log.close()
+            os.close(to_child_r)
+            os.close(from_child_w)
+        self._proc = proc
+        self._send_conn = Connection(to_child_w, readable=False)
+        self._conn = Connection(from_child_r, writable=False)
+        self.starts += 1
+        try:
+            self._send_conn.send(self.config)
+        except (BrokenPipeError, OSError):
+            pass
+        msg = self._receive(self.start_timeout)
+        if msg is None:
+            why = _describe_exit(proc.poll()) if proc.poll() is not None else "timed out"
+            log_tail = _tail(self.config.log_path)
+            self.kill()
+            raise ProbeFailedError(f"the probe worker failed to start ({why}). "
+                                   f"Its log: {log_tail}")
+        if not msg.get("ok"):
+            self.kill()
+            if msg.get("oom"):
+                raise _setup_oom_error(msg, self.config.budget_bytes)
+            raise ModelLoadError(msg.get("message", "the worker could not build the model"))
+        self.info = msg
+        return msg
+
+    def _receive(self, timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                if self._conn.poll(min(remaining, 0.5)):
+                    return self._conn.recv()
+            except (EOFError, OSError):
+                return None
+            if self._proc.poll() is not None:
+                # It may have sent its last words just before dying.
+                try:
+                    if self._conn.poll(0):
+                        return self._conn.recv()
+                except (EOFError, OSError):
+                    pass
+                return None
+
+    def probe(self, batch_size: int) -> Probe:
+        """Run one probe; a dead or hung worker becomes a ``crashed``/``timeout`` probe."""
+        if self._proc is None or self._proc.poll() is not None:
+            self.start()
+        t0 = time.perf_counter()
+        try:
+            self._send_conn.send(("probe", int(batch_size)))
+        except (BrokenPipeError, OSError):
+            pass
+        msg = self._receive(self.probe_timeout)
+        if msg is not None and "probe" in msg:
+            return Probe.from_dict(msg["probe"])
+        alive = self._proc.poll() is None
+        self.kill()
+        if alive:
+            return Probe(batch_size=batch_size, fits=False, outcome="timeout",
+                         seconds=time.perf_counter() - t0,
+                         detail=f"no answer within {self.probe_timeout:.0f} s; worker killed")
+        return Probe(batch_size=batch_size, fits=False, outcome="crashed",
+                     seconds=time.perf_counter() - t0,
+                     detail=f"{_describe_exit(self._proc.returncode)}; "
+                            f"log: {_tail(self.config.log_path)}".strip())
+
+    def kill(self) -> None:
+        """Kill the worker process at once (no-op if it is gone)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(10)
+        for conn in (self._conn, self._send_conn):
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.close()
+        self._conn = self._send_conn = None
+
+    def close(self) -> None:
+        """Stop the worker (politely, then by force) and remove its log."""
+        if self._proc is not None and self._proc.poll() is None and self._send_conn is not None:
+            try:
+                self._send_conn.send(("stop",))
+                self._proc.wait(10)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+        with contextlib.suppress(OSError):
+            os.unlink(self.config.log_path)
+
+    def __enter__(self) -> "ProbeWorker":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _setup_oom_error(msg: dict[str, Any], budget: int | None) -> NothingFitsError:
+    """The error for a model whose weights or optimizer state alone exhaust the budget."""
+    from ..core.sizes import format_bytes
+
+    weights = msg.get("weights_bytes")
+    within = f" within {format_bytes(budget)}" if budget else ""
+    if weights is None:
+        text = (f"nothing fits: building the model alone ran out of memory{within}; its "
+                f"weights exceed the budget")
+    else:
+        text = (f"nothing fits: the model's weights take {format_bytes(weights)}, and with its "
+                f"optimizer state (Adam keeps two more copies) they ran out of memory{within} "
+                f"before any training step")
+    text += (". Use a larger budget, a smaller model, mixed precision, or an optimizer with "
+             "less state (SGD keeps none).")
+    return NothingFitsError(text, fixed_bytes=weights, budget_bytes=budget)
+
+
+# -- inside the worker process -------------------------------------------------------------------
+def build_model(source: ModelSource) -> Any:
+    """Materialize the model described by ``source`` (runs in the worker)."""
+    from .loader import check_model, load_model
+
+    if source.kind == "spec":
+        return load_model(source.payload)
+    if source.kind == "callable":
+        try:
+            model = source.payload()
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"the model factory {source.label} raised "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        check_model(model)
+        return model
+    if source.kind == "pickle":
+        try:
+            return pickle.loads(source.payload)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(
+                f"the model could not be rebuilt in the worker process from its saved form "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Pass a model factory "
+                f"instead (a module-level function returning the compiled model), or make the "
+                f"custom layers serializable (get_config, and **kwargs to super().__init__)"
+            ) from exc
+    raise ModelLoadError(f"unknown model source kind {source.kind!r}")
+
+
+def make_batch_fn(model: Any, data: Any, input_shapes: Any, seed: int):
+    """``(batch_fn, notes)`` for probes: the user's data sample, or synthesized batches."""
+    from .data import DataSample
+    from .synth import describe_synthesis, synthesize_batch
+
+    if data is None:
+        notes = list(describe_synthesis(model, input_shapes=input_shapes))
+        return (lambda b: synthesize_batch(model, b, input_shapes=input_shapes, seed=seed)), notes
+    if isinstance(data, str):
+        from .loader import load_data
+        data = load_data(data)
+    sample = data if isinstance(data, DataSample) else DataSample.from_data(data)
+    return sample.batch, list(sample.notes)
+
+
+def environment_info() -> dict[str, str]:
+    import platform
+    import sys
+
+    import keras
+    import numpy
+    import tensorflow as tf
+
+    return {"python": sys.version.split()[0], "platform": platform.platform(),
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "numpy": numpy.__version__}
+
+
+def _reserve_single_region(tf: Any, budget_bytes: int) -> None:  # pragma: no cover - subprocess
+    """Make the capped CPU allocator hold its whole budget as one region, as a GPU does.
+
+    TensorFlow's CPU BFC allocator grows by regions (2 MiB, then doubling) and never merges
+    them, so which batch fits would depend on which sizes ran before (a big tensor cannot span
+    two regions). A GPU's allocator (``allow_growth`` off, TensorFlow's default) reserves its
+    memory as one region at start. Allocating, then freeing, one tensor of nearly the whole
+    budget gives the CPU allocator that same single region before the model is built.
+    """
+    free = budget_bytes
+    try:
+        free = budget_bytes - int(tf.config.experimental.get_memory_info("CPU:0")["current"])
+    except (ValueError, RuntimeError):
+        pass
+    size = max(0, free - (4 << 20))
+    if size:
+        with tf.device("CPU:0"):
+            block = tf.zeros([size], dtype=tf.uint8)
+        del block
+
+
+def _entry(read_fd: int, write_fd: int) -> None:  # pragma: no cover - runs in the worker
+    """The worker process's main: receive the config, then serve probes until told to stop."""
+    inbox = Connection(read_fd, writable=False)
+    outbox = Connection(write_fd, readable=False)
+    try:
+        raw = inbox.recv_bytes()
+    except (EOFError, OSError):
+        return
+    try:
+        config = pickle.loads(raw)
+    except Exception as exc:  # noqa: BLE001 - e.g. a factory only the caller's __main__ knows
+        outbox.send({"ok": False, "error_type": type(exc).__name__,
+                     "message": f"the worker process could not receive the model or data "
+                                f"({type(exc).__name__}: {exc}); define factories and custom "
+                                f"layers in an importable module, not in __main__"})
+        return
+    _worker_main(inbox, outbox, config)
+
+
+def _worker_main(inbox: Any, conn: Any, config: WorkerConfig) -> None:  # pragma: no cover
+    import warnings
+    warnings.simplefilter("ignore")
+    try:
+        import tensorflow as tf
+
+        device = config.device
+        if device.upper().startswith("GPU"):
+            gpus = tf.config.list_physical_devices("GPU")
+            if config.budget_bytes is not None and gpus:
+                tf.config.set_logical_device_configuration(
+                    gpus[0], [tf.config.LogicalDeviceConfiguration(
+                        memory_limit=max(1, config.budget_bytes // MiB))])
+        if device.upper().startswith("CPU") and config.budget_bytes is not None:
+            _reserve_single_region(tf, config.budget_bytes)
+        from .probe import ProbeRunner, state_bytes, weights_bytes
+        model = None
+        model = build_model(config.source)
+        batch_fn, notes = make_batch_fn(model, config.data, config.input_shapes, config.seed)
+        runner = ProbeRunner(model, batch_fn, steps=config.steps, device=device)
+        conn.send({"ok": True, "device": device, "model_name": model.name,
+                   "state_bytes": state_bytes(model), "notes": notes,
+                   "environment": environment_info(), "pid": os.getpid()})
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        from .oom import is_oom_error
+        conn.send({"ok": False, "error_type": type(exc).__name__,
+                   "oom": is_oom_error(exc),
+                   "weights_bytes": None if model is None else weights_bytes(model),
+                   "message": str(exc) if isinstance(exc, ModelLoadError)
+                   else f"{type(exc).__name__}: {exc}",
+                   "traceback": traceback.format_exc()})
+        return
+    while True:
+        try:
+            cmd = inbox.recv()
+        except (EOFError, OSError):
+            return
+        if cmd[0] == "stop":
+            return
+        if cmd[0] == "probe":
+            probe = runner.run(int(cmd[1]))
+            conn.send({"probe": probe.to_dict()})

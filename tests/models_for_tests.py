@@ -1,0 +1,67 @@
+"""Model factories used by the end-to-end tests (loaded by spec: 'tests/models_for_tests.py:NAME')."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import keras
+import tensorflow as tf
+
+from batchfit.examples.seed import MyCustomLayer, MyVariableBatchLayer
+
+
+class KillerLayer(keras.layers.Layer):
+    """Kills its own process (as the kernel's OOM killer would) when the batch exceeds ``limit``."""
+
+    def __init__(self, limit: int = 48, **kwargs):
+        super().__init__(**kwargs)
+        self.limit = limit
+
+    def call(self, x):
+        if x.shape[0] is not None and x.shape[0] > self.limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
+
+def killer_model() -> keras.Model:
+    """Dies (SIGKILL) above batch 48; runs eagerly so the Python check sees the real batch."""
+    inp = keras.Input((8,))
+    h = KillerLayer(48)(inp)
+    out = keras.layers.Dense(1)(h)
+    m = keras.Model(inp, out)
+    m.compile("sgd", "mse", run_eagerly=True)
+    return m
+
+
+def seed_wide() -> keras.Model:
+    """The seed's MyVariableBatchLayer and MyCustomLayer in a model with real per-sample memory."""
+    inp = keras.Input((64, 32))
+    h = keras.layers.Dense(256, activation="relu")(inp)
+    h = keras.layers.Dense(256, activation="relu")(h)
+    h = MyVariableBatchLayer()(h)           # mean over axis 1 -> (batch, 256)
+    out = MyCustomLayer(256)(h)             # (batch, 1)
+    m = keras.Model(inp, out)
+    m.compile("adam", "mse")
+    return m
+
+
+def huge_model() -> keras.Model:
+    """16 MiB of weights, 48 MiB with Adam's two slots, 64 MiB with gradients: no step fits 56 MiB."""
+    inp = keras.Input((2048,))
+    out = keras.layers.Dense(2048)(inp)
+    m = keras.Model(inp, out)
+    m.compile("adam", "mse")
+    return m
+
+
+def not_a_model():
+    return tf.constant(1.0)
+
+
+def raising_factory():
+    raise RuntimeError("cannot reach the feature store")
+
+
+def uncompiled_model() -> keras.Model:
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
