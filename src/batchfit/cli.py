@@ -8,6 +8,7 @@ No traceback unless ``--debug``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Sequence
 
@@ -108,12 +109,20 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _print_error(console: Console, label: str, message: object) -> None:
+    from rich.text import Text
+
+    console.print(Text.assemble((f"{label}: ", "bold red"), str(message)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
+    # TensorFlow's C++ start-up chatter would bury the answer; the user's own setting wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console()
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # an error message is one greppable line
     if args.version:
         from . import __version__
         console.print(f"batchfit {__version__}")
@@ -127,12 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidInputError as exc:
         if getattr(args, "debug", False):
             raise
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
+        _print_error(err, "error", exc)
         return EXIT_BAD_INPUT
     except BatchfitError as exc:
         if getattr(args, "debug", False):
             raise
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        _print_error(err, "error", exc)
         return EXIT_FAIL
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -140,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI never dumps a traceback unasked
         if getattr(args, "debug", False):
             raise
-        err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc} "
-                  f"(rerun with --debug for the traceback)", highlight=False)
+        _print_error(err, "internal error", f"{type(exc).__name__}: {exc} "
+                                            f"(rerun with --debug for the traceback)")
         return EXIT_FAIL
 
 

@@ -30,6 +30,7 @@ PROBE_OUTCOMES = (
     "fits",          # the training steps ran within the budget
     "oom",           # ResourceExhaustedError (the allocator refused)
     "over_budget",   # ran, but the measured peak exceeded a budget that could not be enforced
+    "at_limit",      # ran, but only by waiting for memory: peak within 2% of the budget
     "refused",       # the model itself raised at this size (e.g. a layer with a batch limit)
     "crashed",       # the isolated worker process died (segfault, killed by the kernel)
     "timeout",       # the probe exceeded its time limit and the worker was killed
@@ -196,8 +197,8 @@ class MaxBatchResult(_Serializable):
 
     @property
     def oom_count(self) -> int:
-        """How many probes ran out of memory (or crashed the worker)."""
-        return sum(p.outcome in ("oom", "crashed") for p in self.probes)
+        """How many probes ran out of memory, crashed the worker or stalled (the costly failures)."""
+        return sum(p.outcome in ("oom", "crashed", "timeout") for p in self.probes)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

@@ -14,7 +14,8 @@ from rich.table import Table
 from ..core.sizes import format_bytes
 from ..results import MaxBatchResult, Probe
 
-_OUTCOME_STYLE = {"fits": "green", "oom": "red", "over_budget": "red", "refused": "yellow",
+_OUTCOME_STYLE = {"fits": "green", "oom": "red", "over_budget": "red", "at_limit": "yellow",
+                  "refused": "yellow",
                   "crashed": "magenta", "timeout": "magenta"}
 
 

@@ -16,6 +16,9 @@ STRATEGIES = ("guided", "binsearch", "power")
 ISOLATION_MODES = ("auto", "process", "none")
 DEFAULT_UPPER = 1 << 20
 HOST_RESERVE_BYTES = 1 << 30  # left to the OS and this process when the budget is "all of RAM"
+LIMIT_MARGIN = 0.02  # a fitting peak stays this fraction under the budget (see ProbeRunner)
+STALL_GRACE_SECONDS = 20.0  # an allocator's OOM wait (10 s) plus slack
+STALL_FACTOR = 5.0
 
 
 def host_available_bytes() -> int | None:
@@ -209,11 +212,13 @@ def find_max_batch_size(
                          "not enforced by the allocator (fragmentation is not accounted)")
     notes.extend(info.get("notes", []))
 
-    policy = make_policy(strategy, budget_bytes=budget, granularity=granularity, upper=upper)
+    policy = make_policy(strategy, budget_bytes=budget, granularity=granularity, upper=upper,
+                         saturation=LIMIT_MARGIN)
     probes: list[Probe] = []
 
     def trial(b: int) -> Trial:
-        p = worker.probe(b) if worker is not None else runner.run(b)
+        p = (worker.probe(b, timeout=_stall_timeout(probes, b, probe_timeout))
+             if worker is not None else runner.run(b))
         probes.append(p)
         if on_probe is not None:
             on_probe(p)
@@ -266,6 +271,20 @@ def find_max_batch_size(
         memory_model=mem_model, probes=probes, seconds=time.perf_counter() - t_start,
         model_name=str(info.get("model_name", "")), notes=notes,
         environment=dict(info.get("environment", {})))
+
+
+def _stall_timeout(probes: list[Probe], batch_size: int, limit: float) -> float:
+    """How long a probe at ``batch_size`` may take before it counts as stalled.
+
+    Near a capped allocator's limit a step can wait 10 s for memory at every allocation (an
+    LSTM's loop took 60-130 s to fail, measured), so a probe is given a generous multiple of
+    what the fits so far predict for its size, plus the allocator's own 10 s wait, and is
+    stopped after that: it would not be a usable batch size anyway.
+    """
+    estimates = [p.seconds * max(1.0, batch_size / p.batch_size) for p in probes if p.fits]
+    if not estimates:
+        return limit
+    return min(limit, STALL_GRACE_SECONDS + STALL_FACTOR * max(estimates))
 
 
 def _fit(probes: list[Probe]) -> MemoryModel | None:

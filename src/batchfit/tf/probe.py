@@ -76,6 +76,22 @@ def state_bytes(model: Any) -> int:
     return _bytes_of(model_variables(model))
 
 
+RESTORE_CHUNK_BYTES = 1 << 20
+
+
+def _assign_in_chunks(variable: Any, value: np.ndarray) -> None:
+    if value.ndim == 0 or value.nbytes <= RESTORE_CHUNK_BYTES or value.shape[0] < 2:
+        variable.assign(value)
+        return
+    target = getattr(variable, "value", variable)  # the tf.Variable behind a keras.Variable
+    if callable(target) or not hasattr(target, "__getitem__"):
+        variable.assign(value)
+        return
+    rows = max(1, RESTORE_CHUNK_BYTES // max(1, value[0].nbytes))
+    for start in range(0, value.shape[0], rows):
+        target[start:start + rows].assign(value[start:start + rows])
+
+
 class ModelState:
     """A snapshot of every variable of a model (see :func:`model_variables`), restorable exactly.
 
@@ -95,9 +111,15 @@ class ModelState:
         self._values = [np.array(v.numpy(), copy=True) for v in self._vars]
 
     def restore(self) -> None:
-        """Assign the saved values back to every variable."""
+        """Assign the saved values back to every variable.
+
+        Large variables are assigned in slices of at most :data:`RESTORE_CHUNK_BYTES`:
+        assigning a whole array first converts it into a tensor of its full size, and when the
+        allocator is nearly full (right after an out-of-memory step) that conversion crashed
+        the process instead of raising (measured under a CPU allocator cap).
+        """
         for v, value in zip(self._vars, self._values):
-            v.assign(value)
+            _assign_in_chunks(v, value)
 
     def equals_current(self) -> bool:
         """Whether every variable holds exactly (bitwise) its saved value."""
@@ -135,12 +157,20 @@ class ProbeRunner:
         batch_fn: ``batch_fn(b) -> (x, y)`` builds one batch of ``b`` examples.
         steps: training steps per probe (the first also traces; default 3, as Lightning).
         device: allocator to read (``'CPU:0'``/``'GPU:0'``); default: the GPU if any.
-        budget_bytes: when set, a probe whose measured peak exceeds it is reported as
-            ``"over_budget"`` (used when the budget cannot be enforced by the allocator itself).
+        budget_bytes: the memory budget. A probe whose measured peak exceeds it is
+            ``"over_budget"`` (when the budget is not enforced by the allocator itself); one
+            whose peak comes within ``limit_margin`` of it is ``"at_limit"``.
+        limit_margin: fraction of the budget below which a peak must stay to count as fitting
+            (default 0.02). Measured under a capped allocator: near the cap an allocation that
+            cannot be served waits (up to 10 s) for other ops to free memory, the peak reads
+            "the budget" for a band of sizes, steps slow down, and whether a size in that band
+            passes depends on thread timing (the same size fitting in one fresh process and not
+            in the next). Sizes in the band are not reported as fitting.
     """
 
     def __init__(self, model: Any, batch_fn: BatchFn, *, steps: int = 3,
-                 device: str | None = None, budget_bytes: int | None = None) -> None:
+                 device: str | None = None, budget_bytes: int | None = None,
+                 limit_margin: float = 0.02) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.model = model
@@ -148,7 +178,38 @@ class ProbeRunner:
         self.steps = steps
         self.device = memory_device(device)
         self.budget_bytes = budget_bytes
+        if not 0 <= limit_margin < 1:
+            raise ValueError(f"limit_margin must be in [0, 1), got {limit_margin}")
+        self.limit_margin = limit_margin
         self.state = ModelState(model)
+
+    def warm_up(self, sizes: tuple[int, ...] = (1, 2)) -> tuple[bool, str] | None:
+        """Trace the training step for any batch size before measuring.
+
+        Keras traces its step with ``reduce_retracing=True``: the first batch size gets a graph
+        specialized to that static shape, the second a graph with a ``None`` batch dimension,
+        used for every size after (and the kind ``fit`` runs, whose batches have a ``None``
+        batch dimension). Measured: the specialized graph's peak differs from the general one
+        by up to 30%, so a probe's answer depended on which sizes ran before it. Two tiny
+        steps make every probe measure the general graph.
+
+        Returns:
+            ``None``, or ``(is_oom, message)`` for the first step that failed (warming up
+            stops there).
+        """
+        for b in sizes:
+            failure = None
+            try:
+                x, y = self.batch_fn(b)
+                self.model.train_on_batch(x, y)
+            except Exception as exc:  # noqa: BLE001 - the caller decides
+                failure = (is_oom_error(exc), _first_line(exc))
+            # Restore only once the exception (whose traceback keeps the failed step's
+            # tensors alive) is gone.
+            self.state.restore()
+            if failure is not None:
+                return failure
+        return None
 
     def run(self, batch_size: int) -> Probe:
         """Run ``steps`` training steps at ``batch_size`` and report what happened.
@@ -158,6 +219,7 @@ class ProbeRunner:
         """
         t0 = time.perf_counter()
         step_times: list[float] = []
+        probe: Probe | None = None
         try:
             x, y = self.batch_fn(batch_size)
             reset_peak(self.device)
@@ -172,21 +234,30 @@ class ProbeRunner:
             detail = ""
             if loss is not None and not np.isfinite(loss):
                 detail = "loss is not finite at this batch size (memory measured anyway)"
-            over = self.budget_bytes is not None and peak is not None and peak > self.budget_bytes
-            return Probe(
-                batch_size=batch_size, fits=not over,
-                outcome="over_budget" if over else "fits",
+            outcome = "fits"
+            if self.budget_bytes is not None and peak is not None:
+                if peak > self.budget_bytes:
+                    outcome, detail = "over_budget", "measured peak exceeds the budget"
+                elif peak >= (1.0 - self.limit_margin) * self.budget_bytes:
+                    outcome = "at_limit"
+                    detail = (f"peak within {self.limit_margin:.0%} of the budget: the step only "
+                              f"ran by waiting for memory to be freed")
+            probe = Probe(
+                batch_size=batch_size, fits=outcome == "fits", outcome=outcome,
                 peak_bytes=peak, seconds=time.perf_counter() - t0,
                 step_seconds=statistics.median(step_times[1:]) if len(step_times) > 1 else None,
-                detail=("measured peak exceeds the budget" if over else detail))
+                detail=detail)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a probe outcome
-            outcome = "oom" if is_oom_error(exc) else "refused"
-            return Probe(batch_size=batch_size, fits=False, outcome=outcome, peak_bytes=None,
-                         seconds=time.perf_counter() - t0, step_seconds=None,
-                         detail=_first_line(exc))
+            probe = Probe(batch_size=batch_size, fits=False,
+                          outcome="oom" if is_oom_error(exc) else "refused", peak_bytes=None,
+                          seconds=time.perf_counter() - t0, step_seconds=None,
+                          detail=_first_line(exc))
         finally:
+            # Outside the handler: the exception's traceback, which keeps the failed step's
+            # tensors alive, is released before the state is assigned back.
             self.state.restore()
             try:
                 self.model.reset_metrics()
             except Exception:  # noqa: BLE001 - metrics without reset are harmless here
                 pass
+        return probe

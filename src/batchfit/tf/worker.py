@@ -139,6 +139,8 @@ class ProbeWorker:
         config: what to load and how to probe (see :class:`WorkerConfig`).
         start_timeout: seconds allowed for the worker to import TensorFlow and build the model.
         probe_timeout: seconds allowed for one probe before the worker is killed.
+        restart_after_oom: start a fresh process after a probe that ran out of memory (default
+            ``True``): a process that has hit an OOM answers differently from a fresh one.
 
     Example (not run here: it starts TensorFlow in a subprocess):
 
@@ -148,8 +150,9 @@ class ProbeWorker:
     """
 
     def __init__(self, config: WorkerConfig, *, start_timeout: float = 600.0,
-                 probe_timeout: float = 600.0) -> None:
+                 probe_timeout: float = 600.0, restart_after_oom: bool = True) -> None:
         self.config = config
+        self.restart_after_oom = restart_after_oom
         self.start_timeout = start_timeout
         self.probe_timeout = probe_timeout
         self.info: dict[str, Any] = {}
@@ -235,8 +238,14 @@ class ProbeWorker:
                     pass
                 return None
 
-    def probe(self, batch_size: int) -> Probe:
-        """Run one probe; a dead or hung worker becomes a ``crashed``/``timeout`` probe."""
+    def probe(self, batch_size: int, timeout: float | None = None) -> Probe:
+        """Run one probe; a dead or hung worker becomes a ``crashed``/``timeout`` probe.
+
+        Args:
+            batch_size: the size to try.
+            timeout: seconds to wait for this probe (default: ``probe_timeout``).
+        """
+        timeout = self.probe_timeout if timeout is None else timeout
         if self._proc is None or self._proc.poll() is not None:
             self.start()
         t0 = time.perf_counter()
@@ -244,15 +253,21 @@ class ProbeWorker:
             self._send_conn.send(("probe", int(batch_size)))
         except (BrokenPipeError, OSError):
             pass
-        msg = self._receive(self.probe_timeout)
+        msg = self._receive(timeout)
         if msg is not None and "probe" in msg:
-            return Probe.from_dict(msg["probe"])
+            probe = Probe.from_dict(msg["probe"])
+            if probe.outcome == "oom" and self.restart_after_oom:
+                # Measured: after an OOM the same process can fail sizes a fresh one fits (and
+                # fit sizes a fresh one fails), so the next probe gets a fresh process.
+                self.close(keep_log=True)
+            return probe
         alive = self._proc.poll() is None
         self.kill()
         if alive:
             return Probe(batch_size=batch_size, fits=False, outcome="timeout",
                          seconds=time.perf_counter() - t0,
-                         detail=f"no answer within {self.probe_timeout:.0f} s; worker killed")
+                         detail=f"no answer within {timeout:.0f} s (stalled waiting for memory?); "
+                                f"worker killed")
         return Probe(batch_size=batch_size, fits=False, outcome="crashed",
                      seconds=time.perf_counter() - t0,
                      detail=f"{_describe_exit(self._proc.returncode)}; "
@@ -270,7 +285,7 @@ class ProbeWorker:
                     conn.close()
         self._conn = self._send_conn = None
 
-    def close(self) -> None:
+    def close(self, *, keep_log: bool = False) -> None:
         """Stop the worker (politely, then by force) and remove its log."""
         if self._proc is not None and self._proc.poll() is None and self._send_conn is not None:
             try:
@@ -279,8 +294,9 @@ class ProbeWorker:
             except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()
-        with contextlib.suppress(OSError):
-            os.unlink(self.config.log_path)
+        if not keep_log:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.log_path)
 
     def __enter__(self) -> "ProbeWorker":
         self.start()
@@ -295,8 +311,14 @@ def _setup_oom_error(msg: dict[str, Any], budget: int | None) -> NothingFitsErro
     from ..core.sizes import format_bytes
 
     weights = msg.get("weights_bytes")
+    state = msg.get("state_bytes")
     within = f" within {format_bytes(budget)}" if budget else ""
-    if weights is None:
+    if state is not None:
+        share = f" ({state / budget:.0%} of the budget)" if budget else ""
+        text = (f"nothing fits: even a batch of 1 ran out of memory{within}. The model's "
+                f"weights take {format_bytes(weights or 0)}; with the optimizer state, "
+                f"{format_bytes(state)}{share}, before activations and gradients")
+    elif weights is None:
         text = (f"nothing fits: building the model alone ran out of memory{within}; its "
                 f"weights exceed the budget")
     else:
@@ -305,7 +327,8 @@ def _setup_oom_error(msg: dict[str, Any], budget: int | None) -> NothingFitsErro
                 f"before any training step")
     text += (". Use a larger budget, a smaller model, mixed precision, or an optimizer with "
              "less state (SGD keeps none).")
-    return NothingFitsError(text, fixed_bytes=weights, budget_bytes=budget)
+    return NothingFitsError(text, fixed_bytes=state if state is not None else weights,
+                            budget_bytes=budget)
 
 
 # -- inside the worker process -------------------------------------------------------------------
@@ -407,6 +430,7 @@ def _entry(read_fd: int, write_fd: int) -> None:  # pragma: no cover - runs in t
 def _worker_main(inbox: Any, conn: Any, config: WorkerConfig) -> None:  # pragma: no cover
     import warnings
     warnings.simplefilter("ignore")
+    from .oom import is_oom_error
     try:
         import tensorflow as tf
 
@@ -418,17 +442,29 @@ def _worker_main(inbox: Any, conn: Any, config: WorkerConfig) -> None:  # pragma
                     gpus[0], [tf.config.LogicalDeviceConfiguration(
                         memory_limit=max(1, config.budget_bytes // MiB))])
         if device.upper().startswith("CPU") and config.budget_bytes is not None:
+            # One op at a time, as a GPU's single compute stream runs them. With several
+            # inter-op threads, an allocation refused near the cap waits (up to 10 s) for a
+            # concurrent op to free memory: whether a size fits then depends on thread timing
+            # (measured: the same size fitting in one process and not in the next, and
+            # probes of 60-130 s near the limit).
+            tf.config.threading.set_inter_op_parallelism_threads(1)
             _reserve_single_region(tf, config.budget_bytes)
         from .probe import ProbeRunner, state_bytes, weights_bytes
         model = None
         model = build_model(config.source)
         batch_fn, notes = make_batch_fn(model, config.data, config.input_shapes, config.seed)
-        runner = ProbeRunner(model, batch_fn, steps=config.steps, device=device)
+        runner = ProbeRunner(model, batch_fn, steps=config.steps, device=device,
+                             budget_bytes=config.budget_bytes)
+        failure = runner.warm_up()
+        if failure is not None and failure[0]:
+            conn.send({"ok": False, "oom": True, "error_type": "ResourceExhaustedError",
+                       "weights_bytes": weights_bytes(model), "state_bytes": state_bytes(model),
+                       "message": failure[1]})
+            return
         conn.send({"ok": True, "device": device, "model_name": model.name,
                    "state_bytes": state_bytes(model), "notes": notes,
                    "environment": environment_info(), "pid": os.getpid()})
     except Exception as exc:  # noqa: BLE001 - reported to the parent
-        from .oom import is_oom_error
         conn.send({"ok": False, "error_type": type(exc).__name__,
                    "oom": is_oom_error(exc),
                    "weights_bytes": None if model is None else weights_bytes(model),

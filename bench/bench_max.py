@@ -1,0 +1,99 @@
+"""Benchmark: guided vs Lightning's binsearch and power, against the true maximum.
+
+For each (model, budget) case it runs the three strategies side by side (each in a fresh worker,
+as a user would) and an exhaustive bisection in fresh processes (the ground truth), and records
+probes, out-of-memory errors, wall time and the answer. Results go to bench/results/max.json;
+``--markdown`` prints the README table.
+
+    python bench/bench_max.py                      # all cases (about 30 min on 2 cores)
+    python bench/bench_max.py --cases cnn:128MiB   # one case
+    python bench/bench_max.py --markdown bench/results/max.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from batchfit.tf.maxbatch import find_max_batch_size  # noqa: E402
+from batchfit.tf.verify import exhaustive_max  # noqa: E402
+
+MODELS = {
+    "cnn": "batchfit.examples.models:cnn",
+    "transformer": "batchfit.examples.models:transformer",
+    "lstm": "batchfit.examples.models:lstm",
+    "demo": "batchfit.examples.models:demo_model",
+}
+DEFAULT_CASES = ["cnn:128MiB", "cnn:256MiB", "transformer:64MiB", "transformer:128MiB",
+                 "lstm:16MiB", "lstm:32MiB"]
+STRATEGIES = ["guided", "binsearch", "power"]
+
+
+def run_case(case: str, strategies: list[str], truth: bool) -> dict:
+    name, memory = case.split(":")
+    spec = MODELS[name]
+    row: dict = {"case": case, "model": name, "memory": memory, "strategies": {}}
+    for strategy in strategies:
+        r = find_max_batch_size(spec, memory=memory, strategy=strategy)
+        row["strategies"][strategy] = {
+            "max_batch_size": r.max_batch_size, "probes": len(r.probes),
+            "ooms": r.oom_count, "seconds": round(r.seconds, 1), "bracketed": r.bracketed,
+            "sequence": [(p.batch_size, p.outcome) for p in r.probes]}
+        print(f"{case:20s} {strategy:9s} max={r.max_batch_size:6d} probes={len(r.probes):3d} "
+              f"ooms={r.oom_count:2d} {r.seconds:6.1f}s  "
+              f"{[(p.batch_size, p.outcome[0]) for p in r.probes]}", flush=True)
+    if truth:
+        best, probes, secs = exhaustive_max(spec, memory)
+        row["true_max"] = best
+        row["truth"] = {"probes": len(probes), "ooms": sum(not p.fits for p in probes),
+                        "seconds": round(secs, 1),
+                        "sequence": [(p.batch_size, p.outcome) for p in probes]}
+        print(f"{case:20s} truth     max={best:6d} probes={len(probes):3d} {secs:6.1f}s", flush=True)
+    return row
+
+
+def markdown(data: dict) -> str:
+    lines = ["| model | budget | true max | strategy | result | probes | OOMs | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        for s, v in row["strategies"].items():
+            lines.append(f"| {row['model']} | {row['memory']} | {row.get('true_max', '?')} | {s} "
+                         f"| {v['max_batch_size']} | {v['probes']} | {v['ooms']} | {v['seconds']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
+    ap.add_argument("--strategies", nargs="*", default=STRATEGIES)
+    ap.add_argument("--no-truth", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/max.json"))
+    ap.add_argument("--markdown", metavar="JSON")
+    args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
+    t0 = time.time()
+    rows = [run_case(c, args.strategies, not args.no_truth) for c in args.cases]
+    import keras
+    import tensorflow as tf
+    data = {"benchmark": "max", "date": time.strftime("%Y-%m-%d"),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "tensorflow": tf.__version__, "keras": keras.__version__},
+            "command": "python bench/bench_max.py " + " ".join(sys.argv[1:]),
+            "seconds": round(time.time() - t0, 1), "rows": rows}
+    Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+    print(markdown(data))
+
+
+if __name__ == "__main__":
+    main()
