@@ -47,7 +47,7 @@ def run_case(case: str, strategies: list[str], truth: bool) -> dict:
         row["strategies"][strategy] = {
             "max_batch_size": r.max_batch_size, "probes": len(r.probes),
             "ooms": r.oom_count, "seconds": round(r.seconds, 1), "bracketed": r.bracketed,
-            "sequence": [(p.batch_size, p.outcome) for p in r.probes]}
+            "sequence": [(p.batch_size, p.outcome, p.peak_bytes) for p in r.probes]}
         print(f"{case:20s} {strategy:9s} max={r.max_batch_size:6d} probes={len(r.probes):3d} "
               f"ooms={r.oom_count:2d} {r.seconds:6.1f}s  "
               f"{[(p.batch_size, p.outcome[0]) for p in r.probes]}", flush=True)
@@ -56,7 +56,7 @@ def run_case(case: str, strategies: list[str], truth: bool) -> dict:
         row["true_max"] = best
         row["truth"] = {"probes": len(probes), "ooms": sum(not p.fits for p in probes),
                         "seconds": round(secs, 1),
-                        "sequence": [(p.batch_size, p.outcome) for p in probes]}
+                        "sequence": [(p.batch_size, p.outcome, p.peak_bytes) for p in probes]}
         print(f"{case:20s} truth     max={best:6d} probes={len(probes):3d} {secs:6.1f}s", flush=True)
     return row
 

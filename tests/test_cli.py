@@ -69,7 +69,7 @@ def test_max_writes_json_that_report_re_renders(tmp_path) -> None:
     fitting = [p for p in data["probes"] if p["fits"]]
     assert max(p["batch_size"] for p in fitting) == data["max_batch_size"]
     assert all(p["peak_bytes"] <= 48 << 20 for p in fitting)
-    assert f"probe  1" in proc.stdout  # one line per probe while searching
+    assert "probe  1" in proc.stdout  # one line per probe while searching
     again = run_cli("report", str(out))
     assert again.returncode == 0, again.stderr
     assert str(data["max_batch_size"]) in again.stdout

@@ -123,6 +123,7 @@ def find_max_batch_size(
     isolate: str = "auto",
     device: str | None = None,
     probe_timeout: float = 600.0,
+    fresh: bool = True,
     max_probes: int = 60,
     on_probe: Callable[[Probe], None] | None = None,
     seed: int = 0,
@@ -156,6 +157,10 @@ def find_max_batch_size(
             spec strings; in-process for a model object on a GPU this process already holds).
         device: ``"CPU:0"`` or ``"GPU:0"``; default: the GPU if TensorFlow sees one.
         probe_timeout: seconds one probe may take before its worker is killed.
+        fresh: with process isolation, run every probe in a new process (default ``True``), as
+            training starts in one: which sizes fit a capped allocator depends on what ran
+            before in the same process (measured). ``False`` reuses one worker (faster,
+            history-dependent near the limit).
         max_probes: hard cap on the number of probes.
         on_probe: called with each :class:`~batchfit.results.Probe` as it completes.
         seed: seed for synthesized data.
@@ -201,7 +206,8 @@ def find_max_batch_size(
     info: dict[str, Any] = {}
     if mode == "process":
         worker, info, fallback_note = _start_worker(model, data, input_shapes, steps, dev, budget,
-                                                    seed, probe_timeout, explicit=isolate == "process")
+                                                    seed, probe_timeout, fresh,
+                                                    explicit=isolate == "process")
         if worker is None:
             mode = "none"
             notes.append(fallback_note)
@@ -310,7 +316,7 @@ def _safe_size(best: int, model: MemoryModel | None, budget: int | None, headroo
 
 
 def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: str,
-                  budget: int | None, seed: int, probe_timeout: float, *,
+                  budget: int | None, seed: int, probe_timeout: float, fresh: bool, *,
                   explicit: bool) -> tuple[Any, dict[str, Any], str]:
     from .worker import ModelSource, ProbeWorker, WorkerConfig
 
@@ -329,7 +335,7 @@ def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: 
         payload = DataSample.from_data(data)
     worker = ProbeWorker(WorkerConfig(source=source, data=payload, input_shapes=input_shapes,
                                       steps=steps, device=device, budget_bytes=budget, seed=seed),
-                         probe_timeout=probe_timeout)
+                         probe_timeout=probe_timeout, fresh_each_probe=fresh)
     try:
         info = worker.start()
     except ModelLoadError:
@@ -357,6 +363,8 @@ def _in_process_runner(model: Any, data: Any, input_shapes: Any, steps: int, dev
         check_model(built)
         model = built
     batch_fn, notes = make_batch_fn(model, data, input_shapes, seed)
-    runner = ProbeRunner(model, batch_fn, steps=steps, device=device, budget_bytes=budget)
+    runner = ProbeRunner(model, batch_fn, steps=steps, device=device, budget_bytes=budget,
+                         limit_margin=LIMIT_MARGIN)
+    runner.warm_up()
     return runner, {"model_name": model.name, "state_bytes": state_bytes(model), "notes": notes,
                     "environment": environment_info()}

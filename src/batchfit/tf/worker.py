@@ -141,6 +141,10 @@ class ProbeWorker:
         probe_timeout: seconds allowed for one probe before the worker is killed.
         restart_after_oom: start a fresh process after a probe that ran out of memory (default
             ``True``): a process that has hit an OOM answers differently from a fresh one.
+        fresh_each_probe: start a fresh process for every probe (default ``False``). Measured
+            under a capped allocator: which sizes fit depends on what ran before in the same
+            process (a CNN fitting batch 180 at 111 MiB after smaller sizes, and needing over
+            125 MiB for it in a fresh process), while training starts in a fresh process.
 
     Example (not run here: it starts TensorFlow in a subprocess):
 
@@ -150,9 +154,11 @@ class ProbeWorker:
     """
 
     def __init__(self, config: WorkerConfig, *, start_timeout: float = 600.0,
-                 probe_timeout: float = 600.0, restart_after_oom: bool = True) -> None:
+                 probe_timeout: float = 600.0, restart_after_oom: bool = True,
+                 fresh_each_probe: bool = False) -> None:
         self.config = config
         self.restart_after_oom = restart_after_oom
+        self.fresh_each_probe = fresh_each_probe
         self.start_timeout = start_timeout
         self.probe_timeout = probe_timeout
         self.info: dict[str, Any] = {}
@@ -205,6 +211,8 @@ class ProbeWorker:
             pass
         msg = self._receive(self.start_timeout)
         if msg is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)  # a closed pipe means it is dying: let it report how
             why = _describe_exit(proc.poll()) if proc.poll() is not None else "timed out"
             log_tail = _tail(self.config.log_path)
             self.kill()
@@ -247,7 +255,18 @@ class ProbeWorker:
         """
         timeout = self.probe_timeout if timeout is None else timeout
         if self._proc is None or self._proc.poll() is not None:
-            self.start()
+            if self.starts == 0:
+                self.start()
+            else:
+                # A restart (after a crash, an OOM, or for a fresh process): it built the model
+                # before, so a failure now is this probe's, not bad input.
+                t_start = time.perf_counter()
+                try:
+                    self.start()
+                except (ProbeFailedError, NothingFitsError, ModelLoadError) as exc:
+                    return Probe(batch_size=batch_size, fits=False, outcome="crashed",
+                                 seconds=time.perf_counter() - t_start,
+                                 detail=f"the worker failed to restart: {exc}"[:400])
         t0 = time.perf_counter()
         try:
             self._send_conn.send(("probe", int(batch_size)))
@@ -256,9 +275,7 @@ class ProbeWorker:
         msg = self._receive(timeout)
         if msg is not None and "probe" in msg:
             probe = Probe.from_dict(msg["probe"])
-            if probe.outcome == "oom" and self.restart_after_oom:
-                # Measured: after an OOM the same process can fail sizes a fresh one fits (and
-                # fit sizes a fresh one fails), so the next probe gets a fresh process.
+            if self.fresh_each_probe or (probe.outcome == "oom" and self.restart_after_oom):
                 self.close(keep_log=True)
             return probe
         alive = self._proc.poll() is None
