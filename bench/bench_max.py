@@ -83,15 +83,17 @@ def main() -> None:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return
     t0 = time.time()
-    rows = [run_case(c, args.strategies, not args.no_truth) for c in args.cases]
     import keras
     import tensorflow as tf
     data = {"benchmark": "max", "date": time.strftime("%Y-%m-%d"),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "tensorflow": tf.__version__, "keras": keras.__version__},
             "command": "python bench/bench_max.py " + " ".join(sys.argv[1:]),
-            "seconds": round(time.time() - t0, 1), "rows": rows}
-    Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+            "seconds": 0.0, "rows": []}
+    for case in args.cases:  # written after every case, so a stopped run keeps what it measured
+        data["rows"].append(run_case(case, args.strategies, not args.no_truth))
+        data["seconds"] = round(time.time() - t0, 1)
+        Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
     print(markdown(data))
 
 
