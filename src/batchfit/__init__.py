@@ -14,8 +14,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (BatchfitError, InvalidInputError, ModelLoadError, NothingFitsError,
-                     ProbeFailedError)
+from .errors import (
+    BatchfitError,
+    InvalidInputError,
+    ModelLoadError,
+    NothingFitsError,
+    ProbeFailedError,
+)
 from .results import SCHEMA_VERSION, MaxBatchResult, MemoryModel, Probe, load_result
 from .tf.oom import is_oom_error
 
@@ -28,9 +33,21 @@ _LAZY = {
 }
 
 __all__ = [
-    "BatchfitError", "InvalidInputError", "MaxBatchResult", "MemoryModel", "ModelLoadError",
-    "NothingFitsError", "Probe", "ProbeFailedError", "SCHEMA_VERSION", "find_max_batch_size",
-    "format_bytes", "is_oom_error", "load_result", "parse_size", "__version__",
+    "SCHEMA_VERSION",
+    "BatchfitError",
+    "InvalidInputError",
+    "MaxBatchResult",
+    "MemoryModel",
+    "ModelLoadError",
+    "NothingFitsError",
+    "Probe",
+    "ProbeFailedError",
+    "__version__",
+    "find_max_batch_size",
+    "format_bytes",
+    "is_oom_error",
+    "load_result",
+    "parse_size",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover

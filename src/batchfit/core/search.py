@@ -42,12 +42,12 @@ from ..errors import InvalidInputError
 from .memory_model import fit_memory_model, local_pair
 
 __all__ = [
-    "Trial",
-    "SearchPolicy",
-    "PowerPolicy",
+    "POLICY_NAMES",
     "BinsearchPolicy",
     "GuidedPolicy",
-    "POLICY_NAMES",
+    "PowerPolicy",
+    "SearchPolicy",
+    "Trial",
     "make_policy",
     "run_search",
 ]

@@ -21,7 +21,7 @@ import re
 
 from ..errors import InvalidInputError
 
-__all__ = ["parse_size", "format_bytes", "UNITS"]
+__all__ = ["UNITS", "format_bytes", "parse_size"]
 
 #: Multiplier of every unit ``parse_size`` accepts (keys lower-case).
 UNITS: dict[str, int] = {
@@ -45,7 +45,7 @@ def _bad(value: object, why: str) -> InvalidInputError:
     return InvalidInputError(f"invalid memory size {value!r}: {why}; write it like {_EXAMPLES}")
 
 
-def parse_size(value: str | int | float) -> int:
+def parse_size(value: str | float) -> int:
     """Convert a memory size such as ``"16GiB"`` or ``1048576`` to a whole number of bytes.
 
     Accepts an ``int`` or ``float`` (bytes), or text made of a number and an optional unit,

@@ -1,5 +1,64 @@
-"""Rendering of results: terminal tables and progress lines. Imports results, never TensorFlow."""
+"""Rendering of results: terminal tables, progress lines, plots. Imports results, never TensorFlow.
 
-from .terminal import ProbeLog, render, render_max
+:func:`render` and :func:`plot` dispatch on a result's ``kind`` through the tables below
+(``"module:function"``, imported when used, so matplotlib loads only for a plot). A feature
+adds its renderer and plotter here.
+"""
 
-__all__ = ["ProbeLog", "render", "render_max"]
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from .terminal import ProbeLog, render_max
+
+#: result kind -> "module:function(result, console)"
+RENDERERS: dict[str, str] = {
+    "max_batch": "batchfit.report.terminal:render_max",
+}
+
+#: result kind -> "module:function(result, path)"
+PLOTTERS: dict[str, str] = {
+}
+
+__all__ = ["PLOTTERS", "RENDERERS", "ProbeLog", "plot", "render", "render_max"]
+
+
+def _resolve(table: dict[str, str], result: Any, what: str) -> Callable[..., Any]:
+    kind = getattr(type(result), "kind", None)
+    if kind not in table:
+        from ..errors import InvalidInputError
+        raise InvalidInputError(f"no {what} for a {kind or type(result).__name__!r} result "
+                                f"(known: {', '.join(sorted(table)) or 'none'})")
+    module, func = table[kind].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def render(result: Any, console: Console | None = None) -> None:
+    """Print any batchfit result in the terminal.
+
+    Example:
+
+    >>> from batchfit.results import MaxBatchResult
+    >>> r = MaxBatchResult(max_batch_size=8, safe_batch_size=7, headroom=0.1,
+    ...     memory_budget_bytes=2**20, budget_source="user", device="CPU:0",
+    ...     isolation="process", strategy="guided", granularity=1, upper_bound=64,
+    ...     bracketed=True, memory_model=None)
+    >>> render(r, Console(width=100, color_system=None))  # doctest: +ELLIPSIS
+    model ...
+    """
+    _resolve(RENDERERS, result, "terminal renderer")(result, console or Console())
+
+
+def plot(result: Any, path: str | Path) -> Path:
+    """Draw a result's figure to ``path`` (format from the suffix); returns the path."""
+    out = Path(path)
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        from ..errors import InvalidInputError
+        raise InvalidInputError(f"--plot {path}: use a .png, .svg or .pdf file name")
+    _resolve(PLOTTERS, result, "plot")(result, out)
+    return out

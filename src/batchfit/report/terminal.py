@@ -6,8 +6,6 @@ same code prints plain, clean lines into CI logs and files.
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.console import Console
 from rich.table import Table
 
@@ -93,11 +91,3 @@ def render_max(result: MaxBatchResult, console: Console | None = None, *,
         console.print(table)
     for note in result.notes:
         console.print(f"[dim]note:[/dim] {_escape(note)}", highlight=False)
-
-
-def render(result: Any, console: Console | None = None) -> None:
-    """Render any saved batchfit result."""
-    if isinstance(result, MaxBatchResult):
-        render_max(result, console)
-    else:  # pragma: no cover - future result kinds register here
-        raise TypeError(f"no renderer for {type(result).__name__}")

@@ -257,7 +257,7 @@ class DataSample:
         if b == self.num_examples:
             take = list
         else:
-            take = (lambda leaves: [np.take(a, idx, axis=0) for a in leaves])  # noqa: E731
+            take = (lambda leaves: [np.take(a, idx, axis=0) for a in leaves])
         x = pack_structure(self._x_template, take(self._x_leaves))
         y = None if self._y_template is None else pack_structure(self._y_template,
                                                                 take(self._y_leaves))
@@ -355,7 +355,7 @@ def _as_array(a: Any, what: str) -> np.ndarray:
         a = a.to_tensor()
     try:
         arr = np.asarray(a)
-    except Exception as e:  # noqa: BLE001 - anything np.asarray refuses
+    except Exception as e:
         raise InvalidInputError(
             f"Cannot turn {what} of type {_type_name(a)} into a NumPy array ({e}). "
             f"Expected {_SUPPORTED}.") from e

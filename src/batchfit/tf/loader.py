@@ -29,8 +29,9 @@ import os
 import re
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import InvalidInputError, ModelLoadError
 
@@ -251,7 +252,7 @@ def _import_file(head: str, what: str) -> types.ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - user code may raise anything
+    except Exception as e:
         if previous is not None:
             sys.modules[name] = previous
         else:
@@ -271,7 +272,7 @@ def _import_module(head: str, what: str) -> types.ModuleType:
                 "it, or use a file path: 'path/to/file.py:factory'.") from e
         raise ModelLoadError(
             f"Importing '{head}' raised ModuleNotFoundError: {e}") from e
-    except Exception as e:  # noqa: BLE001 - user code may raise anything
+    except Exception as e:
         raise ModelLoadError(f"Importing '{head}' raised {type(e).__name__}: {e}") from e
 
 
@@ -291,7 +292,7 @@ def _call_factory(fn: Callable[..., Any], where: str, what: str) -> Any:
                 f"def make(): return {getattr(fn, '__name__', 'factory')}(...).")
     try:
         return fn()
-    except Exception as e:  # noqa: BLE001 - report whatever the user's code raised
+    except Exception as e:
         raise ModelLoadError(
             f"The {'factory' if what == 'model' else 'data function'} {where} raised "
             f"{type(e).__name__}: {e}") from e
@@ -305,7 +306,7 @@ def _load_saved_model(spec: str) -> Any:
 
     try:
         model = keras.saving.load_model(str(path))
-    except Exception as e:  # noqa: BLE001 - keras raises TypeError/ValueError/...
+    except Exception as e:
         text = f"{type(e).__name__}: {e}".strip()
         custom = any(k in text for k in ("Could not locate", "custom_objects", "Unknown layer",
                                          "Unknown object", "register_keras_serializable",

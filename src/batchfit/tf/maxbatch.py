@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..core.memory_model import fit_memory_model
 from ..core.search import Trial, make_policy, run_search
 from ..core.sizes import format_bytes, parse_size
-from ..errors import InvalidInputError, ModelLoadError, NothingFitsError, ProbeFailedError
+from ..errors import (
+    InvalidInputError,
+    ModelLoadError,
+    NothingFitsError,
+    ProbeFailedError,
+)
 from ..results import MaxBatchResult, MemoryModel, Probe
 
 STRATEGIES = ("guided", "binsearch", "power")
@@ -322,7 +328,7 @@ def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: 
 
     try:
         source = ModelSource.from_model(model)
-    except Exception as exc:  # noqa: BLE001 - unpicklable model: fall back or explain
+    except Exception as exc:
         why = (f"the model cannot be sent to a worker process ({type(exc).__name__}: "
                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})")
         if explicit:
@@ -358,7 +364,7 @@ def _in_process_runner(model: Any, data: Any, input_shapes: Any, steps: int, dev
     elif not _is_keras_model(model):
         try:
             built = model()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ModelLoadError(f"the model factory raised {type(exc).__name__}: {exc}") from exc
         check_model(built)
         model = built

@@ -314,7 +314,7 @@ def describe_synthesis(model: Any, input_shapes: Any = None) -> list[str]:
 # Inputs
 # --------------------------------------------------------------------------------------------
 
-_PLAN_CACHE: "weakref.WeakKeyDictionary[Any, tuple[Any, SynthesisPlan]]" = \
+_PLAN_CACHE: weakref.WeakKeyDictionary[Any, tuple[Any, SynthesisPlan]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -685,7 +685,7 @@ def _output_shapes(model: Any, x1: Any) -> Any:
         pass
     try:
         out = model(x1, training=False)
-    except Exception as e:  # noqa: BLE001 - report the model's own error
+    except Exception as e:
         raise InvalidInputError(
             f"The model failed on a synthesized batch of 1 ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}), so its output shape "

@@ -9,7 +9,8 @@ every strategy with :func:`exhaustive_max`.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..core.sizes import parse_size
 from ..results import Probe

@@ -23,11 +23,16 @@ import sys
 import tempfile
 import time
 import traceback
-from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
-from ..errors import InvalidInputError, ModelLoadError, NothingFitsError, ProbeFailedError
+from ..errors import (
+    InvalidInputError,
+    ModelLoadError,
+    NothingFitsError,
+    ProbeFailedError,
+)
 from ..results import Probe
 
 MiB = 1 << 20
@@ -42,7 +47,7 @@ class ModelSource:
     label: str = ""
 
     @classmethod
-    def from_model(cls, model: Any) -> "ModelSource":
+    def from_model(cls, model: Any) -> ModelSource:
         """Describe ``model`` (a ``keras.Model``, a zero-argument factory or a spec string)."""
         if isinstance(model, str):
             return cls("spec", model, model)
@@ -315,7 +320,7 @@ class ProbeWorker:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.log_path)
 
-    def __enter__(self) -> "ProbeWorker":
+    def __enter__(self) -> ProbeWorker:
         self.start()
         return self
 
@@ -358,7 +363,7 @@ def build_model(source: ModelSource) -> Any:
     if source.kind == "callable":
         try:
             model = source.payload()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ModelLoadError(f"the model factory {source.label} raised "
                                  f"{type(exc).__name__}: {exc}") from exc
         check_model(model)
@@ -366,7 +371,7 @@ def build_model(source: ModelSource) -> Any:
     if source.kind == "pickle":
         try:
             return pickle.loads(source.payload)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ModelLoadError(
                 f"the model could not be rebuilt in the worker process from its saved form "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Pass a model factory "

@@ -1,29 +1,15 @@
-"""Results as plain, frozen, JSON-serializable data.
-
-Every measurement batchfit makes ends up in one of these dataclasses. They import nothing but the
-standard library, so a saved run (``--json``) can be loaded and re-rendered on a machine without
-TensorFlow. Each top-level result carries ``schema_version``; :func:`load_result` reads any of them
-back from JSON.
-
-Example:
-
->>> from batchfit.results import Probe
->>> p = Probe(batch_size=64, fits=True, outcome="fits", peak_bytes=2**20, seconds=0.5)
->>> Probe.from_dict(p.to_dict()) == p
-True
-"""
+"""Results of :func:`batchfit.find_max_batch_size`: probes, the memory model, the answer."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
-SCHEMA_VERSION = 1
+from ._base import (
+    SCHEMA_VERSION,
+    _Serializable,
+    register_result,
+)
 
 #: Outcomes a probe can have. Only ``"fits"`` counts as fitting.
 PROBE_OUTCOMES = (
@@ -35,63 +21,6 @@ PROBE_OUTCOMES = (
     "crashed",       # the isolated worker process died (segfault, killed by the kernel)
     "timeout",       # the probe exceeded its time limit and the worker was killed
 )
-
-
-class _Serializable:
-    """Mixin: ``to_dict``/``from_dict``/``to_json``/``from_json`` for (nested) dataclasses."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
-
-    def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        if path is not None:
-            Path(path).write_text(text + "\n", encoding="utf-8")
-        return text
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):  # noqa: ANN206 - returns cls
-        return _from_plain(cls, data)
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path):  # noqa: ANN206
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text(encoding="utf-8")
-        return cls.from_dict(json.loads(text))
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _from_plain(tp: Any, data: Any) -> Any:
-    if data is None:
-        return None
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _from_plain(args[0], data) if len(args) == 1 else data
-    if origin in (list, tuple):
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        values = [_from_plain(inner, v) for v in data]
-        return tuple(values) if origin is tuple else values
-    if dataclasses.is_dataclass(tp):
-        hints = typing.get_type_hints(tp)
-        kwargs = {}
-        for f in dataclasses.fields(tp):
-            if f.name in data:
-                kwargs[f.name] = _from_plain(hints[f.name], data[f.name])
-        return tp(**kwargs)
-    return data
 
 
 @dataclass(frozen=True)
@@ -146,6 +75,7 @@ class MemoryModel(_Serializable):
         return max(0, (b // granularity) * granularity)
 
 
+@register_result
 @dataclass(frozen=True)
 class MaxBatchResult(_Serializable):
     """What :func:`batchfit.find_max_batch_size` found.
@@ -202,46 +132,5 @@ class MaxBatchResult(_Serializable):
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        data["result_kind"] = self.kind
         data["oom_count"] = self.oom_count
         return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MaxBatchResult":
-        version = data.get("schema_version", SCHEMA_VERSION)
-        if version > SCHEMA_VERSION:
-            raise ValueError(
-                f"this run was saved with schema_version {version}, newer than this batchfit "
-                f"reads ({SCHEMA_VERSION}); upgrade batchfit to read it")
-        return _from_plain(cls, data)
-
-
-_RESULT_KINDS: dict[str, type[_Serializable]] = {"max_batch": MaxBatchResult}
-
-
-def load_result(path_or_text: str | Path) -> _Serializable:
-    """Read any saved batchfit result (``--json`` output) back into its dataclass.
-
-    Example:
-
-    >>> import tempfile, os
-    >>> r = MaxBatchResult(max_batch_size=8, safe_batch_size=7, headroom=0.1,
-    ...     memory_budget_bytes=2**20, budget_source="user", device="CPU:0",
-    ...     isolation="process", strategy="guided", granularity=1, upper_bound=64,
-    ...     bracketed=True, memory_model=None)
-    >>> load_result(r.to_json()) == r
-    True
-    """
-    text = str(path_or_text)
-    if not text.lstrip().startswith("{"):
-        p = Path(path_or_text)
-        if not p.is_file():
-            from .errors import InvalidInputError
-            raise InvalidInputError(f"no such result file: {p} (pass the path written by --json)")
-        text = p.read_text(encoding="utf-8")
-    data = json.loads(text)
-    kind = data.get("result_kind", "max_batch")
-    if kind not in _RESULT_KINDS:
-        from .errors import InvalidInputError
-        raise InvalidInputError(f"unknown result kind {kind!r}; known: {sorted(_RESULT_KINDS)}")
-    return _RESULT_KINDS[kind].from_dict(data)

@@ -1,0 +1,47 @@
+"""What the subcommands share: the built-in example, argument helpers, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import InvalidInputError
+
+DEMO_MODEL = "batchfit.examples.models:demo_model"
+DEMO_MEMORY = "128MiB"
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def parse_input_shapes(items: Sequence[str] | None) -> Any:
+    """``["tokens=128", "feats=16x32"]`` -> dict; ``["128"]`` -> tuple for a single input."""
+    if not items:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().replace(",", "x").split("x") if d)
+        except ValueError:
+            shape = ()
+        if not shape or any(d < 1 for d in shape):
+            raise InvalidInputError(f"--input-shape {item!r}: expected NAME=DIMS or DIMS with "
+                                    f"positive integers, e.g. tokens=128 or 16x32")
+        if not sep:
+            if len(items) > 1:
+                raise InvalidInputError("several --input-shape values need names: NAME=DIMS")
+            return shape
+        shapes[name] = shape
+    return shapes
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    """The optional positional MODEL every model-taking command accepts."""
+    p.add_argument("model", nargs="?", default=None,
+                   help="path/file.py:factory, package.module:factory or model.keras "
+                        f"(default: the built-in example {DEMO_MODEL} under {DEMO_MEMORY})")
+
+
+def add_debug_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")

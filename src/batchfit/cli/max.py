@@ -1,0 +1,73 @@
+"""``batchfit max``: the largest batch size that fits the memory."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from ._common import (
+    DEMO_MEMORY,
+    DEMO_MODEL,
+    EXIT_OK,
+    add_debug_argument,
+    add_model_argument,
+    parse_input_shapes,
+)
+
+HELP = "the largest batch size that fits the memory"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("max", help=HELP,
+                       description="Find the largest batch size that trains within a memory "
+                                   "budget, with real training steps.")
+    add_model_argument(p)
+    add_search_arguments(p)
+    p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no per-probe lines")
+    add_debug_argument(p)
+
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the memory search, shared with ``tune``."""
+    p.add_argument("--memory", help="budget, e.g. 16GiB or 512MiB (default: the device's memory)")
+    p.add_argument("--strategy", default="guided", choices=["guided", "binsearch", "power"])
+    p.add_argument("--granularity", type=int, default=1, help="search multiples of N (default 1)")
+    p.add_argument("--max-batch", type=int, default=None, help="never try a larger batch")
+    p.add_argument("--headroom", type=float, default=0.1,
+                   help="fraction of the budget the safe size leaves free (default 0.1)")
+    p.add_argument("--steps", type=int, default=3, help="training steps per probe (default 3)")
+    p.add_argument("--data", help="path/file.py:function returning (x, y) or a tf.data.Dataset")
+    p.add_argument("--input-shape", action="append", metavar="[NAME=]DIMS",
+                   help="length of None dimensions, e.g. tokens=128 (repeatable)")
+    p.add_argument("--isolate", default="auto", choices=["auto", "process", "none"])
+    p.add_argument("--device", default=None, help="CPU:0 or GPU:0 (default: GPU if present)")
+
+
+def resolve_model(args: argparse.Namespace, console: Console) -> tuple[str, str | None]:
+    """The MODEL and memory to use: the built-in example on an emulated device when none given."""
+    model, memory = args.model, args.memory
+    if model is None:
+        model = DEMO_MODEL
+        memory = memory or DEMO_MEMORY
+        console.print(f"[dim]no MODEL given: the built-in example {DEMO_MODEL} on an emulated "
+                      f"{memory} device[/dim]", highlight=False)
+    return model, memory
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from ..report import ProbeLog, render_max
+    from ..tf.maxbatch import find_max_batch_size
+
+    model, memory = resolve_model(args, console)
+    result = find_max_batch_size(
+        model, memory=memory, strategy=args.strategy, granularity=args.granularity,
+        data=args.data, input_shapes=parse_input_shapes(args.input_shape),
+        upper=args.max_batch, headroom=args.headroom, steps=args.steps, isolate=args.isolate,
+        device=args.device, on_probe=None if args.quiet else ProbeLog(console))
+    render_max(result, console, show_probes=args.quiet)
+    if args.json:
+        result.to_json(args.json)
+        console.print(f"[dim]wrote {args.json}[/dim]", highlight=False)
+    return EXIT_OK

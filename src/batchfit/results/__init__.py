@@ -1,0 +1,29 @@
+"""Results as plain, frozen, JSON-serializable data.
+
+Every measurement batchfit makes ends up in one of these dataclasses. They import nothing but the
+standard library, so a saved run (``--json``) can be loaded and re-rendered on a machine without
+TensorFlow. Each top-level result carries ``schema_version`` and ``result_kind``;
+:func:`load_result` reads any of them back from JSON. One module per feature; each top-level
+result class is decorated with :func:`register_result` and imported here.
+
+Example:
+
+>>> from batchfit.results import Probe
+>>> p = Probe(batch_size=64, fits=True, outcome="fits", peak_bytes=2**20, seconds=0.5)
+>>> Probe.from_dict(p.to_dict()) == p
+True
+"""
+
+from ._base import SCHEMA_VERSION, check_schema_version, load_result, register_result
+from .maxbatch import PROBE_OUTCOMES, MaxBatchResult, MemoryModel, Probe
+
+__all__ = [
+           "PROBE_OUTCOMES",
+           "SCHEMA_VERSION",
+           "MaxBatchResult",
+           "MemoryModel",
+           "Probe",
+           "check_schema_version",
+           "load_result",
+           "register_result",
+]
