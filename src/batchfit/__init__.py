@@ -21,13 +21,16 @@ from .errors import (
     NothingFitsError,
     ProbeFailedError,
 )
-from .results import SCHEMA_VERSION, MaxBatchResult, MemoryModel, Probe, load_result
+from .results import (SCHEMA_VERSION, MaxBatchResult, MemoryModel, Probe, ThroughputResult,
+                      TuneResult, load_result)
 from .tf.oom import is_oom_error
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "find_max_batch_size": ("batchfit.tf.maxbatch", "find_max_batch_size"),
+    "profile_throughput": ("batchfit.tf.throughput", "profile_throughput"),
+    "tune": ("batchfit.tf.tune", "tune"),
     "parse_size": ("batchfit.core.sizes", "parse_size"),
     "format_bytes": ("batchfit.core.sizes", "format_bytes"),
 }
@@ -48,11 +51,17 @@ __all__ = [
     "is_oom_error",
     "load_result",
     "parse_size",
+    "profile_throughput",
+    "tune",
+    "ThroughputResult",
+    "TuneResult",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.sizes import format_bytes, parse_size
     from .tf.maxbatch import find_max_batch_size
+    from .tf.throughput import profile_throughput
+    from .tf.tune import tune
 
 
 def __getattr__(name: str) -> Any:

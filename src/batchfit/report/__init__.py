@@ -19,10 +19,15 @@ from .terminal import ProbeLog, render_max
 #: result kind -> "module:function(result, console)"
 RENDERERS: dict[str, str] = {
     "max_batch": "batchfit.report.terminal:render_max",
+    "throughput": "batchfit.report.tune:render_throughput",
+    "tune": "batchfit.report.tune:render_tune",
 }
 
 #: result kind -> "module:function(result, path)"
 PLOTTERS: dict[str, str] = {
+    "max_batch": "batchfit.report.plots:plot_max",
+    "throughput": "batchfit.report.plots:plot_throughput",
+    "tune": "batchfit.report.plots:plot_tune",
 }
 
 __all__ = ["PLOTTERS", "RENDERERS", "ProbeLog", "plot", "render", "render_max"]

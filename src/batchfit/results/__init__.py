@@ -16,6 +16,8 @@ True
 
 from ._base import SCHEMA_VERSION, check_schema_version, load_result, register_result
 from .maxbatch import PROBE_OUTCOMES, MaxBatchResult, MemoryModel, Probe
+from .tune import (Recommendation, TargetPlan, ThroughputPoint, ThroughputResult, TuneResult,
+                   Verdict)
 
 __all__ = [
            "PROBE_OUTCOMES",
@@ -23,6 +25,12 @@ __all__ = [
            "MaxBatchResult",
            "MemoryModel",
            "Probe",
+           "Recommendation",
+           "TargetPlan",
+           "ThroughputPoint",
+           "ThroughputResult",
+           "TuneResult",
+           "Verdict",
            "check_schema_version",
            "load_result",
            "register_result",

@@ -1,0 +1,103 @@
+"""``batchfit tune``: largest batch that fits, throughput curve, one recommended batch size."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+
+from ..errors import InvalidInputError
+from ._common import EXIT_OK, add_debug_argument, add_model_argument, parse_input_shapes
+from .max import add_search_arguments, resolve_model
+
+HELP = "the batch size to train with: memory, throughput, one recommendation"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune", help=HELP,
+        description="Find the largest batch that fits, measure training throughput up to it, "
+                    "and recommend one batch size with the reasons.")
+    add_model_argument(p)
+    add_search_arguments(p)
+    p.add_argument("--target", type=int, default=None, metavar="N",
+                   help="an effective batch size you want: how to reach it with gradient "
+                        "accumulation if it does not fit, and what it costs")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="the knee: smallest batch within this fraction of the best throughput "
+                        "(default 0.05)")
+    p.add_argument("--batch-sizes", default=None, metavar="N,N,...",
+                   help="time these sizes instead of the powers of two up to the largest fit")
+    p.add_argument("--window-seconds", type=float, default=0.3,
+                   help="wall time of each timed window (default 0.3)")
+    p.add_argument("--windows", type=int, default=5, help="timed windows per size (default 5)")
+    p.add_argument("--json", metavar="PATH", help="write everything measured as JSON")
+    p.add_argument("--plot", metavar="PATH", help="draw memory and throughput to PATH (.png)")
+    p.add_argument("--quiet", action="store_true", help="no per-probe lines")
+    add_debug_argument(p)
+
+
+def _sizes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 1 for b in sizes):
+        raise InvalidInputError(f"--batch-sizes {text!r}: expected positive integers separated "
+                                f"by commas, e.g. 16,32,64")
+    return sizes
+
+
+@contextlib.contextmanager
+def _status(console: Console, enabled: bool) -> Iterator[object]:
+    """A spinner on a terminal; nothing in a log file (lines stay clean)."""
+    if enabled and console.is_terminal:
+        with console.status("measuring...") as status:
+            yield status
+    else:
+        yield None
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from ..report import ProbeLog, plot
+    from ..report.tune import PointLog, render_tune
+    from ..tf.tune import tune
+
+    if args.target is not None and args.target < 1:
+        raise InvalidInputError(f"--target must be >= 1, got {args.target}")
+    sizes = _sizes(args.batch_sizes)
+    if args.plot and not args.plot.lower().endswith((".png", ".svg", ".pdf")):
+        raise InvalidInputError(f"--plot {args.plot}: use a .png, .svg or .pdf file name")
+    model, memory = resolve_model(args, console)
+    quiet = args.quiet
+    with _status(console, not quiet) as status:
+        labels = {"memory": "finding the largest batch that fits...",
+                  "throughput": "timing training steps..."}
+
+        def on_phase(name: str) -> None:
+            if not quiet:
+                console.print(f"[bold]{name}[/bold]", highlight=False)
+            if status is not None:
+                status.update(labels.get(name, name))  # type: ignore[attr-defined]
+
+        result = tune(
+            model, memory=memory, data=args.data, strategy=args.strategy,
+            granularity=args.granularity, input_shapes=parse_input_shapes(args.input_shape),
+            upper=args.max_batch, headroom=args.headroom, target=args.target,
+            tolerance=args.tolerance, batch_sizes=sizes, window_seconds=args.window_seconds,
+            windows=args.windows, isolate=args.isolate, device=args.device,
+            on_probe=None if quiet else ProbeLog(console),
+            on_point=None if quiet else PointLog(console), on_phase=on_phase)
+    console.print()
+    render_tune(result, console)
+    if args.json:
+        result.to_json(args.json)
+        console.print(f"[dim]wrote {args.json}[/dim]", highlight=False)
+    if args.plot:
+        plot(result, args.plot)
+        console.print(f"[dim]wrote {args.plot}[/dim]", highlight=False)
+    return EXIT_OK

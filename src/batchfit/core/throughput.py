@@ -1,0 +1,140 @@
+"""Throughput statistics, pure: size grids, step-count adaptation, window summaries, the knee.
+
+Nothing here imports TensorFlow; :mod:`batchfit.tf.throughput` measures, this module decides
+what to measure and what the measurements say.
+
+Example:
+
+>>> geometric_grid(100)
+[1, 2, 4, 8, 16, 32, 64, 100]
+>>> knee([8, 16, 32, 64], [1000.0, 1900.0, 2500.0, 2550.0], tolerance=0.05)
+32
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import InvalidInputError
+
+__all__ = ["WindowStats", "geometric_grid", "knee", "steps_per_window", "summarize_windows"]
+
+
+def geometric_grid(largest: int, *, smallest: int = 1, factor: float = 2.0,
+                   granularity: int = 1) -> list[int]:
+    """Batch sizes ``smallest, smallest*factor, ...`` up to ``largest``, ``largest`` included.
+
+    Sizes are rounded to multiples of ``granularity`` (never below it) and deduplicated; the
+    largest size (the largest batch that fits) is always measured, since it is a candidate.
+
+    Args:
+        largest: the largest size to include (e.g. the largest batch that fits).
+        smallest: the first size (default 1).
+        factor: ratio between neighbours, > 1 (default 2: powers of two).
+        granularity: only multiples of this (e.g. 8 for tensor cores).
+    """
+    for name, value in (("largest", largest), ("smallest", smallest), ("granularity", granularity)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
+    if not factor > 1:
+        raise InvalidInputError(f"factor must be > 1, got {factor!r}")
+    smallest = max(smallest, granularity)
+    if largest < smallest:
+        return [max(granularity, (largest // granularity) * granularity)]
+    sizes: list[int] = []
+    x = float(smallest)
+    while x <= largest * (1 + 1e-9):
+        b = max(granularity, round(x / granularity) * granularity)
+        if b <= largest and (not sizes or b > sizes[-1]):
+            sizes.append(b)
+        x *= factor
+    top = (largest // granularity) * granularity
+    if top >= granularity and top not in sizes:
+        sizes.append(top)
+    return sorted(set(sizes))
+
+
+def steps_per_window(step_seconds: float, window_seconds: float, *, minimum: int = 1,
+                     maximum: int = 10_000) -> int:
+    """How many steps make a timed window of about ``window_seconds``.
+
+    Adapting the step count to the measured step time makes every batch size cost about the
+    same wall time: a size whose step takes 5 ms gets 40 steps per 0.2 s window, one whose step
+    takes 100 ms gets 2, and a step longer than the window gets ``minimum``.
+
+    Example:
+
+    >>> steps_per_window(0.005, 0.2), steps_per_window(0.1, 0.2), steps_per_window(1.0, 0.2)
+    (40, 2, 1)
+    """
+    if not step_seconds > 0 or not math.isfinite(step_seconds):
+        raise InvalidInputError(f"step_seconds must be a positive number, got {step_seconds!r}")
+    if not window_seconds > 0:
+        raise InvalidInputError(f"window_seconds must be > 0, got {window_seconds!r}")
+    return int(min(maximum, max(minimum, round(window_seconds / step_seconds))))
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Summary of the timed windows at one batch size.
+
+    Args:
+        samples_per_second: median over windows of ``steps * batch / seconds``.
+        low: the slowest window's throughput.
+        high: the fastest window's throughput.
+        cv: coefficient of variation of the window throughputs (stdev / mean; 0 for one window).
+        step_seconds: median seconds per step.
+    """
+
+    samples_per_second: float
+    low: float
+    high: float
+    cv: float
+    step_seconds: float
+
+
+def summarize_windows(batch_size: int, steps: int, window_seconds: Sequence[float]) -> WindowStats:
+    """Median throughput of the timed windows, with its spread.
+
+    Example:
+
+    >>> s = summarize_windows(32, 10, [0.10, 0.11, 0.09])
+    >>> round(s.samples_per_second), round(s.low), round(s.high)
+    (3200, 2909, 3556)
+    """
+    if batch_size < 1 or steps < 1:
+        raise InvalidInputError("batch_size and steps must be >= 1")
+    times = [float(t) for t in window_seconds]
+    if not times or any(not t > 0 for t in times):
+        raise InvalidInputError(f"window times must be positive, got {times!r}")
+    rates = [batch_size * steps / t for t in times]
+    mean = statistics.fmean(rates)
+    cv = statistics.stdev(rates) / mean if len(rates) > 1 else 0.0
+    return WindowStats(samples_per_second=statistics.median(rates), low=min(rates),
+                       high=max(rates), cv=cv, step_seconds=statistics.median(times) / steps)
+
+
+def knee(batch_sizes: Sequence[int], throughputs: Sequence[float], *,
+         tolerance: float = 0.05) -> int:
+    """The smallest batch size whose throughput is within ``tolerance`` of the best measured.
+
+    Past the knee a larger batch buys at most ``tolerance`` more samples per second, for more
+    memory and, usually, worse generalization per sample.
+
+    Args:
+        batch_sizes: the sizes measured (any order).
+        throughputs: samples/s at each size (``nan``/``None``-free).
+        tolerance: fraction of the best throughput that counts as "as good" (default 0.05).
+    """
+    if len(batch_sizes) != len(throughputs) or not batch_sizes:
+        raise InvalidInputError("batch_sizes and throughputs must be non-empty and of equal length")
+    if not 0 <= tolerance < 1:
+        raise InvalidInputError(f"tolerance must be a fraction in [0, 1), got {tolerance!r}")
+    pairs = sorted(zip(batch_sizes, throughputs))
+    if any(not (t >= 0 and math.isfinite(t)) for _, t in pairs):
+        raise InvalidInputError("throughputs must be finite and >= 0")
+    best = max(t for _, t in pairs)
+    return next(b for b, t in pairs if t >= (1 - tolerance) * best)

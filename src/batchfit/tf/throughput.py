@@ -1,0 +1,241 @@
+"""``profile_throughput``: steady-state training samples/s against batch size, measured honestly.
+
+Each batch size runs the model's own compiled train function the way ``model.fit`` calls it
+(one call per step on a ``tf.data`` iterator), in this process, with the user's normal
+TensorFlow settings (no allocator cap: a capped allocator slows steps). Tracing and the first
+steps are excluded; several timed windows follow, each about the same wall time (the number
+of steps per window adapts to the step time); the median window and the spread are reported.
+The model's weights and optimizer state are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..core.throughput import geometric_grid, knee, steps_per_window, summarize_windows
+from ..errors import InvalidInputError
+from ..results import ThroughputPoint, ThroughputResult
+
+DEFAULT_WINDOW_SECONDS = 0.3
+DEFAULT_WINDOWS = 5
+
+
+def resolve_model(model: Any) -> Any:
+    """A compiled ``keras.Model`` from a model, a zero-argument factory or a spec string."""
+    from .loader import check_model, load_model
+
+    if isinstance(model, str):
+        return load_model(model)
+    if hasattr(model, "train_on_batch") and hasattr(model, "variables"):
+        check_model(model)
+        return model
+    if callable(model):
+        from .loader import _call_factory, _model_problem
+
+        obj = _call_factory(model, getattr(model, "__name__", "factory"), "model")
+        problem = _model_problem(obj, "in the factory")
+        if problem is not None:
+            from ..errors import ModelLoadError
+            raise ModelLoadError(f"What the factory returned {problem}")
+        return obj
+    raise InvalidInputError(
+        f"model must be a compiled keras.Model, a function returning one, or a spec "
+        f"'file.py:factory' / 'package.module:factory' / 'model.keras'; got {type(model).__name__}")
+
+
+def _validate(window_seconds: float, windows: int, warmup_steps: int, tolerance: float) -> None:
+    if not (isinstance(window_seconds, (int, float)) and window_seconds > 0):
+        raise InvalidInputError(f"window_seconds must be > 0, got {window_seconds!r}")
+    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 2:
+        raise InvalidInputError(f"windows must be an integer >= 2 (a spread needs two), got {windows!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+        raise InvalidInputError(f"warmup_steps must be an integer >= 1, got {warmup_steps!r}")
+    if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
+        raise InvalidInputError(f"tolerance must be a fraction in [0, 1), e.g. 0.05, got {tolerance!r}")
+
+
+def _check_sizes(batch_sizes: Sequence[int]) -> list[int]:
+    sizes = list(batch_sizes)
+    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+        raise InvalidInputError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
+    return sorted(set(sizes))
+
+
+def profile_throughput(
+    model: Any,
+    batch_sizes: Sequence[int] | None = None,
+    *,
+    max_batch: int | None = None,
+    memory: str | int | None = None,
+    data: Any = None,
+    input_shapes: Any = None,
+    granularity: int = 1,
+    window_seconds: float = DEFAULT_WINDOW_SECONDS,
+    windows: int = DEFAULT_WINDOWS,
+    warmup_steps: int = 2,
+    tolerance: float = 0.05,
+    device: str | None = None,
+    seed: int = 0,
+    on_point: Callable[[ThroughputPoint], None] | None = None,
+) -> ThroughputResult:
+    """Measure steady-state training throughput (samples/s) at several batch sizes.
+
+    Args:
+        model: a compiled ``keras.Model``, a zero-argument function returning one, or a spec
+            (``"file.py:factory"``, ``"package.module:factory"``, ``"model.keras"``).
+        batch_sizes: the sizes to measure. Default: a geometric grid (powers of two) up to the
+            largest batch that fits, which is ``max_batch`` when given, else found first with
+            :func:`batchfit.find_max_batch_size` under ``memory``.
+        max_batch: the largest batch that fits, if already known.
+        memory: the memory budget for that search (see ``find_max_batch_size``).
+        data: the user's sample, ``(x, y)`` or a ``tf.data.Dataset`` (default: synthesized).
+        input_shapes: lengths of non-batch ``None`` dimensions.
+        granularity: grid sizes are multiples of this.
+        window_seconds: wall time each timed window aims at (default 0.3 s).
+        windows: timed windows per size (default 5; the median is reported).
+        warmup_steps: untimed steps per size before timing (tracing happens here; default 2).
+        tolerance: the knee is the smallest size within this fraction of the best throughput.
+        device: ``"CPU:0"`` / ``"GPU:0"`` (default: the GPU if any).
+        seed: seed for synthesized data.
+        on_point: called with each :class:`~batchfit.results.ThroughputPoint` as measured.
+
+    Returns:
+        A :class:`~batchfit.results.ThroughputResult`; ``knee`` is its recommendation by speed.
+
+    Example:
+
+    >>> import batchfit
+    >>> from batchfit.examples.models import seed_mlp
+    >>> r = batchfit.profile_throughput(seed_mlp(), [16, 64, 256])   # doctest: +SKIP
+    >>> [round(p.samples_per_second) for p in r.points], r.knee       # doctest: +SKIP
+    ([41000, 122000, 210000], 256)
+    """
+    t_start = time.perf_counter()
+    _validate(window_seconds, windows, warmup_steps, tolerance)
+    notes: list[str] = []
+    if batch_sizes is not None:
+        sizes = _check_sizes(batch_sizes)
+    else:
+        if max_batch is None:
+            from .maxbatch import find_max_batch_size
+            found = find_max_batch_size(model, memory=memory, data=data,
+                                        input_shapes=input_shapes, granularity=granularity,
+                                        device=device, seed=seed)
+            max_batch = found.max_batch_size
+            notes.append(f"sizes up to the largest batch that fits: {max_batch}")
+        sizes = geometric_grid(int(max_batch), granularity=granularity)
+    keras_model = resolve_model(model)
+
+    import tensorflow as tf
+
+    from .nvml import GpuSampler, nvml_status
+    from .probe import ModelState, memory_device, read_peak, reset_peak
+    from .worker import environment_info, make_batch_fn
+
+    dev = memory_device(device)
+    gpu_ok, gpu_note = nvml_status(dev)
+    batch_fn, data_notes = make_batch_fn(keras_model, data, input_shapes, seed)
+    notes.extend(data_notes)
+    state = ModelState(keras_model)
+    points: list[ThroughputPoint] = []
+    try:
+        with tf.device(dev):
+            for b in sizes:
+                if points and points[-1].outcome == "oom":
+                    p = ThroughputPoint(batch_size=b, outcome="skipped",
+                                        detail=f"not measured: {points[-1].batch_size} ran "
+                                               f"out of memory")
+                else:
+                    p = _measure_one(keras_model, batch_fn, b, tf=tf, state=state,
+                                     window_seconds=float(window_seconds), windows=windows,
+                                     warmup_steps=warmup_steps, device=dev, gpu=gpu_ok,
+                                     sampler_cls=GpuSampler, read_peak=read_peak,
+                                     reset_peak=reset_peak)
+                points.append(p)
+                if on_point is not None:
+                    on_point(p)
+    finally:
+        state.restore()
+        try:
+            keras_model.reset_metrics()
+        except Exception:  # noqa: BLE001, S110 - metrics without reset are harmless
+            pass
+    ok = [p for p in points if p.samples_per_second is not None]
+    k = (knee([p.batch_size for p in ok], [p.samples_per_second or 0.0 for p in ok],
+              tolerance=tolerance) if ok else None)
+    if not ok:
+        notes.append("no size could be measured")
+    return ThroughputResult(points=points, knee=k, tolerance=float(tolerance), device=dev,
+                            window_target_seconds=float(window_seconds), gpu_metrics=gpu_note,
+                            seconds=time.perf_counter() - t_start,
+                            model_name=str(getattr(keras_model, "name", "")), notes=notes,
+                            environment=environment_info())
+
+
+def _measure_one(model: Any, batch_fn: Any, b: int, *, tf: Any, state: Any,
+                 window_seconds: float, windows: int, warmup_steps: int, device: str,
+                 gpu: bool, sampler_cls: Any, read_peak: Any, reset_peak: Any) -> ThroughputPoint:
+    from .oom import is_oom_error
+    from .probe import _first_line
+
+    failure: tuple[str, str] | None = None
+    point: ThroughputPoint | None = None
+    try:
+        x, y = batch_fn(b)
+        dataset = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
+        iterator = iter(dataset)
+        model.make_train_function()
+        fn = model.train_function
+
+        def sync(logs: Any) -> None:
+            # Reading a value waits for the step (and, by data dependence, all before it).
+            for v in (logs.values() if isinstance(logs, dict) else [logs]):
+                if hasattr(v, "numpy"):
+                    v.numpy()
+                    return
+
+        warm_t0 = time.perf_counter()
+        first = None
+        last = 0.0
+        for i in range(warmup_steps):
+            s = time.perf_counter()
+            if i == 0:  # as fit does first: build whatever is unbuilt (model, metrics)
+                model.train_on_batch(x, y)
+            else:
+                sync(fn(iterator))
+            last = time.perf_counter() - s
+            first = last if first is None else first
+        # Calibrate on one more untimed step (the warm-up's last may still pay for tracing).
+        s = time.perf_counter()
+        sync(fn(iterator))
+        calib = time.perf_counter() - s
+        warmup_seconds = time.perf_counter() - warm_t0
+        steps = steps_per_window(min(calib, last) if last > 0 else calib, window_seconds)
+        times: list[float] = []
+        reset_peak(device)
+        with sampler_cls(gpu) as sampler:
+            for _ in range(windows):
+                t0 = time.perf_counter()
+                logs = None
+                for _ in range(steps):
+                    logs = fn(iterator)
+                sync(logs)
+                times.append(time.perf_counter() - t0)
+        stats = summarize_windows(b, steps, times)
+        point = ThroughputPoint(
+            batch_size=b, outcome="ok", samples_per_second=stats.samples_per_second,
+            low=stats.low, high=stats.high, cv=stats.cv, step_seconds=stats.step_seconds,
+            steps_per_window=steps, window_seconds=times, warmup_steps=warmup_steps + 1,
+            warmup_seconds=warmup_seconds, first_step_seconds=first,
+            gpu_utilization=sampler.mean_utilization,
+            gpu_memory_bytes=sampler.peak_memory_bytes, peak_bytes=read_peak(device))
+    except Exception as exc:  # noqa: BLE001 - a size that fails is reported, not fatal
+        failure = ("oom" if is_oom_error(exc) else "failed", _first_line(exc))
+    # Outside the handler, so the failed step's tensors are released before restoring.
+    state.restore()
+    if point is None:
+        outcome, detail = failure or ("failed", "unknown failure")
+        return ThroughputPoint(batch_size=b, outcome=outcome, detail=detail)
+    return point

@@ -1,0 +1,144 @@
+"""``tune``: the largest batch that fits, the throughput curve, and one recommended batch size."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..core.recommend import (
+    Criterion,
+    TuneFacts,
+    default_criteria,
+    plan_target,
+    recommend,
+)
+from ..core.throughput import geometric_grid
+from ..errors import InvalidInputError
+from ..results import MaxBatchResult, Probe, ThroughputPoint, TuneResult
+from .throughput import (
+    DEFAULT_WINDOW_SECONDS,
+    DEFAULT_WINDOWS,
+    profile_throughput,
+    resolve_model,
+)
+
+
+def tune(
+    model: Any,
+    memory: str | int | None = None,
+    data: Any = None,
+    *,
+    strategy: str = "guided",
+    granularity: int = 1,
+    input_shapes: Any = None,
+    upper: int | None = None,
+    headroom: float = 0.1,
+    target: int | None = None,
+    tolerance: float = 0.05,
+    batch_sizes: Sequence[int] | None = None,
+    window_seconds: float = DEFAULT_WINDOW_SECONDS,
+    windows: int = DEFAULT_WINDOWS,
+    isolate: str = "auto",
+    device: str | None = None,
+    criteria: Sequence[Criterion] | None = None,
+    extras: dict[str, Any] | None = None,
+    seed: int = 0,
+    on_probe: Callable[[Probe], None] | None = None,
+    on_point: Callable[[ThroughputPoint], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Find the batch size to train with: memory limit, throughput curve, recommendation.
+
+    First the largest batch that fits ``memory`` (:func:`batchfit.find_max_batch_size`, real
+    probes in an isolated worker), then steady-state throughput on a geometric grid up to it
+    (:func:`batchfit.profile_throughput`, in this process with normal settings), then a
+    recommendation from pluggable criteria: by default memory caps the batch at the safe size
+    and throughput proposes its knee (the smallest size within ``tolerance`` of the best).
+
+    Args:
+        model: a compiled ``keras.Model``, a zero-argument function returning one, or a spec
+            (``"file.py:factory"``, ``"package.module:factory"``, ``"model.keras"``).
+        memory: the budget (``"16GiB"``, bytes); default: the device's own memory.
+        data: the user's sample (``(x, y)`` or a ``tf.data.Dataset``); default: synthesized.
+        strategy: the memory search (``"guided"``, ``"binsearch"``, ``"power"``).
+        granularity: sizes are multiples of this (e.g. 8 for tensor cores).
+        input_shapes: lengths of non-batch ``None`` dimensions.
+        upper: never try a larger batch.
+        headroom: fraction of the budget the safe size leaves free (default 0.1).
+        target: an effective batch size you want; the result says how to reach it (micro-batch
+            and gradient-accumulation steps) and what it costs in throughput.
+        tolerance: the knee's tolerance (default 0.05: within 5% of the best throughput).
+        batch_sizes: sizes to time instead of the default grid.
+        window_seconds: wall time of each timed window.
+        windows: timed windows per size.
+        isolate: how memory probes run (see ``find_max_batch_size``).
+        device: ``"CPU:0"`` / ``"GPU:0"``.
+        criteria: the recommendation's criteria (default: memory, then throughput); add your
+            own object with ``name`` and ``judge(facts) -> Verdict | None``.
+        extras: further facts for custom criteria (e.g. ``{"noise_scale": 420.0}``).
+        seed: seed for synthesized data.
+        on_probe: called with each memory probe.
+        on_point: called with each throughput point.
+        on_phase: called with a short label as each phase starts.
+
+    Returns:
+        A :class:`~batchfit.results.TuneResult`; ``result.batch_size`` is the recommendation.
+
+    Example:
+
+    >>> import batchfit
+    >>> r = batchfit.tune("batchfit.examples.models:demo_model", memory="128MiB")  # doctest: +SKIP
+    >>> r.batch_size, r.recommendation.decided_by                                # doctest: +SKIP
+    (256, 'throughput')
+    """
+    t_start = time.perf_counter()
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int)
+                               or target < 1):
+        raise InvalidInputError(f"target batch size must be an integer >= 1, got {target!r}")
+    if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
+        raise InvalidInputError(f"tolerance must be a fraction in [0, 1), e.g. 0.05, got {tolerance!r}")
+    phase = on_phase or (lambda _label: None)
+    # Load once here: the memory search needs the spec (its worker rebuilds the model), the
+    # throughput measurement needs the model itself.
+    model_obj = resolve_model(model)
+    is_factory = callable(model) and not hasattr(model, "train_on_batch")
+    search_model = model if (isinstance(model, str) or is_factory) else model_obj
+
+    from .maxbatch import find_max_batch_size
+
+    phase("memory")
+    max_result: MaxBatchResult = find_max_batch_size(
+        search_model, memory=memory, strategy=strategy, granularity=granularity, data=data,
+        input_shapes=input_shapes, upper=upper, headroom=headroom, isolate=isolate,
+        device=device, seed=seed, on_probe=on_probe)
+    largest = max_result.max_batch_size
+    if batch_sizes is None:
+        sizes = geometric_grid(largest, granularity=granularity)
+        if max_result.safe_batch_size >= granularity:
+            sizes = sorted(set(sizes) | {max_result.safe_batch_size})
+    else:
+        sizes = sorted(set(batch_sizes))
+
+    phase("throughput")
+    throughput = profile_throughput(
+        model_obj, sizes, data=data, input_shapes=input_shapes, window_seconds=window_seconds,
+        windows=windows, tolerance=tolerance, device=device, seed=seed, on_point=on_point)
+
+    measured = throughput.measured()
+    mm = max_result.memory_model
+    facts = TuneFacts(
+        max_batch=largest, safe_batch=max_result.safe_batch_size,
+        batch_sizes=tuple(p.batch_size for p in measured),
+        throughputs=tuple(float(p.samples_per_second or 0.0) for p in measured),
+        tolerance=float(tolerance), granularity=granularity,
+        bytes_at={p.batch_size: mm.predict(p.batch_size) for p in measured} if mm else {},
+        extras=dict(extras or {}))
+    rec = recommend(facts, list(criteria) if criteria is not None else default_criteria())
+    plan = plan_target(target, facts) if target is not None else None
+    notes: list[str] = []
+    if throughput.device != max_result.device.split(" ")[0]:
+        notes.append(f"memory probed on {max_result.device}, throughput timed on "
+                     f"{throughput.device}")
+    return TuneResult(recommendation=rec, max_batch=max_result, throughput=throughput,
+                      target=plan, seconds=time.perf_counter() - t_start, notes=notes)

@@ -1,0 +1,100 @@
+"""profile_throughput on real tiny Keras models: warm-up excluded, steps adapted, model untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batchfit.errors import InvalidInputError
+from batchfit.examples.models import demo_model, seed_mlp
+from batchfit.tf.probe import ModelState
+from batchfit.tf.throughput import profile_throughput
+
+
+@pytest.fixture(scope="module")
+def mlp_run():
+    # A small conv net (the seed's layers on top): its step time grows with the batch.
+    model = demo_model(image_size=16, filters=8)
+    state = ModelState(model)
+    result = profile_throughput(model, [1, 4, 64, 256], window_seconds=0.15, windows=3)
+    return model, state, result
+
+
+def test_every_size_is_measured_with_windows(mlp_run) -> None:
+    _, _, r = mlp_run
+    assert [p.batch_size for p in r.points] == [1, 4, 64, 256]
+    for p in r.points:
+        assert p.outcome == "ok", p.detail
+        assert len(p.window_seconds) == 3
+        assert p.low <= p.samples_per_second <= p.high
+        # the reported throughput is the median window's, not a mean including warm-up
+        rates = sorted(p.batch_size * p.steps_per_window / t for t in p.window_seconds)
+        assert p.samples_per_second == pytest.approx(rates[1])
+
+
+def test_warm_up_and_tracing_are_excluded(mlp_run) -> None:
+    _, _, r = mlp_run
+    first = r.points[0]
+    # the first size traces the step: its first step is far slower than a timed step ...
+    assert first.first_step_seconds > 5 * first.step_seconds
+    # ... and none of that time is in the windows
+    assert first.warmup_seconds >= first.first_step_seconds
+    assert max(first.window_seconds) < first.first_step_seconds * first.steps_per_window + 1
+    assert all(p.warmup_steps >= 2 for p in r.points)
+
+
+def test_step_count_adapts_so_each_size_costs_about_the_same(mlp_run) -> None:
+    _, _, r = mlp_run
+    small, large = r.points[0], r.points[-1]
+    assert small.step_seconds < large.step_seconds
+    assert small.steps_per_window > large.steps_per_window
+    for p in r.points:
+        if p.step_seconds < r.window_target_seconds / 2:  # more than one step fits a window
+            median = sorted(p.window_seconds)[1]
+            assert 0.3 * r.window_target_seconds < median < 4 * r.window_target_seconds
+
+
+def test_model_state_is_restored_exactly(mlp_run) -> None:
+    _, state, _ = mlp_run
+    assert state.equals_current()
+
+
+def test_knee_and_cpu_gpu_note(mlp_run) -> None:
+    _, _, r = mlp_run
+    assert r.knee in [p.batch_size for p in r.points]
+    best = max(p.samples_per_second for p in r.points)
+    knee_rate = next(p.samples_per_second for p in r.points if p.batch_size == r.knee)
+    assert knee_rate >= (1 - r.tolerance) * best
+    assert r.gpu_metrics.startswith("not available")  # CPU: says so, does not guess
+    assert all(p.gpu_utilization is None for p in r.points)
+
+
+def test_default_grid_goes_up_to_the_largest_fit() -> None:
+    r = profile_throughput(demo_model(image_size=8, filters=4), max_batch=20, window_seconds=0.05,
+                           windows=2)
+    assert [p.batch_size for p in r.points] == [1, 2, 4, 8, 16, 20]
+
+
+def test_a_failing_size_is_reported_not_raised() -> None:
+    from batchfit.examples.models import seed_memory_aware
+
+    r = profile_throughput(seed_memory_aware(), [8, 256], window_seconds=0.05, windows=2)
+    by = {p.batch_size: p for p in r.points}
+    assert by[8].outcome == "ok"
+    assert by[256].outcome == "failed" and by[256].detail
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"batch_sizes": [0, 4]}, "batch_sizes"),
+    ({"batch_sizes": [4], "windows": 1}, "windows"),
+    ({"batch_sizes": [4], "window_seconds": 0}, "window_seconds"),
+    ({"batch_sizes": [4], "tolerance": 1.5}, "tolerance"),
+])
+def test_bad_arguments_are_named(kwargs, word) -> None:
+    with pytest.raises(InvalidInputError, match=word):
+        profile_throughput(seed_mlp(), **kwargs)
+
+
+def test_not_a_model_is_refused() -> None:
+    with pytest.raises(InvalidInputError, match="keras.Model"):
+        profile_throughput(np.zeros(3), [4])
