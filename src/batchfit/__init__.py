@@ -21,45 +21,77 @@ from .errors import (
     NothingFitsError,
     ProbeFailedError,
 )
-from .results import (SCHEMA_VERSION, MaxBatchResult, MemoryModel, Probe, ThroughputResult,
-                      TuneResult, load_result)
+from .results import (
+    SCHEMA_VERSION,
+    MaxBatchResult,
+    MemoryModel,
+    Probe,
+    ThroughputResult,
+    TuneResult,
+    load_result,
+)
 from .tf.oom import is_oom_error
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "find_max_batch_size": ("batchfit.tf.maxbatch", "find_max_batch_size"),
+    "check": ("batchfit.tf.check", "check"),
+    "CheckResult": ("batchfit.results.check", "CheckResult"),
     "profile_throughput": ("batchfit.tf.throughput", "profile_throughput"),
     "tune": ("batchfit.tf.tune", "tune"),
     "parse_size": ("batchfit.core.sizes", "parse_size"),
     "format_bytes": ("batchfit.core.sizes", "format_bytes"),
+    "estimate_noise_scale": ("batchfit.tf.noise", "estimate_noise_scale"),
+    "NoiseScaleMonitor": ("batchfit.tf.noise", "NoiseScaleMonitor"),
+    "NoiseScaleResult": ("batchfit.results.noise", "NoiseScaleResult"),
+    "goodput_optimal_batch": ("batchfit.core.noise", "goodput_optimal_batch"),
+    "statistical_efficiency": ("batchfit.core.noise", "statistical_efficiency"),
+    "scale_learning_rate": ("batchfit.core.noise", "scale_learning_rate"),
 }
 
 __all__ = [
     "SCHEMA_VERSION",
     "BatchfitError",
+    "CheckResult",
     "InvalidInputError",
     "MaxBatchResult",
     "MemoryModel",
     "ModelLoadError",
+    "NoiseScaleMonitor",
+    "NoiseScaleResult",
     "NothingFitsError",
     "Probe",
     "ProbeFailedError",
+    "ThroughputResult",
+    "TuneResult",
     "__version__",
+    "check",
+    "estimate_noise_scale",
     "find_max_batch_size",
     "format_bytes",
+    "goodput_optimal_batch",
     "is_oom_error",
     "load_result",
     "parse_size",
     "profile_throughput",
+    "scale_learning_rate",
+    "statistical_efficiency",
     "tune",
-    "ThroughputResult",
-    "TuneResult",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .core.noise import (
+        goodput_optimal_batch,
+        scale_learning_rate,
+        statistical_efficiency,
+    )
     from .core.sizes import format_bytes, parse_size
+    from .results.check import CheckResult
+    from .results.noise import NoiseScaleResult
+    from .tf.check import check
     from .tf.maxbatch import find_max_batch_size
+    from .tf.noise import NoiseScaleMonitor, estimate_noise_scale
     from .tf.throughput import profile_throughput
     from .tf.tune import tune
 

@@ -21,6 +21,14 @@ class ModelLoadError(InvalidInputError):
     """A model (or data) spec could not be loaded: file missing, factory raised, not a model."""
 
 
+class LayerBuildError(InvalidInputError):
+    """A layer under ``batchfit check`` fails on an ordinary batch, for reasons of its own.
+
+    The message names the layer, where its ``call`` is, the input it got and its own error,
+    so the cause is shown rather than hidden behind a batch-size finding.
+    """
+
+
 class NothingFitsError(BatchfitError):
     """Not even the smallest batch fits the memory budget.
 

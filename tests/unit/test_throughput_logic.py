@@ -218,3 +218,35 @@ def test_bad_target_is_refused() -> None:
 def test_interpolation_in_log_batch() -> None:
     assert interpolate_throughput([10, 100], [1.0, 2.0], 10**1.5) == pytest.approx(1.5)
     assert interpolate_throughput([10, 100], [1.0, 2.0], 200) is None
+
+
+# -- the goodput criterion (gradient noise scale) -----------------------------------------------
+
+def test_goodput_decides_when_a_noise_scale_is_known() -> None:
+    from batchfit.core.recommend import GoodputCriterion  # noqa: F401 - part of the defaults
+
+    f = facts(extras={"noise_scale": 50.0})
+    rec = recommend(f)
+    assert rec.decided_by == "goodput"
+    knee_size = knee(f.batch_sizes, f.throughputs)
+    assert rec.batch_size < knee_size  # a small noise scale: more samples per step are wasted
+    assert "noise scale" in rec.reasons[0]
+    assert any("stops improving" in r for r in rec.reasons)  # the knee is still reported
+
+
+def test_goodput_has_no_opinion_without_a_noise_scale() -> None:
+    rec = recommend(facts())
+    assert "goodput" not in {v.criterion for v in rec.verdicts}
+
+
+def test_large_noise_scale_favours_large_batches_within_the_cap() -> None:
+    f = facts(extras={"noise_scale": 1e9})
+    rec = recommend(f)
+    assert rec.decided_by == "goodput" and rec.batch_size == 900  # the cap (safe size)
+
+
+@given(st.floats(1.0, 1e5))
+def test_goodput_choice_lies_between_smallest_probed_and_cap(noise) -> None:
+    f = facts(extras={"noise_scale": noise})
+    rec = recommend(f)
+    assert min(f.batch_sizes) <= rec.batch_size <= f.safe_batch

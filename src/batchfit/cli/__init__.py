@@ -24,7 +24,7 @@ from ..errors import BatchfitError, InvalidInputError
 from ._common import DEMO_MEMORY, DEMO_MODEL, EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK
 
 #: Subcommands, in the order ``--help`` lists them (module names in this package).
-COMMANDS: tuple[str, ...] = ("tune", "max", "report")
+COMMANDS: tuple[str, ...] = ("tune", "max", "noise", "check", "report")
 
 __all__ = ["COMMANDS", "DEMO_MEMORY", "DEMO_MODEL", "build_parser", "main"]
 

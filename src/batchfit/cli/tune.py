@@ -25,6 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", type=int, default=None, metavar="N",
                    help="an effective batch size you want: how to reach it with gradient "
                         "accumulation if it does not fit, and what it costs")
+    p.add_argument("--noise", action="store_true",
+                   help="also measure the gradient noise scale on --data (real data) and "
+                        "recommend the goodput-optimal batch")
+    p.add_argument("--noise-scale", metavar="B|RUN.json", default=None,
+                   help="weigh a known gradient noise scale: a number, or the --json of "
+                        "'batchfit noise'")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="the knee: smallest batch within this fraction of the best throughput "
                         "(default 0.05)")
@@ -52,6 +58,34 @@ def _sizes(text: str | None) -> list[int] | None:
     return sizes
 
 
+def _noise_arg(args: argparse.Namespace) -> object:
+    """``--noise`` / ``--noise-scale`` as tune's ``noise_scale=`` argument."""
+    if args.noise and args.noise_scale is not None:
+        raise InvalidInputError("give --noise (measure it) or --noise-scale (a known value), "
+                                "not both")
+    if args.noise:
+        if not args.data:
+            raise InvalidInputError("--noise needs --data path/file.py:function with your real "
+                                    "data: the noise scale of synthesized inputs means nothing")
+        return "estimate"
+    if args.noise_scale is None:
+        return None
+    try:
+        value = float(args.noise_scale)
+    except ValueError:
+        from ..results import NoiseScaleResult, load_result
+
+        loaded = load_result(args.noise_scale)
+        if not isinstance(loaded, NoiseScaleResult):
+            raise InvalidInputError(f"--noise-scale {args.noise_scale}: expected a number or "
+                                    f"the --json of 'batchfit noise', got a "
+                                    f"{type(loaded).kind!r} result") from None
+        return loaded
+    if not value > 0:
+        raise InvalidInputError(f"--noise-scale must be a positive number, got {args.noise_scale}")
+    return value
+
+
 @contextlib.contextmanager
 def _status(console: Console, enabled: bool) -> Iterator[object]:
     """A spinner on a terminal; nothing in a log file (lines stay clean)."""
@@ -72,10 +106,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     sizes = _sizes(args.batch_sizes)
     if args.plot and not args.plot.lower().endswith((".png", ".svg", ".pdf")):
         raise InvalidInputError(f"--plot {args.plot}: use a .png, .svg or .pdf file name")
+    noise = _noise_arg(args)
     model, memory = resolve_model(args, console)
     quiet = args.quiet
     with _status(console, not quiet) as status:
         labels = {"memory": "finding the largest batch that fits...",
+                  "noise": "measuring the gradient noise scale...",
                   "throughput": "timing training steps..."}
 
         def on_phase(name: str) -> None:
@@ -87,7 +123,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         result = tune(
             model, memory=memory, data=args.data, strategy=args.strategy,
             granularity=args.granularity, input_shapes=parse_input_shapes(args.input_shape),
-            upper=args.max_batch, headroom=args.headroom, target=args.target,
+            upper=args.max_batch, headroom=args.headroom, target=args.target, noise_scale=noise,
             tolerance=args.tolerance, batch_sizes=sizes, window_seconds=args.window_seconds,
             windows=args.windows, isolate=args.isolate, device=args.device,
             on_probe=None if quiet else ProbeLog(console),

@@ -30,7 +30,7 @@ from ..errors import InvalidInputError
 from ..results.tune import Recommendation, TargetPlan, Verdict
 from .throughput import knee
 
-__all__ = ["Criterion", "MemoryCriterion", "Recommendation", "TargetPlan", "ThroughputCriterion",
+__all__ = ["Criterion", "GoodputCriterion", "MemoryCriterion", "Recommendation", "TargetPlan", "ThroughputCriterion",
            "TuneFacts", "Verdict", "default_criteria", "interpolate_throughput", "plan_target",
            "recommend"]
 
@@ -123,9 +123,55 @@ class ThroughputCriterion:
         return Verdict(self.name, k, "propose", priority=self.priority, reason=reason)
 
 
+class GoodputCriterion:
+    """Proposes the goodput-optimal batch: throughput times statistical efficiency.
+
+    With the gradient noise scale ``B_simple`` known (``noise_scale=``, or
+    ``facts.extras["noise_scale"]``), a larger batch saves fewer steps than it costs samples:
+    the statistical efficiency ``E(M) = (B + M0) / (B + M)`` (Pollux / AdaptDL, from McCandlish
+    et al. 2018) falls with the batch, and goodput ``= throughput(M) * E(M)`` peaks at a batch
+    that weighs speed against steps to converge. Without a noise scale it has no opinion.
+    Its priority is above the throughput knee's: when it speaks, it decides (memory still caps).
+    """
+
+    name = "goodput"
+    priority = 20
+
+    def __init__(self, noise_scale: float | None = None, base_batch: float | None = None) -> None:
+        self.noise_scale = noise_scale
+        self.base_batch = base_batch
+
+    def judge(self, facts: TuneFacts) -> Verdict | None:
+        from .noise import goodput_optimal_batch
+
+        b_noise = self.noise_scale if self.noise_scale is not None else facts.extras.get(
+            "noise_scale")
+        if b_noise is None or not facts.batch_sizes:
+            return None
+        cap = facts.safe_batch if facts.safe_batch >= 1 else facts.max_batch
+        sizes = [b for b in facts.batch_sizes if b <= cap] or [min(facts.batch_sizes)]
+        rates = [facts.throughputs[facts.batch_sizes.index(b)] for b in sizes]
+        choice = goodput_optimal_batch(sizes, rates, float(b_noise), self.base_batch)
+        b = choice.batch_size
+        noise = "unbounded" if not math.isfinite(float(b_noise)) else f"about {float(b_noise):,.0f}"
+        reason = (f"goodput (throughput x statistical efficiency; gradient noise scale "
+                  f"{noise}) peaks at {b}")
+        if choice.throughput_best > b:
+            i, j = choice.index, choice.batch_sizes.index(choice.throughput_best)
+            gain = choice.throughputs[j] / choice.throughputs[i] - 1 if choice.throughputs[i] else 0
+            reason += (f": {choice.throughput_best} is {gain:+.0%} faster in samples/s but "
+                       f"each sample there is worth {choice.efficiency[j] / choice.efficiency[i]:.0%} "
+                       f"as much progress")
+        return Verdict(self.name, b, "propose", priority=self.priority, reason=reason)
+
+
 def default_criteria() -> list[Criterion]:
-    """The criteria :func:`recommend` uses unless told otherwise: memory, then throughput."""
-    return [MemoryCriterion(), ThroughputCriterion()]
+    """The criteria :func:`recommend` uses unless told otherwise.
+
+    Memory caps; goodput proposes when a gradient noise scale is among the facts
+    (``extras["noise_scale"]``); otherwise the throughput knee proposes.
+    """
+    return [MemoryCriterion(), ThroughputCriterion(), GoodputCriterion()]
 
 
 def _round_down(b: int, granularity: int) -> int:

@@ -19,8 +19,10 @@ from .terminal import ProbeLog, render_max
 #: result kind -> "module:function(result, console)"
 RENDERERS: dict[str, str] = {
     "max_batch": "batchfit.report.terminal:render_max",
+    "check": "batchfit.report.check:render_check",
     "throughput": "batchfit.report.tune:render_throughput",
     "tune": "batchfit.report.tune:render_tune",
+    "noise_scale": "batchfit.report.noise:render_noise",
 }
 
 #: result kind -> "module:function(result, path)"
@@ -28,6 +30,7 @@ PLOTTERS: dict[str, str] = {
     "max_batch": "batchfit.report.plots:plot_max",
     "throughput": "batchfit.report.plots:plot_throughput",
     "tune": "batchfit.report.plots:plot_tune",
+    "noise_scale": "batchfit.report.noise:plot_noise",
 }
 
 __all__ = ["PLOTTERS", "RENDERERS", "ProbeLog", "plot", "render", "render_max"]

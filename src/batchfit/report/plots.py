@@ -53,7 +53,8 @@ def _memory_panel(ax: Any, r: MaxBatchResult) -> None:
 
 
 def _throughput_panel(ax: Any, t: ThroughputResult, *, recommended: int | None = None,
-                      largest: int | None = None) -> None:
+                      largest: int | None = None, goodput: list[float] | None = None,
+                      noise_scale: float | None = None) -> None:
     pts = t.measured()
     xs = [p.batch_size for p in pts]
     ys = [p.samples_per_second or 0.0 for p in pts]
@@ -61,6 +62,10 @@ def _throughput_panel(ax: Any, t: ThroughputResult, *, recommended: int | None =
     hi = [(p.high or y) - y for p, y in zip(pts, ys)]
     ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", color="tab:blue", capsize=3,
                 label="median of windows (min-max)")
+    if goodput and len(goodput) == len(xs):
+        label = "goodput (x statistical efficiency" + (
+            f", B_noise {noise_scale:,.0f})" if noise_scale else ")")
+        ax.plot(xs, goodput, marker="s", color="tab:purple", ls="--", label=label)
     if t.knee is not None and t.knee in xs:
         ax.scatter([t.knee], [ys[xs.index(t.knee)]], s=160, facecolors="none",
                    edgecolors="tab:orange", lw=2, zorder=4,
@@ -85,7 +90,8 @@ def plot_tune(result: TuneResult, path: str | Path) -> Path:
     try:
         _memory_panel(a, result.max_batch)
         _throughput_panel(b, result.throughput, recommended=result.recommendation.batch_size,
-                          largest=result.max_batch.max_batch_size)
+                          largest=result.max_batch.max_batch_size, goodput=result.goodput,
+                          noise_scale=result.noise_scale)
         name = result.max_batch.model_name or "model"
         fig.suptitle(f"{name}: recommended batch {result.recommendation.batch_size} "
                      f"(decided by {result.recommendation.decided_by})", fontsize=10)

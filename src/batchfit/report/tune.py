@@ -100,6 +100,12 @@ def render_tune(result: TuneResult, console: Console | None = None) -> None:
                   f"(decided by {rec.decided_by})", highlight=False)
     for i, reason in enumerate(rec.reasons):
         console.print(f"  {'-' if i else '*'} {_escape(reason)}", highlight=False)
+    if result.noise is not None and result.noise.b_simple is not None:
+        n = result.noise
+        interval = (f", {n.confidence:.0%} interval {n.low or 0:,.0f}-"
+                    f"{'inf' if n.high is None else f'{n.high:,.0f}'}")
+        console.print(f"gradient noise scale B_simple about {n.b_simple:,.0f}{interval} "
+                      f"({len(n.pairs)} pairs of {n.small_batch}/{n.big_batch})", highlight=False)
     if result.target is not None:
         console.print(f"target {result.target.target}: {_escape(result.target.summary)}",
                       highlight=False)

@@ -15,23 +15,38 @@ True
 """
 
 from ._base import SCHEMA_VERSION, check_schema_version, load_result, register_result
+from .check import CHECKS, SEVERITIES, CheckResult, Finding, LayerReport
 from .maxbatch import PROBE_OUTCOMES, MaxBatchResult, MemoryModel, Probe
-from .tune import (Recommendation, TargetPlan, ThroughputPoint, ThroughputResult, TuneResult,
-                   Verdict)
+from .noise import NoisePair, NoiseScaleResult
+from .tune import (
+                   Recommendation,
+                   TargetPlan,
+                   ThroughputPoint,
+                   ThroughputResult,
+                   TuneResult,
+                   Verdict,
+)
 
 __all__ = [
-           "PROBE_OUTCOMES",
-           "SCHEMA_VERSION",
-           "MaxBatchResult",
-           "MemoryModel",
-           "Probe",
-           "Recommendation",
-           "TargetPlan",
-           "ThroughputPoint",
-           "ThroughputResult",
-           "TuneResult",
-           "Verdict",
-           "check_schema_version",
-           "load_result",
-           "register_result",
+                   "CHECKS",
+                   "PROBE_OUTCOMES",
+                   "SCHEMA_VERSION",
+                   "SEVERITIES",
+                   "CheckResult",
+                   "Finding",
+                   "LayerReport",
+                   "MaxBatchResult",
+                   "MemoryModel",
+                   "NoisePair",
+                   "NoiseScaleResult",
+                   "Probe",
+                   "Recommendation",
+                   "TargetPlan",
+                   "ThroughputPoint",
+                   "ThroughputResult",
+                   "TuneResult",
+                   "Verdict",
+                   "check_schema_version",
+                   "load_result",
+                   "register_result",
 ]

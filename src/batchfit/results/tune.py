@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from ._base import SCHEMA_VERSION, _Serializable, register_result
 from .maxbatch import MaxBatchResult
+from .noise import NoiseScaleResult
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,11 @@ class TuneResult(_Serializable):
         max_batch: the memory search (largest batch that fits, probes, memory model).
         throughput: the throughput curve up to the largest batch that fits.
         target: the plan for a requested target batch (``None`` if none was asked).
+        noise_scale: the gradient noise scale ``B_simple`` the goodput criterion weighed
+            (``None``: not measured, the recommendation is by memory and speed).
+        noise: the noise-scale measurement, when ``tune`` made it.
+        goodput: goodput (samples/s x statistical efficiency, relative to the smallest size)
+            at each measured throughput size, ascending; empty without a noise scale.
         seconds: wall time of the whole run.
         notes: plain-language remarks.
     """
@@ -172,6 +178,9 @@ class TuneResult(_Serializable):
     max_batch: MaxBatchResult
     throughput: ThroughputResult
     target: TargetPlan | None = None
+    noise_scale: float | None = None
+    noise: NoiseScaleResult | None = None
+    goodput: list[float] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION

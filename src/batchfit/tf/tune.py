@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,7 +16,13 @@ from ..core.recommend import (
 )
 from ..core.throughput import geometric_grid
 from ..errors import InvalidInputError
-from ..results import MaxBatchResult, Probe, ThroughputPoint, TuneResult
+from ..results import (
+    MaxBatchResult,
+    NoiseScaleResult,
+    Probe,
+    ThroughputPoint,
+    TuneResult,
+)
 from .throughput import (
     DEFAULT_WINDOW_SECONDS,
     DEFAULT_WINDOWS,
@@ -35,6 +42,7 @@ def tune(
     upper: int | None = None,
     headroom: float = 0.1,
     target: int | None = None,
+    noise_scale: float | str | Any = None,
     tolerance: float = 0.05,
     batch_sizes: Sequence[int] | None = None,
     window_seconds: float = DEFAULT_WINDOW_SECONDS,
@@ -68,6 +76,11 @@ def tune(
         headroom: fraction of the budget the safe size leaves free (default 0.1).
         target: an effective batch size you want; the result says how to reach it (micro-batch
             and gradient-accumulation steps) and what it costs in throughput.
+        noise_scale: weigh the gradient noise scale (goodput criterion): a number
+            (``B_simple``), a :class:`~batchfit.results.NoiseScaleResult` (from
+            :func:`batchfit.estimate_noise_scale` or ``batchfit noise --json``), or
+            ``"estimate"`` to measure it on ``data`` (real data required). Default ``None``:
+            the recommendation weighs memory and speed only.
         tolerance: the knee's tolerance (default 0.05: within 5% of the best throughput).
         batch_sizes: sizes to time instead of the default grid.
         window_seconds: wall time of each timed window.
@@ -99,6 +112,12 @@ def tune(
     if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
         raise InvalidInputError(f"tolerance must be a fraction in [0, 1), e.g. 0.05, got {tolerance!r}")
     phase = on_phase or (lambda _label: None)
+    if isinstance(noise_scale, str) and noise_scale != "estimate":
+        raise InvalidInputError(f"noise_scale must be a number, a NoiseScaleResult or "
+                                f"'estimate', got {noise_scale!r}")
+    if noise_scale == "estimate" and data is None:
+        raise InvalidInputError("noise_scale='estimate' needs your real data (data=...): the "
+                                "gradient noise scale of synthesized inputs means nothing")
     # Load once here: the memory search needs the spec (its worker rebuilds the model), the
     # throughput measurement needs the model itself.
     model_obj = resolve_model(model)
@@ -125,6 +144,17 @@ def tune(
         model_obj, sizes, data=data, input_shapes=input_shapes, window_seconds=window_seconds,
         windows=windows, tolerance=tolerance, device=device, seed=seed, on_point=on_point)
 
+    noise_result = None
+    b_noise: float | None = None
+    if noise_scale is not None:
+        if noise_scale == "estimate":
+            from .noise import estimate_noise_scale
+
+            phase("noise")
+            noise_result = estimate_noise_scale(model_obj, data, seed=seed)
+            noise_scale = noise_result
+        b_noise = _noise_value(noise_scale)
+
     measured = throughput.measured()
     mm = max_result.memory_model
     facts = TuneFacts(
@@ -133,12 +163,33 @@ def tune(
         throughputs=tuple(float(p.samples_per_second or 0.0) for p in measured),
         tolerance=float(tolerance), granularity=granularity,
         bytes_at={p.batch_size: mm.predict(p.batch_size) for p in measured} if mm else {},
-        extras=dict(extras or {}))
+        extras={**({"noise_scale": b_noise} if b_noise is not None else {}), **(extras or {})})
     rec = recommend(facts, list(criteria) if criteria is not None else default_criteria())
     plan = plan_target(target, facts) if target is not None else None
     notes: list[str] = []
     if throughput.device != max_result.device.split(" ")[0]:
         notes.append(f"memory probed on {max_result.device}, throughput timed on "
                      f"{throughput.device}")
+    goodput: list[float] = []
+    if b_noise is not None and measured:
+        from ..core.noise import goodput_optimal_batch
+
+        choice = goodput_optimal_batch(facts.batch_sizes, facts.throughputs, b_noise)
+        goodput = list(choice.goodput)
+    if isinstance(noise_scale, NoiseScaleResult) and noise_result is None:
+        noise_result = noise_scale
     return TuneResult(recommendation=rec, max_batch=max_result, throughput=throughput,
-                      target=plan, seconds=time.perf_counter() - t_start, notes=notes)
+                      target=plan, noise_scale=None if b_noise is None or not math.isfinite(
+                          b_noise) else b_noise, noise=noise_result, goodput=goodput,
+                      seconds=time.perf_counter() - t_start, notes=notes)
+
+
+def _noise_value(noise_scale: Any) -> float:
+    """``B_simple`` from a number or a noise-scale result (``inf`` when unbounded)."""
+    if isinstance(noise_scale, NoiseScaleResult):
+        return math.inf if noise_scale.b_simple is None else float(noise_scale.b_simple)
+    if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not (
+            noise_scale > 0):
+        raise InvalidInputError(f"noise_scale must be a positive number (B_simple), got "
+                                f"{noise_scale!r}")
+    return float(noise_scale)
