@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - create .venv, install batchfit, run the main job on the built-in example
+#   make demo   - create .venv, install batchfit, run `batchfit tune` on the built-in example
 #   make test   - create .venv, install batchfit with test tools, run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/batchfit max
+	$(VENV)/bin/batchfit tune --plot demo.png
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -32,6 +32,9 @@ PURE_MODULES = [
     "batchfit.report",
     "batchfit.cli",
     "batchfit.tf.oom",
+    "batchfit.tf.adaptive",
+    "batchfit.core.shrink",
+    "batchfit.results.fit",
     "batchfit.tf.worker",
     "batchfit.tf.maxbatch",
 ]

@@ -20,6 +20,7 @@ from .errors import (
     ModelLoadError,
     NothingFitsError,
     ProbeFailedError,
+    TrainingOutOfMemoryError,
 )
 from .results import (
     SCHEMA_VERSION,
@@ -38,6 +39,13 @@ _LAZY = {
     "find_max_batch_size": ("batchfit.tf.maxbatch", "find_max_batch_size"),
     "check": ("batchfit.tf.check", "check"),
     "CheckResult": ("batchfit.results.check", "CheckResult"),
+    "fit": ("batchfit.tf.resilient", "fit"),
+    "adaptive_batch_size": ("batchfit.tf.adaptive", "adaptive_batch_size"),
+    "AdaptiveBatchState": ("batchfit.tf.adaptive", "AdaptiveBatchState"),
+    "BatchAdjustment": ("batchfit.results.fit", "BatchAdjustment"),
+    "HalvingShrink": ("batchfit.core.shrink", "HalvingShrink"),
+    "MemoryModelShrink": ("batchfit.core.shrink", "MemoryModelShrink"),
+    "ShrinkPolicy": ("batchfit.core.shrink", "ShrinkPolicy"),
     "profile_throughput": ("batchfit.tf.throughput", "profile_throughput"),
     "tune": ("batchfit.tf.tune", "tune"),
     "parse_size": ("batchfit.core.sizes", "parse_size"),
@@ -52,23 +60,31 @@ _LAZY = {
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AdaptiveBatchState",
+    "BatchAdjustment",
     "BatchfitError",
     "CheckResult",
+    "HalvingShrink",
     "InvalidInputError",
     "MaxBatchResult",
     "MemoryModel",
+    "MemoryModelShrink",
     "ModelLoadError",
     "NoiseScaleMonitor",
     "NoiseScaleResult",
     "NothingFitsError",
     "Probe",
     "ProbeFailedError",
+    "ShrinkPolicy",
     "ThroughputResult",
+    "TrainingOutOfMemoryError",
     "TuneResult",
     "__version__",
+    "adaptive_batch_size",
     "check",
     "estimate_noise_scale",
     "find_max_batch_size",
+    "fit",
     "format_bytes",
     "goodput_optimal_batch",
     "is_oom_error",
@@ -86,12 +102,16 @@ if TYPE_CHECKING:  # pragma: no cover
         scale_learning_rate,
         statistical_efficiency,
     )
+    from .core.shrink import HalvingShrink, MemoryModelShrink, ShrinkPolicy
     from .core.sizes import format_bytes, parse_size
     from .results.check import CheckResult
+    from .results.fit import BatchAdjustment
     from .results.noise import NoiseScaleResult
+    from .tf.adaptive import AdaptiveBatchState, adaptive_batch_size
     from .tf.check import check
     from .tf.maxbatch import find_max_batch_size
     from .tf.noise import NoiseScaleMonitor, estimate_noise_scale
+    from .tf.resilient import fit
     from .tf.throughput import profile_throughput
     from .tf.tune import tune
 

@@ -53,3 +53,14 @@ class ProbeFailedError(BatchfitError):
     The model cannot train at all as given (shape mismatch, bad loss, a layer that raises), so
     no search can help; the message carries the model's own error.
     """
+
+
+class TrainingOutOfMemoryError(NothingFitsError):
+    """:func:`batchfit.fit` ran out of memory even at a micro-batch of one example.
+
+    No smaller batch exists, so training cannot go on: the memory that does not depend on the
+    batch (weights, optimizer state, workspace) does not leave room for one example. The
+    message states that fixed memory; ``fixed_bytes`` holds it. Fixes: a smaller model, a
+    lighter optimizer (SGD keeps no slots, Adam two per weight), mixed precision, or a
+    device with more memory.
+    """

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import InvalidInputError
 
 DEMO_MODEL = "batchfit.examples.models:demo_model"
-DEMO_MEMORY = "128MiB"
+DEMO_MEMORY = "96MiB"
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 

@@ -1,0 +1,134 @@
+"""Benchmark of ``batchfit tune``: repeatability of measured throughput, and the cost of ``tune``.
+
+1. Repeatability: for example models, ``profile_throughput`` is run three times over the same
+   batch sizes (the runs interleaved in one process, as a user's repeated measurement would
+   be); per size, the coefficient of variation of the three medians. Target: under 5% for sizes
+   whose step takes over 20 ms.
+2. Cost: ``batchfit tune`` on the built-in example (the README's ``make demo``), run as a user
+   runs it (a subprocess), its wall time split into the memory search and the timing.
+
+Usage:
+    python bench/bench_tune.py                 # writes bench/results/tune.json
+    python bench/bench_tune.py --markdown bench/results/tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "tune.json"
+CASES = [
+    ("demo_model", "batchfit.examples.models:demo_model", [32, 64, 128, 256]),
+    ("transformer", "batchfit.examples.models:transformer", [16, 32, 64, 128]),
+]
+RUNS = 3
+
+
+def repeatability() -> list[dict]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import batchfit
+    from batchfit.tf.loader import load_model
+
+    rows = []
+    for name, spec, sizes in CASES:
+        model = load_model(spec)
+        runs = []
+        for _ in range(RUNS):
+            r = batchfit.profile_throughput(model, sizes)
+            runs.append({p.batch_size: p for p in r.points})
+        for b in sizes:
+            pts = [run[b] for run in runs]
+            medians = [p.samples_per_second for p in pts]
+            mean = statistics.fmean(medians)
+            rows.append({
+                "model": name, "batch_size": b,
+                "samples_per_second": medians,
+                "cv_across_runs": statistics.stdev(medians) / mean,
+                "step_ms": statistics.median(p.step_seconds for p in pts) * 1000,
+                "cv_within_run": [p.cv for p in pts],
+                "steps_per_window": [p.steps_per_window for p in pts],
+            })
+            print(f"{name:12s} b={b:4d} step {rows[-1]['step_ms']:7.1f} ms  "
+                  f"runs {[round(m) for m in medians]}  cv {rows[-1]['cv_across_runs']:.1%}",
+                  flush=True)
+    return rows
+
+
+def tune_cost() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        js = Path(tmp) / "tune.json"
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "batchfit", "tune", "--quiet", "--json",
+                               str(js)], capture_output=True, text=True, cwd=ROOT, check=False)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            return {"error": proc.stderr[-2000:], "wall_seconds": wall}
+        data = json.loads(js.read_text())
+    mb = data["max_batch"]
+    return {
+        "command": "batchfit tune (built-in example, emulated 128 MiB device)",
+        "wall_seconds": wall,
+        "tune_seconds": data["seconds"],
+        "memory_search_seconds": mb["seconds"],
+        "throughput_seconds": data["throughput"]["seconds"],
+        "probes": len(mb["probes"]),
+        "oom_count": mb["oom_count"],
+        "max_batch_size": mb["max_batch_size"],
+        "recommended": data["recommendation"]["batch_size"],
+        "decided_by": data["recommendation"]["decided_by"],
+        "sizes_timed": [p["batch_size"] for p in data["throughput"]["points"]],
+    }
+
+
+def markdown(path: Path) -> str:
+    data = json.loads(path.read_text())
+    lines = ["| model | batch | step (ms) | samples/s, 3 runs | CV across runs |",
+             "|---|---|---|---|---|"]
+    for r in data["repeatability"]:
+        runs = ", ".join(f"{m:,.0f}" for m in r["samples_per_second"])
+        lines.append(f"| {r['model']} | {r['batch_size']} | {r['step_ms']:.0f} | {runs} | "
+                     f"{r['cv_across_runs']:.1%} |")
+    c = data.get("tune_cost", {})
+    if "wall_seconds" in c and "error" not in c:
+        lines.append("")
+        lines.append(f"`batchfit tune` on the built-in example: {c['wall_seconds']:.0f} s wall "
+                     f"(memory search {c['memory_search_seconds']:.0f} s with {c['probes']} "
+                     f"probes, {c['oom_count']} out-of-memory; timing "
+                     f"{c['throughput_seconds']:.0f} s over {len(c['sizes_timed'])} sizes); "
+                     f"largest fit {c['max_batch_size']}, recommended {c['recommended']} "
+                     f"({c['decided_by']}).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--markdown", metavar="JSON", help="print the README table of a saved run")
+    ap.add_argument("--skip-cost", action="store_true", help="only the repeatability part")
+    args = ap.parse_args()
+    if args.markdown:
+        print(markdown(Path(args.markdown)))
+        return
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "machine": {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+    result["repeatability"] = repeatability()
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    if not args.skip_cost:
+        result["tune_cost"] = tune_cost()
+        print(json.dumps(result["tune_cost"], indent=2))
+        OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(OUT))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Child process for tests/test_fit.py: real out-of-memory errors under a capped CPU allocator.
+
+Run as ``python tests/fit_child.py SCENARIO...`` with ``TF_CPU_BFC_MEM_LIMIT_IN_MB`` (and
+``TF_ENABLE_ONEDNN_OPTS=0``, ``TF_CPU_ALLOCATOR_USE_BFC=true``) set by the parent. Prints one
+JSON object: scenario name -> results. Not collected by pytest (no ``test_`` prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import batchfit
+
+FEATURES = 8
+
+
+class Pairwise(keras.layers.Layer):
+    """Memory quadratic in the sequence length: (batch, T, T) scores, cheap to compute."""
+
+    def call(self, h):
+        s = keras.ops.matmul(h, keras.ops.transpose(h, (0, 2, 1)))
+        return keras.ops.mean(keras.ops.tanh(s), axis=-1, keepdims=True) * h
+
+
+class SampleCounter(keras.layers.Layer):
+    """Counts the examples of every training step that completed (a non-trainable variable)."""
+
+    def build(self, input_shape):
+        self.seen = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                    dtype="float32", name="seen")
+
+    def call(self, x, training=None):
+        if training:
+            self.seen.assign_add(keras.ops.cast(keras.ops.shape(x)[0], "float32"))
+        return x
+
+
+def make_model(accumulation: int | None = None) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, FEATURES))
+    h = SampleCounter(name="counter")(inp)
+    h = keras.layers.Dense(32)(h)
+    h = Pairwise()(h)
+    out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(h))
+    m = keras.Model(inp, out)
+    m.compile(keras.optimizers.SGD(0.05, gradient_accumulation_steps=accumulation), "mse")
+    return m
+
+
+def data(n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, length, FEATURES)).astype("float32"),
+            rng.normal(size=(n, 1)).astype("float32"))
+
+
+def mixed_dataset(batch: int, lengths: list[int], seed: int) -> tf.data.Dataset:
+    """One batch per entry of ``lengths``: short sequences first, long ones later."""
+    batches = [data(batch, t, seed + i) for i, t in enumerate(lengths)]
+
+    def gen():
+        yield from batches
+
+    spec = (tf.TensorSpec((None, None, FEATURES), tf.float32), tf.TensorSpec((None, 1), tf.float32))
+    ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
+    return ds.apply(tf.data.experimental.assert_cardinality(len(lengths)))
+
+
+def weights(m: keras.Model) -> list:
+    return [w.tolist() for w in m.get_weights()]
+
+
+def scenario_first_batch() -> dict:
+    """OOM at the very first batch size: finish, and match the accumulation reference."""
+    x, y = data(128, 256, 1)
+    m = make_model()
+    w0 = m.get_weights()
+    t0 = time.perf_counter()
+    h = batchfit.fit(m, x, y, batch_size=64, epochs=2, shuffle=False, verbose=0)
+    seconds = time.perf_counter() - t0
+    adj = h.adjustments
+    k = h.accumulation_steps
+    ref = make_model(accumulation=k if k > 1 else None)
+    ref.set_weights(w0)
+    ref.fit(x, y, batch_size=64 // k, epochs=2, shuffle=False, verbose=0)
+    return {
+        "seconds": seconds, "epochs": len(h.history["loss"]), "loss": h.history["loss"],
+        "adjustments": [a.to_dict() for a in adj], "accumulation": k,
+        "micro": h.micro_batch_size, "iterations": int(m.optimizer.iterations.numpy()),
+        "accumulation_after": m.optimizer.gradient_accumulation_steps,
+        "max_diff": max(float(np.abs(a - b).max()) for a, b in zip(m.get_weights(),
+                                                                    ref.get_weights())),
+        "seen": float(m.get_layer("counter").seen.numpy()),
+    }
+
+
+def scenario_mid_epoch() -> dict:
+    """Short batches fit at 64, long ones do not: the OOM comes at step 3 of epoch 1."""
+    lengths = [16, 16, 16, 256, 256, 16]
+    m = make_model()
+    w0 = m.get_weights()
+    val = mixed_dataset(64, [320, 320], 100)
+    batches: list[int] = []
+    count = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: batches.append(batch))
+    h = batchfit.fit(m, mixed_dataset(64, lengths, 10), epochs=2, verbose=0, shuffle=False,
+                     validation_data=val, callbacks=[count])
+    return {
+        "w0": [w.tolist() for w in w0], "weights": weights(m),
+        "epochs": len(h.history["loss"]), "loss": h.history["loss"],
+        "val_loss": h.history.get("val_loss"),
+        "adjustments": [a.to_dict() for a in h.adjustments],
+        "iterations": int(m.optimizer.iterations.numpy()),
+        "seen": float(m.get_layer("counter").seen.numpy()),
+        "callback_batches": batches,
+    }
+
+
+def scenario_batch_one() -> dict:
+    """Not even one example fits: the clear error, with the fixed memory."""
+    x, y = data(4, 4096, 2)
+    m = make_model()
+    try:
+        batchfit.fit(m, x, y, batch_size=1, epochs=1, verbose=0)
+    except batchfit.TrainingOutOfMemoryError as exc:
+        return {"raised": type(exc).__name__, "message": str(exc),
+                "fixed_bytes": exc.fixed_bytes,
+                "is_nothing_fits": isinstance(exc, batchfit.NothingFitsError)}
+    return {"raised": None}
+
+
+SCENARIOS = {"first_batch": scenario_first_batch, "mid_epoch": scenario_mid_epoch,
+             "batch_one": scenario_batch_one}
+
+if __name__ == "__main__":
+    out = {}
+    for name in sys.argv[1:]:
+        t0 = time.perf_counter()
+        try:
+            out[name] = SCENARIOS[name]()
+        except Exception as exc:  # noqa: BLE001 - reported to the parent as data
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        out[name]["wall_s"] = time.perf_counter() - t0
+        print(f"[child] {name} done in {out[name]['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    print(json.dumps(out))
