@@ -34,18 +34,38 @@ CASES = [
 RUNS = 3
 
 
-def repeatability() -> list[dict]:
+def noise_floor(seconds: float = 0.3, windows: int = 5) -> float:
+    """Median rate of a fixed NumPy workload (matmuls/s): the machine's own drift between runs."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((256, 256))
+    rates = []
+    for _ in range(windows):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ a
+            n += 1
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def repeatability() -> tuple[list[dict], list[dict]]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import batchfit
     from batchfit.tf.loader import load_model
 
-    rows = []
+    rows: list[dict] = []
+    floors: list[dict] = []
     for name, spec, sizes in CASES:
         model = load_model(spec)
         runs = []
+        floor = []
         for _ in range(RUNS):
+            floor.append(noise_floor())
             r = batchfit.profile_throughput(model, sizes)
             runs.append({p.batch_size: p for p in r.points})
+        floors.append({"model": name, "matmuls_per_second": floor,
+                       "cv_across_runs": statistics.stdev(floor) / statistics.fmean(floor)})
         for b in sizes:
             pts = [run[b] for run in runs]
             medians = [p.samples_per_second for p in pts]
@@ -61,7 +81,9 @@ def repeatability() -> list[dict]:
             print(f"{name:12s} b={b:4d} step {rows[-1]['step_ms']:7.1f} ms  "
                   f"runs {[round(m) for m in medians]}  cv {rows[-1]['cv_across_runs']:.1%}",
                   flush=True)
-    return rows
+        print(f"{name:12s} machine noise floor (fixed NumPy workload) cv "
+              f"{floors[-1]['cv_across_runs']:.1%}", flush=True)
+    return rows, floors
 
 
 def tune_cost() -> dict:
@@ -82,7 +104,7 @@ def tune_cost() -> dict:
         "memory_search_seconds": mb["seconds"],
         "throughput_seconds": data["throughput"]["seconds"],
         "probes": len(mb["probes"]),
-        "oom_count": mb["oom_count"],
+        "oom_count": sum(p["outcome"] in ("oom", "crashed", "timeout") for p in mb["probes"]),
         "max_batch_size": mb["max_batch_size"],
         "recommended": data["recommendation"]["batch_size"],
         "decided_by": data["recommendation"]["decided_by"],
@@ -98,6 +120,9 @@ def markdown(path: Path) -> str:
         runs = ", ".join(f"{m:,.0f}" for m in r["samples_per_second"])
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['step_ms']:.0f} | {runs} | "
                      f"{r['cv_across_runs']:.1%} |")
+    for f in data.get("noise_floor", []):
+        lines.append(f"| (machine: fixed NumPy workload, beside {f['model']}) | | | | "
+                     f"{f['cv_across_runs']:.1%} |")
     c = data.get("tune_cost", {})
     if "wall_seconds" in c and "error" not in c:
         lines.append("")
@@ -120,7 +145,7 @@ def main() -> None:
         return
     result: dict = {"date": time.strftime("%Y-%m-%d"), "machine": {
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
-    result["repeatability"] = repeatability()
+    result["repeatability"], result["noise_floor"] = repeatability()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     if not args.skip_cost:

@@ -20,7 +20,7 @@ class _Serializable:
     """Mixin: ``to_dict``/``from_dict``/``to_json``/``from_json`` for (nested) dataclasses."""
 
     def to_dict(self) -> dict[str, Any]:
-        data = _to_plain(self)
+        data = {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         kind = getattr(type(self), "kind", None)
         if isinstance(kind, str):  # a top-level result: say what it is, for load_result
             data["result_kind"] = kind
@@ -47,6 +47,8 @@ class _Serializable:
 
 
 def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, _Serializable) and isinstance(getattr(type(obj), "kind", None), str):
+        return obj.to_dict()  # a nested top-level result keeps its kind and derived fields
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

@@ -2,10 +2,12 @@
 
 Each batch size runs the model's own compiled train function the way ``model.fit`` calls it
 (one call per step on a ``tf.data`` iterator), in this process, with the user's normal
-TensorFlow settings (no allocator cap: a capped allocator slows steps). Tracing and the first
-steps are excluded; several timed windows follow, each about the same wall time (the number
-of steps per window adapts to the step time); the median window and the spread are reported.
-The model's weights and optimizer state are restored afterwards.
+TensorFlow settings (no allocator cap: a capped allocator slows steps). Every size is first
+traced, warmed up and calibrated (excluded from the timing); then the timed windows run in
+interleaved rounds (window 1 of every size, then window 2, ...), each about the same wall time
+(the number of steps per window adapts to the step time), so a drift of the machine's speed
+moves all sizes alike. The median window and the spread are reported. The model's weights and
+optimizer state are restored afterwards.
 """
 
 from __future__ import annotations
@@ -139,29 +141,21 @@ def profile_throughput(
     batch_fn, data_notes = make_batch_fn(keras_model, data, input_shapes, seed)
     notes.extend(data_notes)
     state = ModelState(keras_model)
-    points: list[ThroughputPoint] = []
     try:
         with tf.device(dev):
-            for b in sizes:
-                if points and points[-1].outcome == "oom":
-                    p = ThroughputPoint(batch_size=b, outcome="skipped",
-                                        detail=f"not measured: {points[-1].batch_size} ran "
-                                               f"out of memory")
-                else:
-                    p = _measure_one(keras_model, batch_fn, b, tf=tf, state=state,
-                                     window_seconds=float(window_seconds), windows=windows,
-                                     warmup_steps=warmup_steps, device=dev, gpu=gpu_ok,
-                                     sampler_cls=GpuSampler, read_peak=read_peak,
-                                     reset_peak=reset_peak)
-                points.append(p)
-                if on_point is not None:
-                    on_point(p)
+            points = _measure(keras_model, batch_fn, sizes, tf=tf, state=state,
+                              window_seconds=float(window_seconds), windows=windows,
+                              warmup_steps=warmup_steps, device=dev, gpu=gpu_ok,
+                              sampler_cls=GpuSampler, read_peak=read_peak, reset_peak=reset_peak)
     finally:
         state.restore()
         try:
             keras_model.reset_metrics()
         except Exception:  # noqa: BLE001, S110 - metrics without reset are harmless
             pass
+    if on_point is not None:
+        for p in points:
+            on_point(p)
     ok = [p for p in points if p.samples_per_second is not None]
     k = (knee([p.batch_size for p in ok], [p.samples_per_second or 0.0 for p in ok],
               tolerance=tolerance) if ok else None)
@@ -174,68 +168,123 @@ def profile_throughput(
                             environment=environment_info())
 
 
-def _measure_one(model: Any, batch_fn: Any, b: int, *, tf: Any, state: Any,
-                 window_seconds: float, windows: int, warmup_steps: int, device: str,
-                 gpu: bool, sampler_cls: Any, read_peak: Any, reset_peak: Any) -> ThroughputPoint:
+class _Prepared:
+    """One batch size, traced and calibrated, ready for timed windows."""
+
+    def __init__(self, b: int, fn: Any, iterator: Any, steps: int, first: float | None,
+                 warmup_seconds: float, peak: int | None) -> None:
+        self.b, self.fn, self.iterator, self.steps = b, fn, iterator, steps
+        self.first, self.warmup_seconds, self.peak = first, warmup_seconds, peak
+        self.times: list[float] = []
+        self.util: list[float] = []
+        self.mem: list[int] = []
+        self.failure: tuple[str, str] | None = None
+
+
+def _sync(logs: Any) -> None:
+    # Reading a value waits for the step (and, by data dependence, every step before it).
+    for v in (logs.values() if isinstance(logs, dict) else [logs]):
+        if hasattr(v, "numpy"):
+            v.numpy()
+            return
+
+
+def _measure(model: Any, batch_fn: Any, sizes: list[int], *, tf: Any, state: Any,
+             window_seconds: float, windows: int, warmup_steps: int, device: str, gpu: bool,
+             sampler_cls: Any, read_peak: Any, reset_peak: Any) -> list[ThroughputPoint]:
+    """Prepare every size (trace, warm up, calibrate), then time them in interleaved rounds.
+
+    Round ``r`` times window ``r`` of every size in turn, so the windows of each size are spread
+    over the whole measurement: a slow drift of the machine's speed (measured on this CI VM:
+    +-20% over seconds) moves every size alike instead of skewing the sizes measured during it,
+    and each size's median samples the whole period.
+    """
     from .oom import is_oom_error
     from .probe import _first_line
 
-    failure: tuple[str, str] | None = None
-    point: ThroughputPoint | None = None
-    try:
-        x, y = batch_fn(b)
-        dataset = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
-        iterator = iter(dataset)
+    points: dict[int, ThroughputPoint] = {}
+    ready: list[_Prepared] = []
+    for b in sizes:
+        if any(p.outcome == "oom" for p in points.values()):
+            smallest_oom = min(q.batch_size for q in points.values() if q.outcome == "oom")
+            points[b] = ThroughputPoint(batch_size=b, outcome="skipped",
+                                        detail=f"not measured: {smallest_oom} ran out of memory")
+            continue
+        failure = None
+        prepared = None
+        try:
+            prepared = _prepare(model, batch_fn, b, tf=tf, window_seconds=window_seconds,
+                                warmup_steps=warmup_steps, device=device, read_peak=read_peak,
+                                reset_peak=reset_peak)
+        except Exception as exc:  # noqa: BLE001 - a size that fails is reported, not fatal
+            failure = ("oom" if is_oom_error(exc) else "failed", _first_line(exc))
+        if prepared is None:
+            state.restore()  # outside the handler: the failed step's tensors are released
+            outcome, detail = failure or ("failed", "unknown failure")
+            points[b] = ThroughputPoint(batch_size=b, outcome=outcome, detail=detail)
+        else:
+            ready.append(prepared)
+    for _ in range(windows):
+        for r in ready:
+            if r.failure is not None:
+                continue
+            try:
+                with sampler_cls(gpu) as sampler:
+                    t0 = time.perf_counter()
+                    logs = None
+                    for _ in range(r.steps):
+                        logs = r.fn(r.iterator)
+                    _sync(logs)
+                    r.times.append(time.perf_counter() - t0)
+                if sampler.mean_utilization is not None:
+                    r.util.append(sampler.mean_utilization)
+                if sampler.peak_memory_bytes is not None:
+                    r.mem.append(sampler.peak_memory_bytes)
+            except Exception as exc:  # noqa: BLE001
+                r.failure = ("oom" if is_oom_error(exc) else "failed", _first_line(exc))
+    for r in ready:
+        if r.failure is not None or len(r.times) < 2:
+            outcome, detail = r.failure or ("failed", "too few windows")
+            points[r.b] = ThroughputPoint(batch_size=r.b, outcome=outcome, detail=detail)
+            continue
+        stats = summarize_windows(r.b, r.steps, r.times)
+        points[r.b] = ThroughputPoint(
+            batch_size=r.b, outcome="ok", samples_per_second=stats.samples_per_second,
+            low=stats.low, high=stats.high, cv=stats.cv, step_seconds=stats.step_seconds,
+            steps_per_window=r.steps, window_seconds=r.times, warmup_steps=warmup_steps + 1,
+            warmup_seconds=r.warmup_seconds, first_step_seconds=r.first,
+            gpu_utilization=sum(r.util) / len(r.util) if r.util else None,
+            gpu_memory_bytes=max(r.mem) if r.mem else None, peak_bytes=r.peak)
+    return [points[b] for b in sizes]
+
+
+def _prepare(model: Any, batch_fn: Any, b: int, *, tf: Any, window_seconds: float,
+             warmup_steps: int, device: str, read_peak: Any, reset_peak: Any) -> _Prepared:
+    """Build the batch and its iterator, run the untimed warm-up steps, pick steps per window."""
+    x, y = batch_fn(b)
+    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    reset_peak(device)
+    warm_t0 = time.perf_counter()
+    first: float | None = None
+    last = 0.0
+    fn = None
+    for i in range(warmup_steps):
+        s = time.perf_counter()
+        if i == 0:  # as fit does first: build whatever is unbuilt (model, metrics)
+            model.train_on_batch(x, y)
+            model.make_train_function()
+            fn = model.train_function
+        else:
+            _sync(fn(iterator))  # type: ignore[misc]
+        last = time.perf_counter() - s
+        first = last if first is None else first
+    if fn is None:
         model.make_train_function()
         fn = model.train_function
-
-        def sync(logs: Any) -> None:
-            # Reading a value waits for the step (and, by data dependence, all before it).
-            for v in (logs.values() if isinstance(logs, dict) else [logs]):
-                if hasattr(v, "numpy"):
-                    v.numpy()
-                    return
-
-        warm_t0 = time.perf_counter()
-        first = None
-        last = 0.0
-        for i in range(warmup_steps):
-            s = time.perf_counter()
-            if i == 0:  # as fit does first: build whatever is unbuilt (model, metrics)
-                model.train_on_batch(x, y)
-            else:
-                sync(fn(iterator))
-            last = time.perf_counter() - s
-            first = last if first is None else first
-        # Calibrate on one more untimed step (the warm-up's last may still pay for tracing).
-        s = time.perf_counter()
-        sync(fn(iterator))
-        calib = time.perf_counter() - s
-        warmup_seconds = time.perf_counter() - warm_t0
-        steps = steps_per_window(min(calib, last) if last > 0 else calib, window_seconds)
-        times: list[float] = []
-        reset_peak(device)
-        with sampler_cls(gpu) as sampler:
-            for _ in range(windows):
-                t0 = time.perf_counter()
-                logs = None
-                for _ in range(steps):
-                    logs = fn(iterator)
-                sync(logs)
-                times.append(time.perf_counter() - t0)
-        stats = summarize_windows(b, steps, times)
-        point = ThroughputPoint(
-            batch_size=b, outcome="ok", samples_per_second=stats.samples_per_second,
-            low=stats.low, high=stats.high, cv=stats.cv, step_seconds=stats.step_seconds,
-            steps_per_window=steps, window_seconds=times, warmup_steps=warmup_steps + 1,
-            warmup_seconds=warmup_seconds, first_step_seconds=first,
-            gpu_utilization=sampler.mean_utilization,
-            gpu_memory_bytes=sampler.peak_memory_bytes, peak_bytes=read_peak(device))
-    except Exception as exc:  # noqa: BLE001 - a size that fails is reported, not fatal
-        failure = ("oom" if is_oom_error(exc) else "failed", _first_line(exc))
-    # Outside the handler, so the failed step's tensors are released before restoring.
-    state.restore()
-    if point is None:
-        outcome, detail = failure or ("failed", "unknown failure")
-        return ThroughputPoint(batch_size=b, outcome=outcome, detail=detail)
-    return point
+    # One more untimed step calibrates (the warm-up's last may still pay for tracing).
+    s = time.perf_counter()
+    _sync(fn(iterator))
+    calib = time.perf_counter() - s
+    warmup_seconds = time.perf_counter() - warm_t0
+    steps = steps_per_window(min(calib, last) if last > 0 else calib, window_seconds)
+    return _Prepared(b, fn, iterator, steps, first, warmup_seconds, read_peak(device))
