@@ -398,7 +398,8 @@ class GuidedPolicy(SearchPolicy):
     5. ``best + granularity``, expected to fail, which brackets the answer.
 
     After a failure the limit lies between the largest fit ``lo`` and the smallest failure
-    ``hi``:
+    ``hi`` (and once two probes have failed with an out-of-memory error, no probe goes above
+    the split point, whatever the line says: the line has proved a poor guide up there):
 
     * if the line says ``hi`` overshoots the budget, it was a plain misprediction: regula
       falsi probes where the line meets the budget (after two fits in a row that moved the
@@ -588,7 +589,16 @@ class GuidedPolicy(SearchPolicy):
             prev_lo = max((t.batch_size for t in hist if t.fits and t.batch_size < lo),
                           default=0)
             target = self._model_target(peaks, lo, hi, budget, fails, streak, crawl, prev_lo)
-            return self._bisect(lo, hi) if target is None else target
+            if target is None:
+                return self._bisect(lo, hi)
+            misses = sum(1 for t in hist if not t.fits and t.peak_bytes is None)
+            if hi is not None and misses >= 2:
+                # The line has already led to two costly failures (an out-of-memory error
+                # each): memory is not linear up there (a kernel switching strategy made a
+                # demo conv net's peak jump 25% from one batch to the next, measured). Stop
+                # betting on it near the failing end: never above the split point.
+                return min(target, self._bisect(lo, hi))
+            return target
         if hi is None and lo in sizes:
             (m_lo,) = [m for b, m in peaks if b == lo]
             if m_lo > 0:

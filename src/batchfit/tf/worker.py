@@ -15,6 +15,7 @@ and standard error are set up.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import signal
@@ -150,6 +151,11 @@ class ProbeWorker:
             under a capped allocator: which sizes fit depends on what ran before in the same
             process (a CNN fitting batch 180 at 111 MiB after smaller sizes, and needing over
             125 MiB for it in a fresh process), while training starts in a fresh process.
+        prestart: with ``fresh_each_probe``, start the next process while the current probe
+            runs (default ``True``): its start-up (importing TensorFlow, building and tracing
+            the model; seconds, single-threaded) overlaps the probe, and the 10 s an
+            out-of-memory probe spends waiting. Each process has its own allocator, so the
+            measurements do not interfere.
 
     Example (not run here: it starts TensorFlow in a subprocess):
 
@@ -160,10 +166,11 @@ class ProbeWorker:
 
     def __init__(self, config: WorkerConfig, *, start_timeout: float = 600.0,
                  probe_timeout: float = 600.0, restart_after_oom: bool = True,
-                 fresh_each_probe: bool = False) -> None:
+                 fresh_each_probe: bool = False, prestart: bool = True) -> None:
         self.config = config
         self.restart_after_oom = restart_after_oom
         self.fresh_each_probe = fresh_each_probe
+        self.prestart = prestart
         self.start_timeout = start_timeout
         self.probe_timeout = probe_timeout
         self.info: dict[str, Any] = {}
@@ -171,10 +178,8 @@ class ProbeWorker:
         self._proc: Any = None
         self._conn: Any = None
         self._send_conn: Any = None
-        self._logfile = tempfile.NamedTemporaryFile(prefix="batchfit-worker-", suffix=".log",
-                                                    delete=False)
-        self._logfile.close()
-        self.config.log_path = self._logfile.name
+        self._spare: tuple[Any, Any, Any, str] | None = None
+        self._log_paths: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> dict[str, Any]:
@@ -189,31 +194,13 @@ class ProbeWorker:
             ModelLoadError: the worker could not load or build the model.
             ProbeFailedError: the worker died or hung while starting.
         """
-        env = dict(os.environ)
-        env.update(worker_environment(self.config.device, self.config.budget_bytes))
-        env.update(self.config.extra_env)
-        paths = [p for p in sys.path if p and os.path.isdir(p)]
-        env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        log = open(self.config.log_path, "wb")  # noqa: SIM115 - handed to the child
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _ENTRY, str(to_child_r), str(from_child_w)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                pass_fds=(to_child_r, from_child_w), close_fds=True)
-        finally:
-            log.close()
-            os.close(to_child_r)
-            os.close(from_child_w)
+        if self._spare is not None:
+            launched, self._spare = self._spare, None
+        else:
+            launched = self._launch()
+        proc, self._send_conn, self._conn, self.config.log_path = launched
         self._proc = proc
-        self._send_conn = Connection(to_child_w, readable=False)
-        self._conn = Connection(from_child_r, writable=False)
         self.starts += 1
-        try:
-            self._send_conn.send(self.config)
-        except (BrokenPipeError, OSError):
-            pass
         msg = self._receive(self.start_timeout)
         if msg is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -230,6 +217,37 @@ class ProbeWorker:
             raise ModelLoadError(msg.get("message", "the worker could not build the model"))
         self.info = msg
         return msg
+
+    def _launch(self) -> tuple[Any, Any, Any, str]:
+        """Start a worker process and send it the config, without waiting for it."""
+        fd, log_path = tempfile.mkstemp(prefix="batchfit-worker-", suffix=".log")
+        os.close(fd)
+        self._log_paths.append(log_path)
+        env = dict(os.environ)
+        env.update(worker_environment(self.config.device, self.config.budget_bytes))
+        env.update(self.config.extra_env)
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        log = open(log_path, "wb")  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _ENTRY, str(to_child_r), str(from_child_w)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                pass_fds=(to_child_r, from_child_w), close_fds=True)
+        finally:
+            log.close()
+            os.close(to_child_r)
+            os.close(from_child_w)
+        send_conn = Connection(to_child_w, readable=False)
+        conn = Connection(from_child_r, writable=False)
+        config = dataclasses.replace(self.config, log_path=log_path)
+        try:
+            send_conn.send(config)
+        except (BrokenPipeError, OSError):
+            pass
+        return proc, send_conn, conn, log_path
 
     def _receive(self, timeout: float) -> dict[str, Any] | None:
         deadline = time.monotonic() + timeout
@@ -272,6 +290,8 @@ class ProbeWorker:
                     return Probe(batch_size=batch_size, fits=False, outcome="crashed",
                                  seconds=time.perf_counter() - t_start,
                                  detail=f"the worker failed to restart: {exc}"[:400])
+        if self.fresh_each_probe and self.prestart and self._spare is None:
+            self._spare = self._launch()  # the next probe's process warms up meanwhile
         t0 = time.perf_counter()
         try:
             self._send_conn.send(("probe", int(batch_size)))
@@ -281,7 +301,7 @@ class ProbeWorker:
         if msg is not None and "probe" in msg:
             probe = Probe.from_dict(msg["probe"])
             if self.fresh_each_probe or (probe.outcome == "oom" and self.restart_after_oom):
-                self.close(keep_log=True)
+                self._stop_current()
             return probe
         alive = self._proc.poll() is None
         self.kill()
@@ -307,8 +327,8 @@ class ProbeWorker:
                     conn.close()
         self._conn = self._send_conn = None
 
-    def close(self, *, keep_log: bool = False) -> None:
-        """Stop the worker (politely, then by force) and remove its log."""
+    def _stop_current(self) -> None:
+        """Stop the current worker process (politely, then by force); keep the spare."""
         if self._proc is not None and self._proc.poll() is None and self._send_conn is not None:
             try:
                 self._send_conn.send(("stop",))
@@ -316,9 +336,25 @@ class ProbeWorker:
             except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()
+
+    def close(self, *, keep_log: bool = False) -> None:
+        """Stop the worker and any pre-started one, and remove their logs."""
+        self._stop_current()
+        if self._spare is not None:
+            proc, send_conn, conn, _ = self._spare
+            self._spare = None
+            if proc.poll() is None:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+            for c in (send_conn, conn):
+                with contextlib.suppress(OSError):
+                    c.close()
         if not keep_log:
-            with contextlib.suppress(OSError):
-                os.unlink(self.config.log_path)
+            for path in self._log_paths:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            self._log_paths.clear()
 
     def __enter__(self) -> ProbeWorker:
         self.start()
