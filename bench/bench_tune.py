@@ -139,13 +139,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", metavar="JSON", help="print the README table of a saved run")
     ap.add_argument("--skip-cost", action="store_true", help="only the repeatability part")
+    ap.add_argument("--only-cost", action="store_true",
+                    help="re-measure only the cost of tune, keeping the saved repeatability")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(Path(args.markdown)))
         return
     result: dict = {"date": time.strftime("%Y-%m-%d"), "machine": {
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
-    result["repeatability"], result["noise_floor"] = repeatability()
+    if args.only_cost and OUT.exists():
+        saved = json.loads(OUT.read_text())
+        result["repeatability"] = saved["repeatability"]
+        result["noise_floor"] = saved.get("noise_floor", [])
+        result["repeatability_date"] = saved.get("repeatability_date", saved.get("date"))
+    else:
+        result["repeatability"], result["noise_floor"] = repeatability()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     if not args.skip_cost:
