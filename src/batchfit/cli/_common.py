@@ -36,6 +36,19 @@ def parse_input_shapes(items: Sequence[str] | None) -> Any:
     return shapes
 
 
+def write_outputs(result: Any, console: Any, *, json_path: str | None = None,
+                  plot_path: str | None = None) -> None:
+    """Write ``--json`` and ``--plot`` for a result, saying where each went."""
+    if json_path:
+        result.to_json(json_path)
+        console.print(f"[dim]wrote {json_path}[/dim]", highlight=False)
+    if plot_path:
+        from ..report import plot
+
+        plot(result, plot_path)
+        console.print(f"[dim]wrote {plot_path}[/dim]", highlight=False)
+
+
 def add_model_argument(p: argparse.ArgumentParser) -> None:
     """The optional positional MODEL every model-taking command accepts."""
     p.add_argument("model", nargs="?", default=None,

@@ -16,6 +16,7 @@ from ._common import (
     EXIT_OK,
     add_debug_argument,
     parse_input_shapes,
+    write_outputs,
 )
 
 HELP = "check that custom layers honour the batch contract"
@@ -54,7 +55,5 @@ def run(args: argparse.Namespace, console: Console) -> int:
     result = check(model, parse_input_shapes(args.input_shape), layers=args.layer,
                    max_batch=args.max_batch)
     render_check(result, console)
-    if args.json:
-        result.to_json(args.json)
-        console.print(f"[dim]wrote {args.json}[/dim]", highlight=False)
+    write_outputs(result, console, json_path=args.json)
     return EXIT_FAIL if result.has_errors else EXIT_OK

@@ -13,6 +13,7 @@ from ._common import (
     add_debug_argument,
     add_model_argument,
     parse_input_shapes,
+    write_outputs,
 )
 
 HELP = "the largest batch size that fits the memory"
@@ -67,7 +68,5 @@ def run(args: argparse.Namespace, console: Console) -> int:
         upper=args.max_batch, headroom=args.headroom, steps=args.steps, isolate=args.isolate,
         device=args.device, on_probe=None if args.quiet else ProbeLog(console))
     render_max(result, console, show_probes=args.quiet)
-    if args.json:
-        result.to_json(args.json)
-        console.print(f"[dim]wrote {args.json}[/dim]", highlight=False)
+    write_outputs(result, console, json_path=args.json)
     return EXIT_OK

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from ..core.noise import NEEDS_REAL_DATA
 from ..errors import InvalidInputError
-from ._common import EXIT_OK, add_debug_argument
+from ._common import EXIT_OK, add_debug_argument, write_outputs
 
 HELP = "the gradient noise scale: about the critical batch size (needs real data)"
 
@@ -38,18 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
     if not args.data:
         raise InvalidInputError(NEEDS_REAL_DATA)
-    if args.plot and not args.plot.lower().endswith((".png", ".svg", ".pdf")):
-        raise InvalidInputError(f"--plot {args.plot}: use a .png, .svg or .pdf file name")
-    from ..report import plot, render
+    from ..report import check_plot_path, render
+
+    if args.plot:
+        check_plot_path(args.plot)
     from ..tf.noise import estimate_noise_scale
 
     result = estimate_noise_scale(args.model, args.data, small=args.small, big=args.big,
                                   steps=args.steps, seed=args.seed)
     render(result, console)
-    if args.json:
-        result.to_json(args.json)
-        console.print(f"[dim]wrote {args.json}[/dim]", highlight=False)
-    if args.plot:
-        plot(result, args.plot)
-        console.print(f"[dim]wrote {args.plot}[/dim]", highlight=False)
+    write_outputs(result, console, json_path=args.json, plot_path=args.plot)
     return EXIT_OK

@@ -6,7 +6,7 @@ import argparse
 
 from rich.console import Console
 
-from ._common import EXIT_OK, add_debug_argument
+from ._common import EXIT_OK, add_debug_argument, write_outputs
 
 HELP = "re-render a saved --json run (no TensorFlow needed)"
 
@@ -20,12 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from ..report import plot, render
+    from ..report import render
     from ..results import load_result
 
     result = load_result(args.run)
     render(result, console)
-    if args.plot:
-        plot(result, args.plot)
-        console.print(f"[dim]wrote {args.plot}[/dim]", highlight=False)
+    write_outputs(result, console, plot_path=args.plot)
     return EXIT_OK

@@ -9,7 +9,13 @@ from collections.abc import Iterator
 from rich.console import Console
 
 from ..errors import InvalidInputError
-from ._common import EXIT_OK, add_debug_argument, add_model_argument, parse_input_shapes
+from ._common import (
+    EXIT_OK,
+    add_debug_argument,
+    add_model_argument,
+    parse_input_shapes,
+    write_outputs,
+)
 from .max import add_search_arguments, resolve_model
 
 HELP = "the batch size to train with: memory, throughput, one recommendation"
@@ -97,15 +103,15 @@ def _status(console: Console, enabled: bool) -> Iterator[object]:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from ..report import ProbeLog, plot
+    from ..report import ProbeLog, check_plot_path
     from ..report.tune import PointLog, render_tune
     from ..tf.tune import tune
 
     if args.target is not None and args.target < 1:
         raise InvalidInputError(f"--target must be >= 1, got {args.target}")
     sizes = _sizes(args.batch_sizes)
-    if args.plot and not args.plot.lower().endswith((".png", ".svg", ".pdf")):
-        raise InvalidInputError(f"--plot {args.plot}: use a .png, .svg or .pdf file name")
+    if args.plot:
+        check_plot_path(args.plot)
     noise = _noise_arg(args)
     model, memory = resolve_model(args, console)
     quiet = args.quiet
@@ -130,10 +136,5 @@ def run(args: argparse.Namespace, console: Console) -> int:
             on_point=None if quiet else PointLog(console), on_phase=on_phase)
     console.print()
     render_tune(result, console)
-    if args.json:
-        result.to_json(args.json)
-        console.print(f"[dim]wrote {args.json}[/dim]", highlight=False)
-    if args.plot:
-        plot(result, args.plot)
-        console.print(f"[dim]wrote {args.plot}[/dim]", highlight=False)
+    write_outputs(result, console, json_path=args.json, plot_path=args.plot)
     return EXIT_OK

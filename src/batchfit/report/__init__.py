@@ -33,7 +33,8 @@ PLOTTERS: dict[str, str] = {
     "noise_scale": "batchfit.report.noise:plot_noise",
 }
 
-__all__ = ["PLOTTERS", "RENDERERS", "ProbeLog", "plot", "render", "render_max"]
+__all__ = ["PLOTTERS", "PLOT_SUFFIXES", "RENDERERS", "ProbeLog", "check_plot_path", "plot",
+           "render", "render_max"]
 
 
 def _resolve(table: dict[str, str], result: Any, what: str) -> Callable[..., Any]:
@@ -62,11 +63,23 @@ def render(result: Any, console: Console | None = None) -> None:
     _resolve(RENDERERS, result, "terminal renderer")(result, console or Console())
 
 
-def plot(result: Any, path: str | Path) -> Path:
-    """Draw a result's figure to ``path`` (format from the suffix); returns the path."""
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """``path`` as a Path if matplotlib can write it (by suffix), else a clear error.
+
+    Commands call it before measuring, so a bad ``--plot`` fails at once, not after the run.
+    """
     out = Path(path)
-    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+    if out.suffix.lower() not in PLOT_SUFFIXES:
         from ..errors import InvalidInputError
         raise InvalidInputError(f"--plot {path}: use a .png, .svg or .pdf file name")
+    return out
+
+
+def plot(result: Any, path: str | Path) -> Path:
+    """Draw a result's figure to ``path`` (format from the suffix); returns the path."""
+    out = check_plot_path(path)
     _resolve(PLOTTERS, result, "plot")(result, out)
     return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -16,6 +15,7 @@ from rich.table import Table
 
 from ..core.noise import noise_scale_of_means
 from ..results import NoiseScaleResult
+from .plots import _pyplot
 
 
 def _num(v: float | None) -> str:
@@ -73,18 +73,6 @@ def running_estimates(result: NoiseScaleResult) -> tuple[np.ndarray, np.ndarray]
     n = np.arange(1, len(result.pairs) + 1)
     values = np.array([noise_scale_of_means(a / k, c / k) for a, c, k in zip(g2, tr, n)])
     return n, values
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as exc:
-        from ..errors import InvalidInputError
-        raise InvalidInputError("plots need matplotlib: pip install 'batchfit[plot]'") from exc
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_noise(result: NoiseScaleResult, path: str | Path) -> None:

@@ -6,6 +6,7 @@ size (median and spread, the knee, the recommendation).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,27 +103,24 @@ def plot_tune(result: TuneResult, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_max(result: MaxBatchResult, path: str | Path) -> Path:
-    """Memory against batch size for a ``max`` run."""
+def _one_panel(draw: Callable[[Any], None], path: str | Path) -> Path:
+    """A single-panel figure drawn by ``draw(ax)``, saved to ``path``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     try:
-        _memory_panel(ax, result)
+        draw(ax)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def plot_max(result: MaxBatchResult, path: str | Path) -> Path:
+    """Memory against batch size for a ``max`` run."""
+    return _one_panel(lambda ax: _memory_panel(ax, result), path)
 
 
 def plot_throughput(result: ThroughputResult, path: str | Path) -> Path:
     """Throughput against batch size, with the knee."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    try:
-        _throughput_panel(ax, result)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return _one_panel(lambda ax: _throughput_panel(ax, result), path)

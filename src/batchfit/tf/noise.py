@@ -43,7 +43,7 @@ from ..errors import InvalidInputError
 from ..results import NoisePair, NoiseScaleResult
 from .data import DataSample, flatten_structure, pack_structure
 from .loader import check_model, load_data, load_model
-from .probe import ModelState
+from .probe import ModelState, metric_variable_groups, unique_variables
 
 #: Examples materialized from the user's data at most.
 MAX_EXAMPLES = 50_000
@@ -106,17 +106,7 @@ class ExampleSampler:
 
 def _state_variables(model: Any) -> list[Any]:
     """Variables a training-mode forward pass may change: non-trainable ones and metrics."""
-    seen: set[int] = set()
-    out: list[Any] = []
-    groups = [model.non_trainable_variables]
-    for metric in getattr(model, "metrics", []) or []:
-        groups.append(getattr(metric, "variables", []) or [])
-    for group in groups:
-        for v in group:
-            if id(v) not in seen:
-                seen.add(id(v))
-                out.append(v)
-    return out
+    return unique_variables(model.non_trainable_variables, *metric_variable_groups(model))
 
 
 class GradientNormMeter:

@@ -46,11 +46,19 @@ def model_variables(model: Any) -> list[Any]:
     opt = getattr(model, "optimizer", None)
     if opt is not None and not getattr(opt, "built", True):
         opt.build(model.trainable_variables)
+    return unique_variables(model.variables, getattr(opt, "variables", []) or [],
+                            *metric_variable_groups(model))
+
+
+def metric_variable_groups(model: Any) -> list[Any]:
+    """The variables of each of the model's metrics (one list per metric)."""
+    return [getattr(m, "variables", []) or [] for m in getattr(model, "metrics", []) or []]
+
+
+def unique_variables(*groups: Any) -> list[Any]:
+    """The variables of ``groups`` in order, each once (groups share variables)."""
     seen: set[int] = set()
     out: list[Any] = []
-    groups = [model.variables, getattr(opt, "variables", []) or []]
-    for metric in getattr(model, "metrics", []) or []:
-        groups.append(getattr(metric, "variables", []) or [])
     for group in groups:
         for v in group:
             if id(v) not in seen:
