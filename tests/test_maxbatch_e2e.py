@@ -1,11 +1,13 @@
 """End to end under a real allocator cap: the search agrees with an exhaustive bisection run in
 fresh processes (the ground truth), for models with custom layers, the seed's included.
 
-Tolerance: on this CPU the boundary itself is not sharp. The same size, probed in fresh processes
-one after the other, fits in one and runs out of memory in the next within about 1-3% of the
-limit (measured: the transformer at 64 MiB fitted 146 and failed 145 in one pair of runs, fitted
-both in another). So the answer must lie within 3% of the bisection's, on either side; the
-benchmark (bench/results/max.json) records exact figures."""
+The search's default ``search_tolerance`` (2%) lets it stop once its answer is within 2% below
+the smallest size that failed, so the answer may lie up to 2% under the bisection's, never
+above. Near the cap which sizes fit is not perfectly sharp: probe workers run with a fixed
+address-space layout and hash seed, which made fresh processes agree (seed_wide at 64 MiB:
+search and bisection both 242; at 128 MiB both 487), but a residual wobble of the peak
+(0.1-0.3 MB, measured) remains, so 1% either side of that is tolerated; the benchmark
+(bench/results/max.json) records exact figures."""
 
 from __future__ import annotations
 
@@ -29,7 +31,11 @@ def test_guided_finds_what_exhaustive_bisection_in_fresh_processes_finds(spec, m
     result = batchfit.find_max_batch_size(spec, memory=memory)
     truth, truth_probes, _ = exhaustive_max(spec, memory)
     assert truth > 0
-    assert abs(result.max_batch_size - truth) <= max(1, 0.03 * truth), (result.probes, truth_probes)
+    tol = result.search_tolerance
+    assert tol == 0.02
+    wobble = 0.01
+    low, high = truth * (1 - tol - wobble) - 1, truth * (1 + wobble) + 1
+    assert low <= result.max_batch_size <= high, (result.probes, truth_probes)
     assert result.bracketed
     assert result.oom_count <= 2
     # every fitting probe ran within the budget, with the margin the answer promises

@@ -48,6 +48,14 @@ _LAZY = {
     "ShrinkPolicy": ("batchfit.core.shrink", "ShrinkPolicy"),
     "profile_throughput": ("batchfit.tf.throughput", "profile_throughput"),
     "tune": ("batchfit.tf.tune", "tune"),
+    "find_max_batch_size_multiworker": ("batchfit.tf.multiworker",
+                                        "find_max_batch_size_multiworker"),
+    "fit_multiworker": ("batchfit.tf.multiworker", "fit_multiworker"),
+    "agree_batch_size": ("batchfit.tf.multiworker", "agree_batch_size"),
+    "upstream_fit_works": ("batchfit.tf.multiworker", "upstream_fit_works"),
+    "make_strategy": ("batchfit.tf.multiworker", "make_strategy"),
+    "MultiWorkerHistory": ("batchfit.tf.multiworker", "MultiWorkerHistory"),
+    "MultiWorkerMaxBatchResult": ("batchfit.tf.multiworker", "MultiWorkerMaxBatchResult"),
     "parse_size": ("batchfit.core.sizes", "parse_size"),
     "format_bytes": ("batchfit.core.sizes", "format_bytes"),
     "estimate_noise_scale": ("batchfit.tf.noise", "estimate_noise_scale"),
@@ -70,6 +78,8 @@ __all__ = [
     "MemoryModel",
     "MemoryModelShrink",
     "ModelLoadError",
+    "MultiWorkerHistory",
+    "MultiWorkerMaxBatchResult",
     "NoiseScaleMonitor",
     "NoiseScaleResult",
     "NothingFitsError",
@@ -81,19 +91,24 @@ __all__ = [
     "TuneResult",
     "__version__",
     "adaptive_batch_size",
+    "agree_batch_size",
     "check",
     "estimate_noise_scale",
     "find_max_batch_size",
+    "find_max_batch_size_multiworker",
     "fit",
+    "fit_multiworker",
     "format_bytes",
     "goodput_optimal_batch",
     "is_oom_error",
     "load_result",
+    "make_strategy",
     "parse_size",
     "profile_throughput",
     "scale_learning_rate",
     "statistical_efficiency",
     "tune",
+    "upstream_fit_works",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,6 +125,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tf.adaptive import AdaptiveBatchState, adaptive_batch_size
     from .tf.check import check
     from .tf.maxbatch import find_max_batch_size
+    from .tf.multiworker import (
+        MultiWorkerHistory,
+        MultiWorkerMaxBatchResult,
+        agree_batch_size,
+        find_max_batch_size_multiworker,
+        fit_multiworker,
+        make_strategy,
+        upstream_fit_works,
+    )
     from .tf.noise import NoiseScaleMonitor, estimate_noise_scale
     from .tf.resilient import fit
     from .tf.throughput import profile_throughput

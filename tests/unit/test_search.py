@@ -344,3 +344,48 @@ def test_guided_beats_binsearch_on_simulated_devices() -> None:
             assert policy.best(history) == device.max_batch()
             costs[name] = search_cost(history)
         assert costs["guided"] < costs["binsearch"]
+
+
+# ------------------------------------------------------------------ tolerance, cheap failures
+
+@FAST
+@given(fixed_frac=st.floats(0.0, 0.9), limit=st.integers(60, 20_000),
+       at=st.floats(0.3, 1.1), factor=st.floats(1.13, 1.34),
+       frag=st.sampled_from([0.0, 0.05, 0.25]), tol=st.sampled_from([0.01, 0.02, 0.05]))
+def test_guided_tolerance_stops_within_it_and_never_costs_more(
+        fixed_frac: float, limit: int, at: float, factor: float, frag: float,
+        tol: float) -> None:
+    """With a tolerance the answer fits, lies within it below the true limit, and the search
+    makes no more probes than the exact one (it is the exact search, stopped earlier)."""
+    budget = 16 * GiB
+    fixed = fixed_frac * budget
+    device = SimulatedDevice(fixed, (budget - fixed) / (limit + 0.5), budget,
+                             jumps=((max(2, int(at * limit)), factor),), fragmentation=frag)
+    truth = device.max_batch()
+    assume(truth >= 8)
+    exact_policy, loose_policy = GuidedPolicy(budget), GuidedPolicy(budget, tolerance=tol)
+    exact = run_search(exact_policy, device.trial)
+    loose = run_search(loose_policy, device.trial)
+    best = check_answer(loose_policy, loose)
+    assert loose_policy.bracketed(loose)
+    assert device.fits(best) and truth * (1 - tol) - 1 <= best <= truth
+    assert len(loose) <= len(exact)
+    assert sizes(loose) == sizes(exact)[:len(loose)]
+
+
+def test_guided_tolerance_zero_is_exact_and_bad_values_are_refused() -> None:
+    assert not GuidedPolicy(None).bracketed([Trial(100, True), Trial(102, False)])
+    assert GuidedPolicy(None, tolerance=0.02).bracketed([Trial(100, True), Trial(102, False)])
+    for bad in (-0.1, 0.5, "2%", True):
+        with pytest.raises(InvalidInputError, match="tolerance"):
+            GuidedPolicy(None, tolerance=bad)
+
+
+def test_guided_splits_in_half_after_a_cheap_failure() -> None:
+    """An out-of-memory failure (no peak: ten seconds of allocator retries) moves the next
+    probe toward the fitting end; a failure that ran and measured a peak over the budget
+    costs no more than a fit, so the bracket is halved."""
+    fit = Trial(100, True, peak_bytes=500)
+    oom = GuidedPolicy(None).next_size([fit, Trial(200, False)])
+    cheap = GuidedPolicy(None).next_size([fit, Trial(200, False, peak_bytes=990)])
+    assert oom == 135 and cheap == 150

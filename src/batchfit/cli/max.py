@@ -35,6 +35,9 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", help="budget, e.g. 16GiB or 512MiB (default: the device's memory)")
     p.add_argument("--strategy", default="guided", choices=["guided", "binsearch", "power"])
     p.add_argument("--granularity", type=int, default=1, help="search multiples of N (default 1)")
+    p.add_argument("--search-tolerance", type=float, default=0.02, metavar="FRACTION",
+                   help="guided search: stop once the answer is within this fraction below "
+                        "the smallest failure (default 0.02; 0 for an exact bracket)")
     p.add_argument("--max-batch", type=int, default=None, help="never try a larger batch")
     p.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of the budget the safe size leaves free (default 0.1)")
@@ -44,6 +47,10 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
                    help="length of None dimensions, e.g. tokens=128 (repeatable)")
     p.add_argument("--isolate", default="auto", choices=["auto", "process", "none"])
     p.add_argument("--device", default=None, help="CPU:0 or GPU:0 (default: GPU if present)")
+    p.add_argument("--distribute", default=None, metavar="mirrored|multiworker",
+                   help="train under tf.distribute: memory is searched per replica (--memory "
+                        "is one device's), and the global batch (per replica x replicas) is "
+                        "reported too")
 
 
 def resolve_model(args: argparse.Namespace, console: Console) -> tuple[str, str | None]:
@@ -66,7 +73,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         model, memory=memory, strategy=args.strategy, granularity=args.granularity,
         data=args.data, input_shapes=parse_input_shapes(args.input_shape),
         upper=args.max_batch, headroom=args.headroom, steps=args.steps, isolate=args.isolate,
-        device=args.device, on_probe=None if args.quiet else ProbeLog(console))
+        device=args.device, on_probe=None if args.quiet else ProbeLog(console),
+        distribute=args.distribute, search_tolerance=args.search_tolerance)
     render_max(result, console, show_probes=args.quiet)
     write_outputs(result, console, json_path=args.json)
     return EXIT_OK

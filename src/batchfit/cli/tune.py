@@ -129,11 +129,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
         result = tune(
             model, memory=memory, data=args.data, strategy=args.strategy,
             granularity=args.granularity, input_shapes=parse_input_shapes(args.input_shape),
+            search_tolerance=args.search_tolerance,
             upper=args.max_batch, headroom=args.headroom, target=args.target, noise_scale=noise,
             tolerance=args.tolerance, batch_sizes=sizes, window_seconds=args.window_seconds,
             windows=args.windows, isolate=args.isolate, device=args.device,
             on_probe=None if quiet else ProbeLog(console),
-            on_point=None if quiet else PointLog(console), on_phase=on_phase)
+            on_point=None if quiet else PointLog(console), on_phase=on_phase,
+            distribute=args.distribute)
     console.print()
     render_tune(result, console)
     write_outputs(result, console, json_path=args.json, plot_path=args.plot)

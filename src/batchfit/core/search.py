@@ -445,6 +445,11 @@ class GuidedPolicy(SearchPolicy):
             ``limit_margin``). Predictions aim at ``(1 - saturation) * budget``, and peaks
             above it (measured where the allocator waited for memory) are not used to draw
             the line. Default 0.0.
+        tolerance: stop once the largest fit is within this fraction below the smallest
+            failure (``hi - lo <= tolerance * lo``), instead of bracketing to one granule.
+            Near a capped allocator's limit which sizes fit is not sharp (the same size fits
+            in one process and not in the next, within 1-3%, measured), so the last few
+            probes of an exact bracket buy little. Default 0.0 (exact).
 
     Example:
 
@@ -462,7 +467,7 @@ class GuidedPolicy(SearchPolicy):
                  upper: int | None = None, *, init: int | None = None, max_trials: int = 40,
                  first_jump: float = 0.6, split: float = 0.35, caution: float = 0.1,
                  trust: float = 0.5, slack: float = 0.03, span: int = 4,
-                 saturation: float = 0.0) -> None:
+                 saturation: float = 0.0, tolerance: float = 0.0) -> None:
         if budget_bytes is not None and (
                 isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float))
                 or not math.isfinite(budget_bytes) or budget_bytes <= 0):
@@ -485,6 +490,7 @@ class GuidedPolicy(SearchPolicy):
         self.slack = _check_fraction("slack", slack, -1e-12, 1.0)
         self.span = int(_check_int("span", span, 1))  # type: ignore[arg-type]
         self.saturation = _check_fraction("saturation", saturation, -1e-12, 1.0)
+        self.tolerance = _check_fraction("tolerance", tolerance, -1e-12, 0.5)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -515,6 +521,8 @@ class GuidedPolicy(SearchPolicy):
             last = below_hi if last is None else min(last, below_hi)
         if last is not None and first > last:
             return None                              # bracketed, or upper reached
+        if self._within_tolerance(lo, hi):
+            return None
         if not hist:
             target = float(self.init)
         else:
@@ -534,27 +542,53 @@ class GuidedPolicy(SearchPolicy):
             size = min(size, last)
         return size
 
+    def bracketed(self, history: Sequence[Trial]) -> bool:
+        """Whether :meth:`best` is exact to the granularity, or within :attr:`tolerance`.
+
+        Example:
+
+        >>> p = GuidedPolicy(None, tolerance=0.02)
+        >>> p.bracketed([Trial(100, True), Trial(102, False)])
+        True
+        """
+        lo, hi = _bracket(history)
+        return super().bracketed(history) or self._within_tolerance(lo, hi)
+
     # -- internals --------------------------------------------------------------------------
 
-    def _bisect(self, lo: int, hi: int | None) -> float:
+    def _within_tolerance(self, lo: int, hi: int | None) -> bool:
+        return self.tolerance > 0 and hi is not None and lo > 0 and hi - lo <= self.tolerance * lo
+
+    def _bisect(self, lo: int, hi: int | None, split: float | None = None) -> float:
         """Where to probe when the memory model cannot tell: double, or split the bracket.
 
-        The split point is rounded to the nearest multiple of ``granularity`` (at least one
-        above ``lo``), so a narrow bracket does not degenerate into one-granule steps.
+        The split point (``split`` of the width from ``lo``, default :attr:`split`) is rounded
+        to the nearest multiple of ``granularity`` (at least one above ``lo``), so a narrow
+        bracket does not degenerate into one-granule steps.
         """
         g = self.granularity
         if hi is None:
             return 2.0 * max(lo, g)
         granules = (hi - lo) / g
-        step = min(max(1, round(self.split * granules)), max(1, math.ceil(granules) - 1))
+        split = self.split if split is None else split
+        step = min(max(1, round(split * granules)), max(1, math.ceil(granules) - 1))
         return lo + step * g
+
+    @staticmethod
+    def _cheap_failure(hist: Sequence[Trial], hi: int | None) -> bool:
+        """Whether the smallest failure ran and measured a peak (no out-of-memory wait)."""
+        return hi is not None and any(t.batch_size == hi and not t.fits
+                                      and t.peak_bytes is not None for t in hist)
 
     def _target(self, hist: list[Trial], lo: int, hi: int | None) -> float:
         """The (unrounded) size to probe next, given a non-empty history."""
         if lo == 0:                                  # nothing fits below the smallest failure
             return self._bisect(0, hi)
+        # A failure that cost no more than a fit (it ran, and measured a peak over the usable
+        # budget) gives no reason to favour the fitting end: split such a bracket in half.
+        split = 0.5 if self._cheap_failure(hist, hi) else self.split
         if self.budget_bytes is None:
-            return self._bisect(lo, hi)
+            return self._bisect(lo, hi, split)
         # The usable budget: a peak within `saturation` of the budget does not count as
         # fitting (near a capped allocator's limit TensorFlow waits for memory to be freed, the
         # peak reads "the budget" for a whole band of sizes, and passing is a matter of
@@ -562,7 +596,7 @@ class GuidedPolicy(SearchPolicy):
         budget = censor = (1.0 - self.saturation) * self.budget_bytes
         fit_peaks = [float(t.peak_bytes) for t in hist if t.fits and t.peak_bytes is not None]
         if any(m > budget for m in fit_peaks):
-            return self._bisect(lo, hi)              # the budget cannot guide this search
+            return self._bisect(lo, hi, split)       # the budget cannot guide this search
         measured = [t for t in hist if t.peak_bytes is not None
                     and math.isfinite(t.peak_bytes) and t.peak_bytes >= 0]
         peaks = [(t.batch_size, float(t.peak_bytes)) for t in measured
@@ -570,7 +604,7 @@ class GuidedPolicy(SearchPolicy):
         if len({b for b, _ in peaks}) < 2:           # too few left to draw a line: use all
             peaks = [(t.batch_size, float(t.peak_bytes)) for t in measured]
         if not peaks:
-            return self._bisect(lo, hi)
+            return self._bisect(lo, hi, split)
         sizes = {b for b, _ in peaks}
         if len(sizes) >= 2:
             # streak: fits since the last failure; crawl: how many of the latest of them
@@ -588,16 +622,17 @@ class GuidedPolicy(SearchPolicy):
             fails = [t.batch_size for t in hist if not t.fits]
             prev_lo = max((t.batch_size for t in hist if t.fits and t.batch_size < lo),
                           default=0)
-            target = self._model_target(peaks, lo, hi, budget, fails, streak, crawl, prev_lo)
+            target = self._model_target(peaks, lo, hi, budget, fails, streak, crawl, prev_lo,
+                                        split)
             if target is None:
-                return self._bisect(lo, hi)
+                return self._bisect(lo, hi, split)
             misses = sum(1 for t in hist if not t.fits and t.peak_bytes is None)
             if hi is not None and misses >= 2:
                 # The line has already led to two costly failures (an out-of-memory error
                 # each): memory is not linear up there (a kernel switching strategy made a
                 # demo conv net's peak jump 25% from one batch to the next, measured). Stop
                 # betting on it near the failing end: never above the split point.
-                return min(target, self._bisect(lo, hi))
+                return min(target, self._bisect(lo, hi, split))
             return target
         if hi is None and lo in sizes:
             (m_lo,) = [m for b, m in peaks if b == lo]
@@ -607,11 +642,11 @@ class GuidedPolicy(SearchPolicy):
                 # lo where doubling stays under that bound (minus the fragmentation slack).
                 bound = lo * budget / m_lo
                 return max(self.first_jump * bound, min(2.0 * lo, (1.0 - self.slack) * bound))
-        return self._bisect(lo, hi)
+        return self._bisect(lo, hi, split)
 
     def _model_target(self, peaks: list[tuple[int, float]], lo: int, hi: int | None,
                       budget: float, fails: list[int], streak: int, crawl: int,
-                      prev_lo: int) -> float | None:
+                      prev_lo: int, split: float) -> float | None:
         """Model-guided size, or ``None`` when the local line is no guide."""
         g = self.granularity
         (a, m_a), (p, m_p) = local_pair(peaks, near=lo, min_span=max(g, lo // self.span))
@@ -634,7 +669,7 @@ class GuidedPolicy(SearchPolicy):
                     # Two fits in a row since the last failure, the last one a small step:
                     # the line keeps under-predicting (regula falsi stalling on one side);
                     # make sure the bracket shrinks.
-                    return max(predicted, self._bisect(lo, hi))
+                    return max(predicted, self._bisect(lo, hi, split))
                 return predicted                     # regula falsi inside (lo, hi)
             # The device refused a size the line says fits: fragmentation (the cap sits up
             # to `slack` under the budget), a jump, or a cap below the budget. If
@@ -645,7 +680,7 @@ class GuidedPolicy(SearchPolicy):
             floor = (1.0 - self.slack) * budget
             if surprised > 1 or m_hi <= floor or m_lo >= m_hi:
                 return None
-            target = max(m_lo + self.split * (m_hi - m_lo), floor)
+            target = max(m_lo + split * (m_hi - m_lo), floor)
             return lo + (target - m_lo) / slope
         # Extrapolating upwards. Fits the line says cannot fit, or a run of tiny steps that
         # all fit (noisy peaks close to the budget), mean it under-predicts: grow
@@ -668,7 +703,7 @@ class GuidedPolicy(SearchPolicy):
 
 def make_policy(name: str, *, budget_bytes: float | None = None, granularity: int = 1,
                 upper: int | None = None, init: int | None = None,
-                saturation: float = 0.0) -> SearchPolicy:
+                saturation: float = 0.0, tolerance: float = 0.0) -> SearchPolicy:
     """Build a search policy by name.
 
     Args:
@@ -679,6 +714,8 @@ def make_policy(name: str, *, budget_bytes: float | None = None, granularity: in
         init: first size; default 8 for ``"guided"`` and 2 (Lightning's) for the others.
         saturation: ``"guided"`` only: the fraction of the budget a fitting peak stays under
             (see :class:`GuidedPolicy`). Default 0.0.
+        tolerance: ``"guided"`` only: stop once the answer is within this fraction below the
+            smallest failure (see :class:`GuidedPolicy`). Default 0.0 (exact).
 
     Returns:
         The policy.
@@ -697,7 +734,8 @@ def make_policy(name: str, *, budget_bytes: float | None = None, granularity: in
         raise InvalidInputError(
             f"unknown search strategy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
     if key == "guided":
-        return GuidedPolicy(budget_bytes, granularity, upper, init=init, saturation=saturation)
+        return GuidedPolicy(budget_bytes, granularity, upper, init=init, saturation=saturation,
+                            tolerance=tolerance)
     cls = PowerPolicy if key == "power" else BinsearchPolicy
     return cls(2 if init is None else init, upper=upper, granularity=granularity)
 

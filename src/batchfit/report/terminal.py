@@ -51,6 +51,18 @@ def _escape(text: str) -> str:
     return text.replace("[", r"\[")
 
 
+def _exactness(result: MaxBatchResult) -> str:
+    """"exact", "within 1.2% (250 failed)", or "not bracketed: a lower bound"."""
+    if not result.bracketed:
+        return "not bracketed: a lower bound"
+    best = result.max_batch_size
+    failing = [p.batch_size for p in result.probes if not p.fits and p.batch_size > best]
+    hi = min(failing, default=None)
+    if hi is None or best <= 0 or hi <= best + result.granularity:
+        return "exact"
+    return f"within {(hi - best) / best:.1%}: {hi} failed"
+
+
 def render_max(result: MaxBatchResult, console: Console | None = None, *,
                show_probes: bool = True) -> None:
     """Print a :class:`MaxBatchResult`: the answer, the memory model and the probes."""
@@ -63,12 +75,24 @@ def render_max(result: MaxBatchResult, console: Console | None = None, *,
     summary.add_row("model", result.model_name or "-")
     summary.add_row("device", f"{result.device}, {result.isolation}")
     summary.add_row("memory budget", budget)
-    exact = "exact" if result.bracketed else "not bracketed: a lower bound"
+    exact = _exactness(result)
     g = f", granularity {result.granularity}" if result.granularity > 1 else ""
-    summary.add_row("largest batch that fits",
-                    f"[bold green]{result.max_batch_size}[/bold green] ({exact}{g})")
-    summary.add_row("safe batch size",
-                    f"{result.safe_batch_size} (leaves {result.headroom:.0%} of the budget free)")
+    r = result.replicas
+    if r > 1:
+        summary.add_row("distribution", f"{result.distribute or 'strategy'}, {r} replicas "
+                                        "(memory per replica; global = per replica x replicas)")
+        summary.add_row("largest batch that fits",
+                        f"[bold green]{result.global_max_batch_size}[/bold green] global = "
+                        f"{result.max_batch_size} per replica x {r} ({exact}{g})")
+        summary.add_row("safe batch size",
+                        f"{result.global_safe_batch_size} global = {result.safe_batch_size} per "
+                        f"replica x {r} (leaves {result.headroom:.0%} of the budget free)")
+    else:
+        summary.add_row("largest batch that fits",
+                        f"[bold green]{result.max_batch_size}[/bold green] ({exact}{g})")
+        summary.add_row("safe batch size",
+                        f"{result.safe_batch_size} (leaves {result.headroom:.0%} of the budget "
+                        "free)")
     m = result.memory_model
     if m is not None:
         r2 = f", R² {m.r_squared:.4f}" if m.r_squared is not None else ""

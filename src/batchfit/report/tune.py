@@ -96,7 +96,9 @@ def render_tune(result: TuneResult, console: Console | None = None) -> None:
                   highlight=False)
     rec = result.recommendation
     console.print()
-    console.print(f"[bold]recommended batch size: [green]{rec.batch_size}[/green][/bold] "
+    per = (f" global = {result.per_replica_batch_size} per replica x {result.replicas}"
+           if result.replicas > 1 else "")
+    console.print(f"[bold]recommended batch size: [green]{rec.batch_size}[/green][/bold]{per} "
                   f"(decided by {rec.decided_by})", highlight=False)
     for i, reason in enumerate(rec.reasons):
         console.print(f"  {'-' if i else '*'} {_escape(reason)}", highlight=False)

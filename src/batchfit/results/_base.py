@@ -13,7 +13,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+#: Version history. 1: first release. 2: ``max_batch`` and ``tune`` results gained
+#: ``replicas`` and ``distribute`` (per-replica and global batch sizes under ``tf.distribute``);
+#: a version-1 file loads with ``replicas=1``. A reader refuses files newer than it knows.
+SCHEMA_VERSION = 2
 
 
 class _Serializable:

@@ -95,13 +95,22 @@ class MaxBatchResult(_Serializable):
         granularity: sizes searched are multiples of this.
         upper_bound: the largest size the search was allowed to try.
         bracketed: ``True`` when a failing size ``max_batch_size + granularity`` (or the
-            bound) was observed, i.e. the answer is exact to the granularity.
+            bound) was observed, i.e. the answer is exact to the granularity, or when the
+            smallest failure is within ``search_tolerance`` above it.
         memory_model: the linear model fitted to the probes that fit (``None`` with < 2).
         probes: every probe, in the order made.
         seconds: wall time of the whole search, worker start-up included.
         model_name: the model's name.
         notes: plain-language remarks (fallbacks taken, caveats).
         environment: versions and platform, for reproducing the run.
+        replicas: replicas in sync under ``tf.distribute`` (1 without a strategy). With more
+            than one, ``max_batch_size`` and ``safe_batch_size`` are *per replica* (probed on
+            one device, the smallest replica device's memory), and the global sizes, the
+            ``batch_size`` to pass to ``fit``, are ``global_max_batch_size`` and
+            ``global_safe_batch_size`` (per replica x replicas).
+        distribute: the strategy: ``"mirrored"``, ``"multiworker"``, or ``""`` for none.
+        search_tolerance: the search stopped once the smallest failure was at most this
+            fraction above ``max_batch_size`` (0: bracketed to the granularity).
     """
 
     kind: ClassVar[str] = "max_batch"
@@ -123,7 +132,20 @@ class MaxBatchResult(_Serializable):
     model_name: str = ""
     notes: list[str] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
+    replicas: int = 1
+    distribute: str = ""
+    search_tolerance: float = 0.0
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def global_max_batch_size(self) -> int:
+        """The largest global batch: ``max_batch_size`` per replica x ``replicas``."""
+        return self.max_batch_size * self.replicas
+
+    @property
+    def global_safe_batch_size(self) -> int:
+        """The safe global batch: ``safe_batch_size`` per replica x ``replicas``."""
+        return self.safe_batch_size * self.replicas
 
     @property
     def oom_count(self) -> int:
@@ -133,4 +155,6 @@ class MaxBatchResult(_Serializable):
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         data["oom_count"] = self.oom_count
+        data["global_max_batch_size"] = self.global_max_batch_size
+        data["global_safe_batch_size"] = self.global_safe_batch_size
         return data

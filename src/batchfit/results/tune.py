@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ._base import SCHEMA_VERSION, _Serializable, register_result
 from .maxbatch import MaxBatchResult
@@ -170,6 +170,12 @@ class TuneResult(_Serializable):
             at each measured throughput size, ascending; empty without a noise scale.
         seconds: wall time of the whole run.
         notes: plain-language remarks.
+        replicas: replicas in sync under ``tf.distribute`` (1 without a strategy). With more
+            than one, the recommendation, the throughput curve and the target plan are in
+            *global* batch sizes (what ``fit`` takes; throughput is measured with the model
+            under its strategy), ``max_batch`` holds the per-replica memory search, and
+            ``per_replica_batch_size`` is the recommendation per replica.
+        distribute: the strategy: ``"mirrored"``, ``"multiworker"``, or ``""`` for none.
     """
 
     kind: ClassVar[str] = "tune"
@@ -183,9 +189,21 @@ class TuneResult(_Serializable):
     goodput: list[float] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    replicas: int = 1
+    distribute: str = ""
     schema_version: int = SCHEMA_VERSION
 
     @property
     def batch_size(self) -> int:
-        """The recommended batch size."""
+        """The recommended (global) batch size."""
         return self.recommendation.batch_size
+
+    @property
+    def per_replica_batch_size(self) -> int:
+        """The recommended batch size per replica (``batch_size // replicas``)."""
+        return self.recommendation.batch_size // max(1, self.replicas)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["per_replica_batch_size"] = self.per_replica_batch_size
+        return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ ISOLATION_MODES = ("auto", "process", "none")
 DEFAULT_UPPER = 1 << 20
 HOST_RESERVE_BYTES = 1 << 30  # left to the OS and this process when the budget is "all of RAM"
 LIMIT_MARGIN = 0.02  # a fitting peak stays this fraction under the budget (see ProbeRunner)
+DEFAULT_SEARCH_TOLERANCE = 0.02  # guided stops within 2% below the smallest failure
 STALL_GRACE_SECONDS = 20.0  # an allocator's OOM wait (10 s) plus slack
 STALL_FACTOR = 5.0
 
@@ -107,7 +109,7 @@ def _device_name(device: str | None) -> str:
         d = device.upper()
         if d in ("CPU", "GPU"):
             d += ":0"
-        if not (d.startswith("CPU:") or d.startswith("GPU:")):
+        if not d.startswith(("CPU:", "GPU:")):
             raise InvalidInputError(f"device must be 'CPU:0' or 'GPU:0', got {device!r}")
         return d
     import tensorflow as tf
@@ -133,6 +135,8 @@ def find_max_batch_size(
     max_probes: int = 60,
     on_probe: Callable[[Probe], None] | None = None,
     seed: int = 0,
+    distribute: Any = None,
+    search_tolerance: float = DEFAULT_SEARCH_TOLERANCE,
 ) -> MaxBatchResult:
     """Find the largest batch size that trains within a memory budget.
 
@@ -170,6 +174,16 @@ def find_max_batch_size(
         max_probes: hard cap on the number of probes.
         on_probe: called with each :class:`~batchfit.results.Probe` as it completes.
         seed: seed for synthesized data.
+        distribute: a ``tf.distribute.Strategy``, ``"mirrored"``, ``"multiworker"``, or
+            ``None`` (default: the strategy a model object was built under, if any). Under a
+            strategy memory is probed per replica, on one device with the memory of the
+            smallest replica device (``memory=`` then means one device's memory), and the
+            result also gives the global sizes (``global_max_batch_size``: per replica x
+            replicas), which is what ``model.fit`` takes.
+        search_tolerance: ``"guided"`` stops once the largest fit is within this fraction
+            below the smallest failure (default 0.02; ``0`` brackets to the granularity).
+            Near the limit which sizes fit is not sharp (1-3% between processes, measured),
+            so the last probes of an exact bracket cost ~10 s each and buy little.
 
     Returns:
         A :class:`~batchfit.results.MaxBatchResult`.
@@ -188,9 +202,17 @@ def find_max_batch_size(
     >>> r = batchfit.find_max_batch_size(seed_mlp, memory="64MiB")  # doctest: +SKIP
     >>> r.max_batch_size, len(r.probes)                               # doctest: +SKIP
     (1893, 5)
+    >>> r = batchfit.find_max_batch_size(seed_mlp, memory="64MiB",
+    ...                                  distribute="mirrored")             # doctest: +SKIP
+    >>> r.max_batch_size, r.replicas, r.global_max_batch_size               # doctest: +SKIP
+    (1893, 2, 3786)
     """
     t_start = time.perf_counter()
     _validate(strategy, granularity, headroom, steps, upper, isolate)
+    if (isinstance(search_tolerance, bool) or not isinstance(search_tolerance, (int, float))
+            or not 0 <= search_tolerance < 0.5):
+        raise InvalidInputError(f"search_tolerance must be a fraction in [0, 0.5), e.g. 0.02 "
+                                f"for 2% or 0 for an exact answer, got {search_tolerance!r}")
     if model is None or (not isinstance(model, str) and not callable(model)
                          and not _is_keras_model(model)):
         raise InvalidInputError(
@@ -199,9 +221,43 @@ def find_max_batch_size(
     if _is_keras_model(model):
         from .loader import check_model
         check_model(model)
-    dev = _device_name(device)
-    budget, budget_source, budget_note = resolve_budget(memory, dev)
-    notes = [budget_note] if budget_note else []
+    dist: Any = None
+    if distribute is not None or _is_keras_model(model):
+        from .distribute import resolve_strategy
+
+        dist = resolve_strategy(distribute, model if _is_keras_model(model) else None)
+    if dist is not None:
+        from .distribute import is_multiworker
+
+        if is_multiworker(dist):
+            return _across_workers(
+                model, dist, memory, strategy=strategy, granularity=granularity, data=data,
+                input_shapes=input_shapes, upper=upper, headroom=headroom, steps=steps,
+                isolate=isolate, device=device, probe_timeout=probe_timeout, fresh=fresh,
+                max_probes=max_probes, on_probe=on_probe, seed=seed,
+                search_tolerance=search_tolerance)
+        from .distribute import (
+            distribute_name,
+            num_replicas,
+            probe_device,
+            smallest_device_memory,
+        )
+
+        replicas, dist_name = num_replicas(dist), distribute_name(dist)
+        dev = _device_name(device) if device else probe_device(dist)
+        if memory is None:
+            budget, strategy_note = smallest_device_memory(dist)
+            budget_source = "device"
+        else:
+            budget, budget_source, strategy_note = parse_size(memory), "user", ""
+        notes = [strategy_note] if strategy_note else []
+        notes.append(f"{dist_name} strategy, {replicas} replica(s): memory probed per replica "
+                     f"on one device; the global batch is per replica x {replicas}")
+    else:
+        replicas, dist_name = 1, ""
+        dev = _device_name(device)
+        budget, budget_source, budget_note = resolve_budget(memory, dev)
+        notes = [budget_note] if budget_note else []
     upper = upper if upper is not None else DEFAULT_UPPER
 
     mode = isolate
@@ -217,6 +273,11 @@ def find_max_batch_size(
         if worker is None:
             mode = "none"
             notes.append(fallback_note)
+    if mode == "none" and replicas > 1 and _is_keras_model(model):
+        raise InvalidInputError(
+            "a model built under a distribution strategy cannot be probed per replica in this "
+            "process; pass a module-level factory or a spec ('file.py:factory') so each probe "
+            "builds it on one device in a worker process")
     if mode == "none":
         runner, info = _in_process_runner(model, data, input_shapes, steps, dev, budget, seed)
         if budget is not None and dev.startswith("CPU"):
@@ -225,7 +286,7 @@ def find_max_batch_size(
     notes.extend(info.get("notes", []))
 
     policy = make_policy(strategy, budget_bytes=budget, granularity=granularity, upper=upper,
-                         saturation=LIMIT_MARGIN)
+                         saturation=LIMIT_MARGIN, tolerance=float(search_tolerance))
     probes: list[Probe] = []
 
     def trial(b: int) -> Trial:
@@ -282,7 +343,35 @@ def find_max_batch_size(
         granularity=granularity, upper_bound=upper, bracketed=policy.bracketed(trials),
         memory_model=mem_model, probes=probes, seconds=time.perf_counter() - t_start,
         model_name=str(info.get("model_name", "")), notes=notes,
-        environment=dict(info.get("environment", {})))
+        environment=dict(info.get("environment", {})), replicas=replicas,
+        distribute=dist_name,
+        search_tolerance=float(search_tolerance) if strategy == "guided" else 0.0)
+
+
+def _across_workers(model: Any, dist: Any, memory: Any, **kwargs: Any) -> MaxBatchResult:
+    """Under MultiWorkerMirroredStrategy: this worker's search, then the workers' agreement.
+
+    Every worker searches its own device (probes in worker processes, outside the strategy),
+    then all agree on the smallest per-replica size (see
+    :func:`batchfit.tf.multiworker.find_max_batch_size_multiworker`); the result is this
+    worker's search with ``max_batch_size`` / ``safe_batch_size`` set to the agreed ones.
+    """
+    from .distribute import num_replicas
+    from .multiworker import find_max_batch_size_multiworker
+
+    agreed = find_max_batch_size_multiworker(model, dist, memory, **kwargs)
+    local = agreed.local
+    if local is None:  # pragma: no cover - find_max_batch_size_multiworker raised instead
+        raise NothingFitsError("nothing fits on this worker")
+    own = ", ".join(f"worker {i}: {m}" for i, m in enumerate(agreed.worker_max_batch_sizes))
+    note = (f"multiworker strategy, {agreed.num_workers} workers, {num_replicas(dist)} "
+            f"replicas: each worker searched its own device ({own} per replica); all train "
+            f"with the smallest, set by worker {agreed.limiting_worker}")
+    notes = [*local.notes, note]
+    return dataclasses.replace(
+        local, max_batch_size=agreed.per_replica_batch_size,
+        safe_batch_size=agreed.safe_per_replica_batch_size, replicas=agreed.num_replicas,
+        distribute="multiworker", notes=notes, seconds=agreed.seconds)
 
 
 def _stall_timeout(probes: list[Probe], batch_size: int, limit: float) -> float:

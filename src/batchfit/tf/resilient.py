@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -56,6 +57,15 @@ from ..core.shrink import (
 from ..core.sizes import format_bytes
 from ..errors import InvalidInputError, TrainingOutOfMemoryError
 from ..results.fit import BatchAdjustment
+from .distribute import (
+    is_multiworker,
+    merge_per_replica,
+    model_strategy,
+    num_replicas,
+    replica_devices,
+    resolve_strategy,
+    split_per_replica,
+)
 from .oom import is_oom_error
 from .probe import (
     _assign_in_chunks,
@@ -126,6 +136,59 @@ class _Shadow:
         self.count = taken
         return restored
 
+    def take(self) -> None:
+        """Nothing to do on the host: the copy is taken inside the step."""
+
+
+def _components(v: Any) -> list[Any]:
+    """The per-device variables behind ``v`` (one for an ordinary variable)."""
+    t = _tensor_of(v)
+    if isinstance(t, tf.distribute.DistributedValues):
+        return list(t.values)
+    return [t]
+
+
+class _HostShadow:
+    """Copies of small variables taken eagerly before a step, per device (under a strategy).
+
+    Under ``tf.distribute`` a step runs once per replica and a variable has one copy per
+    device, so the in-graph copy of :class:`_Shadow` would be taken by every replica into one
+    variable. Here every device's copy is copied before the step (a few small eager copies per
+    step) and assigned back after a failure; the interface is :class:`_Shadow`'s.
+    """
+
+    def __init__(self, variables: Sequence[Any]) -> None:
+        self.variables = [c for v in variables for c in _components(v)]
+        self.saved: list[Any] | None = None
+        self.count = 0
+
+    def in_graph(self) -> None:
+        return None
+
+    def arm(self, armed: bool) -> None:
+        """Copies are taken by :meth:`take`; nothing to arm."""
+
+    def take(self) -> None:
+        saved = []
+        for c in self.variables:
+            with tf.device(c.device):
+                saved.append(tf.identity(c.read_value()))
+        self.saved = saved
+
+    def restore_if_taken(self, target: int) -> bool:
+        if self.saved is None:
+            return False
+        for c, value in zip(self.variables, self.saved):
+            c.assign(value)
+        self.count = target
+        return True
+
+
+def _split_counts(n: int, parts: int) -> list[int]:
+    """``n`` examples in ``parts`` contiguous parts differing by at most one (zeros allowed)."""
+    q, r = divmod(n, parts)
+    return [q + 1 if i < r else q for i in range(parts)]
+
 
 def _data_size(data: Any) -> int:
     for t in tf.nest.flatten(data):
@@ -153,8 +216,16 @@ class _Run:
     def __init__(self, model: Any, *, batch_size: int | None, policy: ShrinkPolicy,
                  keep_effective_batch: bool, grow_after_epochs: int | None,
                  micro_batch_size: int | None, eval_micro_batch_size: int | None,
-                 logger: logging.Logger) -> None:
+                 logger: logging.Logger, strategy: Any = None) -> None:
         self.model = model
+        # Under tf.distribute: sizes the user sees (batch, micro-batch) are global; the plan
+        # and the shrink policy work per replica (memory is per device).
+        self.strategy = strategy
+        self.replicas = num_replicas(strategy)
+        self.distributed = strategy is not None
+        self._tls = threading.local()   # the role of the step being traced, per replica thread
+        self._dist_k = 1
+        self._dist_accs: list[Any] | None = None
         self.opt = model.optimizer
         self.batch_size = batch_size
         self.policy = policy
@@ -171,6 +242,12 @@ class _Run:
         self._warned_effective = False
         self._measure_next = {"train": True, "eval": False}
         self._device = memory_device(None)
+        self._peak_devices = [self._device]
+        if self.replicas > 1:
+            gpus = [d for d in replica_devices(strategy) if "GPU:" in d.upper()]
+            # Logical CPU devices share one allocator: its peak is not one replica's.
+            self._peak_devices = ([f"GPU:{d.upper().rsplit('GPU:', 1)[1]}" for d in gpus]
+                                  if len(gpus) == self.replicas else [])
         self._fns: dict[tuple[str, int], Callable[[Any], Any]] = {}
         self._shadows: dict[str, _Shadow] = {}
         self._acc = 1
@@ -189,18 +266,17 @@ class _Run:
                 "batchfit.fit manages gradient accumulation itself; compile the model with an "
                 f"optimizer without gradient_accumulation_steps (got "
                 f"{opt.gradient_accumulation_steps}) and pass the effective batch as batch_size")
-        strategy = self.model.distribute_strategy
-        if strategy.num_replicas_in_sync > 1:
-            raise InvalidInputError(
-                "batchfit.fit does not support distribution strategies yet (got "
-                f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas)")
         orig_apply = opt.apply
 
         def apply(grads: Any, trainable_variables: Any = None) -> Any:
             # Every variable update waits for every gradient: an OOM in the backward pass
             # leaves weights and optimizer slots untouched.
+            grads = list(grads)
             deps = [g.values if isinstance(g, tf.IndexedSlices) else g
                     for g in grads if g is not None]
+            role = getattr(self._tls, "role", None)
+            if role is not None:
+                return self._apply_accumulating(role, grads, trainable_variables, deps)
             if deps and tf.inside_function():
                 with tf.control_dependencies([tf.group(*deps)]):
                     return orig_apply(grads, trainable_variables)
@@ -242,7 +318,41 @@ class _Run:
 
     def _ensure_built(self) -> None:
         if not self.opt.built:
-            self.opt.build(self.model.trainable_variables)
+            if self.distributed:
+                with self.strategy.scope():
+                    self.opt.build(self.model.trainable_variables)
+            else:
+                self.opt.build(self.model.trainable_variables)
+
+    def _apply_accumulating(self, role: str, grads: list[Any], variables: Any,
+                            deps: list[Any]) -> Any:
+        """The optimizer's ``apply`` in a step of batchfit's own accumulation (distributed).
+
+        Keras's ``gradient_accumulation_steps`` cannot run under a strategy (its update is a
+        ``cond`` around a cross-replica all-reduce: "merge_call called while defining a new
+        graph", measured with MirroredStrategy). So under a strategy batchfit accumulates
+        itself, with the role fixed when the step is traced: ``"accumulate"`` adds each
+        replica's gradients to that replica's own accumulators (no update, no all-reduce);
+        ``"final"`` applies ``(gradients + accumulated) / k`` through the optimizer's own
+        ``apply`` (one all-reduce, one update, one iteration) and zeroes the accumulators.
+        """
+        variables = list(variables if variables is not None else self.opt._trainable_variables)
+        accs = [self._dist_accs[self.opt._get_variable_index(v)]  # type: ignore[index]
+                for v in variables]
+        dense = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+        with tf.control_dependencies([tf.group(*deps)] if deps else []):
+            if role == "accumulate":
+                return tf.group(*[a.assign_add(g, read_value=False)
+                                  for a, g in zip(accs, dense) if g is not None])
+            k = float(self._tls.k)
+            total = [None if g is None else (g + a.read_value()) / k
+                     for a, g in zip(accs, dense)]
+        ready = [t for t in total if t is not None]
+        with tf.control_dependencies(ready):
+            out = self._orig_apply(total, variables)
+            for a in accs:
+                a.assign(tf.zeros_like(a), read_value=False)
+        return out
 
     def _shadow(self, phase: str) -> _Shadow:
         if phase not in self._shadows:
@@ -258,14 +368,30 @@ class _Run:
                 if id(v) not in seen:
                     seen.add(id(v))
                     small.append(v)
-            self._shadows[phase] = _Shadow(small)
+            self._shadows[phase] = (_HostShadow(small) if self.distributed
+                                    else _Shadow(small))  # type: ignore[assignment]
         return self._shadows[phase]
 
-    def _function(self, phase: str, accumulation: int) -> Callable[[Any], Any]:
-        key = (phase, accumulation if phase == "train" else 1)
+    def _function(self, phase: str, accumulation: int,
+                  role: str | None = None) -> Callable[[Any], Any]:
+        key = (phase, accumulation if phase == "train" else 1, role)
         if key not in self._fns:
             shadow = self._shadow(phase)
             step = self.model.train_step if phase == "train" else self.model.test_step
+            if self.distributed:
+                tls = self._tls
+
+                def replica_step(data: Any) -> Any:
+                    # Traced once per replica (each in its own thread): the role tells the
+                    # patched optimizer.apply what to do in this function.
+                    tls.role, tls.k = role, accumulation
+                    try:
+                        return step(data)
+                    finally:
+                        tls.role = None
+
+                self._fns[key] = self.model._make_function(replica_step)
+                return self._fns[key]
 
             def guarded_step(data: Any) -> Any:
                 # The copy comes first: every op that reads the batch waits for it, and a
@@ -289,6 +415,19 @@ class _Run:
     # --- gradient accumulation on the user's optimizer ---------------------------------
     def _use_accumulation(self, k: int) -> None:
         """Switch the optimizer to ``k`` micro-steps per update, at a batch boundary."""
+        if self.distributed:
+            # batchfit's own accumulation (see _apply_accumulating): the optimizer is left
+            # as it is, and its iteration counter counts updates.
+            if k > 1 and self._dist_accs is None:
+                self._ensure_built()
+                with self.strategy.scope():
+                    self._dist_accs = [
+                        tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
+                                    synchronization=tf.VariableSynchronization.ON_READ,
+                                    aggregation=tf.VariableAggregation.NONE)
+                        for v in self.opt._trainable_variables]
+            self._dist_k = k
+            return
         if k == self._acc:
             return
         opt = self.opt
@@ -312,6 +451,11 @@ class _Run:
         self._acc = k
 
     def _zero_accumulators(self) -> None:
+        if self.distributed:
+            for acc in self._dist_accs or []:
+                for c in _components(acc):
+                    c.assign(tf.zeros_like(c))
+            return
         for acc in getattr(self.opt, "_accumulated_gradients", None) or []:
             if acc is not None:
                 _assign_in_chunks(acc, np.zeros(acc.shape, dtype=acc.dtype))
@@ -319,6 +463,8 @@ class _Run:
     # --- running one batch -------------------------------------------------------------
     def run_batch(self, phase: str, data: Any) -> Any:
         """Run one batch of Keras's loop, shrinking and replaying it on out-of-memory."""
+        if self.distributed:
+            return self._run_batch_distributed(phase, data)
         n = _data_size(data)
         if self.micro[phase] is None:
             self.micro[phase] = n
@@ -356,6 +502,7 @@ class _Run:
         shadow.arm(snapshot)
         if snapshot:
             self._target = shadow.count + 1
+            shadow.take()
         logs = fn([data])
         if snapshot:
             shadow.count = self._target
@@ -390,31 +537,111 @@ class _Run:
             shadow.arm(True)
         return logs
 
+    # --- under a distribution strategy -------------------------------------------------
+    def _replica_peak(self) -> int | None:
+        peaks = [read_peak(d) for d in self._peak_devices]
+        known = [p for p in peaks if p is not None]
+        return max(known) if known and len(known) == len(peaks) else None
+
+    def _run_batch_distributed(self, phase: str, data: Any) -> Any:
+        """:meth:`run_batch` under a strategy: every replica shrinks to the same micro-batch.
+
+        In one process an out-of-memory error on any replica fails the whole step in the
+        caller, so the decision is one for all replicas: the batch each replica holds is split
+        into the same number of micro-batches, and the policy reasons per replica.
+        """
+        local = split_per_replica(self.strategy, data)
+        sizes = [_data_size(p) for p in local]
+        n = sum(sizes)
+        if self.micro[phase] is None:
+            self.micro[phase] = n
+        done = [0] * self.replicas   # examples of each replica's share whose updates are final
+        self._done = 0
+        while True:
+            rest = [s - d for s, d in zip(sizes, done)]
+            longest = max(rest)
+            per = max(1, -(-int(self.micro[phase]) // self.replicas))
+            steps = plan_micro_batches(longest, min(per, longest)).steps if longest else 1
+            pieces = [_split_counts(r, steps) for r in rest]
+            micro = max(max(p) for p in pieces)
+            t0 = time.perf_counter()
+            failure = None
+            measure = self._measure_next[phase]
+            try:
+                if measure:
+                    for d in self._peak_devices:
+                        reset_peak(d)
+                logs = self._run_plan_distributed(phase, data, local, done, pieces, steps)
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+                failure = _first_line(exc)
+            if failure is None:
+                if measure:
+                    self.observations[phase].append((micro, True, self._replica_peak()))
+                    self._measure_next[phase] = False
+                return logs
+            self._shadows[phase].restore_if_taken(self._target)
+            if self._accumulating:
+                self._zero_accumulators()
+            self.observations[phase].append((micro, False, None))
+            self._shrink(phase, micro, n, failure, time.perf_counter() - t0)
+
+    def _run_plan_distributed(self, phase: str, data: Any, local: list[Any], done: list[int],
+                              pieces: list[list[int]], steps: int) -> Any:
+        """Run micro-batch ``i`` of every replica together, for ``i`` in ``range(steps)``."""
+        shadow = self._shadows.get(phase) or self._shadow(phase)
+        accumulate = phase == "train" and self.keep_effective_batch and steps > 1
+        self._accumulating = accumulate
+        if phase == "train":
+            self._use_accumulation(steps if accumulate else 1)
+        if steps == 1 and not any(done):
+            return self._call(self._function(phase, 1), shadow, data, snapshot=True)
+        starts = list(done)
+        logs = None
+        for i in range(steps):
+            role = None
+            if accumulate:
+                role = "final" if i == steps - 1 else "accumulate"
+            fn = self._function(phase, steps if accumulate else 1, role)
+            batch = merge_per_replica(self.strategy, [
+                _slice(local[r], starts[r], starts[r] + pieces[r][i])
+                for r in range(self.replicas)])
+            logs = self._call(fn, shadow, batch, snapshot=i == 0 or not accumulate)
+            starts = [s + p[i] for s, p in zip(starts, pieces)]
+            if not accumulate:
+                done[:] = starts
+                self._done = sum(starts)
+        return logs
+
     def _shrink(self, phase: str, failed: int, n: int, detail: str, seconds: float) -> None:
+        """Pick the next micro-batch after ``failed`` (per replica under a strategy)."""
         new = self.policy.next_size(failed, list(self.observations[phase]))
         if new is None or new < 1:
             fixed = state_bytes(self.model)
+            per = " per replica" if self.distributed else ""
             raise TrainingOutOfMemoryError(
-                f"out of memory even at a {phase} micro-batch of {failed} example(s): the "
+                f"out of memory even at a {phase} micro-batch of {failed} example(s){per}: the "
                 f"model's weights and optimizer state alone take {format_bytes(fixed)}, which "
                 f"with the step's workspace leaves no room for one example ({detail}). Use a "
                 "smaller model, a lighter optimizer, mixed precision, or a larger device",
                 fixed_bytes=float(fixed))
         new = int(min(new, failed - 1))
-        self.micro[phase] = new
+        r = self.replicas
+        self.micro[phase] = new * r
         self._measure_next[phase] = True
         if phase == "train":
             self._adjusted_this_epoch = True
             self.clean_epochs = 0
-        plan = plan_micro_batches(self.batch_size or n, new)
+        plan = plan_micro_batches(-(-(self.batch_size or n) // r), new)
         if phase == "train" and not self.keep_effective_batch and not self._warned_effective:
             self._warned_effective = True
             warnings.warn(
                 f"batchfit.fit: keep_effective_batch=False: each batch of {n} now makes "
-                f"{plan.steps} optimizer updates on micro-batches of <= {new} examples: the "
-                "effective batch size shrinks, optimizer.iterations and learning-rate schedules "
-                "advance faster, and the learning dynamics change", stacklevel=2)
-        self._record(phase, failed, new, plan.steps, "oom", detail, seconds, n)
+                f"{plan.steps} optimizer updates on micro-batches of <= {new * r} examples: "
+                "the effective batch size shrinks, optimizer.iterations and learning-rate "
+                "schedules advance faster, and the learning dynamics change", stacklevel=2)
+        self._record(phase, failed * r, new * r, plan.steps, "oom", detail, seconds, n)
 
     def _record(self, phase: str, old: int, new: int, steps: int, reason: str, detail: str,
                 seconds: float, n: int) -> None:
@@ -527,7 +754,8 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
         shrink_policy: ShrinkPolicy | None = None, keep_effective_batch: bool = True,
         grow_after_epochs: int | None = None, micro_batch_size: int | None = None,
         validation_micro_batch_size: int | None = None,
-        logger: logging.Logger | None = None, **fit_kwargs: Any) -> Any:
+        logger: logging.Logger | None = None, distribute: Any = None,
+        **fit_kwargs: Any) -> Any:
     """Train like ``model.fit``, shrinking the micro-batch instead of dying of out-of-memory.
 
     A drop-in for ``model.fit``: same arguments (passed through), same loop, same callbacks,
@@ -536,7 +764,10 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
     iteration count, metrics), the micro-batch shrinks as ``shrink_policy`` says, and the
     failed batch is replayed as several micro-batches whose gradients the optimizer
     accumulates into one update, so the updates are those of the batch size asked for.
-    Training then carries on in the same epoch. An out-of-memory error during evaluation
+    Training then carries on in the same epoch. Under ``tf.distribute.MirroredStrategy`` (the
+    model built under ``strategy.scope()``) ``batch_size`` is the global batch; an
+    out-of-memory error on any replica shrinks the micro-batch of every replica together,
+    and the global batch is kept by accumulation. An out-of-memory error during evaluation
     (``validation_data``) shrinks the evaluation micro-batch only. Every adjustment is logged
     (logger ``"batchfit"``, level WARNING) and listed in ``history.adjustments``.
 
@@ -558,6 +789,10 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
         validation_micro_batch_size: start with this evaluation micro-batch (default: the
             evaluation batch).
         logger: where adjustments are logged (default ``logging.getLogger("batchfit")``).
+        distribute: ``None`` (default: the strategy the model was built under, if any), a
+            ``tf.distribute.MirroredStrategy`` or ``"mirrored"`` (the model must have been
+            built under that strategy's scope). Multi-worker training goes through
+            :mod:`batchfit.tf.multiworker`.
         **fit_kwargs: everything else ``model.fit`` takes (``epochs``, ``callbacks``,
             ``validation_data``, ``shuffle``, ...).
 
@@ -569,8 +804,8 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
     Raises:
         TrainingOutOfMemoryError: when even a micro-batch of one example does not fit; the
             message states the model's fixed memory.
-        InvalidInputError: for an unsupported setup (a distribution strategy, an optimizer
-            that already accumulates gradients, a bad option).
+        InvalidInputError: for an unsupported setup (a strategy other than MirroredStrategy,
+            an optimizer that already accumulates gradients, a bad option).
 
     Any other error from training propagates unchanged.
 
@@ -583,6 +818,13 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
     ...                  verbose=0)
     >>> len(h.history["loss"]), h.adjustments
     (2, [])
+
+    Under a strategy (``batch_size`` is global: 64 is 32 per replica on 2 devices):
+
+    >>> strategy = tf.distribute.MirroredStrategy()       # doctest: +SKIP
+    >>> with strategy.scope():                            # doctest: +SKIP
+    ...     model = build_and_compile()
+    >>> h = batchfit.fit(model, x, y, batch_size=64)      # doctest: +SKIP
     """
     if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", True):
         raise InvalidInputError("batchfit.fit needs a compiled model (call model.compile first)")
@@ -598,6 +840,7 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
             grow_after_epochs, int) or grow_after_epochs < 1):
         raise InvalidInputError(
             f"grow_after_epochs must be an integer >= 1 or None, got {grow_after_epochs!r}")
+    strategy = _check_strategy(resolve_strategy(distribute, model), model)
     policy = shrink_policy if shrink_policy is not None else MemoryModelShrink()
     if not callable(getattr(policy, "next_size", None)):
         raise InvalidInputError(
@@ -617,7 +860,7 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
                keep_effective_batch=keep_effective_batch, grow_after_epochs=grow_after_epochs,
                micro_batch_size=micro_batch_size,
                eval_micro_batch_size=validation_micro_batch_size,
-               logger=logger or LOGGER)
+               logger=logger or LOGGER, strategy=strategy)
     if isinstance(fit_kwargs.get("callbacks"), keras.callbacks.CallbackList):
         raise InvalidInputError("batchfit.fit takes callbacks as a list, not a CallbackList")
     callbacks = list(fit_kwargs.pop("callbacks", None) or [])
@@ -630,6 +873,29 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
     micro = run.micro["train"]
     history.adjustments = list(run.adjustments)
     history.micro_batch_size = micro
-    history.accumulation_steps = (plan_micro_batches(batch_size, micro).steps
-                                  if micro and batch_size else 1)
+    r = run.replicas
+    history.accumulation_steps = (
+        plan_micro_batches(-(-batch_size // r), max(1, micro // r)).steps
+        if micro and batch_size else 1)
     return history
+
+
+def _check_strategy(strategy: Any, model: Any) -> Any:
+    """The strategy :func:`fit` runs under (``None`` for one device), or a clear refusal."""
+    if strategy is None:
+        return None
+    if is_multiworker(strategy):
+        raise InvalidInputError(
+            "batchfit.fit does not train under MultiWorkerMirroredStrategy (Keras 3's "
+            "model.fit fails there, keras-team/keras issue 20585): train with "
+            "batchfit.fit_multiworker(model, x, y, batch_size=..., strategy=..., epochs=...), "
+            "batchfit's own step with the same out-of-memory recovery, on every worker")
+    if not isinstance(strategy, tf.distribute.MirroredStrategy):
+        raise InvalidInputError(
+            f"batchfit.fit supports tf.distribute.MirroredStrategy (one host), not "
+            f"{type(strategy).__name__}")
+    if model_strategy(model) is not strategy:
+        raise InvalidInputError(
+            f"the model was not built under the {type(strategy).__name__} given as "
+            "distribute=: build and compile it inside strategy.scope()")
+    return strategy

@@ -12,6 +12,7 @@ optimizer state are restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -86,7 +87,9 @@ def profile_throughput(
 
     Args:
         model: a compiled ``keras.Model``, a zero-argument function returning one, or a spec
-            (``"file.py:factory"``, ``"package.module:factory"``, ``"model.keras"``).
+            (``"file.py:factory"``, ``"package.module:factory"``, ``"model.keras"``). A model
+            built under a ``tf.distribute`` strategy is timed as ``fit`` runs it: sizes are
+            global batches, each replica runs its share.
         batch_sizes: the sizes to measure. Default: a geometric grid (powers of two) up to the
             largest batch that fits, which is ``max_batch`` when given, else found first with
             :func:`batchfit.find_max_batch_size` under ``memory``.
@@ -125,7 +128,7 @@ def profile_throughput(
             found = find_max_batch_size(model, memory=memory, data=data,
                                         input_shapes=input_shapes, granularity=granularity,
                                         device=device, seed=seed)
-            max_batch = found.max_batch_size
+            max_batch = found.global_max_batch_size  # per replica x replicas (1 without)
             notes.append(f"sizes up to the largest batch that fits: {max_batch}")
         sizes = geometric_grid(int(max_batch), granularity=granularity)
     keras_model = resolve_model(model)
@@ -141,8 +144,15 @@ def profile_throughput(
     batch_fn, data_notes = make_batch_fn(keras_model, data, input_shapes, seed)
     notes.extend(data_notes)
     state = ModelState(keras_model)
+    from .distribute import model_strategy, num_replicas
+
+    replicas = num_replicas(model_strategy(keras_model))
+    if replicas > 1:
+        notes.append(f"the model is under a strategy with {replicas} replicas: sizes are "
+                     "global batches, each replica runs its share")
     try:
-        with tf.device(dev):
+        # Under a strategy each replica places its own ops: no device scope around them.
+        with tf.device(dev) if replicas == 1 else contextlib.nullcontext():
             points = _measure(keras_model, batch_fn, sizes, tf=tf, state=state,
                               window_seconds=float(window_seconds), windows=windows,
                               warmup_steps=warmup_steps, device=dev, gpu=gpu_ok,
@@ -262,7 +272,12 @@ def _prepare(model: Any, batch_fn: Any, b: int, *, tf: Any, window_seconds: floa
              warmup_steps: int, device: str, read_peak: Any, reset_peak: Any) -> _Prepared:
     """Build the batch and its iterator, run the untimed warm-up steps, pick steps per window."""
     x, y = batch_fn(b)
-    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        # As fit does: each replica gets its share of the global batch b.
+        dataset = strategy.experimental_distribute_dataset(dataset)
+    iterator = iter(dataset)
     reset_peak(device)
     warm_t0 = time.perf_counter()
     first: float | None = None

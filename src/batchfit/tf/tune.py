@@ -55,6 +55,8 @@ def tune(
     on_probe: Callable[[Probe], None] | None = None,
     on_point: Callable[[ThroughputPoint], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    distribute: Any = None,
+    search_tolerance: float = 0.02,
 ) -> TuneResult:
     """Find the batch size to train with: memory limit, throughput curve, recommendation.
 
@@ -94,6 +96,16 @@ def tune(
         on_probe: called with each memory probe.
         on_point: called with each throughput point.
         on_phase: called with a short label as each phase starts.
+        search_tolerance: the memory search stops once its answer is within this fraction
+            below the smallest failure (default 0.02; 0: exact; see
+            :func:`batchfit.find_max_batch_size`).
+        distribute: a ``tf.distribute.Strategy``, ``"mirrored"``, ``"multiworker"`` or
+            ``None`` (default: the strategy a model object was built under, if any). Memory is
+            searched per replica (``memory=`` is one device's memory); throughput is timed at
+            the global batch (per replica x replicas) with the model under the strategy (a
+            spec or factory is built inside ``strategy.scope()``); the recommendation, the
+            curve and ``target`` are global sizes, ``per_replica_batch_size`` the share of
+            each replica.
 
     Returns:
         A :class:`~batchfit.results.TuneResult`; ``result.batch_size`` is the recommendation.
@@ -104,6 +116,9 @@ def tune(
     >>> r = batchfit.tune("batchfit.examples.models:demo_model", memory="128MiB")  # doctest: +SKIP
     >>> r.batch_size, r.recommendation.decided_by                                # doctest: +SKIP
     (256, 'throughput')
+    >>> r = batchfit.tune(build_model, memory="16GiB", distribute="mirrored")  # doctest: +SKIP
+    >>> r.batch_size, r.per_replica_batch_size, r.replicas                    # doctest: +SKIP
+    (512, 256, 2)
     """
     t_start = time.perf_counter()
     if target is not None and (isinstance(target, bool) or not isinstance(target, int)
@@ -120,9 +135,37 @@ def tune(
                                 "gradient noise scale of synthesized inputs means nothing")
     # Load once here: the memory search needs the spec (its worker rebuilds the model), the
     # throughput measurement needs the model itself.
-    model_obj = resolve_model(model)
     is_factory = callable(model) and not hasattr(model, "train_on_batch")
+    dist: Any = None
+    if distribute is not None or not (isinstance(model, str) or is_factory):
+        from .distribute import resolve_strategy
+
+        dist = resolve_strategy(
+            distribute, None if (isinstance(model, str) or is_factory) else model)
+    if dist is not None:
+        from .distribute import is_multiworker
+
+        if is_multiworker(dist):
+            from .multiworker import upstream_fit_failure, upstream_fit_works
+
+            if not upstream_fit_works(dist):
+                raise InvalidInputError(
+                    "tune times Keras's own training step, which fails under "
+                    "MultiWorkerMirroredStrategy in this Keras (keras-team/keras issue 20585: "
+                    f"{upstream_fit_failure(dist)[:160]}). Run `batchfit max --distribute "
+                    "multiworker` on every worker for the batch size, and train with "
+                    "batchfit.fit_multiworker")
+    if dist is not None and (isinstance(model, str) or is_factory):
+        with dist.scope():  # throughput is timed with the model under the strategy
+            model_obj = resolve_model(model)
+    else:
+        model_obj = resolve_model(model)
     search_model = model if (isinstance(model, str) or is_factory) else model_obj
+    replicas, dist_name = 1, ""
+    if dist is not None:
+        from .distribute import distribute_name, num_replicas
+
+        replicas, dist_name = num_replicas(dist), distribute_name(dist)
 
     from .maxbatch import find_max_batch_size
 
@@ -130,12 +173,16 @@ def tune(
     max_result: MaxBatchResult = find_max_batch_size(
         search_model, memory=memory, strategy=strategy, granularity=granularity, data=data,
         input_shapes=input_shapes, upper=upper, headroom=headroom, isolate=isolate,
-        device=device, seed=seed, on_probe=on_probe)
-    largest = max_result.max_batch_size
+        device=device, seed=seed, on_probe=on_probe, distribute=dist,
+        search_tolerance=search_tolerance)
+    # From here on sizes are global (per replica x replicas): what fit takes.
+    largest = max_result.max_batch_size * replicas
+    safe = max_result.safe_batch_size * replicas
     if batch_sizes is None:
-        sizes = geometric_grid(largest, granularity=granularity)
+        sizes = [b * replicas for b in geometric_grid(max_result.max_batch_size,
+                                                      granularity=granularity)]
         if max_result.safe_batch_size >= granularity:
-            sizes = sorted(set(sizes) | {max_result.safe_batch_size})
+            sizes = sorted(set(sizes) | {safe})
     else:
         sizes = sorted(set(batch_sizes))
 
@@ -158,16 +205,21 @@ def tune(
     measured = throughput.measured()
     mm = max_result.memory_model
     facts = TuneFacts(
-        max_batch=largest, safe_batch=max_result.safe_batch_size,
+        max_batch=largest, safe_batch=safe,
         batch_sizes=tuple(p.batch_size for p in measured),
         throughputs=tuple(float(p.samples_per_second or 0.0) for p in measured),
-        tolerance=float(tolerance), granularity=granularity,
-        bytes_at={p.batch_size: mm.predict(p.batch_size) for p in measured} if mm else {},
+        tolerance=float(tolerance), granularity=granularity * replicas,
+        bytes_at=({p.batch_size: mm.predict(p.batch_size / replicas) for p in measured}
+                  if mm else {}),  # per device
         extras={**({"noise_scale": b_noise} if b_noise is not None else {}), **(extras or {})})
     rec = recommend(facts, list(criteria) if criteria is not None else default_criteria())
     plan = plan_target(target, facts) if target is not None else None
     notes: list[str] = []
-    if throughput.device != max_result.device.split(" ")[0]:
+    if replicas > 1:
+        notes.append(f"{dist_name} strategy, {replicas} replicas: sizes are global batches "
+                     f"(per replica x {replicas}); memory was searched per replica, "
+                     "throughput timed with the model under the strategy")
+    if replicas == 1 and throughput.device != max_result.device.split(" ")[0]:
         notes.append(f"memory probed on {max_result.device}, throughput timed on "
                      f"{throughput.device}")
     goodput: list[float] = []
@@ -181,7 +233,8 @@ def tune(
     return TuneResult(recommendation=rec, max_batch=max_result, throughput=throughput,
                       target=plan, noise_scale=None if b_noise is None or not math.isfinite(
                           b_noise) else b_noise, noise=noise_result, goodput=goodput,
-                      seconds=time.perf_counter() - t_start, notes=notes)
+                      seconds=time.perf_counter() - t_start, notes=notes, replicas=replicas,
+                      distribute=dist_name)
 
 
 def _noise_value(noise_scale: Any) -> float:

@@ -1,0 +1,135 @@
+"""Child process for tests/test_distribute.py: MirroredStrategy over two logical CPU devices.
+
+Two logical CPU devices must be configured before TensorFlow initializes its devices, so the
+scenarios run here, in a fresh process: ``python tests/distribute_child.py SCENARIO...``. The
+``fit_*`` scenarios want a capped allocator (``TF_CPU_BFC_MEM_LIMIT_IN_MB``, oneDNN off, set
+by the parent) for real out-of-memory errors. Prints one JSON object: scenario -> results.
+Not collected by pytest (no ``test_`` prefix). ``small_mlp`` is also a model spec
+(``tests/distribute_child.py:small_mlp``) that the memory search's workers import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+HERE = Path(__file__).resolve().parent
+FEATURES = 8
+REPLICAS = 2
+
+
+def small_mlp() -> keras.Model:
+    """A small MLP, compiled (the spec the memory search's workers build on one device)."""
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
+                          keras.layers.Dense(1)])
+    m.compile("sgd", "mse")
+    return m
+
+
+class Pairwise(keras.layers.Layer):
+    """Memory quadratic in the sequence length: (batch, T, T) scores (as in fit_child.py)."""
+
+    def call(self, h):
+        s = keras.ops.matmul(h, keras.ops.transpose(h, (0, 2, 1)))
+        return keras.ops.mean(keras.ops.tanh(s), axis=-1, keepdims=True) * h
+
+
+def pairwise_model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, FEATURES))
+    h = keras.layers.Dense(32)(inp)
+    h = Pairwise()(h)
+    out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(h))
+    m = keras.Model(inp, out)
+    m.compile(keras.optimizers.SGD(0.05), "mse", metrics=["mae"])
+    return m
+
+
+def data(n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, length, FEATURES)).astype("float32"),
+            rng.normal(size=(n, 1)).astype("float32"))
+
+
+def _strategy() -> tf.distribute.MirroredStrategy:
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(REPLICAS)])
+
+
+def scenario_search() -> dict:
+    """find_max_batch_size and tune under MirroredStrategy: global == per replica x 2."""
+    import batchfit
+
+    strategy = _strategy()
+    with strategy.scope():
+        model = small_mlp()
+    # A model object built under the strategy: detected (no distribute=), and probed per
+    # replica on one device in a worker process.
+    r = batchfit.find_max_batch_size(model, memory="256MiB", upper=48, fresh=False)
+    spec = f"{HERE / 'distribute_child.py'}:small_mlp"
+    t = batchfit.tune(spec, memory="256MiB", distribute="mirrored", upper=4,
+                      window_seconds=0.05, windows=2)
+    return {"max": r.to_dict(), "tune": t.to_dict(), "tune_replicas": t.replicas,
+            "tune_per_replica": t.per_replica_batch_size, "tune_batch": t.batch_size}
+
+
+def _fit(batch: int, oom_expected: bool) -> dict:
+    import batchfit
+
+    strategy = _strategy()
+    x, y = data(2 * batch, 256, 1)
+    with strategy.scope():
+        m = pairwise_model()
+    w0 = [w.tolist() for w in m.get_weights()]
+    t0 = time.perf_counter()
+    h = batchfit.fit(m, x, y, batch_size=batch, epochs=2, shuffle=False, verbose=0)
+    return {
+        "seconds": time.perf_counter() - t0, "w0": w0,
+        "weights": [w.tolist() for w in m.get_weights()],
+        "epochs": len(h.history["loss"]), "loss": h.history["loss"],
+        "adjustments": [a.to_dict() for a in h.adjustments],
+        "micro": h.micro_batch_size, "accumulation": h.accumulation_steps,
+        "iterations": int(m.optimizer.iterations.numpy()),
+        "accumulation_after": m.optimizer.gradient_accumulation_steps,
+    }
+
+
+def scenario_fit_oom() -> dict:
+    """Global batch 64 (32 per replica) overflows the cap at its first step; 32 fits."""
+    return _fit(64, True)
+
+
+def scenario_fit_small() -> dict:
+    """Global batch 16: no out-of-memory error (the no-OOM path under the strategy)."""
+    return _fit(16, False)
+
+
+SCENARIOS = {"search": scenario_search, "fit_oom": scenario_fit_oom,
+             "fit_small": scenario_fit_small}
+
+if __name__ == "__main__":
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * REPLICAS)
+    out = {}
+    for name in sys.argv[1:]:
+        t0 = time.perf_counter()
+        try:
+            out[name] = SCENARIOS[name]()
+        except Exception as exc:  # noqa: BLE001 - reported to the parent as data
+            import traceback
+
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
+                         "traceback": traceback.format_exc()[-4000:]}
+        out[name]["wall_s"] = time.perf_counter() - t0
+        print(f"[child] {name} done in {out[name]['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    print(json.dumps(out))
