@@ -29,7 +29,7 @@ from batchfit.results import MaxBatchResult, TuneResult, load_result
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "distribute_child.py"
-CAP_MB = 34   # as tests/test_fit.py: a global batch of 64 sequences of 256 overflows, 32 fits
+CAP_MB = 14   # 32 sequences of 256 per replica overflow it, 8 per replica fit (see the child)
 
 sys.path.insert(0, str(HERE))
 import distribute_child
@@ -149,8 +149,12 @@ def test_fit_recovers_from_a_real_oom_on_the_replicas(capped_run) -> None:
     assert run["epochs"] == 2
     (adj,) = run["adjustments"]
     assert adj["reason"] == "oom" and adj["batch_size"] == 64
-    assert (adj["from_micro_batch"], adj["to_micro_batch"]) == (64, 32)
-    assert adj["accumulation_steps"] == 2 and run["accumulation"] == 2
+    # the policy works per replica (32 -> 8); the user sees global sizes: 64 -> 16 x 4
+    assert (adj["from_micro_batch"], adj["to_micro_batch"]) == (64, 16)
+    assert adj["accumulation_steps"] == 4 and run["accumulation"] == 4
+    # reported both ways: global 64 as 16 x 4 is 8 per replica x 2 replicas
+    assert run["replicas"] == 2 and run["micro"] == 16
+    assert (run["per_replica_batch"], run["per_replica_micro"]) == (32, 8)
     # The same number of optimizer updates as without the OOM: 2 epochs x 2 batches of 64.
     assert run["iterations"] == 4
     assert run["accumulation_after"] is None
@@ -215,6 +219,7 @@ def test_fit_accumulates_itself_under_a_strategy() -> None:
                      verbose=0)
     ref.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     assert h.accumulation_steps == 2 and h.adjustments == []
+    assert (h.replicas, h.per_replica_batch_size, h.per_replica_micro_batch_size) == (1, 16, 8)
     assert int(m.optimizer.iterations.numpy()) == 8 == int(ref.optimizer.iterations.numpy())
     assert m.optimizer.gradient_accumulation_steps is None
     diff = max(float(np.abs(a - b).max()) for a, b in zip(m.get_weights(), ref.get_weights()))

@@ -799,7 +799,9 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
     Returns:
         The ``History`` of ``model.fit``, with ``adjustments`` (a list of
         :class:`batchfit.BatchAdjustment`), ``micro_batch_size`` and ``accumulation_steps``
-        (the last training plan) added.
+        (the last training plan; sizes global) added, and under a strategy ``replicas``,
+        ``per_replica_batch_size`` and ``per_replica_micro_batch_size`` (each replica's
+        share; with one device they equal the global sizes).
 
     Raises:
         TrainingOutOfMemoryError: when even a micro-batch of one example does not fit; the
@@ -877,6 +879,9 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
     history.accumulation_steps = (
         plan_micro_batches(-(-batch_size // r), max(1, micro // r)).steps
         if micro and batch_size else 1)
+    history.replicas = r
+    history.per_replica_batch_size = -(-batch_size // r) if batch_size else None
+    history.per_replica_micro_batch_size = max(1, micro // r) if micro else None
     return history
 
 
