@@ -97,7 +97,13 @@ def worker_environment(device: str, budget_bytes: int | None) -> dict[str, str]:
         env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
         if budget_bytes is not None:
             mib = max(1, budget_bytes // MiB)
-            env.update({"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPU_BFC_MEM_LIMIT_IN_MB": str(mib)})
+            env.update({"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPU_BFC_MEM_LIMIT_IN_MB": str(mib),
+                        # One thread per op (and one op at a time, set in the worker): with
+                        # the default thread pool the same size near the cap fitted in one
+                        # fresh process and not in the next over a band of ~4% (seed_wide at
+                        # 64 MiB: 238-248); with one thread, ~1% (240 fitted 3/3, 241 2/3,
+                        # 242 and above 0/3), measured.
+                        "TF_NUM_INTRAOP_THREADS": "1"})
     return env
 
 
