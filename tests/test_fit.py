@@ -472,3 +472,107 @@ def test_batch_of_one_that_does_not_fit_gets_the_clear_error(capped) -> None:
     assert "micro-batch of 1 example" in r["message"]
     assert "weights and optimizer state alone take" in r["message"]
     assert r["fixed_bytes"] > 0
+
+
+# --- the batch read inside the compiled step (no eager read per step) ----------------------
+class CompiledOOMAtCall(keras.layers.Layer):
+    """A compiled layer whose py_function runs out of memory at the given training calls."""
+
+    def __init__(self, fail_at, **kwargs):
+        super().__init__(**kwargs)
+        self.fail_at = set(fail_at)
+        self.calls = 0
+
+    def call(self, x, training=None):
+        if not training:
+            return x
+
+        def check(x):
+            self.calls += 1
+            if self.calls in self.fail_at:
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating (sim)")
+            return x
+
+        y = tf.py_function(check, [x], x.dtype)
+        y.set_shape(x.shape)
+        return y
+
+
+def _spy_take_back(monkeypatch) -> list:
+    """Record what ``_Replay.take_back`` hands back (the batches replayed from the step)."""
+    from batchfit.tf import resilient
+
+    taken: list = []
+    orig = resilient._Replay.take_back
+
+    def spy(self):
+        out = orig(self)
+        taken.append(None if out is None else int(tf.nest.flatten(out)[0].shape[0]))
+        return out
+
+    monkeypatch.setattr(resilient._Replay, "take_back", spy)
+    return taken
+
+
+def test_an_oom_after_the_first_batch_replays_the_batch_the_step_read(monkeypatch) -> None:
+    x, y = _xy(96)
+    taken = _spy_take_back(monkeypatch)
+
+    class Both(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.counter, self.oom = Counter(), CompiledOOMAtCall({3})
+
+        def call(self, x, training=None):
+            return self.oom(self.counter(x, training=training), training=training)
+
+    both = Both()
+    m = _small(layer=both)
+    w0 = m.get_weights()
+    h = batchfit.fit(m, x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
+    # call 3 is the third batch: read inside the compiled step, taken back, replayed as 2 x 16
+    assert taken == [32]
+    assert [(a.epoch, a.step, a.from_micro_batch, a.to_micro_batch, a.accumulation_steps)
+            for a in h.adjustments] == [(0, 2, 32, 16, 2)]
+    assert float(both.counter.seen.numpy()) == 2 * 96     # none lost, none counted twice
+    assert int(m.optimizer.iterations.numpy()) == 6
+    ref = _small(layer=Counter())
+    ref.set_weights(w0)
+    hr = ref.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
+    for a, b in zip(m.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.history["loss"], hr.history["loss"], rtol=1e-5)
+
+
+def _growing_batches(x, y):
+    """Batches of 8, then 16 (x5), then 8: a dataset whose first batch is not its largest."""
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    return ds.take(8).batch(8).concatenate(ds.skip(8).batch(16))
+
+
+def test_batches_larger_than_the_first_run_whole_until_an_oom() -> None:
+    x, y = _xy(96)
+    m, ref = _small(layer=Counter()), _small(layer=Counter())
+    ref.set_weights(m.get_weights())
+    h = batchfit.fit(m, _growing_batches(x, y), epochs=2, verbose=0, shuffle=False)
+    ref.fit(_growing_batches(x, y), epochs=2, verbose=0, shuffle=False)
+    assert h.adjustments == [] and h.micro_batch_size == 16 and h.accumulation_steps == 1
+    assert int(m.optimizer.iterations.numpy()) == int(ref.optimizer.iterations.numpy()) == 14
+    for a, b in zip(m.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_over_the_micro_batch_is_taken_back_and_split(monkeypatch) -> None:
+    x, y = _xy(96)
+    taken = _spy_take_back(monkeypatch)
+    m, ref = _small(layer=Counter()), _small(layer=Counter())
+    ref.set_weights(m.get_weights())
+    batchfit.fit(m, _growing_batches(x, y), micro_batch_size=8, epochs=1, verbose=0,
+                 shuffle=False)
+    ref.fit(_growing_batches(x, y), epochs=1, verbose=0, shuffle=False)
+    # batch 2 (16) fails the step's size check before anything ran, comes back, runs as 2 x 8
+    assert taken == [16]
+    assert float(m.get_layer(index=2).seen.numpy()) == 96
+    assert int(m.optimizer.iterations.numpy()) == 7       # one update per batch
+    for a, b in zip(m.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
