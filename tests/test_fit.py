@@ -576,3 +576,39 @@ def test_a_batch_over_the_micro_batch_is_taken_back_and_split(monkeypatch) -> No
     assert int(m.optimizer.iterations.numpy()) == 7       # one update per batch
     for a, b in zip(m.get_weights(), ref.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_oom_in_the_input_pipeline_before_the_step_held_the_batch_is_a_clear_error() -> None:
+    x, y = _xy(96)
+
+    def load(i, batch):
+        xb, yb = batch
+
+        def check(i):
+            if int(i) == 2:   # the third batch: read by the compiled step, not by Python
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating (sim)")
+            return i
+
+        with tf.control_dependencies([tf.py_function(check, [i], tf.int64)]):
+            return tf.identity(xb), tf.identity(yb)
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).enumerate().map(load)
+    m = _small()
+    with pytest.raises(batchfit.TrainingOutOfMemoryError, match="input pipeline"):
+        batchfit.fit(m, ds, epochs=1, verbose=0)
+    assert int(m.optimizer.iterations.numpy()) == 2       # the two batches before it trained
+
+
+def test_a_model_compiled_to_run_eagerly_stays_eager() -> None:
+    calls: list[int] = []
+
+    class Eager(keras.layers.Layer):
+        def call(self, x, training=None):
+            if training:
+                calls.append(int(x.shape[0]))   # Python, once per step only when eager
+            return x
+
+    x, y = _xy(96)
+    m = _small(layer=Eager(), run_eagerly=True)
+    batchfit.fit(m, x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
+    assert calls == [32] * 6

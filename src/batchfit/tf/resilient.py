@@ -632,6 +632,7 @@ class _Run:
         replay = self._replays.get(phase)
         micro = self.micro[phase]
         return (replay is not None and replay.usable and not self.distributed
+                and not self.model.run_eagerly   # its step must stay eager
                 and not self._measure_next[phase] and micro is not None
                 and (not self._limited[phase] or micro >= self._largest[phase]))
 
