@@ -163,10 +163,10 @@ def main() -> None:
         result["repeatability_date"] = saved.get("repeatability_date", saved.get("date"))
     else:
         result["repeatability"], result["noise_floor"] = repeatability()
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
     if saved_cost is not None:
         result["tune_cost"] = saved_cost  # --skip-cost keeps the saved measurement
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
     if not args.skip_cost:
         result["tune_cost"] = tune_cost()
         print(json.dumps(result["tune_cost"], indent=2))
