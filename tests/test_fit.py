@@ -191,11 +191,14 @@ class OOMAtCall(keras.layers.Layer):
         self.fail_at = set(fail_at)
         self.calls = 0
 
+    def _tick(self) -> None:
+        self.calls += 1
+        if self.calls in self.fail_at:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating (sim)")
+
     def call(self, x, training=None):
         if training:
-            self.calls += 1
-            if self.calls in self.fail_at:
-                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating (sim)")
+            self._tick()
         return x
 
 
@@ -475,22 +478,15 @@ def test_batch_of_one_that_does_not_fit_gets_the_clear_error(capped) -> None:
 
 
 # --- the batch read inside the compiled step (no eager read per step) ----------------------
-class CompiledOOMAtCall(keras.layers.Layer):
-    """A compiled layer whose py_function runs out of memory at the given training calls."""
-
-    def __init__(self, fail_at, **kwargs):
-        super().__init__(**kwargs)
-        self.fail_at = set(fail_at)
-        self.calls = 0
+class CompiledOOMAtCall(OOMAtCall):
+    """:class:`OOMAtCall` in a compiled step: its py_function counts the calls."""
 
     def call(self, x, training=None):
         if not training:
             return x
 
         def check(x):
-            self.calls += 1
-            if self.calls in self.fail_at:
-                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating (sim)")
+            self._tick()
             return x
 
         y = tf.py_function(check, [x], x.dtype)

@@ -682,7 +682,6 @@ class _Run:
         if oom:
             n = _data_size(data)
             self.observations[phase].append((n, False, None))
-            self._largest[phase] = max(self._largest[phase], n)
             self._shrink(phase, n, n, failure, time.perf_counter() - t0)
         return self.run_batch(phase, data)
 
