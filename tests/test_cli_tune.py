@@ -45,7 +45,10 @@ def test_json_holds_everything_measured(tune_run) -> None:
     assert sizes[:7] == [1, 2, 4, 8, 16, 32, 64]
     for p in data["throughput"]["points"]:
         assert p["outcome"] == "ok" and p["samples_per_second"] > 0
-        assert len(p["window_seconds"]) == 3
+        # at least --windows, at most 3x; more only while the median's error is above 2%
+        n = len(p["window_seconds"])
+        assert 3 <= n <= 9
+        assert n == 9 or p["median_error"] <= 0.02
     assert data["target"]["accumulation_steps"] > 1
     assert data["max_batch"]["probes"]
 

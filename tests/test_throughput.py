@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 
@@ -16,7 +18,8 @@ def mlp_run():
     # A small conv net (the seed's layers on top): its step time grows with the batch.
     model = demo_model(image_size=16, filters=8)
     state = ModelState(model)
-    result = profile_throughput(model, [1, 4, 64, 256], window_seconds=0.15, windows=3)
+    result = profile_throughput(model, [1, 4, 64, 256], window_seconds=0.15, windows=3,
+                                max_windows=3)
     return model, state, result
 
 
@@ -69,6 +72,21 @@ def test_knee_and_cpu_gpu_note(mlp_run) -> None:
     assert all(p.gpu_utilization is None for p in r.points)
 
 
+def test_windows_go_on_until_the_median_is_known_to_the_target() -> None:
+    model = demo_model(image_size=8, filters=4)
+    # An unreachable target: every size runs to the most windows allowed ...
+    strict = profile_throughput(model, [2, 16], window_seconds=0.04, windows=2, max_windows=7,
+                                target_error=1e-9)
+    assert [len(p.window_seconds) for p in strict.points] == [7, 7]
+    # ... a target any two windows meet: the fewest; the default allows three times as many.
+    loose = profile_throughput(model, [2, 16], window_seconds=0.04, windows=3, target_error=10.0)
+    assert [len(p.window_seconds) for p in loose.points] == [3, 3]
+    for p in strict.points + loose.points:
+        rates = [p.batch_size * p.steps_per_window / t for t in p.window_seconds]
+        assert p.samples_per_second == pytest.approx(statistics.median(rates))
+        assert 0 < p.median_error < 1
+
+
 def test_default_grid_goes_up_to_the_largest_fit() -> None:
     r = profile_throughput(demo_model(image_size=8, filters=4), max_batch=20, window_seconds=0.05,
                            windows=2)
@@ -87,6 +105,8 @@ def test_a_failing_size_is_reported_not_raised() -> None:
 @pytest.mark.parametrize("kwargs, word", [
     ({"batch_sizes": [0, 4]}, "batch_sizes"),
     ({"batch_sizes": [4], "windows": 1}, "windows"),
+    ({"batch_sizes": [4], "windows": 4, "max_windows": 3}, "max_windows"),
+    ({"batch_sizes": [4], "target_error": 0}, "target_error"),
     ({"batch_sizes": [4], "window_seconds": 0}, "window_seconds"),
     ({"batch_sizes": [4], "tolerance": 1.5}, "tolerance"),
 ])

@@ -19,6 +19,8 @@ from batchfit.core.recommend import (
 from batchfit.core.throughput import (
     geometric_grid,
     knee,
+    median_error,
+    needs_more_windows,
     steps_per_window,
     summarize_windows,
 )
@@ -71,6 +73,33 @@ def test_window_summary_is_the_median_with_its_spread() -> None:
     assert summarize_windows(10, 5, [1.0, 1.0]).cv == 0.0
     with pytest.raises(InvalidInputError):
         summarize_windows(10, 5, [])
+
+
+def test_median_error_shrinks_with_more_windows_and_ignores_one_slow_window() -> None:
+    rng = __import__("random").Random(1)
+    few = [1000 * (1 + rng.gauss(0, 0.05)) for _ in range(5)]
+    many = few + [1000 * (1 + rng.gauss(0, 0.05)) for _ in range(40)]
+    assert median_error(many) < median_error(few)
+    assert median_error(many) == pytest.approx(1.2533 * 0.05 / math.sqrt(45), rel=0.35)
+    steady = [1000.0, 1010.0, 990.0, 1005.0, 995.0]
+    burst = steady[:4] + [400.0]  # one window slowed by other work on the machine
+    assert median_error(burst) < 3 * median_error(steady)  # the stdev alone would be 10x
+    assert median_error([5.0]) == math.inf
+    assert median_error([5.0, 5.0]) == 0.0
+    with pytest.raises(InvalidInputError):
+        median_error([1.0, -1.0])
+
+
+@given(st.lists(st.floats(1.0, 1e6), min_size=2, max_size=30), st.floats(1e-4, 0.5))
+def test_more_windows_only_between_minimum_and_maximum(rates, target) -> None:
+    n = len(rates)
+    assert needs_more_windows(rates, minimum=n + 1, maximum=n + 5, target_error=target)
+    assert not needs_more_windows(rates, minimum=2, maximum=n, target_error=target)
+    if n < 30:
+        assert needs_more_windows(rates, minimum=2, maximum=40, target_error=target) == (
+            median_error(rates) > target)
+    with pytest.raises(InvalidInputError):
+        needs_more_windows(rates, minimum=5, maximum=4, target_error=target)
 
 
 # -- the knee -----------------------------------------------------------------------------------

@@ -44,7 +44,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="time these sizes instead of the powers of two up to the largest fit")
     p.add_argument("--window-seconds", type=float, default=0.3,
                    help="wall time of each timed window (default 0.3)")
-    p.add_argument("--windows", type=int, default=5, help="timed windows per size (default 5)")
+    p.add_argument("--windows", type=int, default=5,
+                   help="timed windows per size at least (default 5)")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="timed windows per size at most (default 3 x --windows): a size gets "
+                        "more while its median's relative standard error is above "
+                        "--target-error")
+    p.add_argument("--target-error", type=float, default=0.02,
+                   help="relative standard error of each median to aim at (default 0.02)")
     p.add_argument("--json", metavar="PATH", help="write everything measured as JSON")
     p.add_argument("--plot", metavar="PATH", help="draw memory and throughput to PATH (.png)")
     p.add_argument("--quiet", action="store_true", help="no per-probe lines")
@@ -132,7 +139,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             search_tolerance=args.search_tolerance,
             upper=args.max_batch, headroom=args.headroom, target=args.target, noise_scale=noise,
             tolerance=args.tolerance, batch_sizes=sizes, window_seconds=args.window_seconds,
-            windows=args.windows, isolate=args.isolate, device=args.device,
+            windows=args.windows, max_windows=args.max_windows,
+            target_error=args.target_error, isolate=args.isolate, device=args.device,
             on_probe=None if quiet else ProbeLog(console),
             on_point=None if quiet else PointLog(console), on_phase=on_phase,
             distribute=args.distribute)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from ..errors import InvalidInputError
 
-__all__ = ["WindowStats", "geometric_grid", "knee", "steps_per_window", "summarize_windows"]
+__all__ = ["WindowStats", "geometric_grid", "knee", "median_error", "needs_more_windows",
+           "steps_per_window", "summarize_windows"]
 
 
 def geometric_grid(largest: int, *, smallest: int = 1, factor: float = 2.0,
@@ -87,6 +88,8 @@ class WindowStats:
         high: the fastest window's throughput.
         cv: coefficient of variation of the window throughputs (stdev / mean; 0 for one window).
         step_seconds: median seconds per step.
+        median_error: estimated relative standard error of the median (see
+            :func:`median_error`).
     """
 
     samples_per_second: float
@@ -94,6 +97,7 @@ class WindowStats:
     high: float
     cv: float
     step_seconds: float
+    median_error: float
 
 
 def summarize_windows(batch_size: int, steps: int, window_seconds: Sequence[float]) -> WindowStats:
@@ -114,7 +118,61 @@ def summarize_windows(batch_size: int, steps: int, window_seconds: Sequence[floa
     mean = statistics.fmean(rates)
     cv = statistics.stdev(rates) / mean if len(rates) > 1 else 0.0
     return WindowStats(samples_per_second=statistics.median(rates), low=min(rates),
-                       high=max(rates), cv=cv, step_seconds=statistics.median(times) / steps)
+                       high=max(rates), cv=cv, step_seconds=statistics.median(times) / steps,
+                       median_error=median_error(rates))
+
+
+def median_error(values: Sequence[float]) -> float:
+    """Estimated relative standard error of the median of ``values`` (``inf`` below two).
+
+    The spread is the median absolute deviation scaled to a standard deviation (1.4826 MAD:
+    one window slowed by a burst of other work barely moves it, as it barely moves the
+    median), and the median's standard error is ``1.2533 * sigma / sqrt(n)`` (its asymptotic
+    efficiency under a normal spread). Timings are continuous, so the deviations do not tie
+    at zero by chance; identical values do give 0.
+
+    Example:
+
+    >>> round(median_error([100.0, 102.0, 98.0, 101.0, 99.0]), 4)
+    0.0083
+    >>> median_error([100.0])
+    inf
+    """
+    xs = [float(v) for v in values]
+    if len(xs) < 2:
+        return math.inf
+    if any(not (math.isfinite(v) and v > 0) for v in xs):
+        raise InvalidInputError(f"values must be positive and finite, got {xs!r}")
+    med = statistics.median(xs)
+    mad = statistics.median(abs(v - med) for v in xs)
+    return 1.2533 * 1.4826 * mad / math.sqrt(len(xs)) / med
+
+
+def needs_more_windows(values: Sequence[float], *, minimum: int, maximum: int,
+                       target_error: float) -> bool:
+    """Whether a size should get another timed window.
+
+    Every size gets ``minimum`` windows; past that, more only while the median's estimated
+    relative standard error (:func:`median_error`) is above ``target_error``, up to
+    ``maximum`` windows. Noisy sizes get the extra time, steady ones stop early.
+
+    Example:
+
+    >>> needs_more_windows([100.0, 101.0], minimum=3, maximum=9, target_error=0.02)
+    True
+    >>> needs_more_windows([100.0, 101.0, 99.0], minimum=3, maximum=9, target_error=0.02)
+    False
+    >>> needs_more_windows([100.0, 130.0, 80.0], minimum=3, maximum=9, target_error=0.02)
+    True
+    """
+    if minimum < 1 or maximum < minimum:
+        raise InvalidInputError(f"need 1 <= minimum <= maximum, got {minimum}, {maximum}")
+    n = len(values)
+    if n < minimum:
+        return True
+    if n >= maximum:
+        return False
+    return median_error(values) > target_error
 
 
 def knee(batch_sizes: Sequence[int], throughputs: Sequence[float], *,

@@ -44,7 +44,8 @@ def _throughput_table(result: ThroughputResult, *, knee: int | None = None,
                       chosen: int | None = None) -> Table:
     table = Table(title="throughput: median of timed windows, warm-up and tracing excluded",
                   title_justify="left", box=box.SIMPLE_HEAD)
-    for col, just in (("batch", "right"), ("samples/s", "right"), ("min-max", "right"),
+    for col, just in (("batch", "right"), ("samples/s", "right"), ("± s.e.", "right"),
+                      ("min-max", "right"),
                       ("step", "right"), ("steps", "right"), ("", "left")):
         table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
     gpu = any(p.gpu_utilization is not None for p in result.points)
@@ -59,10 +60,11 @@ def _throughput_table(result: ThroughputResult, *, knee: int | None = None,
             marks.append("[bold green]<- recommended[/bold green]")
         if p.samples_per_second is None:
             style = _POINT_STYLE.get(p.outcome, "")
-            row = [str(p.batch_size), f"[{style}]{p.outcome}[/{style}]", "", "", "",
+            row = [str(p.batch_size), f"[{style}]{p.outcome}[/{style}]", "", "", "", "",
                    _escape(p.detail[:40])]
         else:
-            row = [str(p.batch_size), f"{p.samples_per_second:,.0f}",
+            err = "-" if p.median_error is None else f"{p.median_error:.1%}"
+            row = [str(p.batch_size), f"{p.samples_per_second:,.0f}", err,
                    f"{p.low or 0:.0f}-{p.high or 0:.0f}",
                    f"{(p.step_seconds or 0) * 1000:.1f} ms",
                    f"{len(p.window_seconds)}x{p.steps_per_window}", ", ".join(marks)]

@@ -21,6 +21,8 @@ class ThroughputPoint(_Serializable):
         low: the slowest window's samples/s.
         high: the fastest window's samples/s.
         cv: coefficient of variation over the windows.
+        median_error: estimated relative standard error of the median (the timing went on
+            until it reached the target or the window limit).
         step_seconds: median seconds per training step.
         steps_per_window: steps in each timed window, adapted to the step time.
         window_seconds: wall time of each timed window.
@@ -39,6 +41,7 @@ class ThroughputPoint(_Serializable):
     low: float | None = None
     high: float | None = None
     cv: float | None = None
+    median_error: float | None = None
     step_seconds: float | None = None
     steps_per_window: int = 0
     window_seconds: list[float] = field(default_factory=list)

@@ -17,12 +17,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..core.throughput import geometric_grid, knee, steps_per_window, summarize_windows
+from ..core.throughput import (
+    geometric_grid,
+    knee,
+    needs_more_windows,
+    steps_per_window,
+    summarize_windows,
+)
 from ..errors import InvalidInputError
 from ..results import ThroughputPoint, ThroughputResult
 
 DEFAULT_WINDOW_SECONDS = 0.3
 DEFAULT_WINDOWS = 5
+DEFAULT_TARGET_ERROR = 0.02
 
 
 def resolve_model(model: Any) -> Any:
@@ -48,11 +55,19 @@ def resolve_model(model: Any) -> Any:
         f"'file.py:factory' / 'package.module:factory' / 'model.keras'; got {type(model).__name__}")
 
 
-def _validate(window_seconds: float, windows: int, warmup_steps: int, tolerance: float) -> None:
+def _validate(window_seconds: float, windows: int, max_windows: int, target_error: float,
+              warmup_steps: int, tolerance: float) -> None:
     if not (isinstance(window_seconds, (int, float)) and window_seconds > 0):
         raise InvalidInputError(f"window_seconds must be > 0, got {window_seconds!r}")
     if isinstance(windows, bool) or not isinstance(windows, int) or windows < 2:
         raise InvalidInputError(f"windows must be an integer >= 2 (a spread needs two), got {windows!r}")
+    if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < windows:
+        raise InvalidInputError(
+            f"max_windows must be an integer >= windows ({windows}), got {max_windows!r}; "
+            "pass max_windows=windows for a fixed number of windows")
+    if not (isinstance(target_error, (int, float)) and target_error > 0):
+        raise InvalidInputError(
+            f"target_error must be a fraction > 0 (e.g. 0.02 for 2%), got {target_error!r}")
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
         raise InvalidInputError(f"warmup_steps must be an integer >= 1, got {warmup_steps!r}")
     if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
@@ -77,6 +92,8 @@ def profile_throughput(
     granularity: int = 1,
     window_seconds: float = DEFAULT_WINDOW_SECONDS,
     windows: int = DEFAULT_WINDOWS,
+    max_windows: int | None = None,
+    target_error: float = DEFAULT_TARGET_ERROR,
     warmup_steps: int = 2,
     tolerance: float = 0.05,
     device: str | None = None,
@@ -99,7 +116,11 @@ def profile_throughput(
         input_shapes: lengths of non-batch ``None`` dimensions.
         granularity: grid sizes are multiples of this.
         window_seconds: wall time each timed window aims at (default 0.3 s).
-        windows: timed windows per size (default 5; the median is reported).
+        windows: timed windows per size at least (default 5; the median is reported).
+        max_windows: timed windows per size at most (default ``3 * windows``). Past
+            ``windows``, a size gets more windows while its median's estimated relative
+            standard error is above ``target_error``; ``max_windows=windows`` fixes the count.
+        target_error: the relative standard error of the median to reach (default 0.02).
         warmup_steps: untimed steps per size before timing (tracing happens here; default 2).
         tolerance: the knee is the smallest size within this fraction of the best throughput.
         device: ``"CPU:0"`` / ``"GPU:0"`` (default: the GPU if any).
@@ -118,7 +139,10 @@ def profile_throughput(
     ([41000, 122000, 210000], 256)
     """
     t_start = time.perf_counter()
-    _validate(window_seconds, windows, warmup_steps, tolerance)
+    if max_windows is None and isinstance(windows, int) and not isinstance(windows, bool):
+        max_windows = 3 * windows
+    _validate(window_seconds, windows, max_windows, target_error,  # type: ignore[arg-type]
+              warmup_steps, tolerance)
     notes: list[str] = []
     if batch_sizes is not None:
         sizes = _check_sizes(batch_sizes)
@@ -155,6 +179,8 @@ def profile_throughput(
         with tf.device(dev) if replicas == 1 else contextlib.nullcontext():
             points = _measure(keras_model, batch_fn, sizes, tf=tf, state=state,
                               window_seconds=float(window_seconds), windows=windows,
+                              max_windows=int(max_windows),  # type: ignore[arg-type]
+                              target_error=float(target_error),
                               warmup_steps=warmup_steps, device=dev, gpu=gpu_ok,
                               sampler_cls=GpuSampler, read_peak=read_peak, reset_peak=reset_peak)
     finally:
@@ -200,14 +226,16 @@ def _sync(logs: Any) -> None:
 
 
 def _measure(model: Any, batch_fn: Any, sizes: list[int], *, tf: Any, state: Any,
-             window_seconds: float, windows: int, warmup_steps: int, device: str, gpu: bool,
-             sampler_cls: Any, read_peak: Any, reset_peak: Any) -> list[ThroughputPoint]:
+             window_seconds: float, windows: int, max_windows: int, target_error: float,
+             warmup_steps: int, device: str, gpu: bool, sampler_cls: Any, read_peak: Any,
+             reset_peak: Any) -> list[ThroughputPoint]:
     """Prepare every size (trace, warm up, calibrate), then time them in interleaved rounds.
 
     Round ``r`` times window ``r`` of every size in turn, so the windows of each size are spread
     over the whole measurement: a slow drift of the machine's speed (measured on this CI VM:
     +-20% over seconds) moves every size alike instead of skewing the sizes measured during it,
-    and each size's median samples the whole period.
+    and each size's median samples the whole period. After ``windows`` rounds, the rounds go on
+    for the sizes whose median is not yet known to ``target_error`` (up to ``max_windows``).
     """
     from .oom import is_oom_error
     from .probe import _first_line
@@ -234,10 +262,13 @@ def _measure(model: Any, batch_fn: Any, sizes: list[int], *, tf: Any, state: Any
             points[b] = ThroughputPoint(batch_size=b, outcome=outcome, detail=detail)
         else:
             ready.append(prepared)
-    for _ in range(windows):
-        for r in ready:
-            if r.failure is not None:
-                continue
+    for _ in range(max_windows):
+        todo = [r for r in ready if r.failure is None and needs_more_windows(
+            [r.b * r.steps / t for t in r.times], minimum=windows, maximum=max_windows,
+            target_error=target_error)]
+        if not todo:
+            break
+        for r in todo:
             try:
                 with sampler_cls(gpu) as sampler:
                     t0 = time.perf_counter()
@@ -261,6 +292,7 @@ def _measure(model: Any, batch_fn: Any, sizes: list[int], *, tf: Any, state: Any
         points[r.b] = ThroughputPoint(
             batch_size=r.b, outcome="ok", samples_per_second=stats.samples_per_second,
             low=stats.low, high=stats.high, cv=stats.cv, step_seconds=stats.step_seconds,
+            median_error=stats.median_error,
             steps_per_window=r.steps, window_seconds=r.times, warmup_steps=warmup_steps + 1,
             warmup_seconds=r.warmup_seconds, first_step_seconds=r.first,
             gpu_utilization=sum(r.util) / len(r.util) if r.util else None,

@@ -24,6 +24,7 @@ from ..results import (
     TuneResult,
 )
 from .throughput import (
+    DEFAULT_TARGET_ERROR,
     DEFAULT_WINDOW_SECONDS,
     DEFAULT_WINDOWS,
     profile_throughput,
@@ -47,6 +48,8 @@ def tune(
     batch_sizes: Sequence[int] | None = None,
     window_seconds: float = DEFAULT_WINDOW_SECONDS,
     windows: int = DEFAULT_WINDOWS,
+    max_windows: int | None = None,
+    target_error: float = DEFAULT_TARGET_ERROR,
     isolate: str = "auto",
     device: str | None = None,
     criteria: Sequence[Criterion] | None = None,
@@ -86,7 +89,10 @@ def tune(
         tolerance: the knee's tolerance (default 0.05: within 5% of the best throughput).
         batch_sizes: sizes to time instead of the default grid.
         window_seconds: wall time of each timed window.
-        windows: timed windows per size.
+        windows: timed windows per size at least (default 5).
+        max_windows: timed windows per size at most (default ``3 * windows``): a size whose
+            median is not yet known to ``target_error`` gets more windows, up to this.
+        target_error: relative standard error of each size's median to aim at (default 0.02).
         isolate: how memory probes run (see ``find_max_batch_size``).
         device: ``"CPU:0"`` / ``"GPU:0"``.
         criteria: the recommendation's criteria (default: memory, then throughput); add your
@@ -189,7 +195,8 @@ def tune(
     phase("throughput")
     throughput = profile_throughput(
         model_obj, sizes, data=data, input_shapes=input_shapes, window_seconds=window_seconds,
-        windows=windows, tolerance=tolerance, device=device, seed=seed, on_point=on_point)
+        windows=windows, max_windows=max_windows, target_error=target_error,
+        tolerance=tolerance, device=device, seed=seed, on_point=on_point)
 
     noise_result = None
     b_noise: float | None = None
