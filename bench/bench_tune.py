@@ -81,9 +81,12 @@ def repeatability() -> tuple[list[dict], list[dict]]:
                 "step_ms": statistics.median(p.step_seconds for p in pts) * 1000,
                 "cv_within_run": [p.cv for p in pts],
                 "steps_per_window": [p.steps_per_window for p in pts],
+                "windows": [len(p.window_seconds) for p in pts],
+                "median_error": [p.median_error for p in pts],
             })
             print(f"{name:12s} b={b:4d} step {rows[-1]['step_ms']:7.1f} ms  "
-                  f"runs {[round(m) for m in medians]}  cv {rows[-1]['cv_across_runs']:.1%}",
+                  f"runs {[round(m) for m in medians]}  cv {rows[-1]['cv_across_runs']:.1%}  "
+                  f"windows {rows[-1]['windows']}",
                   flush=True)
         print(f"{name:12s} machine noise floor (fixed NumPy workload) cv "
               f"{floors[-1]['cv_across_runs']:.1%}", flush=True)
