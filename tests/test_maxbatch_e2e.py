@@ -44,3 +44,19 @@ def test_guided_finds_what_exhaustive_bisection_in_fresh_processes_finds(spec, m
     for p in result.probes:
         if p.fits:
             assert p.peak_bytes is not None and p.peak_bytes < 0.98 * result.memory_budget_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fit_rates_probe_every_size_in_every_round() -> None:
+    from batchfit.tf.verify import fit_rates
+
+    seen: list[int] = []
+    rates = fit_rates("tests/models_for_tests.py:seed_wide", "64MiB", [8, 4096], repeats=2,
+                      on_probe=lambda p: seen.append(p.batch_size))
+    assert seen == [8, 4096, 8, 4096]  # rounds over all sizes, not one size after another
+    assert [p.fits for p in rates[8]] == [True, True]
+    assert [p.fits for p in rates[4096]] == [False, False]
+    assert all(p.outcome in ("oom", "at_limit") for p in rates[4096])
+    with pytest.raises(ValueError, match="repeats"):
+        fit_rates("tests/models_for_tests.py:seed_wide", "64MiB", [8], repeats=0)

@@ -68,6 +68,9 @@ class ThroughputResult(_Serializable):
         window_target_seconds: the wall time each timed window aimed at.
         gpu_metrics: ``"nvml"`` when GPU utilization was recorded, else why not.
         seconds: wall time of the whole measurement.
+        trace_seconds: the first part of it: two tiny untimed steps that trace the general
+            training step (the graph ``fit`` runs, with a ``None`` batch dimension) before any
+            size is timed, so the first size is not timed on a graph specialized to it.
         model_name: the model's name.
         notes: plain-language remarks.
         environment: versions and platform.
@@ -82,6 +85,7 @@ class ThroughputResult(_Serializable):
     window_target_seconds: float
     gpu_metrics: str
     seconds: float = 0.0
+    trace_seconds: float = 0.0
     model_name: str = ""
     notes: list[str] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)

@@ -47,6 +47,7 @@ How it works (Keras 3, TensorFlow backend):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -690,29 +691,44 @@ class _Run:
         while True:
             rest = n - self._done
             plan = plan_micro_batches(rest, min(self.micro[phase], rest))
-            t0 = time.perf_counter()
-            failure = None
-            measure = self._measure_next[phase]
-            try:
-                if measure:
-                    reset_peak(self._device)
-                logs = self._run_plan(phase, data, plan)
-            except Exception as exc:
-                if not is_oom_error(exc):
-                    raise
-                failure = _first_line(exc)
-            if failure is None:
-                if measure:
-                    self.observations[phase].append(
-                        (plan.micro_batch_size, True, read_peak(self._device)))
-                    self._measure_next[phase] = False
+            ran, logs = self._attempt(
+                phase, plan.micro_batch_size, n, functools.partial(self._run_plan, phase, data, plan),
+                reset=lambda: reset_peak(self._device), peak=lambda: read_peak(self._device))
+            if ran:
                 return logs
-            # Outside the handler: the traceback holding the failed step's tensors is gone.
-            self._shadows[phase].restore_if_taken(self._target)
-            if self._accumulating:
-                self._zero_accumulators()
-            self.observations[phase].append((plan.micro_batch_size, False, None))
-            self._shrink(phase, plan.micro_batch_size, n, failure, time.perf_counter() - t0)
+
+    def _attempt(self, phase: str, micro: int, n: int, run: Callable[[], Any], *,
+                 reset: Callable[[], None], peak: Callable[[], int | None]) -> tuple[bool, Any]:
+        """Run one plan of a batch of ``n``; on an out-of-memory error, undo it and shrink.
+
+        Returns ``(True, logs)`` when the plan ran, ``(False, None)`` after a failure, once
+        the state is back where the failure returns to and the micro-batch is smaller (the
+        caller plans the rest again). Errors other than out-of-memory propagate. When a
+        measurement is due, the allocator's peak is reset before and read after.
+        """
+        t0 = time.perf_counter()
+        failure = None
+        measure = self._measure_next[phase]
+        try:
+            if measure:
+                reset()
+            logs = run()
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            failure = _first_line(exc)
+        if failure is None:
+            if measure:
+                self.observations[phase].append((micro, True, peak()))
+                self._measure_next[phase] = False
+            return True, logs
+        # Outside the handler: the traceback holding the failed step's tensors is gone.
+        self._shadows[phase].restore_if_taken(self._target)
+        if self._accumulating:
+            self._zero_accumulators()
+        self.observations[phase].append((micro, False, None))
+        self._shrink(phase, micro, n, failure, time.perf_counter() - t0)
+        return False, None
 
     def _call(self, fn: Callable[[Any], Any], shadow: _Shadow, data: Any, *,
               snapshot: bool) -> Any:
@@ -783,28 +799,17 @@ class _Run:
             steps = plan_micro_batches(longest, min(per, longest)).steps if longest else 1
             pieces = [_split_counts(r, steps) for r in rest]
             micro = max(max(p) for p in pieces)
-            t0 = time.perf_counter()
-            failure = None
-            measure = self._measure_next[phase]
-            try:
-                if measure:
-                    for d in self._peak_devices:
-                        reset_peak(d)
-                logs = self._run_plan_distributed(phase, data, local, done, pieces, steps)
-            except Exception as exc:
-                if not is_oom_error(exc):
-                    raise
-                failure = _first_line(exc)
-            if failure is None:
-                if measure:
-                    self.observations[phase].append((micro, True, self._replica_peak()))
-                    self._measure_next[phase] = False
+            ran, logs = self._attempt(
+                phase, micro, n,
+                functools.partial(self._run_plan_distributed, phase, data, local, done, pieces,
+                                  steps),
+                reset=self._reset_replica_peaks, peak=self._replica_peak)
+            if ran:
                 return logs
-            self._shadows[phase].restore_if_taken(self._target)
-            if self._accumulating:
-                self._zero_accumulators()
-            self.observations[phase].append((micro, False, None))
-            self._shrink(phase, micro, n, failure, time.perf_counter() - t0)
+
+    def _reset_replica_peaks(self) -> None:
+        for d in self._peak_devices:
+            reset_peak(d)
 
     def _run_plan_distributed(self, phase: str, data: Any, local: list[Any], done: list[int],
                               pieces: list[list[int]], steps: int) -> Any:

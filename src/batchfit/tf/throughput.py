@@ -177,7 +177,7 @@ def profile_throughput(
     try:
         # Under a strategy each replica places its own ops: no device scope around them.
         with tf.device(dev) if replicas == 1 else contextlib.nullcontext():
-            points = _measure(keras_model, batch_fn, sizes, tf=tf, state=state,
+            points, trace_seconds = _measure(keras_model, batch_fn, sizes, tf=tf, state=state,
                               window_seconds=float(window_seconds), windows=windows,
                               max_windows=int(max_windows),  # type: ignore[arg-type]
                               target_error=float(target_error),
@@ -199,7 +199,7 @@ def profile_throughput(
         notes.append("no size could be measured")
     return ThroughputResult(points=points, knee=k, tolerance=float(tolerance), device=dev,
                             window_target_seconds=float(window_seconds), gpu_metrics=gpu_note,
-                            seconds=time.perf_counter() - t_start,
+                            seconds=time.perf_counter() - t_start, trace_seconds=trace_seconds,
                             model_name=str(getattr(keras_model, "name", "")), notes=notes,
                             environment=environment_info())
 
@@ -228,7 +228,7 @@ def _sync(logs: Any) -> None:
 def _measure(model: Any, batch_fn: Any, sizes: list[int], *, tf: Any, state: Any,
              window_seconds: float, windows: int, max_windows: int, target_error: float,
              warmup_steps: int, device: str, gpu: bool, sampler_cls: Any, read_peak: Any,
-             reset_peak: Any) -> list[ThroughputPoint]:
+             reset_peak: Any) -> tuple[list[ThroughputPoint], float]:
     """Prepare every size (trace, warm up, calibrate), then time them in interleaved rounds.
 
     Round ``r`` times window ``r`` of every size in turn, so the windows of each size are spread
@@ -242,6 +242,7 @@ def _measure(model: Any, batch_fn: Any, sizes: list[int], *, tf: Any, state: Any
 
     points: dict[int, ThroughputPoint] = {}
     ready: list[_Prepared] = []
+    trace_seconds = _trace_general(model, batch_fn, state)
     for b in sizes:
         if any(p.outcome == "oom" for p in points.values()):
             smallest_oom = min(q.batch_size for q in points.values() if q.outcome == "oom")
@@ -297,7 +298,34 @@ def _measure(model: Any, batch_fn: Any, sizes: list[int], *, tf: Any, state: Any
             warmup_seconds=r.warmup_seconds, first_step_seconds=r.first,
             gpu_utilization=sum(r.util) / len(r.util) if r.util else None,
             gpu_memory_bytes=max(r.mem) if r.mem else None, peak_bytes=r.peak)
-    return [points[b] for b in sizes]
+    return [points[b] for b in sizes], trace_seconds
+
+
+def _trace_general(model: Any, batch_fn: Any, state: Any) -> float:
+    """Trace the training step that ``fit`` runs before timing any size.
+
+    Keras traces its step with ``reduce_retracing=True``: the first batch size gets a graph
+    specialized to its static shape, every later size one general graph with a ``None`` batch
+    dimension, the kind ``fit`` runs. Without this, the first size measured would be timed on
+    a graph of its own (the same reason :meth:`ProbeRunner.warm_up` runs two tiny steps before
+    measuring memory). A model that cannot train on a batch of 1 or 2 (e.g. a strategy with
+    more replicas) skips this: its sizes trace as they come.
+
+    Returns:
+        Its wall time in seconds (excluded from every measurement).
+    """
+    t0 = time.perf_counter()
+    for b in (1, 2):
+        failed = False
+        try:
+            x, y = batch_fn(b)
+            model.train_on_batch(x, y)
+        except Exception:  # noqa: BLE001 - only a preparation; each size reports its own
+            failed = True
+        state.restore()  # outside the handler: a failed step's tensors are released
+        if failed:
+            break
+    return time.perf_counter() - t0
 
 
 def _prepare(model: Any, batch_fn: Any, b: int, *, tf: Any, window_seconds: float,

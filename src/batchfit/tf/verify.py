@@ -81,3 +81,39 @@ def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
         else:
             hi = mid
     return lo, probes, time.perf_counter() - t0
+
+
+def fit_rates(model: Any, memory: str | int, sizes: list[int], *, repeats: int = 3,
+              steps: int = 3, data: Any = None, input_shapes: Any = None,
+              device: str = "CPU:0", seed: int = 0, probe_timeout: float = 600.0,
+              on_probe: Callable[[Probe], None] | None = None) -> dict[int, list[Probe]]:
+    """Probe each size ``repeats`` times, each probe in a fresh process: how sharp is the limit?
+
+    Near a capped allocator's limit whether a size fits is not a property of the size alone
+    (which free chunk each tensor lands in depends on the order ops ran and freed memory).
+    Rounds go over all sizes in turn (size 1..n, then again), so a drift of the machine
+    touches every size alike.
+
+    Returns:
+        ``{size: [probe, ...]}``; ``sum(p.fits for p in probes) / len(probes)`` is the rate.
+
+    Example:
+
+    >>> r = fit_rates("batchfit.examples.models:cnn", "128MiB", [200, 220])  # doctest: +SKIP
+    >>> {b: sum(p.fits for p in ps) for b, ps in r.items()}                 # doctest: +SKIP
+    {200: 3, 220: 1}
+    """
+    if repeats < 1 or not sizes or any(b < 1 for b in sizes):
+        raise ValueError(f"need repeats >= 1 and positive sizes, got {repeats}, {sizes}")
+    config = WorkerConfig(source=ModelSource.from_model(model), data=data,
+                          input_shapes=input_shapes, steps=steps, device=device,
+                          budget_bytes=parse_size(memory), seed=seed)
+    out: dict[int, list[Probe]] = {b: [] for b in sizes}
+    with ProbeWorker(config, probe_timeout=probe_timeout, fresh_each_probe=True) as worker:
+        for _ in range(repeats):
+            for b in sizes:
+                probe = worker.probe(b)
+                out[b].append(probe)
+                if on_probe is not None:
+                    on_probe(probe)
+    return out
