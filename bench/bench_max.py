@@ -8,6 +8,9 @@ probes, out-of-memory errors, wall time and the answer. Results go to bench/resu
     python bench/bench_max.py                      # all cases (about 30 min on 2 cores)
     python bench/bench_max.py --cases cnn:128MiB   # one case
     python bench/bench_max.py --markdown bench/results/max.json
+    python bench/bench_max.py --band cnn:128MiB 200,210,219,230 --repeats 3
+                                                   # how often each size fits (fresh processes)
+    python bench/bench_max.py --markdown bench/results/max_band.json
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from batchfit.tf.maxbatch import find_max_batch_size  # noqa: E402
-from batchfit.tf.verify import exhaustive_max  # noqa: E402
+from batchfit.tf.verify import exhaustive_max, fit_rates  # noqa: E402
 
 MODELS = {
     "cnn": "batchfit.examples.models:cnn",
@@ -61,6 +64,57 @@ def run_case(case: str, strategies: list[str], truth: bool) -> dict:
     return row
 
 
+def run_band(case: str, sizes: list[int], repeats: int, out: Path,
+             probe_timeout: float = 600.0) -> None:
+    """Fit rate of each size in fresh processes, added to ``out`` (bench/results/max_band.json)."""
+    name, memory = case.split(":")
+    t0 = time.time()
+
+    def show(p) -> None:
+        print(f"{case:20s} b={p.batch_size:5d} {p.outcome:9s} "
+              f"peak={(p.peak_bytes or 0) / 2**20:6.1f} MiB {p.seconds:5.1f}s", flush=True)
+
+    rates = fit_rates(MODELS[name], memory, sizes, repeats=repeats, on_probe=show,
+                      probe_timeout=probe_timeout)
+    data = json.loads(out.read_text()) if out.exists() else {"benchmark": "max_band", "rows": []}
+    data["rows"] = [r for r in data["rows"] if r["case"] != case]
+    data["rows"].append({
+        "case": case, "date": time.strftime("%Y-%m-%d %H:%M"), "repeats": repeats,
+        "seconds": round(time.time() - t0, 1),
+        "probe_timeout": probe_timeout,
+        "command": f"python bench/bench_max.py --band {case} "
+                   f"{','.join(map(str, sizes))} --repeats {repeats} "
+                   f"--probe-timeout {probe_timeout:g}",
+        "sizes": [{"batch_size": b, "fits": sum(p.fits for p in ps), "runs": len(ps),
+                   "outcomes": [p.outcome for p in ps],
+                   "peak_mib": [None if p.peak_bytes is None else round(p.peak_bytes / 2**20, 1)
+                                for p in ps]} for b, ps in rates.items()]})
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    for r in data["rows"][-1]["sizes"]:
+        print(f"{case:20s} b={r['batch_size']:5d} fits {r['fits']}/{r['runs']} {r['outcomes']}")
+
+
+def band_markdown(data: dict) -> str:
+    """The README table of ``--band`` runs: how often each size fitted in fresh processes."""
+    header = "| case | fits / runs, by batch size | every size fitted up to | no size fitted from |"
+    lines = [header, "|---|---|---|---|"]
+    for row in data["rows"]:
+        sizes = sorted(row["sizes"], key=lambda r: r["batch_size"])
+        cells = ", ".join(f"{r['batch_size']}: {r['fits']}/{r['runs']}" for r in sizes)
+        always = "-"
+        for r in sizes:
+            if r["fits"] < r["runs"]:
+                break
+            always = str(r["batch_size"])
+        never = "-"
+        for r in reversed(sizes):
+            if r["fits"] > 0:
+                break
+            never = str(r["batch_size"])
+        lines.append(f"| {row['case']} | {cells} | {always} | {never} |")
+    return "\n".join(lines)
+
+
 def markdown(data: dict) -> str:
     lines = ["| model | budget | true max | strategy | result | probes | OOMs | wall s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -78,9 +132,19 @@ def main() -> None:
     ap.add_argument("--no-truth", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench/results/max.json"))
     ap.add_argument("--markdown", metavar="JSON")
+    ap.add_argument("--band", nargs=2, metavar=("CASE", "SIZES"),
+                    help="fit rate of each size (comma-separated) in fresh processes")
+    ap.add_argument("--repeats", type=int, default=3, help="--band: probes per size")
+    ap.add_argument("--probe-timeout", type=float, default=600.0,
+                    help="--band: seconds before a stalled probe counts as not fitting")
     args = ap.parse_args()
+    if args.band:
+        run_band(args.band[0], [int(b) for b in args.band[1].split(",")], args.repeats,
+                 ROOT / "bench/results/max_band.json", args.probe_timeout)
+        return
     if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
+        saved = json.loads(Path(args.markdown).read_text())
+        print(band_markdown(saved) if saved.get("benchmark") == "max_band" else markdown(saved))
         return
     t0 = time.time()
     import keras
