@@ -200,13 +200,9 @@ def load_checkable(spec: str) -> Any:
     """
     import keras
 
-    from . import loader
+    from .loader import load_object
 
-    spec = loader._check_spec(spec, "model")
-    if spec.lower().endswith(loader._SAVED_SUFFIXES):
-        return loader.load_model(spec)
-    factory, where = loader._resolve(spec, "model")
-    obj = loader._call_factory(factory, where, "model")
+    obj, where = load_object(spec)
     if not isinstance(obj, keras.layers.Layer):
         from ..errors import ModelLoadError
 

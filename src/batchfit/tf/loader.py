@@ -65,11 +65,53 @@ def load_model(spec: str) -> Any:
     if spec.lower().endswith(_SAVED_SUFFIXES):
         return _load_saved_model(spec)
     factory, where = _resolve(spec, "model")
+    return model_from_factory(factory, where)
+
+
+def model_from_factory(factory: Callable[[], Any], where: str | None = None) -> Any:
+    """Call a zero-argument factory and check that it returned a compiled ``keras.Model``.
+
+    Args:
+        factory: the function to call.
+        where: how error messages name it (default: its ``__name__``).
+
+    Raises:
+        ModelLoadError: the factory raised, or returned something that is not a compiled
+            ``keras.Model``.
+
+    Example:
+
+    >>> from batchfit.examples.models import seed_mlp
+    >>> model_from_factory(seed_mlp).name
+    'seed_mlp'
+    """
+    where = where or getattr(factory, "__name__", "factory")
     obj = _call_factory(factory, where, "model")
     problem = _model_problem(obj, "in the factory")
     if problem is not None:
         raise ModelLoadError(f"What the factory {where} returned {problem}")
     return obj
+
+
+def load_object(spec: str) -> tuple[Any, str]:
+    """What a model spec names, unchecked: a saved model (loaded) or its factory's return value.
+
+    For callers that accept more than a compiled model (``batchfit check`` takes a layer too).
+
+    Returns:
+        ``(object, where)``: ``where`` names the factory (or the file) in messages.
+
+    Example:
+
+    >>> obj, where = load_object("batchfit.examples.models:cnn")
+    >>> type(obj).__name__, where
+    ('Functional', "'batchfit.examples.models:cnn'")
+    """
+    spec = _check_spec(spec, "model")
+    if spec.lower().endswith(_SAVED_SUFFIXES):
+        return load_model(spec), spec
+    factory, where = _resolve(spec, "model")
+    return _call_factory(factory, where, "model"), where
 
 
 def load_data(spec: str) -> Any:

@@ -42,14 +42,9 @@ def resolve_model(model: Any) -> Any:
         check_model(model)
         return model
     if callable(model):
-        from .loader import _call_factory, _model_problem
+        from .loader import model_from_factory
 
-        obj = _call_factory(model, getattr(model, "__name__", "factory"), "model")
-        problem = _model_problem(obj, "in the factory")
-        if problem is not None:
-            from ..errors import ModelLoadError
-            raise ModelLoadError(f"What the factory returned {problem}")
-        return obj
+        return model_from_factory(model)
     raise InvalidInputError(
         f"model must be a compiled keras.Model, a function returning one, or a spec "
         f"'file.py:factory' / 'package.module:factory' / 'model.keras'; got {type(model).__name__}")
