@@ -27,8 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from batchfit.tf.maxbatch import find_max_batch_size  # noqa: E402
-from batchfit.tf.verify import exhaustive_max, fit_rates  # noqa: E402
+from batchfit.tf.maxbatch import find_max_batch_size
+from batchfit.tf.verify import exhaustive_max, fit_rates
 
 MODELS = {
     "cnn": "batchfit.examples.models:cnn",
@@ -122,6 +122,30 @@ def markdown(data: dict) -> str:
         for s, v in row["strategies"].items():
             lines.append(f"| {row['model']} | {row['memory']} | {row.get('true_max', '?')} | {s} "
                          f"| {v['max_batch_size']} | {v['probes']} | {v['ooms']} | {v['seconds']} |")
+    return "\n".join(lines) + "\n\n" + targets_markdown(data)
+
+
+def targets_markdown(data: dict) -> str:
+    """Guided against issue 2's targets: the true max or within 2% below it, at most 6 probes
+    and 1 out-of-memory, at most half of binsearch's wall time."""
+    lines = ["| case | guided vs true max | probes | OOMs | wall time vs binsearch | all met |",
+             "|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        g, b = row["strategies"].get("guided"), row["strategies"].get("binsearch")
+        if g is None:
+            continue
+        truth = row.get("true_max")
+        if truth:
+            diff = (g["max_batch_size"] - truth) / truth
+            vs = (f"{g['max_batch_size']} = {truth}" if diff == 0
+                  else f"{g['max_batch_size']}, {diff:+.1%}")
+            exact = -0.02 <= diff <= 0
+        else:
+            vs, exact = f"{g['max_batch_size']} (no true max)", False
+        ratio = g["seconds"] / b["seconds"] if b and b["seconds"] else None
+        met = exact and g["probes"] <= 6 and g["ooms"] <= 1 and ratio is not None and ratio <= 0.5
+        lines.append(f"| {row['model']}, {row['memory']} | {vs} | {g['probes']} | {g['ooms']} | "
+                     f"{'-' if ratio is None else f'{ratio:.0%}'} | {'yes' if met else 'no'} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ..errors import InvalidInputError
 
 __all__ = ["WindowStats", "geometric_grid", "knee", "median_error", "needs_more_windows",
-           "steps_per_window", "summarize_windows"]
+           "steps_per_window", "summarize_windows", "window_rates"]
 
 
 def geometric_grid(largest: int, *, smallest: int = 1, factor: float = 2.0,
@@ -100,6 +100,22 @@ class WindowStats:
     median_error: float
 
 
+def window_rates(batch_size: int, steps: int, window_seconds: Sequence[float]) -> list[float]:
+    """Throughput (samples/s) of each timed window of ``steps`` steps at ``batch_size``.
+
+    Example:
+
+    >>> [round(r) for r in window_rates(32, 10, [0.1, 0.2])]
+    [3200, 1600]
+    """
+    if batch_size < 1 or steps < 1:
+        raise InvalidInputError("batch_size and steps must be >= 1")
+    times = [float(t) for t in window_seconds]
+    if any(not t > 0 for t in times):
+        raise InvalidInputError(f"window times must be positive, got {times!r}")
+    return [batch_size * steps / t for t in times]
+
+
 def summarize_windows(batch_size: int, steps: int, window_seconds: Sequence[float]) -> WindowStats:
     """Median throughput of the timed windows, with its spread.
 
@@ -109,12 +125,10 @@ def summarize_windows(batch_size: int, steps: int, window_seconds: Sequence[floa
     >>> round(s.samples_per_second), round(s.low), round(s.high)
     (3200, 2909, 3556)
     """
-    if batch_size < 1 or steps < 1:
-        raise InvalidInputError("batch_size and steps must be >= 1")
     times = [float(t) for t in window_seconds]
-    if not times or any(not t > 0 for t in times):
-        raise InvalidInputError(f"window times must be positive, got {times!r}")
-    rates = [batch_size * steps / t for t in times]
+    if not times:
+        raise InvalidInputError("no window times given")
+    rates = window_rates(batch_size, steps, times)
     mean = statistics.fmean(rates)
     cv = statistics.stdev(rates) / mean if len(rates) > 1 else 0.0
     return WindowStats(samples_per_second=statistics.median(rates), low=min(rates),

@@ -158,6 +158,40 @@ def reset_peak(device: str) -> None:
         pass
 
 
+def trace_general_step(model: Any, batch_fn: Any, state: Any,
+                       sizes: tuple[int, ...] = (1, 2)) -> tuple[bool, str] | None:
+    """Run tiny training steps so Keras has traced the step ``fit`` runs; restore the state.
+
+    Keras traces its step with ``reduce_retracing=True``: the first batch size gets a graph
+    specialized to that static shape, the second a graph with a ``None`` batch dimension, used
+    for every size after (and the kind ``fit`` runs, whose batches have a ``None`` batch
+    dimension). Memory probes and throughput timing both run this first, so that neither
+    measures a graph of its own for whichever size comes first.
+
+    Args:
+        model: the compiled model.
+        batch_fn: ``batch_fn(b) -> (x, y)``, a batch of ``b`` samples.
+        state: the model's saved state (``restore()`` puts weights and optimizer back).
+        sizes: the batch sizes of the tiny steps.
+
+    Returns:
+        ``None``, or ``(is_oom, message)`` for the first step that failed (it stops there).
+    """
+    for b in sizes:
+        failure = None
+        try:
+            x, y = batch_fn(b)
+            model.train_on_batch(x, y)
+        except Exception as exc:  # noqa: BLE001 - the caller decides
+            failure = (is_oom_error(exc), _first_line(exc))
+        # Restore only once the exception (whose traceback keeps the failed step's tensors
+        # alive) is gone.
+        state.restore()
+        if failure is not None:
+            return failure
+    return None
+
+
 class ProbeRunner:
     """Measures training steps at chosen batch sizes on one model, in this process.
 
@@ -195,30 +229,15 @@ class ProbeRunner:
     def warm_up(self, sizes: tuple[int, ...] = (1, 2)) -> tuple[bool, str] | None:
         """Trace the training step for any batch size before measuring.
 
-        Keras traces its step with ``reduce_retracing=True``: the first batch size gets a graph
-        specialized to that static shape, the second a graph with a ``None`` batch dimension,
-        used for every size after (and the kind ``fit`` runs, whose batches have a ``None``
-        batch dimension). Measured: the specialized graph's peak differs from the general one
-        by up to 30%, so a probe's answer depended on which sizes ran before it. Two tiny
-        steps make every probe measure the general graph.
+        See :func:`trace_general_step`. Measured: the graph specialized to the first batch
+        size differs in peak memory from the general one by up to 30%, so without this a
+        probe's answer depended on which sizes ran before it.
 
         Returns:
             ``None``, or ``(is_oom, message)`` for the first step that failed (warming up
             stops there).
         """
-        for b in sizes:
-            failure = None
-            try:
-                x, y = self.batch_fn(b)
-                self.model.train_on_batch(x, y)
-            except Exception as exc:  # noqa: BLE001 - the caller decides
-                failure = (is_oom_error(exc), _first_line(exc))
-            # Restore only once the exception (whose traceback keeps the failed step's
-            # tensors alive) is gone.
-            self.state.restore()
-            if failure is not None:
-                return failure
-        return None
+        return trace_general_step(self.model, self.batch_fn, self.state, sizes)
 
     def run(self, batch_size: int) -> Probe:
         """Run ``steps`` training steps at ``batch_size`` and report what happened.
@@ -249,8 +268,9 @@ class ProbeRunner:
                     outcome, detail = "over_budget", "measured peak exceeds the budget"
                 elif peak >= (1.0 - self.limit_margin) * self.budget_bytes:
                     outcome = "at_limit"
-                    detail = (f"peak within {self.limit_margin:.0%} of the budget: the step only "
-                              f"ran by waiting for memory to be freed")
+                    detail = (f"peak within {self.limit_margin:.0%} of the budget: too close "
+                              f"to count as fitting (near the cap the same size fits in one "
+                              f"process and not in the next)")
             probe = Probe(
                 batch_size=batch_size, fits=outcome == "fits", outcome=outcome,
                 peak_bytes=peak, seconds=time.perf_counter() - t0,

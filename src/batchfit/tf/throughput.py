@@ -23,6 +23,7 @@ from ..core.throughput import (
     needs_more_windows,
     steps_per_window,
     summarize_windows,
+    window_rates,
 )
 from ..errors import InvalidInputError
 from ..results import ThroughputPoint, ThroughputResult
@@ -260,7 +261,7 @@ def _measure(model: Any, batch_fn: Any, sizes: list[int], *, tf: Any, state: Any
             ready.append(prepared)
     for _ in range(max_windows):
         todo = [r for r in ready if r.failure is None and needs_more_windows(
-            [r.b * r.steps / t for t in r.times], minimum=windows, maximum=max_windows,
+            window_rates(r.b, r.steps, r.times), minimum=windows, maximum=max_windows,
             target_error=target_error)]
         if not todo:
             break
@@ -297,29 +298,19 @@ def _measure(model: Any, batch_fn: Any, sizes: list[int], *, tf: Any, state: Any
 
 
 def _trace_general(model: Any, batch_fn: Any, state: Any) -> float:
-    """Trace the training step that ``fit`` runs before timing any size.
+    """Trace the general training step (:func:`~batchfit.tf.probe.trace_general_step`).
 
-    Keras traces its step with ``reduce_retracing=True``: the first batch size gets a graph
-    specialized to its static shape, every later size one general graph with a ``None`` batch
-    dimension, the kind ``fit`` runs. Without this, the first size measured would be timed on
-    a graph of its own (the same reason :meth:`ProbeRunner.warm_up` runs two tiny steps before
-    measuring memory). A model that cannot train on a batch of 1 or 2 (e.g. a strategy with
-    more replicas) skips this: its sizes trace as they come.
+    Without this, the first size measured would be timed on a graph specialized to its static
+    shape. A model that cannot train on a batch of 1 or 2 (e.g. a strategy with more replicas)
+    skips it: its sizes trace as they come, each reporting its own failure.
 
     Returns:
         Its wall time in seconds (excluded from every measurement).
     """
+    from .probe import trace_general_step
+
     t0 = time.perf_counter()
-    for b in (1, 2):
-        failed = False
-        try:
-            x, y = batch_fn(b)
-            model.train_on_batch(x, y)
-        except Exception:  # noqa: BLE001 - only a preparation; each size reports its own
-            failed = True
-        state.restore()  # outside the handler: a failed step's tensors are released
-        if failed:
-            break
+    trace_general_step(model, batch_fn, state)
     return time.perf_counter() - t0
 
 

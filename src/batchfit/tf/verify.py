@@ -1,9 +1,10 @@
 """Ground truth: probes in fresh processes, and an exhaustive bisection made of them.
 
-A search keeps one worker across probes; this module starts a new process for every single
-probe, so no state (allocator fragmentation, cached kernels, a previous OOM) carries over. It is
-slow (a TensorFlow start per probe) and meant for verifying answers: tests and benchmarks compare
-every strategy with :func:`exhaustive_max`.
+Every probe here runs in a new process, so no state (allocator fragmentation, cached kernels,
+a previous OOM) carries over; on Linux, for the CPU, the process is forked from a server that
+has imported TensorFlow once (see :class:`batchfit.tf.worker.ProbeWorker`), elsewhere started
+by ``exec``. Meant for verifying answers: tests and benchmarks compare every strategy with
+:func:`exhaustive_max`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from typing import Any
 from ..core.sizes import parse_size
 from ..results import Probe
 from .worker import ModelSource, ProbeWorker, WorkerConfig
+
+
+def _config(model: Any, memory: str | int, *, data: Any, input_shapes: Any, steps: int,
+            device: str, seed: int) -> WorkerConfig:
+    """The worker configuration every fresh-process probe of this module uses."""
+    return WorkerConfig(source=ModelSource.from_model(model), data=data,
+                        input_shapes=input_shapes, steps=steps, device=device,
+                        budget_bytes=parse_size(memory), seed=seed)
 
 
 def fresh_probe(model: Any, batch_size: int, memory: str | int, *, steps: int = 3,
@@ -33,16 +42,17 @@ def fresh_probe(model: Any, batch_size: int, memory: str | int, *, steps: int = 
     >>> fresh_probe("batchfit.examples.models:seed_mlp", 64, "256MiB").fits  # doctest: +SKIP
     True
     """
-    config = WorkerConfig(source=ModelSource.from_model(model), data=data,
-                          input_shapes=input_shapes, steps=steps, device=device,
-                          budget_bytes=parse_size(memory), seed=seed)
+    config = _config(model, memory, data=data, input_shapes=input_shapes, steps=steps,
+                     device=device, seed=seed)
     with ProbeWorker(config, probe_timeout=probe_timeout) as worker:
         return worker.probe(batch_size)
 
 
 def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
                    upper: int = 1 << 20, on_probe: Callable[[Probe], None] | None = None,
-                   **probe_kwargs: Any) -> tuple[int, list[Probe], float]:
+                   steps: int = 3, data: Any = None, input_shapes: Any = None,
+                   device: str = "CPU:0", seed: int = 0,
+                   probe_timeout: float = 600.0) -> tuple[int, list[Probe], float]:
     """The largest fitting batch by doubling then bisection, every probe in a fresh process.
 
     Returns:
@@ -51,9 +61,17 @@ def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
     """
     t0 = time.perf_counter()
     probes: list[Probe] = []
+    config = _config(model, memory, data=data, input_shapes=input_shapes, steps=steps,
+                     device=device, seed=seed)
+    with ProbeWorker(config, probe_timeout=probe_timeout, fresh_each_probe=True) as worker:
+        best = _bisect(worker, granularity, upper, probes, on_probe)
+    return best, probes, time.perf_counter() - t0
 
+
+def _bisect(worker: ProbeWorker, granularity: int, upper: int, probes: list[Probe],
+            on_probe: Callable[[Probe], None] | None) -> int:
     def fits(b: int) -> bool:
-        p = fresh_probe(model, b, memory, **probe_kwargs)
+        p = worker.probe(b)
         probes.append(p)
         if on_probe is not None:
             on_probe(p)
@@ -70,7 +88,7 @@ def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
             break
     if hi is None:  # doubling passed the bound with everything fitting: try the bound itself
         if lo >= upper or fits(upper):
-            return upper, probes, time.perf_counter() - t0
+            return upper
         hi = upper
     while hi - lo > granularity:
         mid = ((lo + hi) // 2 // granularity) * granularity
@@ -80,7 +98,7 @@ def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
             lo = mid
         else:
             hi = mid
-    return lo, probes, time.perf_counter() - t0
+    return lo
 
 
 def fit_rates(model: Any, memory: str | int, sizes: list[int], *, repeats: int = 3,
@@ -105,9 +123,8 @@ def fit_rates(model: Any, memory: str | int, sizes: list[int], *, repeats: int =
     """
     if repeats < 1 or not sizes or any(b < 1 for b in sizes):
         raise ValueError(f"need repeats >= 1 and positive sizes, got {repeats}, {sizes}")
-    config = WorkerConfig(source=ModelSource.from_model(model), data=data,
-                          input_shapes=input_shapes, steps=steps, device=device,
-                          budget_bytes=parse_size(memory), seed=seed)
+    config = _config(model, memory, data=data, input_shapes=input_shapes, steps=steps,
+                     device=device, seed=seed)
     out: dict[int, list[Probe]] = {b: [] for b in sizes}
     with ProbeWorker(config, probe_timeout=probe_timeout, fresh_each_probe=True) as worker:
         for _ in range(repeats):
