@@ -168,7 +168,13 @@ def main() -> None:
         return
     if args.markdown:
         saved = json.loads(Path(args.markdown).read_text())
-        print(band_markdown(saved) if saved.get("benchmark") == "max_band" else markdown(saved))
+        if saved.get("benchmark") == "max_band":
+            print(band_markdown(saved))
+            if "earlier" in saved:
+                print(f"\nEarlier: {saved['earlier']['note']}\n")
+                print(band_markdown(saved["earlier"]))
+        else:
+            print(markdown(saved))
         return
     t0 = time.time()
     import keras
