@@ -356,7 +356,8 @@ def test_guided_tolerance_stops_within_it_and_never_costs_more(
         fixed_frac: float, limit: int, at: float, factor: float, frag: float,
         tol: float) -> None:
     """With a tolerance the answer fits, lies within it below the true limit, and the search
-    makes no more probes than the exact one (it is the exact search, stopped earlier)."""
+    makes no more probes than the exact one (it is the exact search, stopped earlier: at most
+    its last probe differs, the one that closes the bracket to the tolerance)."""
     budget = 16 * GiB
     fixed = fixed_frac * budget
     device = SimulatedDevice(fixed, (budget - fixed) / (limit + 0.5), budget,
@@ -370,7 +371,27 @@ def test_guided_tolerance_stops_within_it_and_never_costs_more(
     assert loose_policy.bracketed(loose)
     assert device.fits(best) and truth * (1 - tol) - 1 <= best <= truth
     assert len(loose) <= len(exact)
-    assert sizes(loose) == sizes(exact)[:len(loose)]
+    assert sizes(loose)[:-1] == sizes(exact)[:len(loose) - 1]
+
+
+@FAST
+@given(lo=st.integers(1, 10_000), width=st.floats(0.0, 0.1),
+       tol=st.sampled_from([0.01, 0.02, 0.05]), g=st.sampled_from([1, 8]), fits=st.booleans())
+def test_guided_closing_probe_ends_a_narrow_bracket_whatever_it_answers(
+        lo: int, width: float, tol: float, g: int, fits: bool) -> None:
+    lo *= g
+    hi = lo + max(g, int(lo * width) // g * g)
+    policy = GuidedPolicy(None, granularity=g, tolerance=tol)
+    history = [Trial(lo, True), Trial(hi, False)]
+    if policy.bracketed(history):
+        assert policy.next_size(history) is None
+        return
+    nxt = policy.next_size(history)
+    assert nxt is not None and lo < nxt < hi and nxt % g == 0
+    after = [*history, Trial(nxt, fits)]
+    if lo >= hi / (1 + tol) ** 2 + g:  # narrow enough for one probe to close it
+        assert policy.bracketed(after), (lo, hi, nxt)
+        assert policy.next_size(after) is None
 
 
 def test_guided_tolerance_zero_is_exact_and_bad_values_are_refused() -> None:
