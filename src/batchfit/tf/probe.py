@@ -176,6 +176,17 @@ def trace_general_step(model: Any, batch_fn: Any, state: Any,
 
     Returns:
         ``None``, or ``(is_oom, message)`` for the first step that failed (it stops there).
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> m.compile("adam", "mse")
+    >>> state = ModelState(m)
+    >>> trace_general_step(m, lambda b: (np.ones((b, 3)), np.ones((b, 1))), state) is None
+    True
+    >>> state.equals_current()  # the two tiny steps left no trace in the weights
+    True
     """
     for b in sizes:
         failure = None
