@@ -5,7 +5,7 @@ as a user would) and an exhaustive bisection in fresh processes (the ground trut
 probes, out-of-memory errors, wall time and the answer. Results go to bench/results/max.json;
 ``--markdown`` prints the README table.
 
-    python bench/bench_max.py                      # all cases (about 30 min on 2 cores)
+    python bench/bench_max.py                      # all cases (about 15 min on 2 cores)
     python bench/bench_max.py --cases cnn:128MiB   # one case
     python bench/bench_max.py --markdown bench/results/max.json
     python bench/bench_max.py --band cnn:128MiB 200,210,219,230 --repeats 3
