@@ -17,9 +17,9 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 
 
 def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as fh:
-        # "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
-        return int(fh.read().rsplit(")", 1)[1].split()[1])
+    from batchfit.tf.stall import stat_fields
+
+    return int(stat_fields(f"/proc/{pid}/stat")[1])  # state, then the parent's pid
 
 
 def _worker(**kwargs) -> ProbeWorker:

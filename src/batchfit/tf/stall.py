@@ -20,9 +20,19 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["QuietClock", "sample_process"]
+__all__ = ["QuietClock", "sample_process", "stat_fields"]
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def stat_fields(path: str) -> list[str]:
+    """The fields of a ``/proc/.../stat`` file after the command name (state first).
+
+    The name, in parentheses, may hold spaces, so the line is split after its last ``)``.
+    Raises ``OSError`` if the file cannot be read (the process or thread is gone).
+    """
+    with open(path) as fh:
+        return fh.read().rsplit(")", 1)[1].split()
 
 
 def sample_process(pid: int) -> tuple[float, bool] | None:
@@ -39,14 +49,12 @@ def sample_process(pid: int) -> tuple[float, bool] | None:
     True
     """
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
+        fields = stat_fields(f"/proc/{pid}/stat")
         cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
         active = False
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as fh:
-                    state = fh.read().rsplit(")", 1)[1].split()[0]
+                state = stat_fields(f"/proc/{pid}/task/{tid}/stat")[0]
             except (OSError, IndexError):
                 continue
             if state in ("R", "D"):

@@ -39,7 +39,7 @@ from ..errors import (
     ProbeFailedError,
 )
 from ..results import Probe
-from .stall import QuietClock, sample_process
+from .stall import QuietClock, sample_process, stat_fields
 
 MiB = 1 << 20
 
@@ -247,10 +247,6 @@ class _ForkServer:
         self._buffer = b""
         self._pids: list[int] = []
         self._exits: dict[int, int] = {}
-        self.log_path = log_path
-
-    def alive(self) -> bool:
-        return self._sock is not None and self.proc.poll() is None
 
     def pump(self, timeout: float) -> bool:
         """Read what the server has sent (waiting up to ``timeout``); ``False`` once it is gone."""
@@ -302,8 +298,7 @@ class _ForkServer:
             # The server is gone (and its children with their parent): alive or not is all
             # that is left to know.
             try:
-                with open(f"/proc/{pid}/stat") as fh:
-                    state = fh.read().rsplit(")", 1)[1].split()[0]
+                state = stat_fields(f"/proc/{pid}/stat")[0]
             except (OSError, IndexError):
                 return -signal.SIGKILL
             if state in ("Z", "X"):  # a zombie waiting for a parent that is not us
