@@ -561,7 +561,7 @@ class ProbeWorker:
                 self._proc.wait(5.0 if self._closed else 0.0)
         alive = self._proc.poll() is None
         self.kill()
-        if alive and self._quiet:
+        if alive and self.stall_seconds is not None and self._quiet >= self.stall_seconds:
             return Probe(batch_size=batch_size, fits=False, outcome="oom",
                          seconds=time.perf_counter() - t0,
                          detail=f"out of memory: the worker waited {self._quiet:.1f} s without "
