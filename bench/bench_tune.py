@@ -14,6 +14,7 @@
 Usage:
     python bench/bench_tune.py                 # writes bench/results/tune.json
     python bench/bench_tune.py --markdown bench/results/tune.json
+    python bench/bench_tune.py --skip-cost --windows 20 --out PATH   # longer timing per size
 """
 
 from __future__ import annotations
@@ -53,13 +54,18 @@ def noise_floor(seconds: float = 0.3, windows: int = 5) -> float:
     return statistics.median(rates)
 
 
-def repeatability() -> tuple[list[dict], list[dict]]:
+def repeatability(windows: int | None = None,
+                  window_seconds: float | None = None) -> tuple[list[dict], list[dict]]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import batchfit
     from batchfit.tf.loader import load_model
 
     rows: list[dict] = []
     floors: list[dict] = []
+    # A fixed window count (min = max) when given: each size costs windows x window_seconds.
+    timing = ({} if windows is None else {"windows": windows, "max_windows": windows})
+    if window_seconds is not None:
+        timing["window_seconds"] = window_seconds
     for name, spec, sizes in CASES:
         model = load_model(spec)
         runs = []
@@ -67,13 +73,13 @@ def repeatability() -> tuple[list[dict], list[dict]]:
         knees = []
         for _ in range(RUNS):
             floor.append(noise_floor())
-            r = batchfit.profile_throughput(model, sizes)
+            r = batchfit.profile_throughput(model, sizes, **timing)
             runs.append({p.batch_size: p for p in r.points})
             knees.append(r.knee)
         floors.append({"model": name, "matmuls_per_second": floor,
                        "cv_across_runs": statistics.stdev(floor) / statistics.fmean(floor),
                        "knee_per_run": knees})
-        back_to_back = {b: [batchfit.profile_throughput(model, [b]).points[0]
+        back_to_back = {b: [batchfit.profile_throughput(model, [b], **timing).points[0]
                             for _ in range(RUNS)] for b in sizes}
         for b in sizes:
             pts = [run[b] for run in runs]
@@ -173,30 +179,41 @@ def main() -> None:
                     help="only the repeatability part (the saved cost of tune is kept)")
     ap.add_argument("--only-cost", action="store_true",
                     help="re-measure only the cost of tune, keeping the saved repeatability")
+    ap.add_argument("--windows", type=int, default=None,
+                    help="repeatability at a fixed number of timed windows per size (default: "
+                         "profile_throughput's own, 5 to 15 as the median's error needs)")
+    ap.add_argument("--window-seconds", type=float, default=None,
+                    help="wall time of each timed window (default 0.3)")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"result file (default {OUT})")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(Path(args.markdown)))
         return
+    out = args.out
     result: dict = {"date": time.strftime("%Y-%m-%d"), "machine": {
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
-    saved_cost = (json.loads(OUT.read_text()).get("tune_cost")
-                  if args.skip_cost and OUT.exists() else None)
-    if args.only_cost and OUT.exists():
-        saved = json.loads(OUT.read_text())
+    saved_cost = (json.loads(out.read_text()).get("tune_cost")
+                  if args.skip_cost and out.exists() else None)
+    if args.only_cost and out.exists():
+        saved = json.loads(out.read_text())
         result["repeatability"] = saved["repeatability"]
         result["noise_floor"] = saved.get("noise_floor", [])
         result["repeatability_date"] = saved.get("repeatability_date", saved.get("date"))
     else:
-        result["repeatability"], result["noise_floor"] = repeatability()
+        result["repeatability"], result["noise_floor"] = repeatability(
+            args.windows, args.window_seconds)
+        result["repeatability_settings"] = {
+            "windows": args.windows or "default (5, up to 15)",
+            "window_seconds": args.window_seconds or 0.3}
     if saved_cost is not None:
         result["tune_cost"] = saved_cost  # --skip-cost keeps the saved measurement
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     if not args.skip_cost:
         result["tune_cost"] = tune_cost()
         print(json.dumps(result["tune_cost"], indent=2))
-        OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(OUT))
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(out))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..core.search import BinsearchPolicy, Trial, run_search
 from ..core.sizes import parse_size
 from ..results import Probe
 from .worker import ModelSource, ProbeWorker, WorkerConfig
@@ -55,6 +56,9 @@ def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
                    probe_timeout: float = 600.0) -> tuple[int, list[Probe], float]:
     """The largest fitting batch by doubling then bisection, every probe in a fresh process.
 
+    The search is :class:`~batchfit.core.search.BinsearchPolicy` (Lightning's algorithm)
+    starting at ``granularity`` instead of 2, with no limit on the number of probes.
+
     Returns:
         ``(largest fitting size or 0, probes, seconds)``. The bisection runs to the exact
         size (to ``granularity``): it stops only when ``hi - lo == granularity``.
@@ -63,42 +67,21 @@ def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
     probes: list[Probe] = []
     config = _config(model, memory, data=data, input_shapes=input_shapes, steps=steps,
                      device=device, seed=seed)
+    # Lightning's doubling-then-bisection from one granule, with no cap on the probes: the
+    # same policy as strategy="binsearch" (which starts at 2), run to the exact size.
+    policy = BinsearchPolicy(init=granularity, max_trials=1 << 30, upper=upper,
+                             granularity=granularity)
     with ProbeWorker(config, probe_timeout=probe_timeout, fresh_each_probe=True) as worker:
-        best = _bisect(worker, granularity, upper, probes, on_probe)
-    return best, probes, time.perf_counter() - t0
 
+        def trial(b: int) -> Trial:
+            p = worker.probe(b)
+            probes.append(p)
+            if on_probe is not None:
+                on_probe(p)
+            return Trial(batch_size=b, fits=p.fits, peak_bytes=p.peak_bytes)
 
-def _bisect(worker: ProbeWorker, granularity: int, upper: int, probes: list[Probe],
-            on_probe: Callable[[Probe], None] | None) -> int:
-    def fits(b: int) -> bool:
-        p = worker.probe(b)
-        probes.append(p)
-        if on_probe is not None:
-            on_probe(p)
-        return p.fits
-
-    lo, hi = 0, None
-    b = granularity
-    while b <= upper:
-        if fits(b):
-            lo = b
-            b *= 2
-        else:
-            hi = b
-            break
-    if hi is None:  # doubling passed the bound with everything fitting: try the bound itself
-        if lo >= upper or fits(upper):
-            return upper
-        hi = upper
-    while hi - lo > granularity:
-        mid = ((lo + hi) // 2 // granularity) * granularity
-        if mid <= lo:
-            mid = lo + granularity
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+        history = run_search(policy, trial, max_probes=1 << 30)
+    return policy.best(history), probes, time.perf_counter() - t0
 
 
 def fit_rates(model: Any, memory: str | int, sizes: list[int], *, repeats: int = 3,
