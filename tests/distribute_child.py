@@ -18,6 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import child_support
 import keras
 import numpy as np
 import tensorflow as tf
@@ -36,23 +37,9 @@ def small_mlp() -> keras.Model:
     return m
 
 
-class Pairwise(keras.layers.Layer):
-    """Memory quadratic in the sequence length: (batch, T, T) scores (as in fit_child.py)."""
-
-    def call(self, h):
-        s = keras.ops.matmul(h, keras.ops.transpose(h, (0, 2, 1)))
-        return keras.ops.mean(keras.ops.tanh(s), axis=-1, keepdims=True) * h
-
-
 def pairwise_model() -> keras.Model:
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((None, FEATURES))
-    h = keras.layers.Dense(32)(inp)
-    h = Pairwise()(h)
-    out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(h))
-    m = keras.Model(inp, out)
-    m.compile(keras.optimizers.SGD(0.05), "mse", metrics=["mae"])
-    return m
+    """Memory quadratic in the sequence length (see ``child_support.pairwise_model``)."""
+    return child_support.pairwise_model(features=FEATURES, metrics=["mae"])
 
 
 def data(n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,16 +125,4 @@ if __name__ == "__main__":
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * REPLICAS)
-    out = {}
-    for name in sys.argv[1:]:
-        t0 = time.perf_counter()
-        try:
-            out[name] = SCENARIOS[name]()
-        except Exception as exc:  # noqa: BLE001 - reported to the parent as data
-            import traceback
-
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
-                         "traceback": traceback.format_exc()[-4000:]}
-        out[name]["wall_s"] = time.perf_counter() - t0
-        print(f"[child] {name} done in {out[name]['wall_s']:.1f}s", file=sys.stderr, flush=True)
-    print(json.dumps(out))
+    print(json.dumps(child_support.run_scenarios(SCENARIOS, sys.argv[1:])))

@@ -17,43 +17,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
+from child_support import pairwise_model, run_scenarios
 
 import batchfit
 
 FEATURES = 8
 
 
-class Pairwise(keras.layers.Layer):
-    """Memory quadratic in the sequence length: (batch, T, T) scores, cheap to compute."""
-
-    def call(self, h):
-        s = keras.ops.matmul(h, keras.ops.transpose(h, (0, 2, 1)))
-        return keras.ops.mean(keras.ops.tanh(s), axis=-1, keepdims=True) * h
-
-
-class SampleCounter(keras.layers.Layer):
-    """Counts the examples of every training step that completed (a non-trainable variable)."""
-
-    def build(self, input_shape):
-        self.seen = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                    dtype="float32", name="seen")
-
-    def call(self, x, training=None):
-        if training:
-            self.seen.assign_add(keras.ops.cast(keras.ops.shape(x)[0], "float32"))
-        return x
-
-
 def make_model(accumulation: int | None = None) -> keras.Model:
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((None, FEATURES))
-    h = SampleCounter(name="counter")(inp)
-    h = keras.layers.Dense(32)(h)
-    h = Pairwise()(h)
-    out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(h))
-    m = keras.Model(inp, out)
-    m.compile(keras.optimizers.SGD(0.05, gradient_accumulation_steps=accumulation), "mse")
-    return m
+    return pairwise_model(features=FEATURES, counter=True, accumulation=accumulation)
 
 
 def data(n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,13 +113,4 @@ SCENARIOS = {"first_batch": scenario_first_batch, "mid_epoch": scenario_mid_epoc
              "batch_one": scenario_batch_one}
 
 if __name__ == "__main__":
-    out = {}
-    for name in sys.argv[1:]:
-        t0 = time.perf_counter()
-        try:
-            out[name] = SCENARIOS[name]()
-        except Exception as exc:  # noqa: BLE001 - reported to the parent as data
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-        out[name]["wall_s"] = time.perf_counter() - t0
-        print(f"[child] {name} done in {out[name]['wall_s']:.1f}s", file=sys.stderr, flush=True)
-    print(json.dumps(out))
+    print(json.dumps(run_scenarios(SCENARIOS, sys.argv[1:])))

@@ -14,9 +14,10 @@ import json
 import os
 import sys
 import time
-import traceback
 
 STARTED = time.perf_counter()
+
+from child_support import run_scenarios  # imports nothing of TensorFlow
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,21 +31,9 @@ TIMEOUT_S = 120.0     # every collective of the strategy
 
 def make_model():
     """A compiled model whose memory per example is large (pairwise scores), weights tiny."""
-    import keras
+    from child_support import pairwise_model
 
-    class Pairwise(keras.layers.Layer):
-        def call(self, h):
-            s = keras.ops.matmul(h, keras.ops.transpose(h, (0, 2, 1)))
-            return keras.ops.mean(keras.ops.tanh(s), axis=-1, keepdims=True) * h
-
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((LENGTH, FEATURES))
-    h = keras.layers.Dense(32)(inp)
-    h = Pairwise()(h)
-    out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(h))
-    m = keras.Model(inp, out)
-    m.compile(keras.optimizers.SGD(0.05), "mse")
-    return m
+    return pairwise_model(LENGTH, features=FEATURES)
 
 
 def data():
@@ -128,19 +117,13 @@ def main() -> None:
     print(f"[worker {index}] strategy ready {time.perf_counter() - STARTED:.1f}s after start",
           file=sys.stderr, flush=True)
     out: dict = {"cap_mb": os.environ.get("TF_CPU_BFC_MEM_LIMIT_IN_MB")}
-    for name in sys.argv[4:]:
-        t0 = time.perf_counter()
-        try:
-            out[name] = SCENARIOS[name](strategy)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent as data
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
-                         "traceback": traceback.format_exc()[-3000:]}
-        out[name]["wall_s"] = time.perf_counter() - t0
-        print(f"[worker {index}] {name} done in {out[name]['wall_s']:.1f}s", file=sys.stderr,
-              flush=True)
-        with open(out_path, "w", encoding="utf-8") as fh:
-            json.dump(out, fh)
 
+    def save(results: dict) -> None:
+        with open(out_path, "w", encoding="utf-8") as fh:
+            json.dump(results, fh)
+
+    run_scenarios(SCENARIOS, sys.argv[4:], args=(strategy,), label=f"[worker {index}]",
+                  out=out, after_each=save)
 
 if __name__ == "__main__":
     main()

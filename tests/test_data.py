@@ -182,3 +182,30 @@ def test_structure_roundtrip() -> None:
 def test_bad_batch_size() -> None:
     with pytest.raises(InvalidInputError, match="batch_size"):
         batch_from_data((np.zeros((2, 2)), np.zeros(2)), 0)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_dataset_reading_stops_at_max_examples_with_a_note(batched) -> None:
+    x = np.arange(40, dtype="float32").reshape(20, 2)
+    y = np.arange(20)
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if batched:
+        ds = ds.batch(3)                             # 7 batches; the cap falls inside the 3rd
+    s = DataSample.from_data(ds, max_examples=7)
+    assert s.num_examples == 7
+    assert any("read the first 7 examples of the tf.data.Dataset" in n for n in s.notes)
+    bx, by = s.batch(7)
+    assert by.tolist() == list(range(7)) and np.array_equal(bx, x[:7])
+
+
+class _Ragged(keras.utils.PyDataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int):
+        return np.zeros((3, 2), "float32"), np.zeros((2,), "float32")
+
+
+def test_a_batch_with_x_and_y_of_different_lengths_is_named() -> None:
+    with pytest.raises(InvalidInputError, match=r"different lengths \[2, 3\]"):
+        DataSample.from_data(_Ragged())

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,67 +31,30 @@ CAP_MB = 14   # 32 sequences of 256 per replica overflow it, 8 per replica fit (
 
 sys.path.insert(0, str(HERE))
 import distribute_child
+from child_support import ChildRuns
 
 sys.path.remove(str(HERE))
 
-_CHILDREN: dict[str, subprocess.Popen] = {}
-_RUNS = {  # fixture name -> (scenarios, capped)
-    "search_run": (["search"], False),
-    "capped_run": (["fit_oom", "fit_small"], True),
-}
-
-
-def _start(name: str) -> subprocess.Popen:
-    if name not in _CHILDREN:
-        scenarios, capped = _RUNS[name]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-        if capped:
-            env.update(TF_ENABLE_ONEDNN_OPTS="0", TF_CPU_ALLOCATOR_USE_BFC="true",
-                       TF_CPU_BFC_MEM_LIMIT_IN_MB=str(CAP_MB))
-        _CHILDREN[name] = subprocess.Popen(
-            [sys.executable, str(CHILD), *scenarios], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env=env, cwd=HERE.parent)
-    return _CHILDREN[name]
+_CHILDREN = ChildRuns(CHILD, {  # fixture name -> (scenarios, allocator cap in MiB)
+    "search_run": (["search"], None),
+    "capped_run": (["fit_oom", "fit_small"], CAP_MB),
+}, timeout=300)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _children_early(request):
     """Start the children the selected tests need at the module's first test (they overlap)."""
-    for name in _RUNS:
-        if any(name in getattr(item, "fixturenames", ()) for item in request.session.items
-               if item.module is request.module):
-            _start(name)
-    yield
-    for name in list(_CHILDREN):
-        proc = _CHILDREN.pop(name)
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
-def _collect(name: str) -> dict:
-    proc = _start(name)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"the {name} child timed out: {stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
-    out = json.loads(stdout.strip().splitlines()[-1])
-    for scenario, result in out.items():
-        assert "error" not in result, f"{scenario}: {result['error']}\n{result.get('traceback')}"
-    return out
+    yield from _CHILDREN.early(request)
 
 
 @pytest.fixture(scope="module")
 def search_run() -> dict:
-    return _collect("search_run")
+    return _CHILDREN.result("search_run")
 
 
 @pytest.fixture(scope="module")
 def capped_run() -> dict:
-    return _collect("capped_run")
+    return _CHILDREN.result("capped_run")
 
 
 def _keras_reference(run: dict, batch: int) -> tuple[list[np.ndarray], keras.Model]:

@@ -10,9 +10,6 @@ its JSON. The references they compare with are plain Keras runs, made here witho
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -29,55 +26,27 @@ HERE = Path(__file__).resolve().parent
 CHILD = HERE / "fit_child.py"
 CAP_MB = 34   # batch 64 of 256-long sequences needs > 34 MiB; 32 fits; 64 of 16-long fits
 
+sys.path.insert(0, str(HERE))
+import fit_child
+from child_support import ChildRuns
 
-_CHILD: dict = {}
+sys.path.remove(str(HERE))
 
-
-def _start_child() -> subprocess.Popen:
-    """Start the capped child once; it runs while the in-process tests run."""
-    if "proc" not in _CHILD:
-        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPU_ALLOCATOR_USE_BFC="true",
-                   TF_CPU_BFC_MEM_LIMIT_IN_MB=str(CAP_MB), TF_CPP_MIN_LOG_LEVEL="2")
-        _CHILD["proc"] = subprocess.Popen(
-            [sys.executable, str(CHILD), "first_batch", "mid_epoch", "batch_one"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            cwd=HERE.parent)
-    return _CHILD["proc"]
+_CHILDREN = ChildRuns(CHILD, {"capped": (["first_batch", "mid_epoch", "batch_one"], CAP_MB)},
+                      timeout=400)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _child_early(request):
     """Start the child at the module's first test when any selected test needs it."""
-    if any("capped" in getattr(item, "fixturenames", ()) for item in request.session.items
-           if item.module is request.module):
-        _start_child()
-    yield
-    proc = _CHILD.pop("proc", None)
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    yield from _CHILDREN.early(request)
 
 
 @pytest.fixture(scope="module")
 def capped() -> dict:
-    proc = _start_child()
-    try:
-        stdout, stderr = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"the capped child timed out: {stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
-    out = json.loads(stdout.strip().splitlines()[-1])
-    for name, result in out.items():
-        assert "error" not in result, f"{name}: {result['error']}"
-    return out
+    return _CHILDREN.result("capped")
 
 
-sys.path.insert(0, str(HERE))
-import fit_child
-
-sys.path.remove(str(HERE))
 
 
 # --- in-process: no cap, simulated OOM where needed --------------------------------------

@@ -219,8 +219,8 @@ class DataSample:
         if _is_tf_dataset(data):
             return _from_dataset(data, max_examples, batched)
         if _is_py_dataset(data):
-            return _from_batches(_iter_py_dataset(data), max_examples, "keras.utils.PyDataset",
-                                 [])
+            return _collect(_iter_py_dataset(data), max_examples, "keras.utils.PyDataset", [],
+                            batched=True)
         if _is_iterator(data):
             raise InvalidInputError(
                 f"Unsupported data type {_type_name(data)}: a generator/iterator can only be read "
@@ -454,8 +454,8 @@ def _from_dataset(ds: Any, max_examples: int, batched: bool | None) -> DataSampl
         yield from it
 
     if detected:
-        return _from_batches(chain(), max_examples, "tf.data.Dataset", notes)
-    return _from_examples(chain(), max_examples, "tf.data.Dataset", notes)
+        return _collect(chain(), max_examples, "tf.data.Dataset", notes, batched=True)
+    return _collect(chain(), max_examples, "tf.data.Dataset", notes, batched=False)
 
 
 def _to_numpy(t: Any) -> Any:
@@ -487,35 +487,10 @@ def _split_element(el: Any, notes: list[str], source: str) -> tuple[Any, Any]:
     return el, None
 
 
-def _from_batches(batches: Any, max_examples: int, source: str, notes: list[str]) -> DataSample:
-    examples: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
-    templates: tuple[Any, Any] | None = None
-    for el in batches:
-        x, y = _split_element(el, notes, source)
-        x_leaves, x_t = flatten_structure(x)
-        y_leaves, y_t = flatten_structure(y) if y is not None else ([], None)
-        if templates is None:
-            templates = (x_t, y_t)
-        xs = [_as_array(a, "x") for a in x_leaves]
-        ys = [_as_array(a, "y") for a in y_leaves]
-        sizes = {a.shape[0] for a in xs + ys}
-        if len(sizes) != 1:
-            raise InvalidInputError(
-                f"A batch of the {source} has x and y of different lengths "
-                f"{sorted(sizes)}: every array of a batch needs the same number of examples.")
-        for i in range(sizes.pop()):
-            examples.append(([a[i] for a in xs], [a[i] for a in ys]))
-            if len(examples) >= max_examples:
-                break
-        if len(examples) >= max_examples:
-            notes.append(f"read the first {max_examples} examples of the {source}.")
-            break
-    if templates is None or not examples:
-        raise InvalidInputError(f"The {source} is empty: it yielded no examples.")
-    return _stack(examples, templates, notes, source)
-
-
-def _from_examples(elements: Any, max_examples: int, source: str, notes: list[str]) -> DataSample:
+def _collect(elements: Any, max_examples: int, source: str, notes: list[str], *,
+             batched: bool) -> DataSample:
+    """Read up to ``max_examples`` examples from ``elements``: batches if ``batched`` (each
+    array's first axis is the batch, split into examples), else one example per element."""
     examples: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
     templates: tuple[Any, Any] | None = None
     for el in elements:
@@ -524,7 +499,22 @@ def _from_examples(elements: Any, max_examples: int, source: str, notes: list[st
         y_leaves, y_t = flatten_structure(y) if y is not None else ([], None)
         if templates is None:
             templates = (x_t, y_t)
-        examples.append(([np.asarray(a) for a in x_leaves], [np.asarray(a) for a in y_leaves]))
+        if batched:
+            xs = [_as_array(a, "x") for a in x_leaves]
+            ys = [_as_array(a, "y") for a in y_leaves]
+            sizes = {a.shape[0] for a in xs + ys}
+            if len(sizes) != 1:
+                raise InvalidInputError(
+                    f"A batch of the {source} has x and y of different lengths "
+                    f"{sorted(sizes)}: every array of a batch needs the same number of "
+                    f"examples.")
+            for i in range(sizes.pop()):
+                examples.append(([a[i] for a in xs], [a[i] for a in ys]))
+                if len(examples) >= max_examples:
+                    break
+        else:
+            examples.append(([np.asarray(a) for a in x_leaves],
+                             [np.asarray(a) for a in y_leaves]))
         if len(examples) >= max_examples:
             notes.append(f"read the first {max_examples} examples of the {source}.")
             break
