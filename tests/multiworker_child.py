@@ -45,11 +45,18 @@ def data():
 
 
 def scenario_search(strategy) -> dict:
+    import batchfit
     from batchfit.tf.multiworker import find_max_batch_size_multiworker
 
-    r = find_max_batch_size_multiworker(f"{os.path.abspath(__file__)}:make_model", strategy,
-                                        granularity=4, steps=2, fresh=False, upper=96)
-    return r.to_dict()
+    spec = f"{os.path.abspath(__file__)}:make_model"
+    settings = {"granularity": 4, "steps": 2, "fresh": False, "upper": 96}
+    out = find_max_batch_size_multiworker(spec, strategy, **settings).to_dict()
+    # The public entry point with distribute=<this strategy> takes the same road.
+    d = batchfit.find_max_batch_size(spec, distribute=strategy, **settings)
+    out["dispatched"] = {"max_batch_size": d.max_batch_size, "replicas": d.replicas,
+                         "global_max_batch_size": d.global_max_batch_size,
+                         "distribute": d.distribute, "notes": d.notes}
+    return out
 
 
 def scenario_fit(strategy) -> dict:

@@ -141,6 +141,14 @@ def test_agreed_search_picks_the_size_that_fits_the_smaller_worker(workers) -> N
     # ...and the agreed size is the smaller worker's own maximum
     assert big["per_replica_batch_size"] == own[1] and big["limiting_worker"] == 1
     assert big["safe_per_replica_batch_size"] == min(big["worker_safe_batch_sizes"])
+    # batchfit.find_max_batch_size(distribute=<the strategy>) ran the same agreement (a second
+    # search: the limit may move by a few percent between searches, not to the larger worker's)
+    d0, d1 = big["dispatched"], small["dispatched"]
+    assert d0["distribute"] == d1["distribute"] == "multiworker"
+    assert d0["replicas"] == 2 and d0["max_batch_size"] == d1["max_batch_size"]
+    assert d0["global_max_batch_size"] == 2 * d0["max_batch_size"]
+    assert abs(d0["max_batch_size"] - own[1]) <= 0.1 * own[1] and d0["max_batch_size"] < own[0]
+    assert any("set by worker 1" in n for n in d0["notes"]), d0["notes"]
 
 
 @pytest.mark.slow

@@ -231,7 +231,7 @@ def find_max_batch_size(
 
         if is_multiworker(dist):
             return _across_workers(
-                model, dist, memory, strategy=strategy, granularity=granularity, data=data,
+                model, dist, memory, search=strategy, granularity=granularity, data=data,
                 input_shapes=input_shapes, upper=upper, headroom=headroom, steps=steps,
                 isolate=isolate, device=device, probe_timeout=probe_timeout, fresh=fresh,
                 max_probes=max_probes, on_probe=on_probe, seed=seed,
