@@ -140,6 +140,21 @@ def tune_cost() -> dict:
     }
 
 
+def pooled_cv(rows: list[dict], min_step_ms: float = 20.0) -> dict[str, tuple[float, int]]:
+    """Per model, the root mean square of the across-run CVs of its sizes whose step takes over
+    ``min_step_ms``, and how many sizes that is.
+
+    The CV of three runs scatters widely around the true one (with a true 4%, one size in five
+    reads over 5%), so the pooled figure is the steadier statement of a model's repeatability.
+    """
+    by_model: dict[str, list[float]] = {}
+    for r in rows:
+        if r["step_ms"] > min_step_ms:
+            by_model.setdefault(r["model"], []).append(r["cv_across_runs"])
+    return {m: ((sum(c * c for c in cvs) / len(cvs)) ** 0.5, len(cvs))
+            for m, cvs in by_model.items()}
+
+
 def markdown(path: Path) -> str:
     data = json.loads(path.read_text())
     lines = [("| model | batch | step (ms) | samples/s, 3 whole profiles | CV | "
@@ -160,6 +175,12 @@ def markdown(path: Path) -> str:
         if knees:
             lines.append(f"| ({f['model']}: knee of each whole profile) | | | "
                          f"{', '.join(str(k) for k in knees)} | | | |")
+    pooled = pooled_cv(data["repeatability"])
+    if pooled:
+        lines.append("")
+        lines.append("Steps over 20 ms, the whole profiles' CV pooled over sizes (root mean "
+                     "square: one CV of three runs is a rough estimate): " + ", ".join(
+                         f"{m} {cv:.1%} ({n} sizes)" for m, (cv, n) in pooled.items()) + ".")
     c = data.get("tune_cost", {})
     if "wall_seconds" in c and "error" not in c:
         lines.append("")
