@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -142,13 +143,16 @@ def test_agreed_search_picks_the_size_that_fits_the_smaller_worker(workers) -> N
     assert big["per_replica_batch_size"] == own[1] and big["limiting_worker"] == 1
     assert big["safe_per_replica_batch_size"] == min(big["worker_safe_batch_sizes"])
     # batchfit.find_max_batch_size(distribute=<the strategy>) ran the same agreement (a second
-    # search: the limit may move by a few percent between searches, not to the larger worker's)
+    # search, so the smaller worker's limit may move by a granule or two; measured 48 then 56)
     d0, d1 = big["dispatched"], small["dispatched"]
     assert d0["distribute"] == d1["distribute"] == "multiworker"
     assert d0["replicas"] == 2 and d0["max_batch_size"] == d1["max_batch_size"]
     assert d0["global_max_batch_size"] == 2 * d0["max_batch_size"]
-    assert abs(d0["max_batch_size"] - own[1]) <= 0.1 * own[1] and d0["max_batch_size"] < own[0]
-    assert any("set by worker 1" in n for n in d0["notes"]), d0["notes"]
+    note = next(n for n in d0["notes"] if "set by worker" in n)
+    found = dict(re.findall(r"worker (\d): (\d+)", note))
+    assert note.endswith("set by worker 1"), note
+    assert int(found["1"]) == d0["max_batch_size"] < int(found["0"]), note
+    assert d0["max_batch_size"] < own[0]
 
 
 @pytest.mark.slow
