@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -53,10 +54,15 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _run_pair(tmp: Path, scenarios: list[str], caps: tuple[int, ...] | None
+def _run_pair(tmp: Path, scenarios: list[str], caps: tuple[int, ...] | None, *,
+              command: Callable[[int, list[int], Path], list[str]] | None = None,
               ) -> tuple[list[subprocess.Popen], list[Path], dict[int, str]]:
-    """Start two workers (each its own cap, or none), wait for both, kill them at the timeout."""
-    ports = ",".join(str(p) for p in _free_ports(2))
+    """Start two workers (each its own cap, or none), wait for both, kill them at the timeout.
+
+    Each runs the child with ``scenarios``, or ``command(index, ports, out)`` with its
+    ``TF_CONFIG`` in the environment (as a user launches a worker).
+    """
+    ports = _free_ports(2)
     src = str(HERE.parent / "src")
     procs, outs, logs = [], [], []
     for index in range(2):
@@ -69,10 +75,17 @@ def _run_pair(tmp: Path, scenarios: list[str], caps: tuple[int, ...] | None
         out, log = tmp / f"worker{index}.json", tmp / f"worker{index}.log"
         outs.append(out)
         logs.append(log)
+        if command is None:
+            argv = [sys.executable, str(CHILD), str(index), ",".join(map(str, ports)), str(out),
+                    *scenarios]
+        else:
+            argv = command(index, ports, out)
+            env["TF_CONFIG"] = json.dumps({
+                "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                "task": {"type": "worker", "index": index}})
         with log.open("w") as err:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(CHILD), str(index), ports, str(out), *scenarios],
-                stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=HERE.parent))
+            procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                          cwd=HERE.parent))
     deadline = time.monotonic() + CHILD_TIMEOUT_S
     hung = []
     for index, proc in enumerate(procs):
@@ -153,6 +166,31 @@ def test_agreed_search_picks_the_size_that_fits_the_smaller_worker(workers) -> N
     assert note.endswith("set by worker 1"), note
     assert int(found["1"]) == d0["max_batch_size"] < int(found["0"]), note
     assert d0["max_batch_size"] < own[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
+def test_cli_max_distribute_multiworker_on_each_worker_agrees(tmp_path) -> None:
+    """`batchfit max --distribute multiworker`, launched on each worker as a user would."""
+    def cli(index: int, ports: list[int], out: Path) -> list[str]:
+        return [sys.executable, "-m", "batchfit", "max", f"{CHILD}:make_model",
+                "--distribute", "multiworker", "--granularity", "4", "--steps", "2",
+                "--max-batch", "96", "--quiet", "--json", str(out)]
+
+    procs, outs, tails = _run_pair(tmp_path, [], CAPS_MB, command=cli)
+    results = []
+    for index, (proc, out) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 0 and out.exists(), f"worker {index}: {tails[index]}"
+        results.append(json.loads(out.read_text()))
+    r0, r1 = results
+    assert r0["distribute"] == r1["distribute"] == "multiworker" and r0["replicas"] == 2
+    assert r0["max_batch_size"] == r1["max_batch_size"] > 0
+    assert r0["memory_budget_bytes"] == CAPS_MB[0] << 20   # each searched under its own cap
+    assert r1["memory_budget_bytes"] == CAPS_MB[1] << 20
+    note = next(n for n in r0["notes"] if "set by worker" in n)
+    found = dict(re.findall(r"worker (\d): (\d+)", note))
+    assert note.endswith("set by worker 1") and int(found["1"]) < int(found["0"]), note
+    assert r0["max_batch_size"] == int(found["1"])
 
 
 @pytest.mark.slow

@@ -84,7 +84,9 @@ def _make(kind: str) -> tf.distribute.Strategy:
     try:
         if kind == "mirrored":
             return tf.distribute.MirroredStrategy()
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        from .multiworker import make_strategy
+
+        return make_strategy()  # collectives time out: a worker that died stops the others
     except (RuntimeError, ValueError) as exc:
         raise InvalidInputError(
             f"could not create a {kind} strategy ({type(exc).__name__}: "
