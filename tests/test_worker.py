@@ -94,6 +94,24 @@ def test_without_the_stall_watch_the_allocator_waits_its_10_s(monkeypatch) -> No
         assert not probe.fits and probe.seconds >= 9.0, probe
 
 
+def test_a_model_whose_first_step_waits_on_memory_is_stopped_at_start() -> None:
+    """The stall watch covers the warm-up steps too (not the model's building, which may wait
+    on I/O): Adam's state of huge_model fills 86% of 56 MiB, its first step waits for memory."""
+    from batchfit.errors import NothingFitsError
+
+    config = WorkerConfig(source=ModelSource.from_model("tests/models_for_tests.py:huge_model"),
+                          budget_bytes=56 << 20)
+    worker = ProbeWorker(config, fresh_each_probe=True, prestart=False)
+    with pytest.raises(NothingFitsError) as info:
+        worker.start()
+    worker.close()
+    msg = str(info.value)
+    # stopped by the watch (the allocator's own error, 10 s later, reads differently)
+    assert "sat waiting for memory" in msg and "86% of the budget" in msg, msg
+    weights_and_slots = 3 * (2048 * 2048 + 2048) * 4             # Adam: two slots per weight
+    assert weights_and_slots <= info.value.fixed_bytes < weights_and_slots + 64  # + scalars
+
+
 def _spin(seconds: float) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:

@@ -421,6 +421,17 @@ class ProbeWorker:
         self._proc = proc
         self.starts += 1
         msg = self._receive(self.start_timeout)
+        if msg is not None and msg.get("phase") == "warm_up":
+            # Built; now two tiny training steps. Building may wait on I/O (weights to
+            # download) without running, so the stall watch starts only here: a worker that
+            # sits still now is waiting in the capped allocator, as a probe's would (measured:
+            # a model whose optimizer state alone fills the budget waited 10 s at batch 1).
+            sizes = {k: msg.get(k) for k in ("weights_bytes", "state_bytes")}
+            msg = self._receive(self.start_timeout, watch=True)
+            if (msg is None and self.stall_seconds is not None
+                    and self._quiet >= self.stall_seconds):
+                self.kill()
+                raise _setup_oom_error(sizes, self.config.budget_bytes, waited=self._quiet)
         if msg is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)  # a closed pipe means it is dying: let it report how
@@ -630,8 +641,10 @@ class ProbeWorker:
         self.close()
 
 
-def _setup_oom_error(msg: dict[str, Any], budget: int | None) -> NothingFitsError:
-    """The error for a model whose weights or optimizer state alone exhaust the budget."""
+def _setup_oom_error(msg: dict[str, Any], budget: int | None, *,
+                     waited: float | None = None) -> NothingFitsError:
+    """The error for a model whose weights or optimizer state alone exhaust the budget
+    (``waited``: the seconds its first step sat waiting for memory, when it was stopped)."""
     from ..core.sizes import format_bytes
 
     weights = msg.get("weights_bytes")
@@ -649,6 +662,9 @@ def _setup_oom_error(msg: dict[str, Any], budget: int | None) -> NothingFitsErro
         text = (f"nothing fits: the model's weights take {format_bytes(weights)}, and with its "
                 f"optimizer state (Adam keeps two more copies) they ran out of memory{within} "
                 f"before any training step")
+    if waited is not None:
+        text += (f" (the step at batch 1 sat waiting for memory, not running, for "
+                 f"{waited:.1f} s: stopped there)")
     text += (". Use a larger budget, a smaller model, mixed precision, or an optimizer with "
              "less state (SGD keeps none).")
     return NothingFitsError(text, fixed_bytes=state if state is not None else weights,
@@ -840,6 +856,10 @@ def _worker_main(inbox: Any, conn: Any, config: WorkerConfig) -> None:  # pragma
         model = None
         model = build_model(config.source)
         batch_fn, notes = make_batch_fn(model, config.data, config.input_shapes, config.seed)
+        # From here on nothing waits on I/O: the parent may watch for a wait on memory.
+        # (state_bytes builds the optimizer's slots, as Keras does before a first step.)
+        conn.send({"phase": "warm_up", "weights_bytes": weights_bytes(model),
+                   "state_bytes": state_bytes(model)})
         runner = ProbeRunner(model, batch_fn, steps=config.steps, device=device,
                              budget_bytes=config.budget_bytes)
         failure = runner.warm_up()
