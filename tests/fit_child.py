@@ -109,8 +109,22 @@ def scenario_batch_one() -> dict:
     return {"raised": None}
 
 
+def scenario_profile_oom() -> dict:
+    """profile_throughput past the limit: 64 sequences of 256 run out of memory (real), the
+    larger size is skipped, the smaller ones are measured, the model is left as it was."""
+    x, y = data(128, 256, 3)
+    m = make_model()
+    before = weights(m)
+    r = batchfit.profile_throughput(m, [8, 32, 64, 128], data=(x, y), window_seconds=0.1,
+                                    windows=3, max_windows=3)
+    after = weights(m)
+    m.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)  # and it still trains
+    return {"points": [p.to_dict() for p in r.points], "knee": r.knee,
+            "weights_unchanged": before == after}
+
+
 SCENARIOS = {"first_batch": scenario_first_batch, "mid_epoch": scenario_mid_epoch,
-             "batch_one": scenario_batch_one}
+             "batch_one": scenario_batch_one, "profile_oom": scenario_profile_oom}
 
 if __name__ == "__main__":
     print(json.dumps(run_scenarios(SCENARIOS, sys.argv[1:])))
