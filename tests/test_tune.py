@@ -41,3 +41,19 @@ def test_estimating_the_noise_scale_needs_real_data() -> None:
 def test_bad_noise_scale_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="noise_scale"):
         tune(seed_mlp, memory="64MiB", noise_scale="lots")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"noise_scale": -3.0}, "noise_scale must be a positive number"),
+    ({"noise_scale": True}, "noise_scale must be a positive number"),
+    ({"windows": 1}, "windows must be an integer >= 2"),
+    ({"window_seconds": 0}, "window_seconds must be > 0"),
+    ({"max_windows": 3, "windows": 5}, "max_windows must be an integer >= windows"),
+    ({"target_error": -0.1}, "target_error"),
+    ({"batch_sizes": [32, 0]}, "batch_sizes must be positive integers"),
+])
+def test_bad_input_is_refused_before_any_probe(kwargs, words) -> None:
+    probes: list = []
+    with pytest.raises(InvalidInputError, match=words):
+        tune(seed_mlp, memory="64MiB", on_probe=probes.append, **kwargs)
+    assert probes == []  # refused up front, not after the memory search

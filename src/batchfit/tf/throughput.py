@@ -51,6 +51,17 @@ def resolve_model(model: Any) -> Any:
         f"'file.py:factory' / 'package.module:factory' / 'model.keras'; got {type(model).__name__}")
 
 
+def validate_timing(window_seconds: float, windows: int, max_windows: int | None,
+                    target_error: float, tolerance: float, warmup_steps: int = 2) -> int:
+    """Check :func:`profile_throughput`'s timing arguments; return ``max_windows`` (default
+    ``3 * windows``). Raises :class:`~batchfit.errors.InvalidInputError` naming the bad one."""
+    if max_windows is None and isinstance(windows, int) and not isinstance(windows, bool):
+        max_windows = 3 * windows
+    _validate(window_seconds, windows, max_windows, target_error,  # type: ignore[arg-type]
+              warmup_steps, tolerance)
+    return int(max_windows)  # type: ignore[arg-type]
+
+
 def _validate(window_seconds: float, windows: int, max_windows: int, target_error: float,
               warmup_steps: int, tolerance: float) -> None:
     if not (isinstance(window_seconds, (int, float)) and window_seconds > 0):
@@ -70,7 +81,8 @@ def _validate(window_seconds: float, windows: int, max_windows: int, target_erro
         raise InvalidInputError(f"tolerance must be a fraction in [0, 1), e.g. 0.05, got {tolerance!r}")
 
 
-def _check_sizes(batch_sizes: Sequence[int]) -> list[int]:
+def check_sizes(batch_sizes: Sequence[int]) -> list[int]:
+    """The sizes, sorted and each once; refuses anything but positive integers."""
     sizes = list(batch_sizes)
     if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
         raise InvalidInputError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
@@ -135,13 +147,11 @@ def profile_throughput(
     ([41000, 122000, 210000], 256)
     """
     t_start = time.perf_counter()
-    if max_windows is None and isinstance(windows, int) and not isinstance(windows, bool):
-        max_windows = 3 * windows
-    _validate(window_seconds, windows, max_windows, target_error,  # type: ignore[arg-type]
-              warmup_steps, tolerance)
+    max_windows = validate_timing(window_seconds, windows, max_windows, target_error,
+                                  tolerance, warmup_steps)
     notes: list[str] = []
     if batch_sizes is not None:
-        sizes = _check_sizes(batch_sizes)
+        sizes = check_sizes(batch_sizes)
     else:
         if max_batch is None:
             from .maxbatch import find_max_batch_size

@@ -27,8 +27,10 @@ from .throughput import (
     DEFAULT_TARGET_ERROR,
     DEFAULT_WINDOW_SECONDS,
     DEFAULT_WINDOWS,
+    check_sizes,
     profile_throughput,
     resolve_model,
+    validate_timing,
 )
 
 
@@ -139,6 +141,12 @@ def tune(
     if noise_scale == "estimate" and data is None:
         raise InvalidInputError("noise_scale='estimate' needs your real data (data=...): the "
                                 "gradient noise scale of synthesized inputs means nothing")
+    # Refuse bad input now, not after minutes of probing and timing.
+    if noise_scale is not None and noise_scale != "estimate":
+        _noise_value(noise_scale)
+    validate_timing(window_seconds, windows, max_windows, target_error, tolerance)
+    if batch_sizes is not None:
+        check_sizes(batch_sizes)
     # Load once here: the memory search needs the spec (its worker rebuilds the model), the
     # throughput measurement needs the model itself.
     is_factory = callable(model) and not hasattr(model, "train_on_batch")
