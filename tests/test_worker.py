@@ -41,8 +41,29 @@ def test_fresh_workers_are_forked_from_one_server_and_measure_under_the_cap() ->
             assert probe.fits == (b < 4096), probe
         assert len(set(pids)) == 3  # a new process for every probe
         assert w.probe(4096).outcome in ("oom", "at_limit")  # the cap holds in every child
-        server = w._server.proc
-    assert server.poll() is not None  # closing the worker stops its server
+
+
+def test_the_server_is_kept_for_the_next_search_with_the_same_environment(monkeypatch) -> None:
+    import batchfit.tf.worker as worker_module
+
+    with _worker(prestart=False) as w:
+        assert w.probe(8).fits
+        server = w._server
+    assert server.usable()  # closing the search keeps its server for the next one...
+    with _worker(prestart=False) as w:
+        assert w._server is server and _parent(w.info["pid"]) == server.proc.pid
+        assert w.probe(300).outcome in ("oom", "at_limit")  # over 64 MiB (fits about 240)
+    # ...until a search with another environment (here another budget) needs one: its own
+    # server, whose children are capped at its budget, and the old one is closed
+    monkeypatch.setattr(worker_module, "SERVER_IDLE_SECONDS", 0.2)
+    config = WorkerConfig(source=ModelSource.from_model(SPEC), budget_bytes=128 << 20)
+    with ProbeWorker(config, fresh_each_probe=True, prestart=False) as w:
+        assert w._server is not server and _parent(w.info["pid"]) == w._server.proc.pid
+        assert server.proc.wait(10) is not None
+        assert w.probe(300).fits
+        bigger = w._server
+    # ...or it has been idle SERVER_IDLE_SECONDS: then it closes itself
+    assert bigger.proc.wait(20) is not None and not bigger.usable()
 
 
 def test_without_the_server_each_worker_is_our_own_child() -> None:

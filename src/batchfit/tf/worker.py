@@ -16,6 +16,7 @@ and standard error are set up.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -232,9 +234,11 @@ class _ForkServer:
     each child exits (``code`` as ``Popen.returncode``: negative for a signal).
     """
 
-    def __init__(self, env: dict[str, str], log_path: str) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
+        fd, self.log_path = tempfile.mkstemp(prefix="batchfit-forkserver-", suffix=".log")
+        os.close(fd)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        log = open(log_path, "wb")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _SERVER_ENTRY, str(theirs.fileno())],
@@ -289,6 +293,10 @@ class _ForkServer:
                 return None
         return _ForkedProcess(self, self._pids[known])
 
+    def usable(self) -> bool:
+        """Whether the server is still there to fork workers."""
+        return self._sock is not None and self.proc.poll() is None
+
     def exit_code(self, pid: int) -> int | None:
         """The worker's exit code once it has ended, else ``None``."""
         self.pump(0)
@@ -306,7 +314,7 @@ class _ForkServer:
         return None
 
     def close(self) -> None:
-        """Stop the server (its workers are stopped by their owner)."""
+        """Stop the server (its workers are stopped by their owner) and remove its log."""
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
@@ -318,6 +326,95 @@ class _ForkServer:
                 self.proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(10)
+        with contextlib.suppress(OSError):
+            os.unlink(self.log_path)
+
+
+#: Seconds an unused fork server is kept for the next search in this process (then closed).
+SERVER_IDLE_SECONDS = 60.0
+
+
+class _SharedServer:
+    """The fork server of this process, kept between searches that share its environment.
+
+    Every search of a process (a notebook's, a benchmark's, ``tune``'s) would otherwise start
+    its own server and pay its TensorFlow import (~6 s on a 2-core machine) again. One server is
+    kept, for one environment (the budget is in it): a search with another environment
+    replaces it. Unused for :data:`SERVER_IDLE_SECONDS` it is closed, so an idle process
+    does not keep a TensorFlow-sized child; and at exit.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.key: tuple[tuple[str, str], ...] | None = None
+        self.server: _ForkServer | None = None
+        self.users = 0
+        self.timer: threading.Timer | None = None
+        self.registered = False
+
+    def acquire(self, env: dict[str, str]) -> _ForkServer:
+        """The server for ``env``, started if there is none alive for it."""
+        key = tuple(sorted(env.items()))
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            if self.server is not None and not self.server.usable():
+                self._drop()  # died: whoever still holds it falls back to exec
+            if self.server is not None and self.key != key:
+                if self.users > 0:
+                    # In use by a search with another environment (another thread): this
+                    # search gets a server of its own, closed when it releases it.
+                    return _ForkServer(env)
+                self._drop()
+            if self.server is None:
+                self.server, self.key, self.users = _ForkServer(env), key, 0
+                if not self.registered:
+                    atexit.register(self.close)
+                    self.registered = True
+            self.users += 1
+            return self.server
+
+    def release(self, server: _ForkServer, *, broken: bool = False) -> None:
+        """A search is done with ``server`` (``broken``: it failed; never hand it out again)."""
+        with self.lock:
+            if server is not self.server:
+                server.close()  # a server of its own, or one replaced meanwhile
+                return
+            self.users = max(0, self.users - 1)
+            if broken:
+                self._drop()
+            elif self.users == 0:
+                self.timer = threading.Timer(SERVER_IDLE_SECONDS, self._close_if_idle)
+                self.timer.daemon = True
+                self.timer.start()
+
+    def _close_if_idle(self) -> None:
+        with self.lock:
+            if self.users == 0:
+                self._drop()
+
+    def _drop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.server, self.key, self.users = None, None, 0
+
+    def close(self) -> None:
+        """Close the server now (at exit, or when a caller wants its memory back)."""
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self._drop()
+
+
+_SHARED_SERVER = _SharedServer()
+
+
+def close_fork_server() -> None:
+    """Close the fork server this process keeps between searches, if any (it also closes
+    itself after :data:`SERVER_IDLE_SECONDS` unused, and at exit)."""
+    _SHARED_SERVER.close()
 
 
 def _watch_stalls(config: WorkerConfig) -> bool:
@@ -486,16 +583,14 @@ class ProbeWorker:
         if not self.fork_server:
             return None
         if self._server is None:
-            fd, log_path = tempfile.mkstemp(prefix="batchfit-forkserver-", suffix=".log")
-            os.close(fd)
-            self._log_paths.append(log_path)
-            self._server = _ForkServer(env, log_path)
+            self._server = _SHARED_SERVER.acquire(env)
         proc = self._server.spawn(fds, self.start_timeout)
         if proc is None:
             # The server failed to start or died: workers start by exec from now on (which
             # reports its own failure, if TensorFlow cannot start at all).
             self.fork_server = False
-            self._server.close()
+            _SHARED_SERVER.release(self._server, broken=True)
+            self._server = None
         return proc
 
     def _receive(self, timeout: float, *, watch: bool = False) -> dict[str, Any] | None:
@@ -625,7 +720,7 @@ class ProbeWorker:
                 with contextlib.suppress(OSError):
                     c.close()
         if self._server is not None:
-            self._server.close()
+            _SHARED_SERVER.release(self._server)  # kept for the next search a while
             self._server = None
         if not keep_log:
             for path in self._log_paths:
