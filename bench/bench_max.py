@@ -1,11 +1,12 @@
 """Benchmark: guided vs Lightning's binsearch and power, against the true maximum.
 
-For each (model, budget) case it runs the three strategies side by side (each in a fresh worker,
-as a user would) and an exhaustive bisection in fresh processes (the ground truth), and records
+For each (model, budget) case it runs an exhaustive bisection in fresh processes (the ground
+truth), then the three strategies side by side (each as a user would; the process's fork server,
+kept between searches, is warm for all of them alike), and records
 probes, out-of-memory errors, wall time and the answer. Results go to bench/results/max.json;
 ``--markdown`` prints the README table.
 
-    python bench/bench_max.py                      # all cases (about 15 min on 2 cores)
+    python bench/bench_max.py                      # all cases (about 10 min on 2 cores)
     python bench/bench_max.py --cases cnn:128MiB   # one case
     python bench/bench_max.py --markdown bench/results/max.json
     python bench/bench_max.py --band cnn:128MiB 200,210,219,230 --repeats 3

@@ -8,7 +8,8 @@ on a GPU with that much memory. On a GPU the worker creates a logical device wit
 retrace per new shape); if it dies (segfault, killed by the kernel) the probe is reported as
 ``"crashed"``, the caller is untouched, and the next probe starts a fresh worker. Searches run
 every probe in a fresh process; on Linux, for the CPU, those are forked from a server process
-that has imported TensorFlow once (:class:`_ForkServer`: ~1.5 s per probe instead of ~8 s).
+that has imported TensorFlow once (:class:`_ForkServer`: ~1.5 s per probe instead of ~8 s),
+kept between the searches of a process that share its environment (:class:`_SharedServer`).
 
 This module imports no TensorFlow at import time: the worker imports it after its environment
 and standard error are set up.
