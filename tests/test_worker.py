@@ -122,10 +122,13 @@ def test_a_model_whose_first_step_waits_on_memory_is_stopped_at_start() -> None:
 
     config = WorkerConfig(source=ModelSource.from_model("tests/models_for_tests.py:huge_model"),
                           budget_bytes=56 << 20)
-    worker = ProbeWorker(config, fresh_each_probe=True, prestart=False)
-    with pytest.raises(NothingFitsError) as info:
-        worker.start()
-    worker.close()
+    import batchfit.tf.worker as worker_module
+
+    with pytest.raises(NothingFitsError) as info, ProbeWorker(config, fresh_each_probe=True,
+                                                              prestart=False):
+        pass
+    # the failed start released the process's fork server (it would stay "in use" otherwise)
+    assert worker_module._SHARED_SERVER.users == 0
     msg = str(info.value)
     # stopped by the watch (the allocator's own error, 10 s later, reads differently)
     assert "sat waiting for memory" in msg and "86% of the budget" in msg, msg

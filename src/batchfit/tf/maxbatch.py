@@ -433,8 +433,9 @@ def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: 
                          probe_timeout=probe_timeout, fresh_each_probe=fresh)
     try:
         info = worker.start()
-    except ModelLoadError:
-        if source.kind != "pickle" or explicit:
+    except BaseException as exc:
+        worker.close()  # its processes, and its hold on the process's fork server
+        if not isinstance(exc, ModelLoadError) or source.kind != "pickle" or explicit:
             raise
         return None, {}, ("the model could not be rebuilt in a worker process (custom layers "
                           "without get_config?); probed in this process instead. Pass a "

@@ -730,7 +730,11 @@ class ProbeWorker:
             self._log_paths.clear()
 
     def __enter__(self) -> ProbeWorker:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # no __exit__ follows a failed __enter__
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
