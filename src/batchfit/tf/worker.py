@@ -351,15 +351,12 @@ class _SharedServer:
         self.server: _ForkServer | None = None
         self.users = 0
         self.timer: threading.Timer | None = None
-        self.registered = False
 
     def acquire(self, env: dict[str, str]) -> _ForkServer:
         """The server for ``env``, started if there is none alive for it."""
         key = tuple(sorted(env.items()))
         with self.lock:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            self._cancel_timer()
             if self.server is not None and not self.server.usable():
                 self._drop()  # died: whoever still holds it falls back to exec
             if self.server is not None and self.key != key:
@@ -370,9 +367,6 @@ class _SharedServer:
                 self._drop()
             if self.server is None:
                 self.server, self.key, self.users = _ForkServer(env), key, 0
-                if not self.registered:
-                    atexit.register(self.close)
-                    self.registered = True
             self.users += 1
             return self.server
 
@@ -395,6 +389,11 @@ class _SharedServer:
             if self.users == 0:
                 self._drop()
 
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def _drop(self) -> None:
         if self.server is not None:
             self.server.close()
@@ -403,13 +402,12 @@ class _SharedServer:
     def close(self) -> None:
         """Close the server now (at exit, or when a caller wants its memory back)."""
         with self.lock:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            self._cancel_timer()
             self._drop()
 
 
 _SHARED_SERVER = _SharedServer()
+atexit.register(_SHARED_SERVER.close)  # a no-op when no server was started
 
 
 def close_fork_server() -> None:
