@@ -12,6 +12,12 @@ probes, out-of-memory errors, wall time and the answer. Results go to bench/resu
     python bench/bench_max.py --band cnn:128MiB 200,210,219,230 --repeats 3
                                                    # how often each size fits (fresh processes)
     python bench/bench_max.py --markdown bench/results/max_band.json
+    python bench/bench_max.py --rounds 3 --strategies guided guided@0.05 binsearch \
+        --out bench/results/max_rounds.json       # the truth and each answer, three times over
+    python bench/bench_max.py --markdown bench/results/max_rounds.json
+
+A strategy ``guided@T`` is guided with ``search_tolerance=T`` (plain ``guided`` uses the
+library's default, 0.02).
 """
 
 from __future__ import annotations
@@ -56,7 +62,9 @@ def run_case(case: str, strategies: list[str], truth: bool) -> dict:
                         "sequence": [(p.batch_size, p.outcome, p.peak_bytes) for p in probes]}
         print(f"{case:20s} truth     max={best:6d} probes={len(probes):3d} {secs:6.1f}s", flush=True)
     for strategy in strategies:
-        r = find_max_batch_size(spec, memory=memory, strategy=strategy)
+        name_, _, tol = strategy.partition("@")
+        extra = {"search_tolerance": float(tol)} if tol else {}
+        r = find_max_batch_size(spec, memory=memory, strategy=name_, **extra)
         row["strategies"][strategy] = {
             "max_batch_size": r.max_batch_size, "probes": len(r.probes),
             "ooms": r.oom_count, "seconds": round(r.seconds, 1), "bracketed": r.bracketed,
@@ -152,6 +160,59 @@ def targets_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def rounds_markdown(data: dict) -> str:
+    """The README tables of a ``--rounds`` run: the truth and each strategy's answers, round by
+    round, and guided judged against the truth's own spread."""
+    cases: dict[str, list[dict]] = {}
+    for rnd in data["rounds"]:
+        for row in rnd:
+            cases.setdefault(row["case"], []).append(row)
+    strategies = list(data["strategies"])
+    head = "| case | true max, by round | " + " | ".join(
+        f"{s}: result (probes, OOMs)" for s in strategies) + " |"
+    lines = [head, "|" + "---|" * (2 + len(strategies))]
+    for case, rows in cases.items():
+        truths = [r.get("true_max") for r in rows]
+        cells = [", ".join(str(t) for t in truths)]
+        for s in strategies:
+            cells.append(", ".join(f"{r['strategies'][s]['max_batch_size']} "
+                                   f"({r['strategies'][s]['probes']}, {r['strategies'][s]['ooms']})"
+                                   for r in rows if s in r["strategies"]))
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    lines += ["", ("| strategy | within 2% below that round's truth | ... below some round's truth "
+              "| probes <= 6 | OOMs <= 1 | <= half binsearch's time | all four | probes, median "
+              "(range) | OOMs, median (range) |"), "|---|---|---|---|---|---|---|---|---|"]
+    for s in strategies:
+        same = some = n = few = safe = fast = every = 0
+        probes, ooms = [], []
+        for rows in cases.values():
+            truths = [r["true_max"] for r in rows if r.get("true_max")]
+            for r in rows:
+                v = r["strategies"].get(s)
+                if v is None:
+                    continue
+                n += 1
+                probes.append(v["probes"])
+                ooms.append(v["ooms"])
+                t = r.get("true_max")
+                exact = bool(t) and -0.02 <= (v["max_batch_size"] - t) / t <= 0
+                same += exact
+                some += any(-0.02 <= (v["max_batch_size"] - u) / u <= 0 for u in truths)
+                few += v["probes"] <= 6
+                safe += v["ooms"] <= 1
+                b = r["strategies"].get("binsearch")
+                quick = bool(b and b["seconds"]) and v["seconds"] <= 0.5 * b["seconds"]
+                fast += quick
+                every += exact and v["probes"] <= 6 and v["ooms"] <= 1 and quick
+
+        def med(xs: list) -> str:
+            return f"{sorted(xs)[len(xs) // 2]:g} ({min(xs)}-{max(xs)})" if xs else "-"
+
+        lines.append(f"| {s} | {same}/{n} | {some}/{n} | {few}/{n} | {safe}/{n} | {fast}/{n} "
+                     f"| {every}/{n} | {med(probes)} | {med(ooms)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
@@ -162,6 +223,9 @@ def main() -> None:
     ap.add_argument("--band", nargs=2, metavar=("CASE", "SIZES"),
                     help="fit rate of each size (comma-separated) in fresh processes")
     ap.add_argument("--repeats", type=int, default=3, help="--band: probes per size")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every case this many times over (round-robin); the JSON keeps "
+                         "each round")
     ap.add_argument("--probe-timeout", type=float, default=600.0,
                     help="--band: seconds before a stalled probe counts as not fitting")
     args = ap.parse_args()
@@ -171,7 +235,9 @@ def main() -> None:
         return
     if args.markdown:
         saved = json.loads(Path(args.markdown).read_text())
-        if saved.get("benchmark") == "max_band":
+        if saved.get("benchmark") == "max_rounds":
+            print(rounds_markdown(saved))
+        elif saved.get("benchmark") == "max_band":
             print(band_markdown(saved))
             if "earlier" in saved:
                 print(f"\nEarlier: {saved['earlier']['note']}\n")
@@ -187,6 +253,17 @@ def main() -> None:
                         "tensorflow": tf.__version__, "keras": keras.__version__},
             "command": "python bench/bench_max.py " + " ".join(sys.argv[1:]),
             "seconds": 0.0, "rows": []}
+    if args.rounds > 1:
+        del data["rows"]
+        data.update(benchmark="max_rounds", strategies=args.strategies, rounds=[])
+        for _ in range(args.rounds):   # round-robin: a slow spell of the machine hits all cases
+            data["rounds"].append([])
+            for case in args.cases:
+                data["rounds"][-1].append(run_case(case, args.strategies, not args.no_truth))
+                data["seconds"] = round(time.time() - t0, 1)
+                Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+        print(rounds_markdown(data))
+        return
     for case in args.cases:  # written after every case, so a stopped run keeps what it measured
         data["rows"].append(run_case(case, args.strategies, not args.no_truth))
         data["seconds"] = round(time.time() - t0, 1)
