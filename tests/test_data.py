@@ -20,7 +20,7 @@ def test_arrays_cycle_to_exact_batch_size() -> None:
     assert bx.shape == (12, 2) and by.shape == (12,)
     assert by.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
     assert np.array_equal(bx[5], x[0])
-    sx, sy = batch_from_data((x, y), 3)
+    _sx, sy = batch_from_data((x, y), 3)
     assert sy.tolist() == [0, 1, 2]
 
 
@@ -108,7 +108,7 @@ def _varlen_dataset() -> tf.data.Dataset:
 
 def test_unbatched_variable_length_uses_longest_example() -> None:
     s = DataSample.from_data(_varlen_dataset())
-    x, y = s.batch(5)
+    x, _y = s.batch(5)
     assert x.shape == (5, 9) and np.all(x == 2)  # the example of length 9, repeated
     assert any("largest" in n and "longest" in n for n in s.notes), s.notes
 
@@ -116,7 +116,7 @@ def test_unbatched_variable_length_uses_longest_example() -> None:
 def test_padded_batches_use_longest_padded_example() -> None:
     ds = _varlen_dataset().padded_batch(2)  # batches padded to 9 and to 5
     s = DataSample.from_data(ds)
-    x, y = s.batch(3)
+    x, _y = s.batch(3)
     assert x.shape == (3, 9) and any("longest" in n for n in s.notes)
 
 

@@ -178,7 +178,7 @@ def test_file_can_import_its_neighbours(tmp_path: Path) -> None:
 
 
 def test_load_data(model_file: Path) -> None:
-    x, y = load_data(f"{model_file}:data")
+    x, _y = load_data(f"{model_file}:data")
     assert x.shape == (8, 3)
     assert isinstance(load_data(f"{model_file}:dataset"), tf.data.Dataset)
     with pytest.raises(ModelLoadError, match="returned an object of type int"):

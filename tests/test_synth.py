@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from batchfit.errors import InvalidInputError
-from batchfit.tf.synth import (InputSpec, describe_synthesis, input_specs, loss_name,
-                               plan_synthesis, synthesize_batch)
+from batchfit.tf.synth import (
+    InputSpec,
+    describe_synthesis,
+    input_specs,
+    loss_name,
+    plan_synthesis,
+    synthesize_batch,
+)
 
 
 def _dense_model(loss, units: int = 4, activation: str | None = None, *,

@@ -283,15 +283,15 @@ def test_guided_never_probes_the_same_size_and_stays_inside_the_bracket() -> Non
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(name="fast"), "unknown search strategy"),
-    (dict(name="power", granularity=0), "granularity"),
-    (dict(name="guided", granularity=2.5), "granularity"),
-    (dict(name="binsearch", upper=0), "upper"),
-    (dict(name="guided", upper=4, granularity=8), "below granularity"),
-    (dict(name="power", init=0), "init"),
-    (dict(name="guided", budget_bytes=-1.0), "budget_bytes"),
-    (dict(name="guided", budget_bytes=True), "budget_bytes"),
-    (dict(name="guided", budget_bytes=float("nan")), "budget_bytes"),
+    ({"name": "fast"}, "unknown search strategy"),
+    ({"name": "power", "granularity": 0}, "granularity"),
+    ({"name": "guided", "granularity": 2.5}, "granularity"),
+    ({"name": "binsearch", "upper": 0}, "upper"),
+    ({"name": "guided", "upper": 4, "granularity": 8}, "below granularity"),
+    ({"name": "power", "init": 0}, "init"),
+    ({"name": "guided", "budget_bytes": -1.0}, "budget_bytes"),
+    ({"name": "guided", "budget_bytes": True}, "budget_bytes"),
+    ({"name": "guided", "budget_bytes": float("nan")}, "budget_bytes"),
 ])
 def test_make_policy_rejects(kwargs: dict, match: str) -> None:
     name = kwargs.pop("name")

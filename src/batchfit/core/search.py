@@ -539,7 +539,7 @@ class GuidedPolicy(SearchPolicy):
                 width = hi - lo
                 target = min(max(target, lo + 0.25 * width), lo + 0.75 * width)
         # (1e-6 of a granule forgives float error when the limit is an exact multiple)
-        size = int(math.floor(target / g + 1e-6)) * g if math.isfinite(target) else first
+        size = math.floor(target / g + 1e-6) * g if math.isfinite(target) else first
         size = max(size, first)
         if last is not None:
             size = min(size, last)

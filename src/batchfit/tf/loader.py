@@ -189,7 +189,7 @@ def _model_problem(obj: Any, where: str = "before measuring it") -> str | None:
         return None
     what = _describe(obj)
     mod = type(obj).__module__ or ""
-    if mod.startswith("tf_keras") or mod.startswith("keras.src.legacy") or \
+    if mod.startswith(("tf_keras", "keras.src.legacy")) or \
             any(c.__module__.startswith("tf_keras") for c in type(obj).__mro__):
         return (f"is {what}, a Keras 2 (tf_keras) model; batchfit needs a Keras 3 keras.Model "
                 "(import keras, not tf_keras).")

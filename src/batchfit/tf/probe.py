@@ -9,6 +9,7 @@ seed state, optimizer slots and iteration count), so probing is invisible to the
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -296,8 +297,6 @@ class ProbeRunner:
             # Outside the handler: the exception's traceback, which keeps the failed step's
             # tensors alive, is released before the state is assigned back.
             self.state.restore()
-            try:
+            with contextlib.suppress(Exception):  # metrics without reset are harmless here
                 self.model.reset_metrics()
-            except Exception:  # noqa: BLE001 - metrics without reset are harmless here
-                pass
         return probe

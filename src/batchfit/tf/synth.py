@@ -541,7 +541,7 @@ def _fill_shape(name: str, declared: tuple[Any, ...], given: tuple[int, ...] | N
 
 
 def _is_int(dtype: str) -> bool:
-    return dtype.startswith("int") or dtype.startswith("uint")
+    return dtype.startswith(("int", "uint"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,7 +681,7 @@ def _output_shapes(model: Any, x1: Any) -> Any:
         leaves = keras.tree.flatten(out)
         if leaves and all(all(d is not None for d in t.shape) for t in leaves):
             return keras.tree.map_structure(lambda t: _Shape(t.shape), out)
-    except Exception:  # noqa: BLE001 - symbolic tracing may fail (Python control flow)
+    except Exception:  # noqa: BLE001, S110 - symbolic tracing may fail (Python control flow)
         pass
     try:
         out = model(x1, training=False)

@@ -727,7 +727,7 @@ class ProbeWorker:
                     os.unlink(path)
             self._log_paths.clear()
 
-    def __enter__(self) -> ProbeWorker:
+    def __enter__(self) -> ProbeWorker:  # noqa: PYI034 - never subclassed
         try:
             self.start()
         except BaseException:
