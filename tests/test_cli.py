@@ -70,7 +70,7 @@ def test_nothing_fits_exits_1_and_states_the_fixed_cost() -> None:
 
 
 def test_max_writes_json_that_report_re_renders(tmp_path) -> None:
-    out = tmp_path / "run.json"
+    out = tmp_path / "runs" / "run.json"  # --json into a directory that does not exist yet
     proc = run_cli("max", f"{MODELS}:seed_wide", "--memory", "48MiB", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
@@ -86,6 +86,72 @@ def test_max_writes_json_that_report_re_renders(tmp_path) -> None:
     again = run_cli("report", str(out))
     assert again.returncode == 0, again.stderr
     assert str(data["max_batch_size"]) in again.stdout
+
+
+def _saved_max_run(tmp_path: Path) -> Path:
+    from batchfit.results import MaxBatchResult, MemoryModel, Probe
+
+    r = MaxBatchResult(
+        max_batch_size=64, safe_batch_size=57, headroom=0.1, memory_budget_bytes=48 << 20,
+        budget_source="user", device="CPU:0", isolation="process", strategy="guided",
+        granularity=1, upper_bound=1 << 20, bracketed=True,
+        memory_model=MemoryModel(6e6, 5.6e5, 0.999, 2),
+        probes=[Probe(8, True, "fits", 10 << 20, 1.5), Probe(64, True, "fits", 40 << 20, 0.4),
+                Probe(65, False, "oom", None, 10.2, None, "OOM")])
+    path = tmp_path / "run.json"
+    r.to_json(path)
+    return path
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: {"name": "not batchfit's", "items": [1, 2]}, ["not a valid", "max_batch"]),
+    (lambda d: {**d, "schema_version": d["schema_version"] + 1}, ["upgrade batchfit"]),
+    (lambda d: {**d, "schema_version": "2"}, ["schema_version"]),
+    (lambda d: {**d, "probes": None}, ["not a valid"]),
+    (lambda d: {**d, "result_kind": {"a": 1}}, ["unknown result kind"]),
+])
+def test_report_of_a_malformed_or_foreign_file_exits_2(edit, words, tmp_path, capsys) -> None:
+    from batchfit.cli import main
+
+    path = _saved_max_run(tmp_path)
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    rc = main(["report", str(path)])
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err and "internal error" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+def test_outputs_go_into_new_directories_and_unwritable_paths_exit_2(tmp_path, capsys) -> None:
+    from rich.console import Console
+
+    from batchfit.cli import main
+    from batchfit.cli._common import write_outputs
+    from batchfit.errors import InvalidInputError
+    from batchfit.results import load_result
+
+    path = _saved_max_run(tmp_path)
+    # A missing directory is created (a long run is not lost at the very end).
+    assert main(["report", str(path), "--plot", str(tmp_path / "new" / "dir" / "m.png")]) == 0
+    assert (tmp_path / "new" / "dir" / "m.png").read_bytes()[:4] == b"\x89PNG"
+    result = load_result(path)
+    write_outputs(result, Console(file=open(os.devnull, "w")),  # noqa: SIM115
+                  json_path=str(tmp_path / "a" / "b" / "run.json"))
+    assert load_result(tmp_path / "a" / "b" / "run.json") == result
+    capsys.readouterr()
+    # A path that cannot be written (under a file, or a directory) is bad input: exit 2.
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    rc = main(["report", str(path), "--plot", str(blocker / "m.png")])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "cannot write" in err and "Traceback" not in err, err
+    (tmp_path / "adir.png").mkdir()
+    assert main(["report", str(path), "--plot", str(tmp_path / "adir.png")]) == 2
+    with pytest.raises(InvalidInputError, match="--json"):
+        write_outputs(result, Console(file=open(os.devnull, "w")),  # noqa: SIM115
+                      json_path=str(blocker / "run.json"))
 
 
 def test_version_and_help() -> None:

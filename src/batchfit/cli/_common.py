@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
@@ -38,15 +40,30 @@ def parse_input_shapes(items: Sequence[str] | None) -> Any:
 
 def write_outputs(result: Any, console: Any, *, json_path: str | None = None,
                   plot_path: str | None = None) -> None:
-    """Write ``--json`` and ``--plot`` for a result, saying where each went."""
+    """Write ``--json`` and ``--plot`` for a result, saying where each went.
+
+    A missing parent directory is created; a path that cannot be written is bad input.
+    """
     if json_path:
-        result.to_json(json_path)
+        with _writing("--json", json_path):
+            result.to_json(json_path)
         console.print(f"[dim]wrote {json_path}[/dim]", highlight=False)
     if plot_path:
         from ..report import plot
 
-        plot(result, plot_path)
+        with _writing("--plot", plot_path):
+            plot(result, plot_path)
         console.print(f"[dim]wrote {plot_path}[/dim]", highlight=False)
+
+
+@contextlib.contextmanager
+def _writing(option: str, path: str) -> Iterator[None]:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as exc:
+        why = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc
+        raise InvalidInputError(f"{option} {path}: cannot write it ({why})") from None
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:

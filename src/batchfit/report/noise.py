@@ -16,6 +16,7 @@ from rich.table import Table
 from ..core.noise import noise_scale_of_means
 from ..results import NoiseScaleResult
 from .plots import _pyplot
+from .terminal import _escape
 
 
 def _num(v: float | None) -> str:
@@ -63,7 +64,7 @@ def render_noise(result: NoiseScaleResult, console: Console | None = None) -> No
             "it, extra examples per step are mostly wasted. The noise scale grows as training "
             "progresses, so a value measured at the start is a lower bound.", highlight=False)
     for note in result.notes:
-        console.print(f"[dim]note: {note}[/dim]", highlight=False)
+        console.print(f"[dim]note: {_escape(note)}[/dim]", highlight=False)
 
 
 def running_estimates(result: NoiseScaleResult) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,11 @@ from .terminal import _escape, render_max
 _POINT_STYLE = {"ok": "green", "oom": "red", "failed": "magenta", "skipped": "dim"}
 
 
+def _rate(v: float, sep: str = ",") -> str:
+    """Samples/s: whole numbers (``sep``: thousands separator), 3 digits below 100 (0.4, not 0)."""
+    return (f"{v:,.0f}" if sep else f"{v:.0f}") if abs(v) >= 100 else f"{v:.3g}"
+
+
 class PointLog:
     """Prints one line per throughput measurement as it completes (pass it as ``on_point=``).
 
@@ -32,7 +37,7 @@ class PointLog:
         style = _POINT_STYLE.get(p.outcome, "")
         line = f"time   batch {p.batch_size:>8}  [{style}]{p.outcome:<7}[/{style}]"
         if p.samples_per_second is not None:
-            line += (f"{p.samples_per_second:>10,.0f} samples/s ±{(p.cv or 0):>4.0%} "
+            line += (f"{_rate(p.samples_per_second):>10} samples/s ±{(p.cv or 0):>4.0%} "
                      f"{(p.step_seconds or 0) * 1000:>7.1f} ms/step "
                      f"{len(p.window_seconds)}x{p.steps_per_window}")
         elif p.detail:
@@ -46,8 +51,9 @@ def _throughput_table(result: ThroughputResult, *, knee: int | None = None,
                   title_justify="left", box=box.SIMPLE_HEAD)
     for col, just in (("batch", "right"), ("samples/s", "right"), ("± s.e.", "right"),
                       ("min-max", "right"),
-                      ("step", "right"), ("steps", "right"), ("", "left")):
+                      ("step", "right"), ("steps", "right")):
         table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    table.add_column("", justify="left")  # wraps first when the table is too wide
     gpu = any(p.gpu_utilization is not None for p in result.points)
     if gpu:
         table.add_column("GPU util", justify="right")
@@ -64,8 +70,8 @@ def _throughput_table(result: ThroughputResult, *, knee: int | None = None,
                    _escape(p.detail[:40])]
         else:
             err = "-" if p.median_error is None else f"{p.median_error:.1%}"
-            row = [str(p.batch_size), f"{p.samples_per_second:,.0f}", err,
-                   f"{p.low or 0:.0f}-{p.high or 0:.0f}",
+            row = [str(p.batch_size), _rate(p.samples_per_second), err,
+                   f"{_rate(p.low or 0, '')}-{_rate(p.high or 0, '')}",
                    f"{(p.step_seconds or 0) * 1000:.1f} ms",
                    f"{len(p.window_seconds)}x{p.steps_per_window}", ", ".join(marks)]
         if gpu:

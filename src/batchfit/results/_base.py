@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import typing
 from pathlib import Path
 from typing import Any
@@ -63,18 +64,39 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
+def _expect(data: Any, types: type, what: str) -> None:
+    """A TypeError (a malformed file) when ``data`` is not of the JSON type a field needs."""
+    if not isinstance(data, types) or (isinstance(data, bool) and types is not bool):
+        raise TypeError(f"expected {what}, got {type(data).__name__} {str(data)[:40]!r}")
+
+
 def _from_plain(tp: Any, data: Any) -> Any:
-    if data is None:
-        return None
     origin = typing.get_origin(tp)
+    if data is None:  # null: a None field, or a float saved while not finite
+        if origin in (list, tuple, dict) or dataclasses.is_dataclass(tp):
+            raise TypeError(f"expected {'a list' if origin in (list, tuple) else 'an object'}, "
+                            f"got null")
+        return None
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _from_plain(args[0], data) if len(args) == 1 else data
     if origin in (list, tuple):
+        _expect(data, list, "a list")
         (inner, *_) = typing.get_args(tp) or (Any,)
         values = [_from_plain(inner, v) for v in data]
         return tuple(values) if origin is tuple else values
+    if origin is dict:
+        _expect(data, dict, "an object")
+        (_, inner) = typing.get_args(tp) or (Any, Any)
+        return {k: _from_plain(inner, v) for k, v in data.items()}
+    if tp is bool:
+        _expect(data, bool, "true or false")
+    elif tp in (int, float):
+        _expect(data, numbers.Real, "a number")
+    elif tp is str:
+        _expect(data, str, "a string")
     if dataclasses.is_dataclass(tp):
+        _expect(data, dict, f"an object ({tp.__name__})")
         hints = typing.get_type_hints(tp)
         kwargs = {}
         for f in dataclasses.fields(tp):
@@ -102,9 +124,14 @@ def register_result(cls: type) -> type:
 
 def check_schema_version(data: dict[str, Any]) -> None:
     """Refuse a run saved by a newer batchfit, with the fix."""
+    from ..errors import InvalidInputError
+
     version = data.get("schema_version", SCHEMA_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidInputError(f"not a batchfit result (schema_version {version!r}: expected "
+                                f"a whole number from 1 to {SCHEMA_VERSION})")
     if version > SCHEMA_VERSION:
-        raise ValueError(
+        raise InvalidInputError(
             f"this run was saved with schema_version {version}, newer than this batchfit "
             f"reads ({SCHEMA_VERSION}); upgrade batchfit to read it")
 
@@ -129,7 +156,10 @@ def load_result(path_or_text: str | Path) -> _Serializable:
         p = Path(path_or_text)
         if not p.is_file():
             raise InvalidInputError(f"no such result file: {p} (pass the path written by --json)")
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInputError(f"cannot read result file {p}: {exc}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -137,6 +167,11 @@ def load_result(path_or_text: str | Path) -> _Serializable:
     if not isinstance(data, dict):
         raise InvalidInputError("not a batchfit result (expected a JSON object)")
     kind = data.get("result_kind", "max_batch")
-    if kind not in _RESULT_KINDS:
+    if not isinstance(kind, str) or kind not in _RESULT_KINDS:
         raise InvalidInputError(f"unknown result kind {kind!r}; known: {sorted(_RESULT_KINDS)}")
-    return _RESULT_KINDS[kind].from_dict(data)
+    try:
+        return _RESULT_KINDS[kind].from_dict(data)
+    except InvalidInputError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise InvalidInputError(f"not a valid batchfit {kind!r} result ({exc})") from None
