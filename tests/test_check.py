@@ -147,6 +147,33 @@ def test_a_model_with_a_few_custom_layers_checks_its_custom_layers_in_under_a_mi
     model.predict(np.zeros((3, 12, 16), "float32"), verbose=0)
 
 
+class _DropoutAndCount(keras.layers.Layer):
+    """A custom layer with state that get_weights() leaves out (Dropout's seed) and state
+    that every call changes (a call counter)."""
+
+    def build(self, input_shape):
+        self.dropout = keras.layers.Dropout(0.5)
+        self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                     name="calls")
+
+    def call(self, x, training=None):
+        self.calls.assign_add(1.0)
+        return self.dropout(x, training=training)
+
+
+def test_check_leaves_every_variable_of_the_model_as_it_was() -> None:
+    inp = keras.Input((6,))
+    out = keras.layers.Dense(1)(_DropoutAndCount()(inp))
+    model = keras.Model(inp, out)
+    model.compile("sgd", "mse")
+    model.fit(np.ones((8, 6), "float32"), np.ones((8, 1), "float32"), verbose=0)
+    before = {v.path: np.array(v.numpy(), copy=True) for v in model.variables}
+    check(model)
+    changed = [v.path for v in model.variables
+               if not np.array_equal(v.numpy(), before[v.path])]
+    assert changed == []   # seed-generator state and the counter included
+
+
 def test_subclassed_model_layers_are_seen_by_calling_the_model() -> None:
     from batchfit.examples.models import seed_memory_aware
 

@@ -305,6 +305,42 @@ def test_grow_after_clean_epochs_and_never_by_default() -> None:
     assert [a.reason for a in h.adjustments] == ["oom"] and h.micro_batch_size == 16
 
 
+def test_a_dataset_of_its_own_batches_reports_the_accumulation_it_trains_with() -> None:
+    x, y = _xy(64)
+    m = _small(layer=FakeOOM(16), run_eagerly=True)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)   # no batch_size= to fit
+    h = batchfit.fit(m, ds, epochs=1, verbose=0, shuffle=False)
+    assert [(a.from_micro_batch, a.to_micro_batch) for a in h.adjustments] == [(32, 16)]
+    assert int(m.optimizer.iterations.numpy()) == 2               # one update per batch of 32
+    assert (h.micro_batch_size, h.accumulation_steps) == (16, 2)
+    assert h.per_replica_batch_size == 32
+
+
+class _HalveToOne:
+    """A user's shrink policy that never gives up: halves, but not below 1."""
+
+    def next_size(self, failed, observations):
+        return max(1, failed // 2)
+
+
+def test_a_policy_that_answers_one_after_one_failed_ends_with_the_clear_error() -> None:
+    x, y = _xy(8)
+    m = _small(layer=FakeOOM(0), run_eagerly=True)   # not even one example fits
+    with pytest.raises(batchfit.TrainingOutOfMemoryError, match="micro-batch of 1 example"):
+        batchfit.fit(m, x, y, batch_size=4, epochs=1, verbose=0, shrink_policy=_HalveToOne())
+
+    sizes = []
+
+    @batchfit.adaptive_batch_size(start=2, policy=_HalveToOne())
+    def train(batch_size):
+        sizes.append(batch_size)
+        raise _oom(batch_size)
+
+    with pytest.raises(batchfit.TrainingOutOfMemoryError, match="batch size 1"):
+        train()
+    assert sizes == [2, 1]   # never called with a batch of 0
+
+
 def test_rebatched_dataset_keeps_its_cardinality() -> None:
     x, y = _xy(96)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(12, drop_remainder=True)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from batchfit.tf.probe import ModelState, ProbeRunner, state_bytes
+from batchfit.tf.probe import ModelState, ProbeRunner, metric_variable_groups, state_bytes
 
 
 def _model() -> keras.Model:
@@ -44,6 +44,18 @@ def test_probe_leaves_every_variable_exactly_as_it_was() -> None:
     la = m.train_on_batch(*_batch(5))
     lb = ref.train_on_batch(*_batch(5))
     np.testing.assert_allclose(la, lb, rtol=1e-6)
+
+
+def test_probe_leaves_the_metric_totals_of_a_trained_model_as_they_were() -> None:
+    m = _model()
+    m.fit(*_batch(32), batch_size=8, epochs=1, verbose=0)  # metrics now hold the epoch's totals
+    totals = [np.array(v.numpy(), copy=True) for g in metric_variable_groups(m) for v in g]
+    assert any(np.any(t) for t in totals)
+    runner = ProbeRunner(m, _batch, steps=2)
+    runner.warm_up()
+    assert runner.run(16).fits
+    after = [np.asarray(v.numpy()) for g in metric_variable_groups(m) for v in g]
+    assert all(np.array_equal(x, y) for x, y in zip(totals, after))
 
 
 def test_probe_on_a_fresh_model_builds_optimizer_with_initial_values() -> None:

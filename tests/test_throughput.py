@@ -87,6 +87,18 @@ def test_model_state_is_restored_exactly(mlp_run) -> None:
     assert state.equals_current()
 
 
+def test_the_metric_totals_of_a_trained_model_are_restored() -> None:
+    model = seed_mlp()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, *model.input_shape[1:])).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # the loss tracker holds the totals
+    state = ModelState(model)
+    assert any(np.any(v.numpy()) for m in model.metrics for v in m.variables)
+    profile_throughput(model, [4, 8], window_seconds=0.02, windows=2, max_windows=2)
+    assert state.equals_current()   # every variable, metric totals included
+
+
 def test_knee_and_cpu_gpu_note(mlp_run) -> None:
     _, _, r = mlp_run
     assert r.knee in [p.batch_size for p in r.points]

@@ -94,11 +94,13 @@ def _decorate(fn: Callable[..., R], start: int, policy: ShrinkPolicy,
             gc.collect()
             state.attempts.append((size, False, detail))
             new = policy.next_size(size, state.observations)
+            if new is not None:
+                new = min(new, size - 1)  # a policy's answer is at most failed - 1
             if new is None or new < 1:
                 raise TrainingOutOfMemoryError(
                     f"{fn.__name__} ran out of memory even at batch size {size}: the memory "
                     f"that does not depend on the batch leaves no room ({detail})")
-            state.batch_size = int(min(new, size - 1))
+            state.batch_size = int(new)
             logger.warning("batchfit: %s ran out of memory at batch size %d after %.1f s; "
                            "retrying at %d", fn.__name__, size, time.perf_counter() - t0,
                            state.batch_size)

@@ -516,13 +516,16 @@ class _LayerCheck:
     def run(self) -> tuple[LayerReport, list[Finding]]:
         start = time.perf_counter()
         node_counts = _node_counts(self.layer)
+        if getattr(self.layer, "built", False):
+            self.weights = _variable_values(self.layer)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._run()
         finally:
             if self.weights is not None:
-                self.layer.set_weights(self.weights)
+                for variable, value in self.weights:
+                    variable.assign(value)
             _restore_nodes(self.layer, node_counts)
         order = {c: i for i, c in enumerate(CHECKS)}
         self.findings.sort(key=lambda f: order.get(f.check, 99))
@@ -582,8 +585,9 @@ class _LayerCheck:
                 f"{type(first_error).__name__}: {_first_line(first_error)}. Fix the layer, or "
                 "pass the input shape it expects (input_shape=..., --input-shape).") \
                 from first_error
-        # Built by now (an inference call changes no weight): what to restore afterwards.
-        self.weights = self.layer.get_weights()
+        # Built by now: what to restore afterwards, unless it was built before the checks.
+        if self.weights is None:
+            self.weights = _variable_values(self.layer)
         traces, fns = counter.since(snap)
         self.details["eager sizes"] = ",".join(map(str, ran))
         return traces, fns
@@ -968,6 +972,12 @@ def _graph_ops(concrete: Any) -> set[str]:
     for fn in graph_def.library.function:
         ops |= {n.op for n in fn.node_def}
     return ops
+
+
+def _variable_values(layer: Any) -> list[tuple[Any, np.ndarray]]:
+    """Every variable of the layer with a copy of its value: weights, non-trainable state
+    and random-seed state (which ``get_weights`` leaves out)."""
+    return [(v, np.array(v.numpy(), copy=True)) for v in layer.variables]
 
 
 def _node_counts(layer: Any) -> tuple[int, int]:

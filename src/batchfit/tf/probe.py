@@ -295,8 +295,10 @@ class ProbeRunner:
                           detail=_first_line(exc))
         finally:
             # Outside the handler: the exception's traceback, which keeps the failed step's
-            # tensors alive, is released before the state is assigned back.
-            self.state.restore()
+            # tensors alive, is released before the state is assigned back. Metrics are reset
+            # first (those built by the steps start at zero), then the snapshot is restored
+            # (the caller's metric totals included).
             with contextlib.suppress(Exception):  # metrics without reset are harmless here
                 self.model.reset_metrics()
+            self.state.restore()
         return probe

@@ -628,6 +628,12 @@ class _Run:
             micro = max(micro or 0, largest) or None
         return micro
 
+    def largest_batch(self, phase: str) -> int | None:
+        """The largest batch seen in ``phase`` (by either path), ``None`` before any."""
+        replay = self._replays.get(phase)
+        largest = max(self._largest[phase], int(replay.largest.numpy()) if replay else 0)
+        return largest or None
+
     def fast(self, phase: str) -> bool:
         """Whether the next batch may be read inside the compiled step (see ``run_fast``)."""
         replay = self._replays.get(phase)
@@ -790,6 +796,7 @@ class _Run:
         micro = self.micro[phase]
         if micro is None or (not self._limited[phase] and n > micro):
             self.micro[phase] = n
+        self._largest[phase] = max(self._largest[phase], n)
         done = [0] * self.replicas   # examples of each replica's share whose updates are final
         self._done = 0
         while True:
@@ -841,6 +848,8 @@ class _Run:
     def _shrink(self, phase: str, failed: int, n: int, detail: str, seconds: float) -> None:
         """Pick the next micro-batch after ``failed`` (per replica under a strategy)."""
         new = self.policy.next_size(failed, list(self.observations[phase]))
+        if new is not None:
+            new = min(new, failed - 1)  # a policy's answer is at most failed - 1
         if new is None or new < 1:
             fixed = state_bytes(self.model)
             per = " per replica" if self.distributed else ""
@@ -850,7 +859,7 @@ class _Run:
                 f"with the step's workspace leaves no room for one example ({detail}). Use a "
                 "smaller model, a lighter optimizer, mixed precision, or a larger device",
                 fixed_bytes=float(fixed))
-        new = int(min(new, failed - 1))
+        new = int(new)
         r = self.replicas
         self.micro[phase] = new * r
         self._limited[phase] = True
@@ -1112,11 +1121,13 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
     history.adjustments = list(run.adjustments)
     history.micro_batch_size = micro
     r = run.replicas
+    # Without batch_size (a dataset's own batches), the batch is the largest one that ran.
+    full = batch_size or run.largest_batch("train")
     history.accumulation_steps = (
-        plan_micro_batches(-(-batch_size // r), max(1, micro // r)).steps
-        if micro and batch_size else 1)
+        plan_micro_batches(-(-full // r), max(1, micro // r)).steps
+        if micro and full else 1)
     history.replicas = r
-    history.per_replica_batch_size = -(-batch_size // r) if batch_size else None
+    history.per_replica_batch_size = -(-full // r) if full else None
     history.per_replica_micro_batch_size = max(1, micro // r) if micro else None
     return history
 

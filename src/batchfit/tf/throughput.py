@@ -190,11 +190,13 @@ def profile_throughput(
                               warmup_steps=warmup_steps, device=dev, gpu=gpu_ok,
                               sampler_cls=GpuSampler, read_peak=read_peak, reset_peak=reset_peak)
     finally:
-        state.restore()
+        # Reset first (metrics built by the steps start at zero), then restore the snapshot,
+        # which holds the caller's metric totals.
         try:
             keras_model.reset_metrics()
         except Exception:  # noqa: BLE001, S110 - metrics without reset are harmless
             pass
+        state.restore()
     if on_point is not None:
         for p in points:
             on_point(p)
