@@ -90,6 +90,24 @@ def test_monitor_logs_into_history_and_tensorboard(tmp_path) -> None:
             for e in tf.compat.v1.train.summary_iterator(str(f)) for v in e.summary.value}
     assert {"noise_scale", "noise_scale_step", "grad_trace"} <= tags
     assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    # The event file is closed when training ends (no descriptor left open on it), and the
+    # same monitor logs the next fit again.
+    def open_in_log_dir() -> list[str]:
+        fds = Path("/proc/self/fd")
+        if not fds.is_dir():
+            return []
+        names = []
+        for fd in fds.iterdir():
+            try:
+                names.append(os.readlink(fd))
+            except OSError:
+                continue
+        return [n for n in names if n.startswith(str(tmp_path / "tb"))]
+
+    assert open_in_log_dir() == []
+    model.fit(x, y, batch_size=30, epochs=1, callbacks=[monitor], verbose=0)
+    assert open_in_log_dir() == [] and len(monitor.records) == 4
+    assert len(list((tmp_path / "tb").iterdir())) >= 2
 
 
 def test_monitor_does_not_change_training() -> None:

@@ -425,8 +425,9 @@ class NoiseScaleMonitor(keras.callbacks.Callback):
             self._writer.flush()
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        if self._writer is not None:  # closed (its event file released); the next fit reopens
+            self._writer.close()
+            self._writer = None
 
     # -- internals -----------------------------------------------------------------------------
 
