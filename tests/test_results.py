@@ -151,6 +151,20 @@ def test_noise_notes_with_brackets_print_as_they_are() -> None:
     assert "note: inputs [/x] and [bold]y[/bold]" in _render(load_result(r.to_json()))
 
 
+def test_model_names_with_brackets_print_as_they_are() -> None:
+    # Names are plain text too: a Keras model may be named "net[/x]" (MarkupError before).
+    import dataclasses
+
+    from batchfit.results import NoiseScaleResult
+
+    r = dataclasses.replace(_result(), model_name="net[/x]")
+    assert "net[/x]" in _render(load_result(r.to_json()))
+    n = NoiseScaleResult(b_simple=420.0, low=300.0, high=610.0, confidence=0.95,
+                         gradient_sq_norm=0.01, trace_sigma=4.2, small_batch=32, big_batch=256,
+                         model_name="net[/x]")
+    assert "net[/x]" in _render(load_result(n.to_json()))
+
+
 def _throughput(samples: list[float]):
     from batchfit.results import ThroughputPoint, ThroughputResult
 

@@ -42,7 +42,7 @@ def render_noise(result: NoiseScaleResult, console: Console | None = None) -> No
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("model", f"{result.model_name or '-'} ({result.optimizer or 'optimizer ?'})")
+    t.add_row("model", _escape(f"{result.model_name or '-'} ({result.optimizer or 'optimizer ?'})"))
     t.add_row("measured", f"{len(result.pairs)} pairs of batches {result.small_batch} and "
                           f"{result.big_batch}, from {result.examples} examples, "
                           f"in {result.seconds:.1f} s")

@@ -72,8 +72,8 @@ def render_max(result: MaxBatchResult, console: Console | None = None, *,
     summary = Table(show_header=False, box=None, pad_edge=False)
     summary.add_column(style="bold")
     summary.add_column()
-    summary.add_row("model", result.model_name or "-")
-    summary.add_row("device", f"{result.device}, {result.isolation}")
+    summary.add_row("model", _escape(result.model_name or "-"))
+    summary.add_row("device", _escape(f"{result.device}, {result.isolation}"))
     summary.add_row("memory budget", budget)
     exact = _exactness(result)
     g = f", granularity {result.granularity}" if result.granularity > 1 else ""
