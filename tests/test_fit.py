@@ -613,3 +613,90 @@ def test_a_model_compiled_to_run_eagerly_stays_eager() -> None:
     m = _small(layer=Eager(), run_eagerly=True)
     batchfit.fit(m, x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
     assert calls == [32] * 6
+
+
+# --- model.fit's inputs and arguments ------------------------------------------------------
+def test_a_generator_trains_without_batch_size_as_model_fit_takes_it() -> None:
+    x, y = _xy(96)
+
+    def batches():
+        while True:
+            for i in range(0, 96, 32):
+                yield x[i:i + 32], y[i:i + 32]
+
+    m, ref = _small(), _small()
+    h = batchfit.fit(m, batches(), steps_per_epoch=3, epochs=2, verbose=0, shuffle=False)
+    hr = ref.fit(batches(), steps_per_epoch=3, epochs=2, verbose=0, shuffle=False)
+    assert h.history == hr.history and int(m.optimizer.iterations.numpy()) == 6
+    for a, b in zip(m.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_a_single_callback_is_taken_as_model_fit_takes_it() -> None:
+    x, y = _xy(32)
+    epochs = []
+    cb = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: epochs.append(epoch))
+    batchfit.fit(_small(), x, y, batch_size=16, epochs=2, verbose=0, callbacks=cb)
+    assert epochs == [0, 1]
+
+
+class FailsAtCall(keras.layers.Layer):
+    """Raises an error that is not out-of-memory at the given training call (1-based)."""
+
+    def __init__(self, at: int, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.calls = at, 0
+
+    def call(self, x, training=None):
+        if training:
+            self.calls += 1
+            if self.calls == self.at:
+                raise ValueError("bad batch (not memory)")
+        return x
+
+
+def test_a_fit_stopped_inside_an_accumulated_batch_leaves_no_partial_gradients() -> None:
+    x, y = _xy(64)
+    m = _small(layer=FailsAtCall(2), run_eagerly=True)
+    ref = _small(layer=FailsAtCall(0), run_eagerly=True)
+    ref.set_weights(m.get_weights())
+    # the second micro-batch of the first batch fails: its first one was already accumulated
+    with pytest.raises(ValueError, match="bad batch"):
+        batchfit.fit(m, x, y, batch_size=32, micro_batch_size=16, epochs=1, verbose=0,
+                     shuffle=False)
+    assert int(m.optimizer.iterations.numpy()) == 0
+    # started again, it trains as a fit that never failed (no stale partial sums)
+    batchfit.fit(m, x, y, batch_size=32, micro_batch_size=16, epochs=1, verbose=0, shuffle=False)
+    batchfit.fit(ref, x, y, batch_size=32, micro_batch_size=16, epochs=1, verbose=0,
+                 shuffle=False)
+    for a, b in zip(m.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+class EvalOOM(keras.layers.Layer):
+    """Raises a simulated ResourceExhaustedError in inference for batches over ``limit``."""
+
+    def __init__(self, limit: int, **kwargs):
+        super().__init__(**kwargs)
+        self.limit = limit
+
+    def call(self, x, training=None):
+        if not training and x.shape[0] is not None and x.shape[0] > self.limit:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating (sim)")
+        return x
+
+
+def test_an_evaluation_shrink_reports_the_evaluation_batch() -> None:
+    x, y = _xy(96)
+    m = _small(layer=EvalOOM(8), run_eagerly=True)
+    ref = _small(layer=EvalOOM(10**9), run_eagerly=True)
+    ref.set_weights(m.get_weights())
+    kw = {"epochs": 1, "verbose": 0, "shuffle": False, "validation_data": (x[:40], y[:40]),
+          "validation_batch_size": 20}
+    h = batchfit.fit(m, x, y, batch_size=32, **kw)
+    hr = ref.fit(x, y, batch_size=32, **kw)
+    # batches of 20 (not fit's 32): 20 -> 10 is 2 parts, 10 -> 5 is 4
+    assert [(a.phase, a.batch_size, a.to_micro_batch, a.accumulation_steps)
+            for a in h.adjustments] == [("eval", 20, 10, 2), ("eval", 20, 5, 4)]
+    assert "each batch of 20 in 2 parts" in h.adjustments[0].describe()
+    np.testing.assert_allclose(h.history["val_loss"], hr.history["val_loss"], rtol=1e-5)

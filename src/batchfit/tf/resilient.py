@@ -360,6 +360,7 @@ class _Run:
         self._done = 0
         self._target = 0
         self._accumulating = False
+        self._accs_zeroed = False   # the optimizer's accumulators checked zero in this run
         self._orig_apply: Any = None
         self._patched_lr = False
         self._saved_functions = (model.train_function, model.test_function)
@@ -578,6 +579,11 @@ class _Run:
                                            trainable=False, name="gradient_accumulator")
                             for v in opt._trainable_variables]
                 object.__setattr__(opt, "_accumulated_gradients", accs)
+            elif not self._accs_zeroed:
+                # Left by an earlier fit that stopped inside a batch (an error, Ctrl-C)
+                # holding that batch's partial sums.
+                self._zero_accumulators()
+            self._accs_zeroed = True
         updates = int(opt._iterations.numpy()) // self._acc
         opt._iterations.assign(updates * k)
         opt.gradient_accumulation_steps = k if k > 1 else None
@@ -867,7 +873,9 @@ class _Run:
         if phase == "train":
             self._adjusted_this_epoch = True
             self.clean_epochs = 0
-        plan = plan_micro_batches(-(-(self.batch_size or n) // r), new)
+        # The batch being split: evaluation's are its own (validation_batch_size), not fit's.
+        full = (self.batch_size if phase == "train" else None) or n
+        plan = plan_micro_batches(-(-full // r), new)
         if phase == "train" and not self.keep_effective_batch and not self._warned_effective:
             self._warned_effective = True
             warnings.warn(
@@ -875,14 +883,14 @@ class _Run:
                 f"{plan.steps} optimizer updates on micro-batches of <= {new * r} examples: "
                 "the effective batch size shrinks, optimizer.iterations and learning-rate "
                 "schedules advance faster, and the learning dynamics change", stacklevel=2)
-        self._record(phase, failed * r, new * r, plan.steps, "oom", detail, seconds, n)
+        self._record(phase, failed * r, new * r, plan.steps, "oom", detail, seconds, full)
 
     def _record(self, phase: str, old: int, new: int, steps: int, reason: str, detail: str,
                 seconds: float, n: int) -> None:
         updates = int(self.opt._iterations.numpy()) // self._acc if self.opt.built else 0
         adj = BatchAdjustment(
             phase=phase, epoch=self.epoch, step=self.step[phase], optimizer_step=updates,
-            batch_size=int(self.batch_size or n), from_micro_batch=int(old),
+            batch_size=int(n), from_micro_batch=int(old),
             to_micro_batch=int(new), accumulation_steps=int(steps), reason=reason,
             detail=detail, seconds=float(seconds), time_unix=time.time())
         self.adjustments.append(adj)
@@ -963,6 +971,16 @@ class _EpochHook(keras.callbacks.Callback):
 
     def on_test_end(self, logs: Any = None) -> None:
         self.run.release("eval")
+
+
+def _is_arrays(x: Any) -> bool:
+    """Whether ``x`` is array data (arrays, tensors, or a list/dict of them) that Keras batches.
+
+    Other inputs (a generator, a ``PyDataset``, a torch ``DataLoader``) bring their own batches.
+    """
+    leaves = tf.nest.flatten(x)
+    return bool(leaves) and all(
+        tf.is_tensor(t) or isinstance(t, np.ndarray) or hasattr(t, "__array__") for t in leaves)
 
 
 def _static_batch(ds: tf.data.Dataset) -> int | None:
@@ -1098,7 +1116,7 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
             x = _rebatch(x, batch_size)
         fit_batch = None
     else:
-        if batch_size is None and not isinstance(x, keras.utils.PyDataset):
+        if batch_size is None and _is_arrays(x):
             raise InvalidInputError("batchfit.fit needs batch_size= for array inputs")
         fit_batch = batch_size
     if micro_batch_size is not None and batch_size is not None:
@@ -1110,7 +1128,9 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
                logger=logger or LOGGER, strategy=strategy)
     if isinstance(fit_kwargs.get("callbacks"), keras.callbacks.CallbackList):
         raise InvalidInputError("batchfit.fit takes callbacks as a list, not a CallbackList")
-    callbacks = list(fit_kwargs.pop("callbacks", None) or [])
+    callbacks = fit_kwargs.pop("callbacks", None) or []
+    # model.fit takes one callback alone too.
+    callbacks = [callbacks] if isinstance(callbacks, keras.callbacks.Callback) else list(callbacks)
     callbacks.insert(0, _EpochHook(run))
     run.install()
     try:
