@@ -270,3 +270,33 @@ def test_sample_spec_names_and_a_subclassed_model_checked_as_a_layer() -> None:
     model.build((None, 5))
     r = check(model, input_shape=(None, 5))
     assert [(f.check, f.severity) for f in r.findings] == [("sample_mixing", "warning")]
+
+
+class StopGradientCentering(keras.layers.Layer):
+    """Centres on the batch mean without a gradient through it (as straight-through or
+    frozen-statistics layers do): the output still depends on the other samples."""
+
+    def call(self, x):
+        return x - keras.ops.stop_gradient(keras.ops.mean(x, axis=0, keepdims=True))
+
+
+class ReadsItsKernelShape(keras.layers.Layer):
+    """Correct: reads the static shape of its own weight, never of the batch."""
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], 4))
+
+    def call(self, x):
+        units = self.kernel.shape[0]
+        rows, cols = self.kernel.shape
+        return keras.ops.matmul(keras.ops.reshape(x, (-1, units)), self.kernel) * (rows / cols)
+
+
+def test_sample_mixing_without_a_gradient_path_is_found() -> None:
+    r = check(StopGradientCentering(), input_shape=(6,))
+    assert [(f.check, f.severity) for f in r.findings] == [("sample_mixing", "warning")]
+
+
+def test_static_shape_of_the_layers_own_weights_is_not_a_batch_read() -> None:
+    r = check(ReadsItsKernelShape(), input_shape=(6,))
+    assert r.findings == [], [f.message for f in r.findings]

@@ -142,3 +142,18 @@ def test_the_scan_does_not_import_tensorflow() -> None:
     code = ("import sys, batchfit.core.static_scan; "
             "sys.exit(1 if {'tensorflow', 'keras'} & set(sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60, check=False).returncode == 0
+
+
+def test_static_shapes_of_the_layers_own_attributes_are_not_batch_reads() -> None:
+    src = """
+    class L:
+        def call(self, x):
+            units = self.kernel.shape[0]
+            rows, cols = self.kernel.shape
+            n = int(self.kernel.get_shape()[0])
+            m = K.int_shape(self.embeddings)[0]
+            for i in range(self.table.shape.as_list()[0]):
+                pass
+            return x.shape[0]
+    """
+    assert _scan(src) == [(10, "shape_index")]

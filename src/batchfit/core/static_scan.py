@@ -251,15 +251,31 @@ def _is_zero(node: ast.AST) -> bool:
 
 
 def _is_static_shape(node: ast.AST) -> bool:
-    """``x.shape``, ``x.get_shape()``, ``x.shape.as_list()``, ``int_shape(x)`` (any prefix)."""
+    """``x.shape``, ``x.get_shape()``, ``x.shape.as_list()``, ``int_shape(x)`` (any prefix).
+
+    The static shape of the layer's own attributes (``self.kernel.shape``: its weights) is
+    known and has no batch dimension, so it is not one.
+    """
     if isinstance(node, ast.Attribute) and node.attr == "shape":
-        return True
+        return not _of_self(node.value)
     if isinstance(node, ast.Call):
         f = node.func
         if isinstance(f, ast.Attribute) and f.attr in ("get_shape", "as_list"):
-            return True
+            return not _of_self(f.value)
         name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
-        return name in _SHAPE_FUNCS
+        return name in _SHAPE_FUNCS and not (node.args and _of_self(node.args[0]))
+    return False
+
+
+def _of_self(node: ast.AST) -> bool:
+    """``self.name`` (or ``self.a.b``, ``self.a[i]``, ``self.a.get_shape()``): the layer's own
+    attributes; not what its sublayers return (``self.dense(x)``)."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)) or (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get_shape"):
+        node = node.func if isinstance(node, ast.Call) else node.value
+        if isinstance(node, ast.Name):
+            return node.id in ("self", "cls")
     return False
 
 

@@ -9,7 +9,8 @@ For each custom (non-Keras) layer of a model, or for one layer given alone, seve
 3. ``static_shape``: an AST scan of ``call`` and its same-module helpers for reads of the static
    batch (:mod:`batchfit.core.static_scan`).
 4. ``sample_mixing``: the gradient of ``sum(out[0])`` with respect to the other samples of the
-   batch, in inference and in training; nonzero means that sample 0's output depends on other
+   batch, in inference and in training, and in inference sample 0's output with the other
+   samples swapped for new ones; nonzero means that sample 0's output depends on other
    samples. Expected for BatchNormalization in training (info), a warning otherwise.
 5. ``retracing``: how many times the layer's Python code is traced over several batch sizes
    in ``fit``, under ``tf.function(reduce_retracing=True)`` and when called eagerly (its own
@@ -754,7 +755,7 @@ class _LayerCheck:
         if mixes_inf:
             self._find("sample_mixing", "warning",
                        f"in inference, output sample 0 depends on the other samples of the batch "
-                       f"(relative gradient {results[False]:.1e}): results change with the batch "
+                       f"(relative dependence {results[False]:.1e}): results change with the batch "
                        "size and a batch of 1 behaves differently",
                        "compute per sample (reduce over axis=1 or later, never axis=0); if "
                        "mixing is intended, document it")
@@ -788,6 +789,7 @@ class _LayerCheck:
         leaves = [tf.constant(a) for a in keras.tree.flatten(x)]
         floats = [t for t in leaves if t.dtype.is_floating]
         packed = keras.tree.pack_sequence_as(self.spec.template, leaves)
+        by_gradient = None
         try:
             if floats:
                 with tf.GradientTape() as tape:
@@ -801,11 +803,11 @@ class _LayerCheck:
                 if grads:
                     own = max(float(tf.reduce_max(tf.abs(g[0]))) for g in grads)
                     other = max(float(tf.reduce_max(tf.abs(g[1:]))) for g in grads)
-                    if other <= 1e-12:
-                        return 0.0
-                    return other / max(own, 1e-12)
-            if training:
-                return None  # forward comparison is noisy in training (dropout)
+                    by_gradient = 0.0 if other <= 1e-12 else other / max(own, 1e-12)
+            if training or (by_gradient or 0.0) > _REL_TOL:
+                return by_gradient  # forward comparison is noisy in training (dropout)
+            # No gradient path is no proof (stop_gradient, rounding): also swap the other
+            # samples and compare output sample 0.
             out0 = [np.asarray(o)[0] for o in keras.tree.flatten(self._call(packed,
                                                                              training=False))]
             other = self.spec.batch(len(np.asarray(leaves[0])), seed=301)
@@ -817,9 +819,10 @@ class _LayerCheck:
             diff = max(float(np.max(np.abs(a - c))) if a.size else 0.0
                        for a, c in zip(out0, out1))
             scale = max(float(np.max(np.abs(a))) if a.size else 0.0 for a in out0)
-            return diff / max(scale, 1e-12) if diff > 1e-12 else 0.0
+            forward = diff / max(scale, 1e-12) if diff > 1e-12 else 0.0
+            return max(forward, by_gradient or 0.0)
         except Exception:  # noqa: BLE001 - not measurable; other checks report failures
-            return None
+            return by_gradient
 
     # 2 ------------------------------------------------------------------------------------
     def _wrapper(self) -> Any:
