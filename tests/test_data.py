@@ -209,3 +209,23 @@ class _Ragged(keras.utils.PyDataset):
 def test_a_batch_with_x_and_y_of_different_lengths_is_named() -> None:
     with pytest.raises(InvalidInputError, match=r"different lengths \[2, 3\]"):
         DataSample.from_data(_Ragged())
+
+
+def test_text_data_batched_dataset_and_object_array_train_a_model() -> None:
+    # String models (TextVectorization) need data=; a batched tf.string dataset (as from
+    # keras.utils.text_dataset_from_directory) and a pandas-like object column must be accepted.
+    texts = np.array(["the cat sat", "a dog ran far", "hello", "x y z"])
+    labels = np.arange(4) % 2
+    vec = keras.layers.TextVectorization(max_tokens=20, output_sequence_length=5)
+    vec.adapt(texts)
+    inp = keras.Input((), dtype="string")
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(20, 4)(vec(inp)))
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(h))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    for data in (tf.data.Dataset.from_tensor_slices((texts, labels)).batch(2),
+                 (texts.astype(object), labels)):
+        x, y = batch_from_data(data, 6)
+        assert x.shape == (6,) and y.shape == (6,)
+        assert np.isfinite(model.train_on_batch(x, y))
+    with pytest.raises(InvalidInputError, match="Python objects"):
+        batch_from_data((np.array([[1, 2], [3]], dtype=object), np.zeros(2)), 2)

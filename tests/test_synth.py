@@ -76,6 +76,33 @@ def test_unknown_loss_is_noted() -> None:
     assert any("unknown loss '_my_loss'" in n and "[0,1)" in n for n in notes), notes
 
 
+def test_label_losses_circle_and_ctc_get_integer_labels() -> None:
+    # Circle takes (batch,) labels for (batch, dim) embeddings; CTC takes (batch, time) labels
+    # for (batch, time, classes) outputs: real-valued targets of the output's shape crash both.
+    emb = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8),
+                            keras.layers.UnitNormalization()])
+    emb.compile(optimizer="sgd", loss=keras.losses.Circle())
+    x, y = synthesize_batch(emb, 16)
+    assert y.shape == (16,) and y.dtype.kind == "i"
+    assert np.isfinite(emb.train_on_batch(x, y))
+    seq = keras.Sequential([keras.Input((10, 3)), keras.layers.Dense(6, activation="softmax")])
+    seq.compile(optimizer="sgd", loss=keras.losses.CTC())
+    x, y = synthesize_batch(seq, 4)
+    assert y.shape == (4, 10) and y.dtype.kind == "i" and y.max() < 6
+    seq.train_on_batch(x, y)
+
+
+def test_loss_class_names_with_acronyms_are_recognized() -> None:
+    # compile(loss="KLDivergence") is accepted by Keras; it must get probability rows, not be
+    # reported as an unknown loss.
+    assert loss_name("KLDivergence") == "kl_divergence"
+    assert loss_name("CTC") == "ctc" and loss_name("MSE") == "mse"
+    model = _dense_model("KLDivergence", activation="softmax")
+    _, y = synthesize_batch(model, 8)
+    assert np.allclose(y.sum(-1), 1, atol=1e-5)
+    assert not any("unknown loss" in n for n in describe_synthesis(model))
+
+
 def test_sequence_output_sparse_labels_drop_class_axis() -> None:
     inp = keras.Input((6, 3))
     out = keras.layers.Dense(5, activation="softmax")(inp)

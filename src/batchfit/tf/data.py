@@ -362,7 +362,9 @@ def _as_array(a: Any, what: str) -> np.ndarray:
     if arr.ndim == 0:
         raise InvalidInputError(
             f"{what} is a scalar ({_type_name(a)}); each array needs the examples along axis 0.")
-    if arr.dtype == object:
+    # Text (a tf.string tensor's .numpy(), a pandas column) is an object array of bytes/str:
+    # Keras takes it as is. Any other object array is ragged or not numbers.
+    if arr.dtype == object and not all(isinstance(v, (bytes, str)) for v in arr.flat):
         raise InvalidInputError(
             f"{what} became a NumPy array of Python objects (shape {arr.shape}): ragged lists? "
             "Pad them to one length (e.g. keras.utils.pad_sequences) or use a tf.data.Dataset.")
@@ -509,7 +511,8 @@ def _collect(elements: Any, max_examples: int, source: str, notes: list[str], *,
                     f"{sorted(sizes)}: every array of a batch needs the same number of "
                     f"examples.")
             for i in range(sizes.pop()):
-                examples.append(([a[i] for a in xs], [a[i] for a in ys]))
+                # a[i, ...] stays an array (a[i] of a 1-D text array is a bare bytes object)
+                examples.append(([a[i, ...] for a in xs], [a[i, ...] for a in ys]))
                 if len(examples) >= max_examples:
                     break
         else:

@@ -38,7 +38,10 @@ from .data import flatten_structure, pack_structure
 # Target kinds, by normalized loss name.
 _LOSS_KINDS: dict[str, str] = {}
 for _kind, _names in {
-    "sparse": ["sparse_categorical_crossentropy", "sparse_categorical_focal_crossentropy"],
+    # Circle (y_true: (batch,) labels) and CTC (y_true: (batch, max_length) labels) take
+    # integer labels of the output's shape without its last axis, as sparse losses do.
+    "sparse": ["sparse_categorical_crossentropy", "sparse_categorical_focal_crossentropy",
+               "circle", "ctc"],
     "onehot": ["categorical_crossentropy", "categorical_focal_crossentropy",
                "categorical_hinge"],
     "prob": ["kl_divergence", "kld", "kullback_leibler_divergence", "kl_div"],
@@ -48,7 +51,7 @@ for _kind, _names in {
     "positive": ["mean_squared_logarithmic_error", "msle",
                  "mean_absolute_percentage_error", "mape"],
     "real": ["mean_squared_error", "mse", "mean_absolute_error", "mae", "huber", "huber_loss",
-             "log_cosh", "logcosh", "cosine_similarity", "circle"],
+             "log_cosh", "logcosh", "cosine_similarity"],
 }.items():
     for _n in _names:
         _LOSS_KINDS[_n] = _kind
@@ -718,7 +721,8 @@ def _losses_per_output(loss: Any, struct: Any, names: list[str], n: int) -> list
 
 
 def _snake(name: str) -> str:
-    s = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name)
+    s = re.sub(r"(?<=[A-Z])([A-Z][a-z])", r"_\1", name)  # "KLDivergence" -> "KL_Divergence"
+    s = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", s)
     return s.lower()
 
 
