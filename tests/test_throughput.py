@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from batchfit.errors import InvalidInputError
 from batchfit.examples.models import demo_model, seed_mlp
@@ -146,6 +149,9 @@ def test_a_failing_size_is_reported_not_raised() -> None:
     ({"batch_sizes": [4], "target_error": 0}, "target_error"),
     ({"batch_sizes": [4], "window_seconds": 0}, "window_seconds"),
     ({"batch_sizes": [4], "tolerance": 1.5}, "tolerance"),
+    ({"max_batch": 0}, "max_batch"),
+    ({"max_batch": 5, "granularity": 8}, "max_batch must be an integer >= granularity"),
+    ({"max_batch": 16, "granularity": 0}, "granularity"),
 ])
 def test_bad_arguments_are_named(kwargs, word) -> None:
     with pytest.raises(InvalidInputError, match=word):
@@ -166,3 +172,57 @@ def test_a_size_that_runs_out_of_memory_is_reported_and_larger_ones_skipped(
     assert points[32]["samples_per_second"] > 0 and points[64]["samples_per_second"] is None
     assert capped_profile["knee"] in (8, 32)  # chosen among the sizes that ran
     assert capped_profile["weights_unchanged"]
+
+
+class _Sleep(keras.layers.Layer):
+    """Makes every training step take at least ``seconds`` (a known step time)."""
+
+    def __init__(self, seconds: float, **kwargs):
+        super().__init__(**kwargs)
+        self.seconds = seconds
+
+    def call(self, x):
+        def wait(v):
+            time.sleep(self.seconds)
+            return v
+
+        y = tf.py_function(wait, [x], x.dtype)
+        y.set_shape(x.shape)
+        return y
+
+
+def test_steps_per_execution_counts_every_step_a_call_runs() -> None:
+    # With steps_per_execution=4 each call of the train function runs 4 steps (as in fit):
+    # throughput and step time count steps, not calls.
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(1)(_Sleep(0.02)(inp)))
+    model.compile("sgd", "mse", steps_per_execution=4)
+    state = ModelState(model)
+    r = profile_throughput(model, [8], window_seconds=0.2, windows=2, max_windows=2)
+    p = r.points[0]
+    assert p.outcome == "ok", p.detail
+    assert 0.02 <= p.step_seconds < 0.05     # one step: 20 ms of sleep (not 4 x 20 ms)
+    assert p.steps_per_window % 4 == 0       # whole calls of 4 steps each
+    assert p.samples_per_second > 8 / 0.05
+    rates = [p.batch_size * p.steps_per_window / t for t in p.window_seconds]
+    assert p.samples_per_second == pytest.approx(statistics.median(rates))
+    assert state.equals_current()
+
+
+def test_a_model_with_lists_of_inputs_and_outputs() -> None:
+    a, b = keras.Input((4,)), keras.Input((3,))
+    h = keras.layers.Concatenate()([a, b])
+    model = keras.Model([a, b], [keras.layers.Dense(1)(h),
+                                 keras.layers.Dense(3, activation="softmax")(h)])
+    model.compile("adam", ["mse", "sparse_categorical_crossentropy"])
+    state = ModelState(model)
+    rng = np.random.default_rng(0)
+    x = [rng.normal(size=(64, 4)).astype("float32"), rng.normal(size=(64, 3)).astype("float32")]
+    y = [rng.normal(size=(64, 1)).astype("float32"), rng.integers(0, 3, size=(64,))]
+    for data in (None, (x, y)):   # synthesized, and the user's own arrays
+        r = profile_throughput(model, [4, 16], data=data, window_seconds=0.02,
+                               windows=2, max_windows=2)
+        assert [(p.batch_size, p.outcome, p.detail) for p in r.points] == [
+            (4, "ok", ""), (16, "ok", "")]
+        assert r.knee in (4, 16)
+    assert state.equals_current()

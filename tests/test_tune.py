@@ -57,3 +57,27 @@ def test_bad_input_is_refused_before_any_probe(kwargs, words) -> None:
     with pytest.raises(InvalidInputError, match=words):
         tune(seed_mlp, memory="64MiB", on_probe=probes.append, **kwargs)
     assert probes == []  # refused up front, not after the memory search
+
+
+def test_batch_sizes_above_the_largest_fit_are_no_candidates() -> None:
+    # Unsorted, duplicated, and two sizes that do not fit (upper=32 caps the search): the
+    # knee, the recommendation and the target's cost are judged among sizes that fit.
+    r = tune(seed_mlp, memory="64MiB", upper=32, batch_sizes=[16, 4096, 8, 32, 16, 64],
+             target=64, window_seconds=0.02, windows=2, max_windows=2)
+    largest = r.max_batch.max_batch_size
+    assert largest == 32
+    assert [p.batch_size for p in r.throughput.points] == [8, 16, 32]
+    assert any("64, 4096" in n and "above the largest batch that fits" in n for n in r.notes)
+    assert r.batch_size <= largest
+    rates = {p.batch_size: p.samples_per_second for p in r.throughput.points}
+    assert r.target is not None and not r.target.fits
+    assert (r.target.micro_batch, r.target.accumulation_steps) == (32, 2)
+    assert r.target.relative_to_best == pytest.approx(rates[32] / max(rates.values()))
+
+
+def test_batch_sizes_may_be_any_iterable_of_integers() -> None:
+    # a generator is read once (checked up front, then timed); numpy integers are integers
+    r = tune(seed_mlp, memory="64MiB", upper=16, batch_sizes=(b for b in np.array([16, 4])),
+             window_seconds=0.02, windows=2, max_windows=2)
+    assert [p.batch_size for p in r.throughput.points] == [4, 16]
+    assert all(type(p.batch_size) is int for p in r.throughput.points)

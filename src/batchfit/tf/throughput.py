@@ -13,9 +13,12 @@ optimizer state are restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from ..core.throughput import (
     geometric_grid,
@@ -83,10 +86,16 @@ def _validate(window_seconds: float, windows: int, max_windows: int, target_erro
 
 def check_sizes(batch_sizes: Sequence[int]) -> list[int]:
     """The sizes, sorted and each once; refuses anything but positive integers."""
-    sizes = list(batch_sizes)
-    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+    try:
+        sizes = list(batch_sizes)
+    except TypeError:
+        raise InvalidInputError(
+            f"batch_sizes must be a list of positive integers, got {batch_sizes!r}") from None
+    # numpy integers too (np.arange, np.int64), each as a plain int
+    if not sizes or any(isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Integral)
+                        or b < 1 for b in sizes):
         raise InvalidInputError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
-    return sorted(set(sizes))
+    return sorted({int(b) for b in sizes})
 
 
 def profile_throughput(
@@ -153,6 +162,14 @@ def profile_throughput(
     if batch_sizes is not None:
         sizes = check_sizes(batch_sizes)
     else:
+        if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
+            raise InvalidInputError(f"granularity must be an integer >= 1, got {granularity!r}")
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(
+                max_batch, int) or max_batch < granularity):
+            raise InvalidInputError(
+                f"max_batch must be an integer >= granularity ({granularity!r}), got "
+                f"{max_batch!r}: no size of the grid would fit; pass a smaller granularity "
+                "or batch_sizes")
         if max_batch is None:
             from .maxbatch import find_max_batch_size
             found = find_max_batch_size(model, memory=memory, data=data,
@@ -216,8 +233,12 @@ class _Prepared:
     """One batch size, traced and calibrated, ready for timed windows."""
 
     def __init__(self, b: int, fn: Any, iterator: Any, steps: int, first: float | None,
-                 warmup_seconds: float, peak: int | None) -> None:
-        self.b, self.fn, self.iterator, self.steps = b, fn, iterator, steps
+                 warmup_seconds: float, peak: int | None, per_call: int = 1) -> None:
+        # ``calls`` train-function calls per window, each running ``per_call`` steps (the
+        # model's ``steps_per_execution``): ``steps`` training steps per window.
+        self.b, self.fn, self.iterator, self.calls = b, fn, iterator, steps
+        self.per_call = per_call
+        self.steps = steps * per_call
         self.first, self.warmup_seconds, self.peak = first, warmup_seconds, peak
         self.times: list[float] = []
         self.util: list[float] = []
@@ -282,7 +303,7 @@ def _measure(model: Any, batch_fn: Any, sizes: list[int], *, tf: Any, state: Any
                 with sampler_cls(gpu) as sampler:
                     t0 = time.perf_counter()
                     logs = None
-                    for _ in range(r.steps):
+                    for _ in range(r.calls):
                         logs = r.fn(r.iterator)
                     _sync(logs)
                     r.times.append(time.perf_counter() - t0)
@@ -329,8 +350,12 @@ def _trace_general(model: Any, batch_fn: Any, state: Any) -> float:
 def _prepare(model: Any, batch_fn: Any, b: int, *, tf: Any, window_seconds: float,
              warmup_steps: int, device: str, read_peak: Any, reset_peak: Any) -> _Prepared:
     """Build the batch and its iterator, run the untimed warm-up steps, pick steps per window."""
+    import keras
+
     x, y = batch_fn(b)
-    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+    # As Keras's data adapters do: a list of inputs (or targets) is a structure, not one
+    # tensor (tf.data would stack it, and fail on arrays of different shapes).
+    dataset = tf.data.Dataset.from_tensors(keras.tree.lists_to_tuples((x, y))).repeat()
     # One batch repeated: nothing for tf.data's autotuner to tune, and its background thread
     # held up the iterator's deletion by up to 5.5 s per size (measured: a 10-size profile
     # spent 10.6 s freeing its iterators), competing for the cores meanwhile.
@@ -365,5 +390,8 @@ def _prepare(model: Any, batch_fn: Any, b: int, *, tf: Any, window_seconds: floa
     _sync(fn(iterator))
     calib = time.perf_counter() - s
     warmup_seconds = time.perf_counter() - warm_t0
-    steps = steps_per_window(min(calib, last) if last > 0 else calib, window_seconds)
-    return _Prepared(b, fn, iterator, steps, first, warmup_seconds, read_peak(device))
+    # Each call of the train function runs ``steps_per_execution`` steps (as in fit).
+    per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+    calls = steps_per_window(min(calib, last) if last > 0 else calib, window_seconds)
+    return _Prepared(b, fn, iterator, calls, first, warmup_seconds, read_peak(device),
+                     per_call=per_call)

@@ -89,7 +89,8 @@ def tune(
             ``"estimate"`` to measure it on ``data`` (real data required). Default ``None``:
             the recommendation weighs memory and speed only.
         tolerance: the knee's tolerance (default 0.05: within 5% of the best throughput).
-        batch_sizes: sizes to time instead of the default grid.
+        batch_sizes: sizes to time instead of the default grid (those above the largest
+            batch that fits are left out, with a note).
         window_seconds: wall time of each timed window.
         windows: timed windows per size at least (default 5).
         max_windows: timed windows per size at most (default ``3 * windows``): a size whose
@@ -146,7 +147,7 @@ def tune(
         _noise_value(noise_scale)
     validate_timing(window_seconds, windows, max_windows, target_error, tolerance)
     if batch_sizes is not None:
-        check_sizes(batch_sizes)
+        batch_sizes = check_sizes(batch_sizes)  # sorted, each once (an iterator is read once)
     # Load once here: the memory search needs the spec (its worker rebuilds the model), the
     # throughput measurement needs the model itself.
     is_factory = callable(model) and not hasattr(model, "train_on_batch")
@@ -192,13 +193,21 @@ def tune(
     # From here on sizes are global (per replica x replicas): what fit takes.
     largest = max_result.max_batch_size * replicas
     safe = max_result.safe_batch_size * replicas
-    if batch_sizes is None:
+    notes: list[str] = []
+    sizes = list(batch_sizes) if batch_sizes is not None else []
+    if any(b > largest for b in sizes):
+        # Sizes that do not fit are no candidates: timed here (no cap) they would set the
+        # "best" throughput that the knee and the target's cost are measured against.
+        notes.append(f"not timed: {', '.join(str(b) for b in sizes if b > largest)} (above "
+                     f"the largest batch that fits, {largest})")
+        sizes = [b for b in sizes if b <= largest]
+        if not sizes:
+            notes.append("none of batch_sizes fits: timed the default grid instead")
+    if not sizes:
         sizes = [b * replicas for b in geometric_grid(max_result.max_batch_size,
                                                       granularity=granularity)]
         if max_result.safe_batch_size >= granularity:
             sizes = sorted(set(sizes) | {safe})
-    else:
-        sizes = sorted(set(batch_sizes))
 
     phase("throughput")
     throughput = profile_throughput(
@@ -229,7 +238,6 @@ def tune(
         extras={**({"noise_scale": b_noise} if b_noise is not None else {}), **(extras or {})})
     rec = recommend(facts, list(criteria) if criteria is not None else default_criteria())
     plan = plan_target(target, facts) if target is not None else None
-    notes: list[str] = []
     if replicas > 1:
         notes.append(f"{dist_name} strategy, {replicas} replicas: sizes are global batches "
                      f"(per replica x {replicas}); memory was searched per replica, "
