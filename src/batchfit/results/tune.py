@@ -31,7 +31,8 @@ class ThroughputPoint(_Serializable):
         first_step_seconds: the first warm-up step alone (tracing shows here).
         gpu_utilization: mean GPU utilization (%) over the windows (NVML), ``None`` without.
         gpu_memory_bytes: peak GPU memory used during the windows (NVML), ``None`` without.
-        peak_bytes: allocator peak during the windows, when the device keeps statistics.
+        peak_bytes: allocator peak over the size's warm-up and calibration steps (the
+            same steps as the timed ones), when the device keeps statistics.
         detail: why it failed, or a remark.
     """
 

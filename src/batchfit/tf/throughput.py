@@ -142,7 +142,9 @@ def profile_throughput(
         tolerance: the knee is the smallest size within this fraction of the best throughput.
         device: ``"CPU:0"`` / ``"GPU:0"`` (default: the GPU if any).
         seed: seed for synthesized data.
-        on_point: called with each :class:`~batchfit.results.ThroughputPoint` as measured.
+        on_point: called with each :class:`~batchfit.results.ThroughputPoint`, in size
+            order, once all are measured (the sizes are timed in interleaved rounds, so
+            no size's median is final before the last round).
 
     Returns:
         A :class:`~batchfit.results.ThroughputResult`; ``knee`` is its recommendation by speed.
