@@ -32,6 +32,9 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     (["max", f"{MODELS}:seed_wide", "--memory", "64MiB", "--granularity", "0"], ["granularity"]),
     (["max", f"{MODELS}:seed_wide", "--memory", "64MiB", "--headroom", "1.5"], ["headroom"]),
     (["max", f"{MODELS}:seed_wide", "--input-shape", "x=abc"], ["input-shape"]),
+    # An empty name was taken, and refused only after loading the model, as "input_shapes".
+    (["max", f"{MODELS}:seed_wide", "--memory", "64MiB", "--input-shape", "=12"],
+     ["--input-shape", "NAME=DIMS"]),
     (["report", "no/such/run.json"], ["no such result file"]),
 ])
 def test_bad_input_exits_2_with_a_clear_message_and_no_traceback(args, words, capsys,
@@ -152,6 +155,30 @@ def test_outputs_go_into_new_directories_and_unwritable_paths_exit_2(tmp_path, c
     with pytest.raises(InvalidInputError, match="--json"):
         write_outputs(result, Console(file=open(os.devnull, "w")),  # noqa: SIM115
                       json_path=str(blocker / "run.json"))
+
+
+def test_progress_lines_stay_one_line_each_when_stdout_is_not_a_terminal() -> None:
+    # The CLI's console on a pipe is 80 columns wide; a probe's failure detail made its line
+    # wrap in two ("one line per probe and per timed size", README).
+    import io
+
+    from rich.console import Console
+
+    from batchfit.report import ProbeLog
+    from batchfit.report.tune import PointLog
+    from batchfit.results import Probe, ThroughputPoint
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=80)
+    assert not console.is_terminal
+    detail = ("peak within 2% of the budget: too close to count as fitting (near the cap the "
+              "same size fits in one process and not the next)")
+    ProbeLog(console)(Probe(193, False, "at_limit", 47 << 20, 1.0, None, detail))
+    PointLog(console)(ThroughputPoint(batch_size=512, outcome="failed", detail=detail))
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("probe  1") and lines[1].startswith("time ")
+    assert "\x1b" not in buf.getvalue()
 
 
 def test_version_and_help() -> None:

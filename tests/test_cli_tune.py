@@ -77,6 +77,16 @@ def test_report_re_renders_without_tensorflow(tune_run, tmp_path) -> None:
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_tune_refuses_steps_which_its_search_would_ignore() -> None:
+    # tune() has no steps=: `batchfit tune --steps 10` was accepted and silently ignored.
+    from batchfit.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["tune", "--steps", "10"])
+    assert exc.value.code == 2
+    assert build_parser().parse_args(["max", "--steps", "10"]).steps == 10
+
+
 @pytest.mark.parametrize("args, word", [
     (["tune", "--target", "0"], "target"),
     (["tune", "--batch-sizes", "a,b"], "batch-sizes"),

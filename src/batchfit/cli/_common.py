@@ -27,7 +27,7 @@ def parse_input_shapes(items: Sequence[str] | None) -> Any:
             shape = tuple(int(d) for d in dims.lower().replace(",", "x").split("x") if d)
         except ValueError:
             shape = ()
-        if not shape or any(d < 1 for d in shape):
+        if not shape or any(d < 1 for d in shape) or (sep and not name):
             raise InvalidInputError(f"--input-shape {item!r}: expected NAME=DIMS or DIMS with "
                                     f"positive integers, e.g. tokens=128 or 16x32")
         if not sep:

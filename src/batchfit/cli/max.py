@@ -30,8 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_debug_argument(p)
 
 
-def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of the memory search, shared with ``tune``."""
+def add_search_arguments(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
+    """Options of the memory search, shared with ``tune`` (whose search has no ``steps=``)."""
     p.add_argument("--memory", help="budget, e.g. 16GiB or 512MiB (default: the device's memory)")
     p.add_argument("--strategy", default="guided", choices=["guided", "binsearch", "power"])
     p.add_argument("--granularity", type=int, default=1, help="search multiples of N (default 1)")
@@ -41,7 +41,9 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="never try a larger batch")
     p.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of the budget the safe size leaves free (default 0.1)")
-    p.add_argument("--steps", type=int, default=3, help="training steps per probe (default 3)")
+    if steps:
+        p.add_argument("--steps", type=int, default=3,
+                       help="training steps per probe (default 3)")
     p.add_argument("--data", help="path/file.py:function returning (x, y) or a tf.data.Dataset")
     p.add_argument("--input-shape", action="append", metavar="[NAME=]DIMS",
                    help="length of None dimensions, e.g. tokens=128 (repeatable)")

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Find the largest batch that fits, measure training throughput up to it, "
                     "and recommend one batch size with the reasons.")
     add_model_argument(p)
-    add_search_arguments(p)
+    add_search_arguments(p, steps=False)  # tune() takes no steps=: --steps was ignored
     p.add_argument("--target", type=int, default=None, metavar="N",
                    help="an effective batch size you want: how to reach it with gradient "
                         "accumulation if it does not fit, and what it costs")

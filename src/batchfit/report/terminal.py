@@ -29,7 +29,7 @@ class ProbeLog:
     >>> from batchfit.results import Probe
     >>> log = ProbeLog(Console(width=100, color_system=None))
     >>> log(Probe(batch_size=64, fits=True, outcome="fits", peak_bytes=3 << 20, seconds=1.25))
-    probe  1  batch       64  fits          3.00 MiB    1.2 s
+    probe  1  batch       64  fits           3.00 MiB    1.2 s
     """
 
     def __init__(self, console: Console | None = None) -> None:
@@ -44,7 +44,8 @@ class ProbeLog:
                 f"{probe.seconds:>5.1f} s")
         if not probe.fits and probe.detail:
             line += f"  [dim]{_escape(probe.detail[:90])}[/dim]"
-        self.console.print(line, highlight=False)
+        # One line per probe, also in a log (rich wraps at 80 columns when not a terminal).
+        self.console.print(line, highlight=False, soft_wrap=True)
 
 
 def _escape(text: str) -> str:

@@ -42,7 +42,7 @@ class PointLog:
                      f"{len(p.window_seconds)}x{p.steps_per_window}")
         elif p.detail:
             line += f"  [dim]{_escape(p.detail[:90])}[/dim]"
-        self.console.print(line, highlight=False)
+        self.console.print(line, highlight=False, soft_wrap=True)  # one line, also in a log
 
 
 def _throughput_table(result: ThroughputResult, *, knee: int | None = None,
