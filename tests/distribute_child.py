@@ -118,8 +118,28 @@ def scenario_fit_small() -> dict:
     return _fit(16, False)
 
 
+def scenario_mw_keras() -> dict:
+    """fit_multiworker on Keras's engine (fit works under MirroredStrategy): per-replica sizes."""
+    from batchfit.tf.multiworker import fit_multiworker
+
+    strategy = _strategy()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 16)).astype("float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    out = {}
+    for micro in (None, 8):
+        with strategy.scope():
+            m = small_mlp()
+        h = fit_multiworker(m, x, y, batch_size=32, micro_batch_size=micro, strategy=strategy,
+                            shuffle=False, verbose=0)
+        out[str(micro)] = {k: getattr(h, k) for k in (
+            "engine", "per_replica_batch_size", "micro_batch_size", "accumulation_steps",
+            "optimizer_steps")}
+    return out
+
+
 SCENARIOS = {"search": scenario_search, "fit_oom": scenario_fit_oom,
-             "fit_small": scenario_fit_small}
+             "fit_small": scenario_fit_small, "mw_keras": scenario_mw_keras}
 
 if __name__ == "__main__":
     cpu = tf.config.list_physical_devices("CPU")[0]

@@ -38,6 +38,10 @@ sys.path.remove(str(HERE))
 _CHILDREN = ChildRuns(CHILD, {  # fixture name -> (scenarios, allocator cap in MiB)
     "search_run": (["search"], None),
     "capped_run": (["fit_oom", "fit_small"], CAP_MB),
+    # Its own process: a collective of a second MirroredStrategy in a process whose first
+    # strategy already ran collectives can collide with them (instance keys restart per
+    # strategy: "Collective instance 100 expected type 0 ... but got type 2").
+    "mw_keras_run": (["mw_keras"], None),
 }, timeout=300)
 
 
@@ -55,6 +59,11 @@ def search_run() -> dict:
 @pytest.fixture(scope="module")
 def capped_run() -> dict:
     return _CHILDREN.result("capped_run")
+
+
+@pytest.fixture(scope="module")
+def mw_keras_run() -> dict:
+    return _CHILDREN.result("mw_keras_run")
 
 
 def _keras_reference(run: dict, batch: int) -> tuple[list[np.ndarray], keras.Model]:
@@ -131,6 +140,17 @@ def test_fit_without_oom_matches_keras(capped_run) -> None:
     ref, _ = _keras_reference(run, 16)
     diff = max(float(np.abs(a - np.asarray(b)).max()) for a, b in zip(ref, run["weights"]))
     assert diff < 1e-5
+
+
+def test_fit_multiworker_on_keras_engine_reports_per_replica_micro_batches(mw_keras_run) -> None:
+    # MultiWorkerHistory's micro_batch_size is per replica, whichever engine trains.
+    run = mw_keras_run["mw_keras"]
+    whole, micro = run["None"], run["8"]
+    assert whole["engine"] == micro["engine"] == "keras"
+    assert (whole["per_replica_batch_size"], whole["micro_batch_size"],
+            whole["accumulation_steps"], whole["optimizer_steps"]) == (16, 16, 1, 2)
+    assert (micro["per_replica_batch_size"], micro["micro_batch_size"],
+            micro["accumulation_steps"], micro["optimizer_steps"]) == (16, 8, 2, 2)
 
 
 # --- in process: choices and refusals ------------------------------------------------------

@@ -424,6 +424,24 @@ def test_decorator_lets_other_errors_through_and_gives_up_below_one() -> None:
         never(batch_size=3)
 
 
+def test_decorator_retries_an_oom_whose_message_is_empty() -> None:
+    # `raise MyError() from oom` (or an OOM with no text) has an empty message: still an OOM.
+    @batchfit.adaptive_batch_size(start=8)
+    def train(batch_size):
+        if batch_size > 2:
+            raise RuntimeError() from _oom(batch_size)
+        if batch_size > 1:
+            raise tf.errors.ResourceExhaustedError(None, None, "")
+        return batch_size
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert train() == 1
+    assert [(s, ok) for s, ok, _ in train.state.attempts] == [
+        (8, False), (4, False), (2, False), (1, True)]
+    assert train.state.attempts[0][2] == "RuntimeError: "
+
+
 # --- real out-of-memory errors ---------------------------------------------------------------
 def test_oom_at_first_batch_size_finishes_and_matches_accumulation_reference(capped) -> None:
     r = capped["first_batch"]

@@ -295,6 +295,71 @@ def test_bad_arguments_are_refused() -> None:
         mw.find_max_batch_size_multiworker(m, strategy)
 
 
+class _AlwaysOOM(keras.layers.Layer):
+    """Raises a ResourceExhaustedError at every training batch: not even one example fits."""
+
+    def call(self, x, training=None):
+        if training:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating (simulated)")
+        return x
+
+
+class _HalveToOne:
+    """A user's shrink policy that never gives up: halves, but not below 1."""
+
+    def next_size(self, failed, observations):
+        return max(1, failed // 2)
+
+
+def test_a_policy_that_answers_one_after_one_failed_ends_with_the_clear_error() -> None:
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        inp = keras.Input((6,))
+        m = keras.Model(inp, keras.layers.Dense(1)(_AlwaysOOM()(inp)))
+        m.compile("sgd", "mse")
+    x, y = _xy(8)
+    with pytest.raises(batchfit.TrainingOutOfMemoryError, match="micro-batch of 1 example"):
+        mw.fit_multiworker(m, x, y, batch_size=4, strategy=strategy, engine="batchfit",
+                           shrink=_HalveToOne(), verbose=0)
+
+
+class _OOMAbove(keras.layers.Layer):
+    """Raises a ResourceExhaustedError for batches over ``limit`` (run eagerly: sees the batch)."""
+
+    def __init__(self, limit: int, **kwargs):
+        super().__init__(**kwargs)
+        self.limit = limit
+
+    def call(self, x, training=None):
+        if training and x.shape[0] is not None and x.shape[0] > self.limit:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating (simulated)")
+        return x
+
+
+class _QuarterShrink:
+    def next_size(self, failed, observations):
+        return None if failed <= 1 else max(1, failed // 4)
+
+
+def test_keras_engine_honours_micro_batch_size_and_the_shrink_policy() -> None:
+    strategy = tf.distribute.get_strategy()   # fit works here: engine "auto" picks Keras's
+    x, y = _xy(64)
+    h = mw.fit_multiworker(_small_model(), x, y, batch_size=32, micro_batch_size=8,
+                           strategy=strategy, shuffle=False, verbose=0)
+    assert h.engine == "keras"
+    assert (h.micro_batch_size, h.accumulation_steps, h.optimizer_steps) == (8, 4, 2)
+
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((6,))
+    m = keras.Model(inp, keras.layers.Dense(1)(_OOMAbove(8)(keras.layers.Dense(8)(inp))))
+    m.compile("sgd", "mse", run_eagerly=True)
+    h = mw.fit_multiworker(m, x, y, batch_size=32, strategy=strategy, shuffle=False,
+                           verbose=0, shrink=_QuarterShrink())
+    assert h.engine == "keras"
+    assert [(a.from_micro_batch, a.to_micro_batch) for a in h.adjustments] == [(32, 8)]
+    assert (h.micro_batch_size, h.accumulation_steps, h.optimizer_steps) == (8, 4, 2)
+
+
 def test_local_budget_comes_from_the_allocator_cap(monkeypatch) -> None:
     monkeypatch.setenv("TF_CPU_ALLOCATOR_USE_BFC", "true")
     monkeypatch.setenv("TF_CPU_BFC_MEM_LIMIT_IN_MB", "48")

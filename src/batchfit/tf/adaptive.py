@@ -86,7 +86,8 @@ def _decorate(fn: Callable[..., R], start: int, policy: ShrinkPolicy,
             except Exception as exc:
                 if not is_oom_error(exc):
                     raise
-                detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+                lines = str(exc).strip().splitlines()  # empty for e.g. `raise E() from oom`
+                detail = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
             if detail is None:
                 state.attempts.append((size, True, ""))
                 return result

@@ -793,13 +793,18 @@ def fit_multiworker(
         from .resilient import fit as resilient_fit
 
         before = int(model.optimizer.iterations.numpy())
+        # batchfit.fit takes global sizes (micro_batch_size here is per replica).
         h = resilient_fit(model, xs, ys, batch_size=batch_size, epochs=epochs,
-                          sample_weight=ws, shuffle=shuffle, verbose=verbose)
+                          sample_weight=ws, shuffle=shuffle, verbose=verbose,
+                          shrink_policy=policy,
+                          micro_batch_size=(None if micro_batch_size is None
+                                            else min(micro_batch_size, per_replica) * replicas))
         out.history = {k: [float(v) for v in vals] for k, vals in h.history.items()}
         out.epoch = list(h.epoch)
         out.adjustments = list(getattr(h, "adjustments", []))
         out.optimizer_steps = int(model.optimizer.iterations.numpy()) - before
-        out.micro_batch_size = int(getattr(h, "micro_batch_size", per_replica))
+        out.micro_batch_size = int(getattr(h, "per_replica_micro_batch_size", None)
+                                   or per_replica)
         out.accumulation_steps = int(getattr(h, "accumulation_steps", 1))
         out.seconds = time.perf_counter() - t0
         return out
@@ -857,6 +862,8 @@ def fit_multiworker(
                 proposal = micro
                 if oom_exc is not None:
                     proposal = policy.next_size(plan.micro_batch_size, observations) or 0
+                    # A policy's answer is at most failed - 1 (one answering 1 after 1 failed).
+                    proposal = min(proposal, plan.micro_batch_size - 1)
                 rows = _per_worker(strategy, _all_gather(
                     strategy, [float(oom_exc is not None), float(proposal)], timeout))
                 failed = [i for i, r in enumerate(rows) if r[0] > 0.5]
