@@ -152,6 +152,16 @@ def test_throughput_decides_when_the_knee_is_below_the_memory_cap() -> None:
     assert any("largest batch that fits" in r for r in rec.reasons[1:])
 
 
+def test_a_slower_largest_size_is_said_in_words() -> None:
+    # The knee is the best size and the largest is a little slower: "-0%" read as nonsense.
+    for largest, words in ((997.0, "no faster at 321"), (930.0, "7% slower at 321")):
+        f = TuneFacts(max_batch=321, safe_batch=300, batch_sizes=(32, 64, 128, 321),
+                      throughputs=(500.0, 800.0, 1000.0, largest))
+        reason = recommend(f).reasons[0]
+        assert reason.startswith("throughput stops improving past 128: ") and words in reason
+        assert "-" not in reason.split(":")[1]
+
+
 def test_memory_decides_when_throughput_grows_past_what_fits() -> None:
     f = facts(max_batch=100, safe=90, sizes=(8, 16, 32, 64, 90, 100))
     rec = recommend(f)

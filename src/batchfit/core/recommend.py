@@ -119,8 +119,21 @@ class ThroughputCriterion:
                 cost = f"{_ratio(facts.bytes_at[big], facts.bytes_at[k])} memory"
             else:
                 cost = f"{_ratio(big, k)} the batch"
-            reason = (f"throughput stops improving past {k}: {gain:+.0%} at {big} for {cost}")
+            reason = (f"throughput stops improving past {k}: {_gain(gain)} at {big} for {cost}")
         return Verdict(self.name, k, "propose", priority=self.priority, reason=reason)
+
+
+def _gain(gain: float) -> str:
+    """A throughput change in words: "+4%", "no faster" (under 0.5%), "7% slower" (not "-0%").
+
+    Example:
+
+    >>> _gain(0.04), _gain(-0.004), _gain(-0.07)
+    ('+4%', 'no faster', '7% slower')
+    """
+    if abs(gain) < 0.005:
+        return "no faster"
+    return f"{gain:+.0%}" if gain > 0 else f"{-gain:.0%} slower"
 
 
 class GoodputCriterion:
