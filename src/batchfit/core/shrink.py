@@ -34,6 +34,7 @@ __all__ = [
     "MicroPlan",
     "Observation",
     "ShrinkPolicy",
+    "next_smaller",
     "plan_micro_batches",
     "split_sizes",
 ]
@@ -55,6 +56,23 @@ class ShrinkPolicy(Protocol):
     def next_size(self, failed: int, observations: Sequence[Observation]) -> int | None:
         """A size in ``[1, failed - 1]`` to try next, or ``None`` to give up."""
         ...
+
+
+def next_smaller(policy: ShrinkPolicy, failed: int,
+                 observations: Sequence[Observation]) -> int | None:
+    """The policy's next size after ``failed``, held to at most ``failed - 1``; ``None`` when
+    it gives up or no size of at least 1 is left (a policy answering 1 after 1 failed).
+
+    Example:
+
+    >>> next_smaller(HalvingShrink(), 9, []), next_smaller(HalvingShrink(), 1, [])
+    (4, None)
+    """
+    new = policy.next_size(failed, observations)
+    if new is None:
+        return None
+    new = int(min(new, failed - 1))
+    return new if new >= 1 else None
 
 
 @dataclass(frozen=True)

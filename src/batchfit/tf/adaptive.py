@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
-from ..core.shrink import HalvingShrink, Observation, ShrinkPolicy
+from ..core.shrink import HalvingShrink, Observation, ShrinkPolicy, next_smaller
 from ..errors import InvalidInputError, TrainingOutOfMemoryError
 from .oom import is_oom_error
 
@@ -94,14 +94,12 @@ def _decorate(fn: Callable[..., R], start: int, policy: ShrinkPolicy,
             # Outside the handler, so the failed try's tensors (held by the traceback) can go.
             gc.collect()
             state.attempts.append((size, False, detail))
-            new = policy.next_size(size, state.observations)
-            if new is not None:
-                new = min(new, size - 1)  # a policy's answer is at most failed - 1
-            if new is None or new < 1:
+            new = next_smaller(policy, size, state.observations)
+            if new is None:
                 raise TrainingOutOfMemoryError(
                     f"{fn.__name__} ran out of memory even at batch size {size}: the memory "
                     f"that does not depend on the batch leaves no room ({detail})")
-            state.batch_size = int(new)
+            state.batch_size = new
             logger.warning("batchfit: %s ran out of memory at batch size %d after %.1f s; "
                            "retrying at %d", fn.__name__, size, time.perf_counter() - t0,
                            state.batch_size)

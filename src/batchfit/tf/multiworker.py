@@ -68,7 +68,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..core.shrink import HalvingShrink, Observation, ShrinkPolicy, plan_micro_batches
+from ..core.shrink import (
+    HalvingShrink,
+    Observation,
+    ShrinkPolicy,
+    next_smaller,
+    plan_micro_batches,
+)
 from ..errors import (
     BatchfitError,
     InvalidInputError,
@@ -861,9 +867,7 @@ def fit_multiworker(
                     v.assign(value)
                 proposal = micro
                 if oom_exc is not None:
-                    proposal = policy.next_size(plan.micro_batch_size, observations) or 0
-                    # A policy's answer is at most failed - 1 (one answering 1 after 1 failed).
-                    proposal = min(proposal, plan.micro_batch_size - 1)
+                    proposal = next_smaller(policy, plan.micro_batch_size, observations) or 0
                 rows = _per_worker(strategy, _all_gather(
                     strategy, [float(oom_exc is not None), float(proposal)], timeout))
                 failed = [i for i, r in enumerate(rows) if r[0] > 0.5]

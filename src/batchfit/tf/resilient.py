@@ -64,6 +64,7 @@ from ..core.shrink import (
     MemoryModelShrink,
     Observation,
     ShrinkPolicy,
+    next_smaller,
     plan_micro_batches,
 )
 from ..core.sizes import format_bytes
@@ -853,10 +854,8 @@ class _Run:
 
     def _shrink(self, phase: str, failed: int, n: int, detail: str, seconds: float) -> None:
         """Pick the next micro-batch after ``failed`` (per replica under a strategy)."""
-        new = self.policy.next_size(failed, list(self.observations[phase]))
-        if new is not None:
-            new = min(new, failed - 1)  # a policy's answer is at most failed - 1
-        if new is None or new < 1:
+        new = next_smaller(self.policy, failed, list(self.observations[phase]))
+        if new is None:
             fixed = state_bytes(self.model)
             per = " per replica" if self.distributed else ""
             raise TrainingOutOfMemoryError(
@@ -865,7 +864,6 @@ class _Run:
                 f"with the step's workspace leaves no room for one example ({detail}). Use a "
                 "smaller model, a lighter optimizer, mixed precision, or a larger device",
                 fixed_bytes=float(fixed))
-        new = int(new)
         r = self.replicas
         self.micro[phase] = new * r
         self._limited[phase] = True
