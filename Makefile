@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.batchfit-installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/batchfit tune --plot demo.png
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench examples
+
+test: lint
 	$(PY) -m pytest
 
-test-fast: $(STAMP)
+# unit/ and integration/ only (tests/process/ is marked slow by folder): under 2 minutes
+test-fast: lint
 	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP)

@@ -75,7 +75,7 @@ def overhead(name: str, batch_size: int, steps: int, epochs: int, seed: int = 0)
     import numpy as np
 
     from batchfit.core.shrink import MemoryModelShrink
-    from batchfit.tf.resilient import LOGGER, _Run
+    from batchfit.verbs.fit import LOGGER, _Run
 
     build, shape = _models()[name]
     rng = np.random.default_rng(seed)

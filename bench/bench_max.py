@@ -34,8 +34,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from batchfit.tf.maxbatch import find_max_batch_size
-from batchfit.tf.verify import exhaustive_max, fit_rates
+from batchfit.verbs.maxbatch import find_max_batch_size
+from batchfit.verbs.verify import exhaustive_max, fit_rates
 
 MODELS = {
     "cnn": "batchfit.examples.models:cnn",

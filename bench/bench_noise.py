@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 import batchfit
-from batchfit.tf.worker import environment_info
+from batchfit.backend import get_backend
 
 CHECKPOINTS = (0, 1, 2, 4, 8, 16, 32, 64)
 BATCH, LR, SMALL, BIG, PAIRS, SEED = 32, 0.05, 16, 512, 48, 0
@@ -99,7 +99,7 @@ def main() -> None:
         "monotone_rise": rising,
         "rise_factor": points[-1]["b_simple"] / points[0]["b_simple"],
         "seconds": round(time.perf_counter() - t0, 1),
-        "environment": environment_info(),
+        "environment": get_backend().environment_info(),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"B_simple rose x{result['rise_factor']:.1f} from epoch 0 to {CHECKPOINTS[-1]} "

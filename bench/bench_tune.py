@@ -58,7 +58,7 @@ def repeatability(windows: int | None = None,
                   window_seconds: float | None = None) -> tuple[list[dict], list[dict]]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import batchfit
-    from batchfit.tf.loader import load_model
+    from batchfit.backend.tensorflow.loader import load_model
 
     rows: list[dict] = []
     floors: list[dict] = []

@@ -90,11 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     elif "TF_CONFIG" not in os.environ:
         ap.error("pass --worker and --ports, or set TF_CONFIG")
 
-    from batchfit.tf.multiworker import (
-        find_max_batch_size_multiworker,
-        fit_multiworker,
-        make_strategy,
-    )
+    from batchfit import find_max_batch_size_multiworker, fit_multiworker, make_strategy
 
     strategy = make_strategy(timeout_seconds=args.timeout)   # first, before other TF work
     found = find_max_batch_size_multiworker(f"{os.path.abspath(__file__)}:build_model", strategy,

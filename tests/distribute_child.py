@@ -120,7 +120,7 @@ def scenario_fit_small() -> dict:
 
 def scenario_mw_keras() -> dict:
     """fit_multiworker on Keras's engine (fit works under MirroredStrategy): per-replica sizes."""
-    from batchfit.tf.multiworker import fit_multiworker
+    from batchfit.verbs.multiworker_fit import fit_multiworker
 
     strategy = _strategy()
     rng = np.random.default_rng(0)

@@ -46,7 +46,7 @@ def data():
 
 def scenario_search(strategy) -> dict:
     import batchfit
-    from batchfit.tf.multiworker import find_max_batch_size_multiworker
+    from batchfit.verbs.multiworker import find_max_batch_size_multiworker
 
     spec = f"{os.path.abspath(__file__)}:make_model"
     settings = {"granularity": 4, "steps": 2, "fresh": False, "upper": 96}
@@ -60,7 +60,7 @@ def scenario_search(strategy) -> dict:
 
 
 def scenario_fit(strategy) -> dict:
-    from batchfit.tf.multiworker import fit_multiworker
+    from batchfit.verbs.multiworker_fit import fit_multiworker
 
     with strategy.scope():
         model = make_model()
@@ -75,7 +75,7 @@ def scenario_fit(strategy) -> dict:
 
 
 def scenario_upstream(strategy) -> dict:
-    from batchfit.tf.multiworker import upstream_fit_failure, upstream_fit_works
+    from batchfit.verbs.multiworker import upstream_fit_failure, upstream_fit_works
 
     t0 = time.perf_counter()
     works = upstream_fit_works(strategy)
@@ -88,7 +88,8 @@ def scenario_die(strategy) -> dict:
     import keras
     import numpy as np
 
-    from batchfit.tf.multiworker import fit_multiworker, worker_position
+    from batchfit.verbs.multiworker import worker_position
+    from batchfit.verbs.multiworker_fit import fit_multiworker
 
     if worker_position(strategy)[0] == 1:
         sys.stderr.flush()
@@ -118,7 +119,7 @@ def main() -> None:
     os.environ["TF_CONFIG"] = json.dumps({
         "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
         "task": {"type": "worker", "index": index}})
-    from batchfit.tf.multiworker import make_strategy
+    from batchfit.verbs.multiworker import make_strategy
 
     strategy = make_strategy(timeout_seconds=TIMEOUT_S)
     print(f"[worker {index}] strategy ready {time.perf_counter() - STARTED:.1f}s after start",

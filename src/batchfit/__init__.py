@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .backend.oom import is_oom_error
 from .errors import (
     BatchfitError,
     InvalidInputError,
@@ -31,35 +32,34 @@ from .results import (
     TuneResult,
     load_result,
 )
-from .tf.oom import is_oom_error
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "find_max_batch_size": ("batchfit.tf.maxbatch", "find_max_batch_size"),
-    "check": ("batchfit.tf.check", "check"),
+    "find_max_batch_size": ("batchfit.verbs.maxbatch", "find_max_batch_size"),
+    "check": ("batchfit.verbs.check", "check"),
     "CheckResult": ("batchfit.results.check", "CheckResult"),
-    "fit": ("batchfit.tf.resilient", "fit"),
-    "adaptive_batch_size": ("batchfit.tf.adaptive", "adaptive_batch_size"),
-    "AdaptiveBatchState": ("batchfit.tf.adaptive", "AdaptiveBatchState"),
+    "fit": ("batchfit.verbs.fit", "fit"),
+    "adaptive_batch_size": ("batchfit.verbs.adaptive", "adaptive_batch_size"),
+    "AdaptiveBatchState": ("batchfit.verbs.adaptive", "AdaptiveBatchState"),
     "BatchAdjustment": ("batchfit.results.fit", "BatchAdjustment"),
     "HalvingShrink": ("batchfit.core.shrink", "HalvingShrink"),
     "MemoryModelShrink": ("batchfit.core.shrink", "MemoryModelShrink"),
     "ShrinkPolicy": ("batchfit.core.shrink", "ShrinkPolicy"),
-    "profile_throughput": ("batchfit.tf.throughput", "profile_throughput"),
-    "tune": ("batchfit.tf.tune", "tune"),
-    "find_max_batch_size_multiworker": ("batchfit.tf.multiworker",
+    "profile_throughput": ("batchfit.verbs.throughput", "profile_throughput"),
+    "tune": ("batchfit.verbs.tune", "tune"),
+    "find_max_batch_size_multiworker": ("batchfit.verbs.multiworker",
                                         "find_max_batch_size_multiworker"),
-    "fit_multiworker": ("batchfit.tf.multiworker", "fit_multiworker"),
-    "agree_batch_size": ("batchfit.tf.multiworker", "agree_batch_size"),
-    "upstream_fit_works": ("batchfit.tf.multiworker", "upstream_fit_works"),
-    "make_strategy": ("batchfit.tf.multiworker", "make_strategy"),
-    "MultiWorkerHistory": ("batchfit.tf.multiworker", "MultiWorkerHistory"),
-    "MultiWorkerMaxBatchResult": ("batchfit.tf.multiworker", "MultiWorkerMaxBatchResult"),
+    "fit_multiworker": ("batchfit.verbs.multiworker_fit", "fit_multiworker"),
+    "agree_batch_size": ("batchfit.verbs.multiworker", "agree_batch_size"),
+    "upstream_fit_works": ("batchfit.verbs.multiworker", "upstream_fit_works"),
+    "make_strategy": ("batchfit.verbs.multiworker", "make_strategy"),
+    "MultiWorkerHistory": ("batchfit.verbs.multiworker_fit", "MultiWorkerHistory"),
+    "MultiWorkerMaxBatchResult": ("batchfit.verbs.multiworker", "MultiWorkerMaxBatchResult"),
     "parse_size": ("batchfit.core.sizes", "parse_size"),
     "format_bytes": ("batchfit.core.sizes", "format_bytes"),
-    "estimate_noise_scale": ("batchfit.tf.noise", "estimate_noise_scale"),
-    "NoiseScaleMonitor": ("batchfit.tf.noise", "NoiseScaleMonitor"),
+    "estimate_noise_scale": ("batchfit.verbs.noise", "estimate_noise_scale"),
+    "NoiseScaleMonitor": ("batchfit.verbs.noise", "NoiseScaleMonitor"),
     "NoiseScaleResult": ("batchfit.results.noise", "NoiseScaleResult"),
     "goodput_optimal_batch": ("batchfit.core.noise", "goodput_optimal_batch"),
     "statistical_efficiency": ("batchfit.core.noise", "statistical_efficiency"),
@@ -122,22 +122,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from .results.check import CheckResult
     from .results.fit import BatchAdjustment
     from .results.noise import NoiseScaleResult
-    from .tf.adaptive import AdaptiveBatchState, adaptive_batch_size
-    from .tf.check import check
-    from .tf.maxbatch import find_max_batch_size
-    from .tf.multiworker import (
-        MultiWorkerHistory,
+    from .verbs.adaptive import AdaptiveBatchState, adaptive_batch_size
+    from .verbs.check import check
+    from .verbs.fit import fit
+    from .verbs.maxbatch import find_max_batch_size
+    from .verbs.multiworker import (
         MultiWorkerMaxBatchResult,
         agree_batch_size,
         find_max_batch_size_multiworker,
-        fit_multiworker,
         make_strategy,
         upstream_fit_works,
     )
-    from .tf.noise import NoiseScaleMonitor, estimate_noise_scale
-    from .tf.resilient import fit
-    from .tf.throughput import profile_throughput
-    from .tf.tune import tune
+    from .verbs.multiworker_fit import MultiWorkerHistory, fit_multiworker
+    from .verbs.noise import NoiseScaleMonitor, estimate_noise_scale
+    from .verbs.throughput import profile_throughput
+    from .verbs.tune import tune
 
 
 def __getattr__(name: str) -> Any:

@@ -64,3 +64,10 @@ class TrainingOutOfMemoryError(NothingFitsError):
     lighter optimizer (SGD keeps no slots, Adam two per weight), mixed precision, or a
     device with more memory.
     """
+
+
+class MissingBackendError(InvalidInputError):
+    """The Keras backend batchfit needs is not installed, or is not one batchfit supports.
+
+    The message names the backend and the command that installs it (the CLI exits with 2).
+    """

@@ -10,7 +10,7 @@ is ``g = x (x . delta - eps)``, so (Gaussian fourth moments, ``E[x x^T (x.d)^2] 
 
 The per-example gradients are computed exactly in NumPy; a pair is ``k`` micro-batches of
 ``b_small`` fresh examples (the small norms averaged, the big gradient their mean), exactly as
-:mod:`batchfit.tf.noise` measures a model.
+:mod:`batchfit.verbs.noise` measures a model.
 """
 
 from __future__ import annotations

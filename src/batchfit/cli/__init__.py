@@ -26,7 +26,10 @@ from ._common import DEMO_MEMORY, DEMO_MODEL, EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK
 #: Subcommands, in the order ``--help`` lists them (module names in this package).
 COMMANDS: tuple[str, ...] = ("tune", "max", "noise", "check", "report")
 
-__all__ = ["COMMANDS", "DEMO_MEMORY", "DEMO_MODEL", "build_parser", "main"]
+#: Subcommands that measure, and so need a Keras backend installed (``report`` does not).
+BACKEND_COMMANDS: frozenset[str] = frozenset({"tune", "max", "noise", "check"})
+
+__all__ = ["BACKEND_COMMANDS", "COMMANDS", "DEMO_MEMORY", "DEMO_MODEL", "build_parser", "main"]
 
 
 def _command(name: str) -> ModuleType:
@@ -66,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
+        if args.command in BACKEND_COMMANDS:
+            from ..backend import require_backend
+
+            require_backend()  # a missing TensorFlow is bad input with its install command
         return _command(args.command).run(args, console)
     except InvalidInputError as exc:
         if getattr(args, "debug", False):

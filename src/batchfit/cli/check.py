@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from ..report.check import render_check
-    from ..tf.check import check
+    from ..verbs.check import check
 
     model = args.model
     if model is None:

@@ -68,7 +68,7 @@ def resolve_model(args: argparse.Namespace, console: Console) -> tuple[str, str 
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from ..report import ProbeLog, render_max
-    from ..tf.maxbatch import find_max_batch_size
+    from ..verbs.maxbatch import find_max_batch_size
 
     model, memory = resolve_model(args, console)
     result = find_max_batch_size(

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if args.plot:
         check_plot_path(args.plot)
-    from ..tf.noise import estimate_noise_scale
+    from ..verbs.noise import estimate_noise_scale
 
     result = estimate_noise_scale(args.model, args.data, small=args.small, big=args.big,
                                   steps=args.steps, seed=args.seed)

@@ -112,7 +112,7 @@ def _status(console: Console, enabled: bool) -> Iterator[object]:
 def run(args: argparse.Namespace, console: Console) -> int:
     from ..report import ProbeLog, check_plot_path
     from ..report.tune import PointLog, render_tune
-    from ..tf.tune import tune
+    from ..verbs.tune import tune
 
     if args.target is not None and args.target < 1:
         raise InvalidInputError(f"--target must be >= 1, got {args.target}")

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..results import MemoryModel
+from .validate import is_int
 
 __all__ = ["fit_memory_model", "local_model"]
 
@@ -47,7 +48,7 @@ def _clean(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
             raise InvalidInputError(
                 f"each point must be a (batch_size, peak_bytes) pair, got {item!r}"
             ) from None
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+        if not is_int(b) or b < 1:
             raise InvalidInputError(f"batch size must be an integer >= 1, got {b!r} in {item!r}")
         if isinstance(m, bool):
             raise InvalidInputError(f"peak bytes must be a number, got {m!r} in {item!r}")

@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..errors import InvalidInputError
 from ..results.tune import Recommendation, TargetPlan, Verdict
 from .throughput import knee
+from .validate import check_int
 
 __all__ = ["Criterion", "GoodputCriterion", "MemoryCriterion", "Recommendation", "TargetPlan", "ThroughputCriterion",
            "TuneFacts", "Verdict", "default_criteria", "interpolate_throughput", "plan_target",
@@ -255,8 +256,7 @@ def plan_target(target: int, facts: TuneFacts) -> TargetPlan:
     >>> p.micro_batch, p.accumulation_steps, p.effective_batch
     (256, 4, 1024)
     """
-    if isinstance(target, bool) or not isinstance(target, int) or target < 1:
-        raise InvalidInputError(f"target batch size must be an integer >= 1, got {target!r}")
+    check_int("target batch size", target, minimum=1)
     cap = facts.safe_batch if facts.safe_batch >= 1 else facts.max_batch
     best = max(facts.throughputs) if facts.throughputs else None
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidInputError
 from .memory_model import fit_memory_model, local_pair
+from .validate import check_fraction, check_int, is_int, is_number
 
 __all__ = [
     "POLICY_NAMES",
@@ -82,20 +83,11 @@ class Trial:
 
 
 def _check_int(name: str, value: object, minimum: int, *, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidInputError(
-            f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, "
-            f"got {value!r}")
-    return int(value)
+    return check_int(name, value, minimum=minimum, optional=optional)
 
 
 def _check_fraction(name: str, value: object, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            low < float(value) < high):
-        raise InvalidInputError(f"{name} must be a number in ({low}, {high}), got {value!r}")
-    return float(value)
+    return check_fraction(name, value, low=low, high=high)
 
 
 def _check_upper(upper: int | None, granularity: int) -> int | None:
@@ -469,7 +461,7 @@ class GuidedPolicy(SearchPolicy):
                  trust: float = 0.5, slack: float = 0.03, span: int = 4,
                  saturation: float = 0.0, tolerance: float = 0.0) -> None:
         if budget_bytes is not None and (
-                isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float))
+                not is_number(budget_bytes)
                 or not math.isfinite(budget_bytes) or budget_bytes <= 0):
             raise InvalidInputError(
                 f"budget_bytes must be a positive finite number of bytes or None, got "
@@ -807,7 +799,7 @@ def run_search(policy: SearchPolicy, trial: Callable[[int], Trial], *,
         size = policy.next_size(view)
         if size is None:
             break
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int(size) or size < 1:
             raise InvalidInputError(
                 f"policy {policy.name!r} asked for batch size {size!r}; expected an int >= 1")
         if size in seen:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..errors import InvalidInputError
+from .validate import check_int
 
 __all__ = [
     "HalvingShrink",
@@ -44,9 +45,7 @@ Observation = tuple[int, bool, "float | None"]
 
 
 def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+    return int(check_int(name, value, minimum=1))  # type: ignore[arg-type]
 
 
 @runtime_checkable

@@ -1,6 +1,6 @@
 """Throughput statistics, pure: size grids, step-count adaptation, window summaries, the knee.
 
-Nothing here imports TensorFlow; :mod:`batchfit.tf.throughput` measures, this module decides
+Nothing here imports TensorFlow; :mod:`batchfit.verbs.throughput` measures, this module decides
 what to measure and what the measurements say.
 
 Example:
@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidInputError
+from .validate import check_int
 
 __all__ = ["WindowStats", "geometric_grid", "knee", "median_error", "needs_more_windows",
            "steps_per_window", "summarize_windows", "window_rates"]
@@ -38,8 +39,7 @@ def geometric_grid(largest: int, *, smallest: int = 1, factor: float = 2.0,
         granularity: only multiples of this (e.g. 8 for tensor cores).
     """
     for name, value in (("largest", largest), ("smallest", smallest), ("granularity", granularity)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value, minimum=1)
     if not factor > 1:
         raise InvalidInputError(f"factor must be > 1, got {factor!r}")
     smallest = max(smallest, granularity)

@@ -10,7 +10,7 @@ one step at batch 32 in well under 100 ms on a 2-core CPU.
 Example:
 
 >>> from batchfit.examples.models import seed_mlp
->>> from batchfit.tf.synth import synthesize_batch
+>>> from batchfit.backend.tensorflow.synth import synthesize_batch
 >>> model = seed_mlp()
 >>> x, y = synthesize_batch(model, 32)
 >>> loss = model.train_on_batch(x, y)

@@ -124,10 +124,11 @@ def register_result(cls: type) -> type:
 
 def check_schema_version(data: dict[str, Any]) -> None:
     """Refuse a run saved by a newer batchfit, with the fix."""
+    from ..core.validate import is_int
     from ..errors import InvalidInputError
 
     version = data.get("schema_version", SCHEMA_VERSION)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+    if not is_int(version) or version < 1:
         raise InvalidInputError(f"not a batchfit result (schema_version {version!r}: expected "
                                 f"a whole number from 1 to {SCHEMA_VERSION})")
     if version > SCHEMA_VERSION:

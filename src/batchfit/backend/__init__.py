@@ -1,0 +1,217 @@
+"""The backend seam: every operation that touches a Keras backend goes through :class:`Backend`.
+
+The verbs (:mod:`batchfit.verbs`) orchestrate; they ask :func:`get_backend` for the active
+implementation and never import TensorFlow (or another backend) themselves. One implementation
+exists today, :class:`batchfit.backend.tensorflow.TensorFlowBackend`; a JAX or PyTorch backend
+of Keras 3 is a new subpackage implementing the same methods.
+
+What a backend provides, grouped by who needs it:
+
+- **models and data**: build or load a model (in this process or a worker), check it is a
+  compiled Keras model, load a data spec, make a batch function (the user's sample or batches
+  synthesized from the model's input specs and loss);
+- **probing**: a runner that trains N real steps at one batch size and reads the peak, the
+  bytes of the model's state, the out-of-memory predicate, the default device, the environment
+  a capped worker needs, and a description of the versions measured with;
+- **distribution**: resolving ``distribute=`` to the backend's strategy, its replicas and their
+  devices and memory;
+- **compile-time memory**: the memory of a training step without running it (the next issue;
+  raises :class:`~batchfit.errors.MissingBackendError` where a backend cannot).
+
+Device memory that does not need a backend (a GPU's total through NVML, the host's available
+RAM, a budget) lives in :mod:`batchfit.backend.memory`; the out-of-memory predicate, which
+recognises errors by their class names and text, in :mod:`batchfit.backend.oom`.
+
+Example:
+
+>>> from batchfit.backend import backend_name
+>>> backend_name("tensorflow")
+'tensorflow'
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import MissingBackendError
+from .oom import is_oom_error
+
+#: Keras backends batchfit has an implementation for.
+SUPPORTED_BACKENDS: tuple[str, ...] = ("tensorflow",)
+#: What installs each supported backend's framework.
+INSTALL_HINTS: dict[str, str] = {
+    "tensorflow": "pip install 'batchfit[cpu]' (or 'batchfit[cuda]' on an NVIDIA GPU)",
+}
+#: The Python module each backend's framework is imported as.
+_FRAMEWORK_MODULE: dict[str, str] = {"tensorflow": "tensorflow"}
+
+BatchFn = Callable[[int], "tuple[Any, Any]"]
+
+
+class Backend(abc.ABC):
+    """What batchfit needs from a Keras backend. Verbs call these methods and nothing else.
+
+    Implementations import their framework lazily, inside methods, so constructing one is
+    cheap and a worker process pays the import once.
+    """
+
+    #: Keras's name for the backend (``keras.config.backend()``).
+    name: str = ""
+
+    # -- models and data ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def is_model(self, obj: Any) -> bool:
+        """Whether ``obj`` is a Keras model object (not a factory or a spec string)."""
+
+    @abc.abstractmethod
+    def check_model(self, model: Any) -> None:
+        """Raise :class:`~batchfit.errors.InvalidInputError` unless ``model`` is compiled."""
+
+    @abc.abstractmethod
+    def load_model(self, spec: str) -> Any:
+        """A compiled model from ``'file.py:factory'``, ``'pkg.mod:factory'`` or a saved file."""
+
+    @abc.abstractmethod
+    def model_from_factory(self, factory: Callable[[], Any], where: str | None = None) -> Any:
+        """Call a zero-argument factory and check what it returns is a compiled model."""
+
+    def resolve_model(self, model: Any) -> Any:
+        """A model object from a model, a zero-argument factory or a spec string.
+
+        The one resolver the verbs share: a spec is loaded, a factory called (its errors become
+        :class:`~batchfit.errors.ModelLoadError`), a model checked and returned as it is.
+        """
+        if isinstance(model, str):
+            return self.load_model(model)
+        if self.is_model(model):
+            self.check_model(model)
+            return model
+        if callable(model):
+            return self.model_from_factory(model)
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"model must be a compiled keras.Model, a function returning one, or a spec "
+            f"'file.py:factory' / 'package.module:factory' / 'model.keras'; got "
+            f"{type(model).__name__}")
+
+    @abc.abstractmethod
+    def load_data(self, spec: str) -> Any:
+        """The data a ``'file.py:function'`` spec returns."""
+
+    @abc.abstractmethod
+    def make_batch_fn(self, model: Any, data: Any, input_shapes: Any,
+                      seed: int) -> tuple[BatchFn, list[str]]:
+        """``(batch_fn, notes)``: ``batch_fn(b)`` gives ``(x, y)`` of ``b`` examples."""
+
+    # -- probing -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def probe_runner(self, model: Any, batch_fn: BatchFn, *, steps: int, device: str,
+                     budget_bytes: int | None, limit_margin: float = 0.0) -> Any:
+        """A runner whose ``run(b)`` trains ``steps`` real steps at ``b`` and returns a
+        :class:`~batchfit.results.Probe` (peak, timing, outcome), leaving the model unchanged."""
+
+    @abc.abstractmethod
+    def state_bytes(self, model: Any) -> int:
+        """Bytes of the model's weights, optimizer state and metric state."""
+
+    def is_oom_error(self, exc: BaseException | None) -> bool:
+        """Whether ``exc`` is (or wraps) the backend's out-of-memory error."""
+        return is_oom_error(exc)
+
+    @abc.abstractmethod
+    def default_device(self) -> str:
+        """``'GPU:0'`` when the backend sees an accelerator, else ``'CPU:0'``."""
+
+    @abc.abstractmethod
+    def environment_info(self) -> dict[str, str]:
+        """Versions measured with (Python, platform, the framework, Keras, NumPy)."""
+
+    # -- distribution --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def resolve_distribute(self, distribute: Any, model: Any = None) -> Any:
+        """The backend's strategy for ``distribute=`` (or the one ``model`` was built under)."""
+
+    # -- compile-time memory (the estimate issue) ---------------------------------------------
+    def compiled_step_memory(self, model: Any, batch_size: int) -> dict[str, int]:
+        """Bytes of the compiled training step at ``batch_size``, by kind, without running it."""
+        raise MissingBackendError(
+            f"compile-time memory is not implemented for the {self.name} backend yet")
+
+
+def configured_backend() -> str:
+    """The Keras backend the user configured, read without importing Keras.
+
+    ``KERAS_BACKEND`` first, then ``"backend"`` in ``$KERAS_HOME/keras.json`` (default
+    ``~/.keras/keras.json``), then Keras's default, ``"tensorflow"``.
+    """
+    name = os.environ.get("KERAS_BACKEND")
+    if name:
+        return name.strip().lower()
+    home = os.environ.get("KERAS_HOME") or str(Path.home() / ".keras")
+    try:
+        config = json.loads((Path(home) / "keras.json").read_text(encoding="utf-8"))
+        name = config.get("backend") if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        name = None
+    return str(name).strip().lower() if name else "tensorflow"
+
+
+def backend_name(name: str | None = None) -> str:
+    """The supported backend ``name`` (default: :func:`configured_backend`), checked.
+
+    Raises:
+        MissingBackendError: the backend is one batchfit has no implementation for.
+    """
+    chosen = (name or configured_backend()).strip().lower()
+    if chosen not in SUPPORTED_BACKENDS:
+        where = "" if name else " (set by KERAS_BACKEND or keras.json)"
+        raise MissingBackendError(
+            f"the Keras backend {chosen!r}{where} is not supported by batchfit yet: it measures "
+            f"with {', '.join(SUPPORTED_BACKENDS)}; set KERAS_BACKEND=tensorflow")
+    return chosen
+
+
+def require_backend(name: str | None = None) -> str:
+    """Check the backend's framework is installed, without importing it; returns its name.
+
+    Raises:
+        MissingBackendError: it is not installed (the message gives the install command).
+    """
+    chosen = backend_name(name)
+    module = _FRAMEWORK_MODULE[chosen]
+    if importlib.util.find_spec(module) is None:
+        raise MissingBackendError(
+            f"batchfit needs {module} for the Keras {chosen} backend, and it is not installed: "
+            f"{INSTALL_HINTS[chosen]}")
+    return chosen
+
+
+_INSTANCES: dict[str, Backend] = {}
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """The implementation of the active (or named) Keras backend.
+
+    Args:
+        name: ``"tensorflow"``; default: the configured backend (:func:`configured_backend`).
+
+    Raises:
+        MissingBackendError: the backend is unsupported or its framework is not installed.
+    """
+    chosen = require_backend(name)
+    if chosen not in _INSTANCES:
+        from .tensorflow import TensorFlowBackend
+
+        _INSTANCES[chosen] = TensorFlowBackend()
+    return _INSTANCES[chosen]
+
+
+__all__ = ["SUPPORTED_BACKENDS", "Backend", "backend_name", "configured_backend",
+           "get_backend", "is_oom_error", "require_backend"]

@@ -1,0 +1,195 @@
+"""The TensorFlow implementation of the backend seam, and the only package that imports it.
+
+:class:`TensorFlowBackend` implements :class:`batchfit.backend.Backend` by delegating to the
+modules of this package: :mod:`.loader` (specs, factories, saved models), :mod:`.synth`
+(batches synthesized from a model's input specs and loss), :mod:`.data` (batches from the
+user's sample), :mod:`.probe` (training steps measured at one batch size, the model restored
+after) and :mod:`.distribute` (``tf.distribute`` strategies). Constructing it imports nothing;
+each method imports what it needs.
+
+Example:
+
+>>> from batchfit.backend import get_backend
+>>> get_backend().name
+'tensorflow'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .. import Backend, BatchFn
+
+MiB = 1 << 20
+
+
+class TensorFlowBackend(Backend):
+    """Keras 3 on TensorFlow: probes through ``train_on_batch`` and TensorFlow's allocator."""
+
+    name = "tensorflow"
+
+    # -- models and data ---------------------------------------------------------------------
+    def is_model(self, obj: Any) -> bool:
+        return hasattr(obj, "train_on_batch") and hasattr(obj, "variables")
+
+    def check_model(self, model: Any) -> None:
+        from .loader import check_model
+
+        check_model(model)
+
+    def load_model(self, spec: str) -> Any:
+        from .loader import load_model
+
+        return load_model(spec)
+
+    def model_from_factory(self, factory: Callable[[], Any], where: str | None = None) -> Any:
+        from .loader import model_from_factory
+
+        return model_from_factory(factory, where)
+
+    def load_data(self, spec: str) -> Any:
+        from .loader import load_data
+
+        return load_data(spec)
+
+    def make_batch_fn(self, model: Any, data: Any, input_shapes: Any,
+                      seed: int) -> tuple[BatchFn, list[str]]:
+        from .data import DataSample
+        from .synth import describe_synthesis, synthesize_batch
+
+        if data is None:
+            notes = list(describe_synthesis(model, input_shapes=input_shapes))
+            return ((lambda b: synthesize_batch(model, b, input_shapes=input_shapes, seed=seed)),
+                    notes)
+        if isinstance(data, str):
+            data = self.load_data(data)
+        sample = data if isinstance(data, DataSample) else DataSample.from_data(data)
+        return sample.batch, list(sample.notes)
+
+    def data_sample(self, data: Any) -> Any:
+        """A picklable sample of ``data`` (arrays, a ``tf.data.Dataset``...) for a worker."""
+        from .data import DataSample
+
+        return DataSample.from_data(data)
+
+    # -- probing -------------------------------------------------------------------------------
+    def probe_runner(self, model: Any, batch_fn: BatchFn, *, steps: int, device: str,
+                     budget_bytes: int | None, limit_margin: float = 0.0) -> Any:
+        from .probe import ProbeRunner
+
+        if limit_margin:
+            return ProbeRunner(model, batch_fn, steps=steps, device=device,
+                               budget_bytes=budget_bytes, limit_margin=limit_margin)
+        return ProbeRunner(model, batch_fn, steps=steps, device=device, budget_bytes=budget_bytes)
+
+    def state_bytes(self, model: Any) -> int:
+        from .probe import state_bytes
+
+        return state_bytes(model)
+
+    def weights_bytes(self, model: Any) -> int:
+        """Bytes of the model's own variables (no optimizer state)."""
+        from .probe import weights_bytes
+
+        return weights_bytes(model)
+
+    def default_device(self) -> str:
+        import tensorflow as tf
+
+        return "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+
+    def environment_info(self) -> dict[str, str]:
+        import platform
+        import sys
+
+        import keras
+        import numpy
+        import tensorflow as tf
+
+        return {"python": sys.version.split()[0], "platform": platform.platform(),
+                "tensorflow": tf.__version__, "keras": keras.__version__,
+                "numpy": numpy.__version__}
+
+    # -- worker processes ------------------------------------------------------------------------
+    def worker_environment(self, device: str, budget_bytes: int | None) -> dict[str, str]:
+        """Environment variables the worker needs before importing TensorFlow.
+
+        On CPU with a budget: the BFC allocator cap (oneDNN off, since with oneDNN on the step after
+        an OOM can segfault; see the project's memory notes). GPUs are hidden from a CPU worker.
+        Python's hash seed is fixed (with the address-space layout, see :func:`_fix_layout_and_reexec`): the
+        order in which a traced step's ops run, and so its peak memory, follows set and dict order.
+        """
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore", "PYTHONHASHSEED": "0"}
+        if device.upper().startswith("CPU"):
+            env["CUDA_VISIBLE_DEVICES"] = "-1"
+            # The BFC allocator also keeps the statistics probes read; the default CPU allocator
+            # keeps none on some machines.
+            env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+            if budget_bytes is not None:
+                mib = max(1, budget_bytes // MiB)
+                env.update({"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPU_BFC_MEM_LIMIT_IN_MB": str(mib),
+                            # One thread per op (and one op at a time, set in the worker): with
+                            # the default thread pool the same size near the cap fitted in one
+                            # fresh process and not in the next over a band of ~4% (seed_wide at
+                            # 64 MiB: 238-248); with one thread, ~1% (240 fitted 3/3, 241 2/3,
+                            # 242 and above 0/3), measured.
+                            "TF_NUM_INTRAOP_THREADS": "1"})
+        return env
+
+    def preload(self) -> None:
+        """Import what every worker needs, starting no runtime (the fork server runs this)."""
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+
+        from . import probe  # noqa: F401
+
+    def configure_worker(self, device: str, budget_bytes: int | None) -> None:
+        """In a fresh worker, before the model is built: make the device look like the budget.
+
+        A GPU gets a logical device of ``budget_bytes``. A capped CPU runs one op at a time, as a
+        GPU's single compute stream does: with several inter-op threads, an allocation refused
+        near the cap waits (up to 10 s) for a concurrent op to free memory, so whether a size
+        fits depends on thread timing (measured: the same size fitting in one process and not in
+        the next, and probes of 60-130 s near the limit); and its allocator holds its whole
+        budget as one region (:func:`_reserve_single_region`).
+        """
+        import tensorflow as tf
+
+        if device.upper().startswith("GPU"):
+            gpus = tf.config.list_physical_devices("GPU")
+            if budget_bytes is not None and gpus:
+                tf.config.set_logical_device_configuration(
+                    gpus[0], [tf.config.LogicalDeviceConfiguration(
+                        memory_limit=max(1, budget_bytes // MiB))])
+        if device.upper().startswith("CPU") and budget_bytes is not None:
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+            _reserve_single_region(tf, budget_bytes)
+
+    # -- distribution --------------------------------------------------------------------------
+    def resolve_distribute(self, distribute: Any, model: Any = None) -> Any:
+        from .distribute import resolve_strategy
+
+        return resolve_strategy(distribute, model)
+
+
+def _reserve_single_region(tf: Any, budget_bytes: int) -> None:  # pragma: no cover - subprocess
+    """Make the capped CPU allocator hold its whole budget as one region, as a GPU does.
+
+    TensorFlow's CPU BFC allocator grows by regions (2 MiB, then doubling) and never merges
+    them, so which batch fits would depend on which sizes ran before (a big tensor cannot span
+    two regions). A GPU's allocator (``allow_growth`` off, TensorFlow's default) reserves its
+    memory as one region at start. Allocating, then freeing, one tensor of nearly the whole
+    budget gives the CPU allocator that same single region before the model is built.
+    """
+    free = budget_bytes
+    try:
+        free = budget_bytes - int(tf.config.experimental.get_memory_info("CPU:0")["current"])
+    except (ValueError, RuntimeError):
+        pass
+    size = max(0, free - (4 << 20))
+    if size:
+        with tf.device("CPU:0"):
+            block = tf.zeros([size], dtype=tf.uint8)
+        del block
+

@@ -1,0 +1,108 @@
+"""In-process probes: real training steps, real allocator peaks, the caller's model untouched."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from batchfit.backend.tensorflow.probe import (
+    ModelState,
+    ProbeRunner,
+    metric_variable_groups,
+    state_bytes,
+)
+
+
+def _model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32,))
+    h = keras.layers.Dense(64, activation="relu")(inp)
+    h = keras.layers.BatchNormalization()(h)  # moving statistics: non-trainable state
+    h = keras.layers.Dropout(0.3)(h)          # seed-generator state
+    out = keras.layers.Dense(4, activation="softmax")(h)
+    m = keras.Model(inp, out)
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy",
+              metrics=["accuracy"])
+    return m
+
+
+def _batch(b: int):
+    rng = np.random.default_rng(b)
+    return rng.normal(size=(b, 32)).astype("float32"), rng.integers(0, 4, size=(b,))
+
+
+def test_probe_leaves_every_variable_exactly_as_it_was() -> None:
+    m = _model()
+    m.train_on_batch(*_batch(8))  # a model that has trained already: optimizer built, iterations 1
+    before = [np.array(v.numpy(), copy=True) for v in m.variables + m.optimizer.variables]
+    iterations = int(m.optimizer.iterations.numpy())
+    runner = ProbeRunner(m, _batch, steps=3)
+    for b in (4, 64, 16):
+        assert runner.run(b).fits
+    after = [np.asarray(v.numpy()) for v in m.variables + m.optimizer.variables]
+    assert all(np.array_equal(x, y) for x, y in zip(before, after))
+    assert int(m.optimizer.iterations.numpy()) == iterations
+    # and the model still trains afterwards, as it would have without probing
+    ref = _model()
+    ref.train_on_batch(*_batch(8))
+    la = m.train_on_batch(*_batch(5))
+    lb = ref.train_on_batch(*_batch(5))
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+
+
+def test_probe_leaves_the_metric_totals_of_a_trained_model_as_they_were() -> None:
+    m = _model()
+    m.fit(*_batch(32), batch_size=8, epochs=1, verbose=0)  # metrics now hold the epoch's totals
+    totals = [np.array(v.numpy(), copy=True) for g in metric_variable_groups(m) for v in g]
+    assert any(np.any(t) for t in totals)
+    runner = ProbeRunner(m, _batch, steps=2)
+    runner.warm_up()
+    assert runner.run(16).fits
+    after = [np.asarray(v.numpy()) for g in metric_variable_groups(m) for v in g]
+    assert all(np.array_equal(x, y) for x, y in zip(totals, after))
+
+
+def test_probe_on_a_fresh_model_builds_optimizer_with_initial_values() -> None:
+    m = _model()
+    assert not m.optimizer.built
+    ProbeRunner(m, _batch, steps=2).run(16)
+    assert int(m.optimizer.iterations.numpy()) == 0
+    assert all(not np.any(v.numpy()) for v in m.optimizer.variables
+               if "iteration" not in v.path and "learning_rate" not in v.path)
+
+
+def test_peak_grows_with_batch_and_is_reported() -> None:
+    m = _model()
+    runner = ProbeRunner(m, _batch, steps=2)
+    small, big = runner.run(8), runner.run(4096)
+    assert small.peak_bytes is not None and big.peak_bytes is not None
+    assert big.peak_bytes > small.peak_bytes
+    assert big.step_seconds is not None and big.step_seconds > 0
+    assert state_bytes(m) > 0
+
+
+def test_budget_checked_against_measured_peak() -> None:
+    m = _model()
+    runner = ProbeRunner(m, _batch, steps=2, budget_bytes=1)
+    p = runner.run(8)
+    assert not p.fits and p.outcome == "over_budget"
+
+
+def test_model_error_becomes_refused_outcome_and_state_is_restored() -> None:
+    m = _model()
+    snap = ModelState(m)
+
+    def bad_batch(b: int):
+        x, y = _batch(b)
+        return x[:, :7], y  # wrong feature count: the model itself raises
+
+    p = ProbeRunner(m, bad_batch, steps=1).run(8)
+    assert not p.fits and p.outcome == "refused"
+    assert "ValueError" in p.detail or "Error" in p.detail
+    assert snap.equals_current()
+
+
+def test_steps_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="steps"):
+        ProbeRunner(_model(), _batch, steps=0)
