@@ -34,7 +34,6 @@ NOT_YET_BEHIND_THE_SEAM = {
     "batchfit.verbs.fit",
     "batchfit.verbs.multiworker",
     "batchfit.verbs.multiworker_fit",
-    "batchfit.verbs.noise",
     "batchfit.verbs.throughput",
 }
 

@@ -13,6 +13,9 @@ What a backend provides, grouped by who needs it:
 - **probing**: a runner that trains N real steps at one batch size and reads the peak, the
   bytes of the model's state, the out-of-memory predicate, the default device, the environment
   a capped worker needs, and a description of the versions measured with;
+- **noise**: per-example gradient norms for the gradient noise scale (a sampler of the
+  user's examples, pairs of squared gradient norms at two batch sizes, the model left
+  unchanged);
 - **distribution**: resolving ``distribute=`` to the backend's strategy, its replicas and their
   devices and memory;
 - **compile-time memory**: the memory of a training step without running it (the next issue;
@@ -132,6 +135,33 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def environment_info(self) -> dict[str, str]:
         """Versions measured with (Python, platform, the framework, Keras, NumPy)."""
+
+    # -- noise (per-example gradient norms, for the gradient noise scale) ----------------------
+    @abc.abstractmethod
+    def example_sampler(self, data: Any, *, max_examples: int, seed: int) -> Any:
+        """A sampler of the user's examples (``data``, or a ``'file.py:function'`` spec).
+
+        It has ``num_examples``, ``notes`` (what reading the data found) and ``draw(size)``,
+        which gives ``(x, y)`` of ``size`` examples drawn uniformly with replacement.
+
+        Raises:
+            InvalidInputError: no data, variable-shape examples, or fewer than 2 examples.
+        """
+
+    @abc.abstractmethod
+    def gradient_norm_pairs(self, model: Any, sampler: Any, *, small: int, big: int,
+                            count: int) -> tuple[Any, Any]:
+        """``count`` pairs ``(mean |G_small|^2, |G_big|^2)`` of squared gradient norms.
+
+        Each pair draws ``big`` examples from ``sampler`` and computes the gradient of the
+        model's compiled loss on ``big / small`` micro-batches in training mode; returns two
+        NumPy arrays. Every variable of ``model`` (weights, optimizer, BatchNorm statistics,
+        seed states, metrics) holds its value from before the call afterwards.
+        """
+
+    @abc.abstractmethod
+    def mixes_examples(self, model: Any) -> bool:
+        """Whether a layer of ``model`` mixes a batch's examples in training (BatchNorm)."""
 
     # -- distribution --------------------------------------------------------------------------
     @abc.abstractmethod

@@ -4,7 +4,8 @@
 modules of this package: :mod:`.loader` (specs, factories, saved models), :mod:`.synth`
 (batches synthesized from a model's input specs and loss), :mod:`.data` (batches from the
 user's sample), :mod:`.probe` (training steps measured at one batch size, the model restored
-after) and :mod:`.distribute` (``tf.distribute`` strategies). Constructing it imports nothing;
+after), :mod:`.noise` (per-example gradient norms, the noise-scale callback) and
+:mod:`.distribute` (``tf.distribute`` strategies). Constructing it imports nothing;
 each method imports what it needs.
 
 Example:
@@ -165,6 +166,23 @@ class TensorFlowBackend(Backend):
         if device.upper().startswith("CPU") and budget_bytes is not None:
             tf.config.threading.set_inter_op_parallelism_threads(1)
             _reserve_single_region(tf, budget_bytes)
+
+    # -- noise (per-example gradient norms, for the gradient noise scale) ----------------------
+    def example_sampler(self, data: Any, *, max_examples: int, seed: int) -> Any:
+        from .noise import ExampleSampler
+
+        return ExampleSampler(data, max_examples=max_examples, seed=seed)
+
+    def gradient_norm_pairs(self, model: Any, sampler: Any, *, small: int, big: int,
+                            count: int) -> tuple[Any, Any]:
+        from .noise import gradient_norm_pairs
+
+        return gradient_norm_pairs(model, sampler, small=small, big=big, count=count)
+
+    def mixes_examples(self, model: Any) -> bool:
+        from .noise import mixes_examples
+
+        return mixes_examples(model)
 
     # -- distribution --------------------------------------------------------------------------
     def resolve_distribute(self, distribute: Any, model: Any = None) -> Any:
