@@ -168,6 +168,37 @@ class Backend(abc.ABC):
     def resolve_distribute(self, distribute: Any, model: Any = None) -> Any:
         """The backend's strategy for ``distribute=`` (or the one ``model`` was built under)."""
 
+    # multi-worker collectives: what workers need to agree (every worker calls each of these)
+    @abc.abstractmethod
+    def make_strategy(self, timeout_seconds: float | None = None) -> Any:
+        """A multi-worker strategy (from the environment) whose collectives time out.
+
+        ``timeout_seconds``: the longest one collective may wait (``None``: the backend's
+        default, 300 s on TensorFlow).
+        """
+
+    @abc.abstractmethod
+    def worker_position(self, strategy: Any) -> tuple[int, int]:
+        """``(this worker's index, number of workers)``; ``(0, 1)`` for one process."""
+
+    @abc.abstractmethod
+    def communication_options(self, timeout: float | None) -> Any:
+        """The backend's options that bound a collective to ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    def all_gather(self, strategy: Any, values: list[float], timeout: float | None) -> Any:
+        """Every replica's ``values`` as a NumPy array ``(replicas, len(values))``, replicas
+        ordered worker by worker; waits at most ``timeout`` seconds for the others."""
+
+    @abc.abstractmethod
+    def upstream_fit_works(self, strategy: Any, *, timeout: float = 120.0) -> bool:
+        """Whether Keras's own ``model.fit`` trains under ``strategy`` on every worker (probed
+        with one step of a one-unit model, agreed across workers, cached per strategy)."""
+
+    @abc.abstractmethod
+    def upstream_fit_failure(self, strategy: Any) -> str:
+        """The error :meth:`upstream_fit_works`'s probe caught on this worker (``""`` if none)."""
+
     # -- compile-time memory (the estimate issue) ---------------------------------------------
     def compiled_step_memory(self, model: Any, batch_size: int) -> dict[str, int]:
         """Bytes of the compiled training step at ``batch_size``, by kind, without running it."""

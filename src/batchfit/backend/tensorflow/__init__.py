@@ -5,7 +5,8 @@ modules of this package: :mod:`.loader` (specs, factories, saved models), :mod:`
 (batches synthesized from a model's input specs and loss), :mod:`.data` (batches from the
 user's sample), :mod:`.probe` (training steps measured at one batch size, the model restored
 after), :mod:`.noise` (per-example gradient norms, the noise-scale callback) and
-:mod:`.distribute` (``tf.distribute`` strategies). Constructing it imports nothing;
+:mod:`.distribute` (``tf.distribute`` strategies), :mod:`.collective` (what workers need to
+agree). Constructing it imports nothing;
 each method imports what it needs.
 
 Example:
@@ -189,6 +190,37 @@ class TensorFlowBackend(Backend):
         from .distribute import resolve_strategy
 
         return resolve_strategy(distribute, model)
+
+    # multi-worker collectives
+    def make_strategy(self, timeout_seconds: float | None = None) -> Any:
+        from .distribute import DEFAULT_TIMEOUT, make_strategy
+
+        return make_strategy(DEFAULT_TIMEOUT if timeout_seconds is None else timeout_seconds)
+
+    def worker_position(self, strategy: Any) -> tuple[int, int]:
+        from .collective import worker_position
+
+        return worker_position(strategy)
+
+    def communication_options(self, timeout: float | None) -> Any:
+        from .collective import communication_options
+
+        return communication_options(timeout)
+
+    def all_gather(self, strategy: Any, values: list[float], timeout: float | None) -> Any:
+        from .collective import all_gather
+
+        return all_gather(strategy, values, timeout)
+
+    def upstream_fit_works(self, strategy: Any, *, timeout: float = 120.0) -> bool:
+        from .collective import upstream_fit_works
+
+        return upstream_fit_works(strategy, timeout=timeout)
+
+    def upstream_fit_failure(self, strategy: Any) -> str:
+        from .collective import upstream_fit_failure
+
+        return upstream_fit_failure(strategy)
 
 
 def _reserve_single_region(tf: Any, budget_bytes: int) -> None:  # pragma: no cover - subprocess
