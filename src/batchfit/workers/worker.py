@@ -39,7 +39,7 @@ from ..errors import (
 )
 from ..results import Probe
 from .child import _ENTRY
-from .server import _ForkServer, acquire_fork_server, release_fork_server
+from .server import _ForkServer, acquire_fork_server, close_fork_server, release_fork_server
 from .stall import QuietClock, sample_process
 
 MiB = 1 << 20
@@ -486,4 +486,6 @@ def _setup_oom_error(msg: dict[str, Any], budget: int | None, *,
                             budget_bytes=budget)
 
 
-__all__ = ["ModelSource", "ProbeWorker", "WorkerConfig", "worker_environment"]
+# close_fork_server lives in .server; importable here too, where the README has long named it.
+__all__ = ["ModelSource", "ProbeWorker", "WorkerConfig", "close_fork_server",
+           "worker_environment"]
