@@ -35,10 +35,9 @@ def test_without_tensorflow_a_measuring_command_exits_2_with_the_install_command
 
 
 def test_without_tensorflow_report_still_works(tmp_path) -> None:
+    import dataclasses
     import subprocess
     import sys
-
-    import dataclasses
 
     from batchfit.results import MaxBatchResult
 
