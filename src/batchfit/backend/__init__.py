@@ -15,6 +15,9 @@ What a backend provides, grouped by who needs it:
   a capped worker needs, and a description of the versions measured with;
 - **distribution**: resolving ``distribute=`` to the backend's strategy, its replicas and their
   devices and memory;
+- **check** (``batchfit check``): what to check in a model or a layer, and a probe of one
+  layer that calls, traces, fits and exports it; the checks that only make sense on one
+  framework (SavedModel export, ``tf.function`` traces) are that backend's;
 - **compile-time memory**: the memory of a training step without running it (the next issue;
   raises :class:`~batchfit.errors.MissingBackendError` where a backend cannot).
 

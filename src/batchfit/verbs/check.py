@@ -54,7 +54,8 @@ from ..core.validate import check_int, is_int
 from ..errors import InvalidInputError, LayerBuildError
 from ..results.check import CHECKS, CheckResult, Finding, LayerReport, error_line
 
-__all__ = ["STEPS", "Outcome", "Step", "check", "custom_layers", "is_custom_layer"]
+__all__ = ["STEPS", "LayerContext", "Outcome", "Step", "check", "custom_layers", "is_custom_layer",
+           "run_steps"]
 
 _REL_TOL = 1e-5          # gradient test: float noise alone reaches ~4e-7 (relative)
 _MAX_ELEMENTS = 1 << 23  # the batch-limit search stops before inputs of 32 MiB (float32)
@@ -630,6 +631,25 @@ def run_steps(ctx: LayerContext, steps: Sequence[Step] = STEPS,
     A step whose prerequisites rule it out (``skip_unless``) is skipped with the reason, and
     its value is None for the steps after it. A framework-specific check the backend does not
     run (not in ``applicable``) is skipped as not applicable.
+
+    Args:
+        ctx: the layer's :class:`LayerContext`, passed to every step.
+        steps: the steps, in order (default :data:`STEPS`).
+        applicable: the framework-specific checks the backend runs
+            (``Backend.layer_checks()``); default: all.
+        backend_name: the backend's name, for "not applicable" reasons.
+
+    Returns:
+        The findings, statuses (check -> severity or ``"skipped: <reason>"``; checks with
+        neither are ok) and details of the layer.
+
+    Example:
+
+    >>> steps = (Step("batch_limit", lambda ctx: Outcome(8, details={"batch_limit": "8"})),
+    ...          Step("sample_mixing", lambda ctx, limit: Outcome(skipped=f"limit {limit}"),
+    ...               ("batch_limit",)))
+    >>> run_steps(None, steps).statuses
+    {'sample_mixing': 'skipped: limit 8'}
     """
     values: dict[str, Any] = {}
     record = _Record()
