@@ -18,6 +18,9 @@ What a backend provides, grouped by who needs it:
   unchanged);
 - **distribution**: resolving ``distribute=`` to the backend's strategy, its replicas and their
   devices and memory;
+- **check** (``batchfit check``): what to check in a model or a layer, and a probe of one
+  layer that calls, traces, fits and exports it; the checks that only make sense on one
+  framework (SavedModel export, ``tf.function`` traces) are that backend's;
 - **compile-time memory**: the memory of a training step without running it (the next issue;
   raises :class:`~batchfit.errors.MissingBackendError` where a backend cannot).
 
@@ -204,6 +207,56 @@ class Backend(abc.ABC):
         """Bytes of the compiled training step at ``batch_size``, by kind, without running it."""
         raise MissingBackendError(
             f"compile-time memory is not implemented for the {self.name} backend yet")
+
+
+    # -- check: the batch contract of layers (``batchfit check``) -----------------------------
+    # The checks themselves (what is a finding, in which order they run) are
+    # :mod:`batchfit.verbs.check`'s; a backend loads what to check and runs each operation.
+    # Checks that only make sense on one framework are that backend's (:meth:`layer_checks`).
+
+    def load_checkable(self, spec: str) -> Any:
+        """A model or a layer from a spec (a factory may return either; compiling optional)."""
+        raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
+                                  "backend yet")
+
+    def check_targets(self, obj: Any, input_shape: Any, sample: Any,
+                      notes: list[str]) -> tuple[str, list[tuple[Any, Any]]]:
+        """``(name, [(layer, layer_input), ...])``: the layers of ``obj`` (a model or a layer)
+        to check, each with the input it gets; remarks go to ``notes``."""
+        raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
+                                  "backend yet")
+
+    def is_custom_layer(self, layer: Any) -> bool:
+        """Whether ``layer``'s class is the user's (not the framework's own)."""
+        raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
+                                  "backend yet")
+
+    def custom_layers(self, model: Any) -> list[Any]:
+        """The custom layers of ``model``, nested models included."""
+        raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
+                                  "backend yet")
+
+    def layer_probe(self, layer: Any, layer_input: Any) -> Any:
+        """The operations the checks run on one layer: calls at a batch size, the build with a
+        ``None`` batch, a traced run, trace counts, the sample-mixing measurement, ``fit`` on a
+        partial batch, and ``keep_state()`` (the layer restored afterwards)."""
+        raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
+                                  "backend yet")
+
+    def layer_checks(self) -> tuple[str, ...]:
+        """The framework-specific checks this backend runs (``batchfit check`` reports the
+        others as not applicable): none by default."""
+        return ()
+
+    def quiet_check_logs(self) -> Any:
+        """A context manager that silences the framework's retracing warnings."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def check_environment(self) -> dict[str, str]:
+        """Versions a check result records (Python, the framework, Keras, platform)."""
+        return self.environment_info()
 
 
 def configured_backend() -> str:

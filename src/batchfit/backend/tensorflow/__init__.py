@@ -4,10 +4,9 @@
 modules of this package: :mod:`.loader` (specs, factories, saved models), :mod:`.synth`
 (batches synthesized from a model's input specs and loss), :mod:`.data` (batches from the
 user's sample), :mod:`.probe` (training steps measured at one batch size, the model restored
-after), :mod:`.noise` (per-example gradient norms, the noise-scale callback) and
-:mod:`.distribute` (``tf.distribute`` strategies), :mod:`.collective` (what workers need to
-agree). Constructing it imports nothing;
-each method imports what it needs.
+after), :mod:`.noise` (per-example gradient norms, the noise-scale callback),
+:mod:`.distribute` (``tf.distribute`` strategies) and :mod:`.collective` (what workers need to
+agree). Constructing it imports nothing; each method imports what it needs.
 
 Example:
 
@@ -221,6 +220,51 @@ class TensorFlowBackend(Backend):
         from .collective import upstream_fit_failure
 
         return upstream_fit_failure(strategy)
+
+    # -- check: the batch contract of layers ---------------------------------------------------
+    def load_checkable(self, spec: str) -> Any:
+        from .check_targets import load_checkable
+
+        return load_checkable(spec)
+
+    def check_targets(self, obj: Any, input_shape: Any, sample: Any,
+                      notes: list[str]) -> tuple[str, list[tuple[Any, Any]]]:
+        from .check_targets import check_targets
+
+        return check_targets(obj, input_shape, sample, notes)
+
+    def is_custom_layer(self, layer: Any) -> bool:
+        from .check_targets import is_custom_layer
+
+        return is_custom_layer(layer)
+
+    def custom_layers(self, model: Any) -> list[Any]:
+        from .check_targets import custom_layers
+
+        return custom_layers(model)
+
+    def layer_probe(self, layer: Any, layer_input: Any) -> Any:
+        from .check_layer import LayerProbe
+
+        return LayerProbe(layer, layer_input)
+
+    def layer_checks(self) -> tuple[str, ...]:
+        """``export`` (SavedModel) and ``retracing`` (tf.function traces)."""
+        return ("export", "retracing")
+
+    def quiet_check_logs(self) -> Any:
+        from .check_layer import quiet_retracing_warnings
+
+        return quiet_retracing_warnings()
+
+    def check_environment(self) -> dict[str, str]:
+        import platform
+
+        import keras
+        import tensorflow as tf
+
+        return {"python": platform.python_version(), "tensorflow": tf.__version__,
+                "keras": keras.__version__, "platform": platform.platform()}
 
 
 def _reserve_single_region(tf: Any, budget_bytes: int) -> None:  # pragma: no cover - subprocess
