@@ -32,7 +32,6 @@ USER_SIDE = ("batchfit.examples",)
 NOT_YET_BEHIND_THE_SEAM = {
     "batchfit.verbs.check",
     "batchfit.verbs.multiworker",
-    "batchfit.verbs.multiworker_fit",
     "batchfit.verbs.noise",
     "batchfit.verbs.throughput",
 }
