@@ -228,6 +228,11 @@ def test_out_of_memory_per_replica_says_so() -> None:
     c = FitController(HalvingShrink(), batch_size=2, replicas=2)
     with pytest.raises(TrainingOutOfMemoryError, match="example.s. per replica"):
         c.shrink("train", 1, 2, "OOM", 0.0)
+    one = FitController(HalvingShrink(), batch_size=2, replicas=1, distributed=True)
+    with pytest.raises(TrainingOutOfMemoryError, match="example.s. per replica"):
+        one.shrink("train", 1, 2, "OOM", 0.0)
+    with pytest.raises(TrainingOutOfMemoryError, match=r"example\(s\): the model"):
+        FitController(HalvingShrink(), batch_size=2).shrink("train", 1, 2, "OOM", 0.0)
 
 
 def test_agreement_takes_the_smallest_proposal() -> None:

@@ -178,6 +178,8 @@ class FitController:
         micro_batch_size: the training micro-batch to start with (default: the batch).
         eval_micro_batch_size: the evaluation micro-batch to start with (default: the batch).
         replicas: replicas in sync (default 1); sizes stay global, the policy works per replica.
+        distributed: whether training runs under a strategy, so a failure is reported per
+            replica (default: ``replicas > 1``; a strategy of one replica says so too).
         logger: where adjustments are logged at WARNING (default: not logged).
 
     Example:
@@ -193,12 +195,14 @@ class FitController:
     def __init__(self, policy: ShrinkPolicy, *, batch_size: int | None = None,
                  keep_effective_batch: bool = True, grow_after_epochs: int | None = None,
                  micro_batch_size: int | None = None, eval_micro_batch_size: int | None = None,
-                 replicas: int = 1, logger: logging.Logger | None = None) -> None:
+                 replicas: int = 1, distributed: bool | None = None,
+                 logger: logging.Logger | None = None) -> None:
         self.policy = policy
         self.batch_size = batch_size
         self.keep_effective_batch = keep_effective_batch
         self.grow_after_epochs = grow_after_epochs
         self.replicas = max(1, int(replicas))
+        self.distributed = self.replicas > 1 if distributed is None else bool(distributed)
         self.logger = logger
         self.phases = {
             "train": PhaseState(micro=micro_batch_size, limited=micro_batch_size is not None,
@@ -341,7 +345,7 @@ class FitController:
         agreed = agree([(True, self.propose(phase, failed))])
         if agreed.exhausted:
             fixed = fixed_bytes()
-            per = " per replica" if self.replicas > 1 else ""
+            per = " per replica" if self.distributed else ""
             raise TrainingOutOfMemoryError(
                 f"out of memory even at a {phase} micro-batch of {failed} example(s){per}: the "
                 f"model's weights and optimizer state alone take {format_bytes(fixed)}, which "

@@ -461,6 +461,7 @@ def rebatch(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
 
     Example:
 
+    >>> import tensorflow as tf
     >>> ds = tf.data.Dataset.range(96).batch(12, drop_remainder=True)
     >>> int(rebatch(ds, 32).cardinality().numpy())
     3
