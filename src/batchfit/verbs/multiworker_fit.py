@@ -183,7 +183,7 @@ def fit_multiworker(
     out = MultiWorkerHistory(batch_size=batch_size, per_replica_batch_size=per_replica,
                              num_replicas=replicas, num_workers=workers, worker_index=index)
     out.engine = _choose_engine(engine, strategy, timeout, out.notes)
-    run = _Run(session=session, strategy=strategy, timeout=timeout, out=out, verbose=verbose,
+    run = _Training(session=session, strategy=strategy, timeout=timeout, out=out, verbose=verbose,
                control=FitController(policy, batch_size=per_replica,
                                      micro_batch_size=min(micro_batch_size or per_replica,
                                                           per_replica)))
@@ -224,7 +224,7 @@ def _choose_engine(engine: str, strategy: Any, timeout: float | None, notes: lis
 
 
 @dataclass
-class _Run:
+class _Training:
     """What one :func:`fit_multiworker` call trains with (its pieces, not its decisions)."""
 
     session: Any
@@ -244,7 +244,7 @@ class _Run:
             print(line, flush=True)
 
 
-def _fit_with_keras(run: _Run, data: tuple[Any, Any, Any], *, epochs: int, shuffle: bool,
+def _fit_with_keras(run: _Training, data: tuple[Any, Any, Any], *, epochs: int, shuffle: bool,
                     micro_batch_size: int | None) -> None:
     """Train with :func:`batchfit.fit` (Keras's own loop), which works under this strategy."""
     from .fit import fit as resilient_fit
@@ -268,7 +268,7 @@ def _fit_with_keras(run: _Run, data: tuple[Any, Any, Any], *, epochs: int, shuff
     out.accumulation_steps = int(getattr(h, "accumulation_steps", 1))
 
 
-def _fit_with_batchfit(run: _Run, data: tuple[Any, Any, Any], *, epochs: int, shuffle: bool,
+def _fit_with_batchfit(run: _Training, data: tuple[Any, Any, Any], *, epochs: int, shuffle: bool,
                        seed: int) -> None:
     """Train with batchfit's own step: every worker drops an out-of-memory step together."""
     out, session, control = run.out, run.session, run.control
@@ -299,7 +299,7 @@ def _fit_with_batchfit(run: _Run, data: tuple[Any, Any, Any], *, epochs: int, sh
     out.optimizer_steps = session.iterations() - start_iterations
 
 
-def _train_step(run: _Run, trainer: Any, data: tuple[Any, Any, Any], step: int) -> float:
+def _train_step(run: _Training, trainer: Any, data: tuple[Any, Any, Any], step: int) -> float:
     """One global batch: accumulate, agree on out-of-memory, apply; replay until it fits."""
     session, control, per_replica = run.session, run.control, run.per_replica
     start = step * run.out.batch_size
@@ -326,7 +326,7 @@ def _train_step(run: _Run, trainer: Any, data: tuple[Any, Any, Any], step: int) 
         _agree_smaller(run, plan.micro_batch_size, oom_exc, t_step)
 
 
-def _agree_smaller(run: _Run, failed: int, oom_exc: BaseException | None,
+def _agree_smaller(run: _Training, failed: int, oom_exc: BaseException | None,
                    t_step: float) -> None:
     """Every worker proposes (its policy's next size, or its micro-batch); all take the least.
 
