@@ -22,6 +22,13 @@ from ..core.shrink import HalvingShrink, ShrinkPolicy
 from ..core.validate import check_int
 from ..errors import InvalidInputError, TrainingOutOfMemoryError
 from ..results.fit import BatchAdjustment
+from .multiworker import (
+    _all_gather,
+    _per_worker,
+    upstream_fit_failure,
+    upstream_fit_works,
+    worker_position,
+)
 
 __all__ = ["MultiWorkerHistory", "fit_multiworker"]
 
@@ -154,8 +161,6 @@ def fit_multiworker(
     >>> h.optimizer_steps, [a.describe() for a in h.adjustments]            # doctest: +SKIP
     (16, ['batchfit: epoch 1, step 0: train micro-batch 128 -> 64 (2 x accumulated ...'])
     """
-    from .multiworker import _all_gather, _per_worker, worker_position
-
     t0 = time.perf_counter()
     policy = _check_arguments(engine, batch_size, epochs, micro_batch_size, timeout, shrink)
     backend = get_backend()
@@ -213,8 +218,6 @@ def _choose_engine(engine: str, strategy: Any, timeout: float | None, notes: lis
     """``engine``, with ``"auto"`` resolved by probing Keras's own fit (every worker)."""
     if engine != "auto":
         return engine
-    from .multiworker import upstream_fit_failure, upstream_fit_works
-
     works = upstream_fit_works(strategy, timeout=timeout or DEFAULT_TIMEOUT)
     notes.append(
         "Keras's model.fit works under this strategy: training with batchfit.fit" if works
@@ -333,8 +336,6 @@ def _agree_smaller(run: _Training, failed: int, oom_exc: BaseException | None,
     Raises:
         TrainingOutOfMemoryError: a worker that ran out of memory has nothing smaller.
     """
-    from .multiworker import _all_gather, _per_worker
-
     control, strategy = run.control, run.strategy
     oom = oom_exc is not None
     proposal = control.propose("train", failed) if oom else int(control.micro("train") or 0)
