@@ -74,8 +74,10 @@ def overhead(name: str, batch_size: int, steps: int, epochs: int, seed: int = 0)
     import keras
     import numpy as np
 
+    from batchfit.backend.tensorflow.fitting import FitExecutor
+    from batchfit.core.fit_control import FitController
     from batchfit.core.shrink import MemoryModelShrink
-    from batchfit.verbs.fit import LOGGER, _Run
+    from batchfit.verbs.fit import LOGGER
 
     build, shape = _models()[name]
     rng = np.random.default_rng(seed)
@@ -86,9 +88,8 @@ def overhead(name: str, batch_size: int, steps: int, epochs: int, seed: int = 0)
     model.fit(x[: 2 * batch_size], y[: 2 * batch_size], batch_size=batch_size, epochs=1,
               verbose=0)  # traces Keras's own step function (without batchfit's hooks)
     keras_fn = model.train_function
-    run = _Run(model, batch_size=batch_size, policy=MemoryModelShrink(),
-               keep_effective_batch=True, grow_after_epochs=None, micro_batch_size=None,
-               eval_micro_batch_size=None, logger=LOGGER)
+    control = FitController(MemoryModelShrink(), batch_size=batch_size, logger=LOGGER)
+    run = FitExecutor(model, control, logger=LOGGER)
     run.install()
     ours = model.train_function
     order = np.random.default_rng(seed + 1)

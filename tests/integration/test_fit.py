@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 import batchfit
-from batchfit.verbs.fit import _rebatch
+from batchfit.backend.tensorflow.fitting import rebatch as _rebatch
 
 HERE = Path(__file__).resolve().parents[1]  # tests/
 CHILD = HERE / "fit_child.py"
@@ -518,18 +518,18 @@ class CompiledOOMAtCall(OOMAtCall):
 
 
 def _spy_take_back(monkeypatch) -> list:
-    """Record what ``_Replay.take_back`` hands back (the batches replayed from the step)."""
-    from batchfit.verbs import fit as resilient
+    """Record what ``Replay.take_back`` hands back (the batches replayed from the step)."""
+    from batchfit.backend.tensorflow.fit_state import Replay
 
     taken: list = []
-    orig = resilient._Replay.take_back
+    orig = Replay.take_back
 
     def spy(self):
         out = orig(self)
         taken.append(None if out is None else int(tf.nest.flatten(out)[0].shape[0]))
         return out
 
-    monkeypatch.setattr(resilient._Replay, "take_back", spy)
+    monkeypatch.setattr(Replay, "take_back", spy)
     return taken
 
 

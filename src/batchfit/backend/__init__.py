@@ -171,6 +171,39 @@ class Backend(abc.ABC):
     def resolve_distribute(self, distribute: Any, model: Any = None) -> Any:
         """The backend's strategy for ``distribute=`` (or the one ``model`` was built under)."""
 
+    # -- fit: the resilient fit's execution (decisions: batchfit.core.fit_control) -------------
+    @abc.abstractmethod
+    def check_fit_model(self, model: Any) -> None:
+        """Refuse (:class:`~batchfit.errors.InvalidInputError`) a model ``fit`` cannot train."""
+
+    @abc.abstractmethod
+    def fit_strategy(self, distribute: Any, model: Any) -> Any:
+        """The strategy ``fit`` trains under (``None``: one device), or a clear refusal."""
+
+    @abc.abstractmethod
+    def fit_replicas(self, strategy: Any) -> int:
+        """Replicas in sync under ``strategy`` (1 for ``None``)."""
+
+    @abc.abstractmethod
+    def fit_inputs(self, x: Any, batch_size: int | None) -> tuple[Any, int | None]:
+        """``(x, batch_size for the framework's fit)``: a dataset re-batched, arrays checked."""
+
+    @abc.abstractmethod
+    def run_fit(self, model: Any, x: Any, y: Any, *, control: Any, strategy: Any,
+                fit_batch: int | None, logger: Any, fit_kwargs: dict[str, Any]
+                ) -> tuple[Any, int]:
+        """Train with the framework's ``fit`` loop, executing ``control``'s decisions.
+
+        Returns ``(history, largest)``: the framework's history and the largest training
+        batch that ran without the controller seeing it (0 when none).
+        """
+
+    @abc.abstractmethod
+    def fit_multiworker_session(self, model: Any, strategy: Any, timeout: float | None) -> Any:
+        """What ``fit_multiworker`` runs on: the model checked and built, a per-step trainer,
+        the data helpers and the allocator's peak (see
+        :class:`batchfit.backend.tensorflow.fit_multiworker.MultiWorkerSession`)."""
+
     # multi-worker collectives: what workers need to agree (every worker calls each of these)
     @abc.abstractmethod
     def make_strategy(self, timeout_seconds: float | None = None) -> Any:

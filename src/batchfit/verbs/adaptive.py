@@ -26,6 +26,7 @@ from typing import Any, TypeVar, overload
 
 from ..backend.oom import is_oom_error
 from ..core.shrink import HalvingShrink, Observation, ShrinkPolicy, next_smaller
+from ..core.validate import check_int
 from ..errors import InvalidInputError, TrainingOutOfMemoryError
 
 __all__ = ["AdaptiveBatchState", "adaptive_batch_size"]
@@ -61,9 +62,7 @@ class AdaptiveBatchState:
 
 
 def _check_start(start: object) -> int:
-    if isinstance(start, bool) or not isinstance(start, int) or start < 1:
-        raise InvalidInputError(f"start must be an integer >= 1, got {start!r}")
-    return start
+    return int(check_int("start", start, minimum=1))  # type: ignore[arg-type]
 
 
 def _decorate(fn: Callable[..., R], start: int, policy: ShrinkPolicy,

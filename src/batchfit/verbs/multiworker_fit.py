@@ -8,33 +8,22 @@ loop, the collectives and their timeouts); this module is its step 4.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
+from ..backend import get_backend
 from ..backend.oom import is_oom_error
-from ..backend.tensorflow.distribute import DEFAULT_TIMEOUT
-from ..core.shrink import (
-    HalvingShrink,
-    Observation,
-    ShrinkPolicy,
-    next_smaller,
-    plan_micro_batches,
-)
-from ..errors import (
-    InvalidInputError,
-    TrainingOutOfMemoryError,
-)
+from ..core.fit_control import FitController, agree
+from ..core.shrink import HalvingShrink, ShrinkPolicy
+from ..core.validate import check_int
+from ..errors import InvalidInputError, TrainingOutOfMemoryError
 from ..results.fit import BatchAdjustment
 from .multiworker import (
     _all_gather,
-    _options,
     _per_worker,
     upstream_fit_failure,
     upstream_fit_works,
@@ -42,6 +31,11 @@ from .multiworker import (
 )
 
 __all__ = ["MultiWorkerHistory", "fit_multiworker"]
+
+#: Seconds each collective of one training step may wait (the value of
+#: ``batchfit.backend.tensorflow.distribute.DEFAULT_TIMEOUT``, kept here so that importing
+#: this module loads no framework).
+DEFAULT_TIMEOUT = 300.0
 
 
 # --- 4. training that never dies of out-of-memory -------------------------------------------
@@ -90,196 +84,6 @@ class MultiWorkerHistory:
         return out
 
 
-def _nested_len(data: Any) -> int:
-    first = tf.nest.flatten(data)[0]
-    return int(first.shape[0])
-
-
-def _cut(data: Any, start: int, stop: int) -> Any:
-    return tf.nest.map_structure(lambda t: t[start:stop], data)
-
-
-def _take(data: Any, index: np.ndarray) -> Any:
-    return tf.nest.map_structure(lambda t: np.asarray(t)[index], data)
-
-
-def _arrays_from(x: Any, y: Any, sample_weight: Any) -> tuple[Any, Any, Any]:
-    """NumPy arrays (nested as given) from ``x, y`` or a finite dataset of batches."""
-    if isinstance(x, tf.data.Dataset):
-        if y is not None:
-            raise InvalidInputError("with a tf.data.Dataset, pass y inside it, not as y=")
-        if int(x.cardinality().numpy()) < 0:
-            raise InvalidInputError(
-                "the dataset is infinite or of unknown size: fit_multiworker reads it whole "
-                "(every worker the same data, each training on its share of every global "
-                "batch); pass a finite dataset or arrays")
-        parts: list[Any] = list(x.as_numpy_iterator())
-        if not parts:
-            raise InvalidInputError("the dataset is empty")
-        joined = tf.nest.map_structure(lambda *t: np.concatenate(t, axis=0), *parts)
-        if not isinstance(joined, tuple) or len(joined) not in (2, 3):
-            raise InvalidInputError("dataset elements must be batches of (x, y) or "
-                                    "(x, y, sample_weight)")
-        return joined[0], joined[1], joined[2] if len(joined) == 3 else None
-    if x is None or y is None:
-        raise InvalidInputError("pass x and y (arrays), or a finite tf.data.Dataset as x")
-    sw = None if sample_weight is None else np.asarray(sample_weight)
-    return tf.nest.map_structure(np.asarray, x), tf.nest.map_structure(np.asarray, y), sw
-
-
-class _Trainer:
-    """batchfit's own distributed step: local accumulation, a collective OOM decision, apply.
-
-    The accumulators are on-read-synchronized variables (one local copy per replica, updated
-    without any collective), so the step functions take no per-replica arguments but the
-    micro-batch: applying gradients passed into a ``tf.function`` as ``PerReplica`` values
-    failed under this strategy ("destinations can not be empty"), reading them from such
-    variables works.
-    """
-
-    def __init__(self, model: Any, strategy: tf.distribute.Strategy, global_batch: int,
-                 timeout: float | None) -> None:
-        self.model, self.strategy = model, strategy
-        self.global_batch = global_batch
-        self.options = _options(timeout)
-        self.variables = list(model.trainable_variables)
-        on_read: dict[str, Any] = {"trainable": False,
-                                   "synchronization": tf.VariableSynchronization.ON_READ,
-                                   "aggregation": tf.VariableAggregation.SUM}
-        with strategy.scope():
-            self.acc = [tf.Variable(tf.zeros(tuple(v.shape), v.dtype), name="batchfit_acc",
-                                    **on_read) for v in self.variables]
-            self.loss_acc = tf.Variable(0.0, dtype=tf.float32, name="batchfit_loss", **on_read)
-        self._grad = self._make_grad_fn()
-        self._apply = self._make_apply_fn()
-        self._flag = self._make_flag_fn()
-        self._zero = self._make_zero_fn()
-
-    def _make_grad_fn(self) -> Callable[..., Any]:
-        model, opt = self.model, self.model.optimizer
-        try:
-            from keras.src.losses.loss import unscale_loss_for_distribution as unscale
-        except ImportError:  # pragma: no cover - a Keras that no longer scales by replicas
-            def unscale(v: Any) -> Any:
-                return v
-        call_has_training = getattr(model, "_call_has_training_arg", True)
-        variables, acc, loss_acc = self.variables, self.acc, self.loss_acc
-        global_batch = float(self.global_batch)
-
-        def replica(x: Any, y: Any, sw: Any) -> None:
-            with tf.GradientTape() as tape:
-                y_pred = model(x, training=True) if call_has_training else model(x)
-                # compute_loss divides by the replicas under a strategy (Keras's own step
-                # relies on the optimizer's SUM all-reduce): undo that, then weigh this
-                # micro-batch by its share of the global batch.
-                loss = unscale(model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw,
-                                                    training=True))
-                n = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], loss.dtype)
-                share = loss * n / tf.cast(global_batch, loss.dtype)
-                scaled = opt.scale_loss(share)
-            grads = tape.gradient(scaled, variables)
-            for a, g in zip(acc, grads):
-                if g is not None:
-                    a.assign_add(tf.cast(g, a.dtype))
-            loss_acc.assign_add(tf.cast(share, tf.float32))
-
-        @tf.function(reduce_retracing=True)
-        def grad(x: Any, y: Any, sw: Any) -> None:
-            self.strategy.run(replica, args=(x, y, sw))
-
-        return grad
-
-    def _make_apply_fn(self) -> Callable[..., Any]:
-        opt, variables, acc = self.model.optimizer, self.variables, self.acc
-
-        def replica() -> None:
-            opt.apply_gradients(zip([a.read_value() for a in acc], variables))
-
-        @tf.function
-        def apply() -> None:
-            self.strategy.run(replica)
-
-        return apply
-
-    def _make_flag_fn(self) -> Callable[..., Any]:
-        options, loss_acc = self.options, self.loss_acc
-
-        def replica(flag: Any) -> Any:
-            ctx = tf.distribute.get_replica_context()
-            return ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                                  tf.stack([flag, loss_acc.read_value()]), options=options)
-
-        @tf.function
-        def flag_fn(flag: Any) -> Any:
-            return self.strategy.run(replica, args=(flag,))
-
-        return flag_fn
-
-    def _make_zero_fn(self) -> Callable[..., Any]:
-        acc, loss_acc = self.acc, self.loss_acc
-
-        def replica() -> None:
-            for a in acc:
-                a.assign(tf.zeros_like(a))
-            loss_acc.assign(0.0)
-
-        @tf.function
-        def zero() -> None:
-            self.strategy.run(replica)
-
-        return zero
-
-    def distribute(self, data: Any, start: int, per_replica: int, offset: int, size: int
-                   ) -> Any:
-        """Each replica's micro-batch: rows ``[offset, offset+size)`` of its share."""
-        if data is None:
-            return None
-
-        def value(ctx: Any) -> Any:
-            lo = start + ctx.replica_id_in_sync_group * per_replica + offset
-            return tf.nest.map_structure(tf.convert_to_tensor, _cut(data, lo, lo + size))
-
-        return self.strategy.experimental_distribute_values_from_function(value)
-
-    def gradients(self, x: Any, y: Any, sw: Any, start: int, per_replica: int,
-                  sizes: tuple[int, ...]) -> None:
-        """Accumulate this worker's share of one global batch, micro-batch by micro-batch."""
-        self._zero()
-        offset = 0
-        for size in sizes:
-            self._grad(*[self.distribute(d, start, per_replica, offset, size)
-                         for d in (x, y, sw)])
-            offset += size
-
-    def decide(self, oom: bool) -> tuple[bool, float]:
-        """All-reduce ``[oom flag, loss]``: (whether any worker ran out of memory, step loss)."""
-        out = self._flag(tf.constant(1.0 if oom else 0.0, tf.float32))
-        total = self.strategy.experimental_local_results(out)[0].numpy()
-        return bool(total[0] > 0.5), float(total[1])
-
-    def apply(self) -> None:
-        self._apply()
-
-    def release(self) -> None:
-        self._zero()
-
-
-def _memory_device() -> str:
-    return "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
-
-
-def _reset_peak(device: str) -> None:
-    with contextlib.suppress(Exception):  # an allocator without statistics
-        tf.config.experimental.reset_memory_stats(device)
-
-
-def _read_peak(device: str) -> float | None:
-    try:
-        return float(tf.config.experimental.get_memory_info(device)["peak"])
-    except Exception:  # noqa: BLE001 - allocator without statistics
-        return None
-
-
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     oom = [ln for ln in lines if "OOM" in ln or "out of memory" in ln.lower()]
@@ -293,7 +97,7 @@ def fit_multiworker(
     y: Any = None,
     *,
     batch_size: int,
-    strategy: tf.distribute.Strategy,
+    strategy: Any,
     epochs: int = 1,
     sample_weight: Any = None,
     micro_batch_size: int | None = None,
@@ -358,46 +162,18 @@ def fit_multiworker(
     (16, ['batchfit: epoch 1, step 0: train micro-batch 128 -> 64 (2 x accumulated ...'])
     """
     t0 = time.perf_counter()
-    if engine not in ("auto", "batchfit", "keras"):
-        raise InvalidInputError(f"engine must be 'auto', 'batchfit' or 'keras', got {engine!r}")
-    for name, value in (("batch_size", batch_size), ("epochs", epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
-    if micro_batch_size is not None and (isinstance(micro_batch_size, bool)
-                                         or not isinstance(micro_batch_size, int)
-                                         or micro_batch_size < 1):
-        raise InvalidInputError(f"micro_batch_size must be an integer >= 1, got {micro_batch_size!r}")
-    if timeout is not None and not timeout > 0:
-        raise InvalidInputError(f"timeout must be > 0 seconds or None, got {timeout!r}")
-    policy: ShrinkPolicy = shrink if shrink is not None else HalvingShrink()
-    replicas = int(strategy.num_replicas_in_sync)
+    policy = _check_arguments(engine, batch_size, epochs, micro_batch_size, timeout, shrink)
+    backend = get_backend()
+    replicas = backend.fit_replicas(strategy)
     index, workers = worker_position(strategy)
     if batch_size % replicas:
         raise InvalidInputError(
             f"the global batch_size {batch_size} is not a multiple of the {replicas} replicas "
             f"in sync; use e.g. {max(1, batch_size // replicas) * replicas}")
     per_replica = batch_size // replicas
-
-    if not (hasattr(model, "train_on_batch") and hasattr(model, "variables")):
-        if not callable(model):
-            raise InvalidInputError("model must be a compiled keras.Model or a function "
-                                    "returning one")
-        with strategy.scope():
-            model = model()
-    if getattr(model, "optimizer", None) is None or getattr(model, "_compile_loss", None) is None:
-        raise InvalidInputError("the model must be compiled (an optimizer and a loss), under "
-                                "strategy.scope()")
-    owner = getattr(model, "_distribute_strategy", None)
-    if owner is not strategy and replicas > 1:
-        raise InvalidInputError("build and compile the model under this strategy's scope "
-                                "(`with strategy.scope(): model = build_model()`)")
-    if getattr(model.optimizer, "gradient_accumulation_steps", None):
-        raise InvalidInputError("the optimizer already has gradient_accumulation_steps; "
-                                "fit_multiworker accumulates by itself: leave it unset")
-
-    xs, ys, ws = _arrays_from(x, y, sample_weight)
-    n = _nested_len(xs)
-    steps = n // batch_size
+    session = backend.fit_multiworker_session(model, strategy, timeout)
+    xs, ys, ws = session.arrays(x, y, sample_weight)
+    n = session.num_examples(xs)
     if workers > 1 or replicas > 1:
         rows = _per_worker(strategy, _all_gather(
             strategy, [float(batch_size), float(n), float(epochs), float(seed)], timeout))
@@ -406,127 +182,181 @@ def fit_multiworker(
                 "the workers called fit_multiworker with different arguments or data "
                 f"(batch_size, examples, epochs, seed per worker: {rows.astype(int).tolist()}); "
                 "every worker must pass the same")
-    if steps < 1:
+    if n // batch_size < 1:
         raise InvalidInputError(f"{n} examples do not make one global batch of {batch_size}")
 
     out = MultiWorkerHistory(batch_size=batch_size, per_replica_batch_size=per_replica,
                              num_replicas=replicas, num_workers=workers, worker_index=index)
-    if engine == "auto":
-        works = upstream_fit_works(strategy, timeout=timeout or DEFAULT_TIMEOUT)
-        engine = "keras" if works else "batchfit"
-        out.notes.append(
-            "Keras's model.fit works under this strategy: training with batchfit.fit" if works
-            else f"Keras's model.fit fails under this strategy ({upstream_fit_failure(strategy)}"
-                 "; keras-team/keras#20585): training with batchfit's own step")
-    out.engine = engine
-    if engine == "keras":
-        from .fit import fit as resilient_fit
+    out.engine = _choose_engine(engine, strategy, timeout, out.notes)
+    run = _Training(session=session, strategy=strategy, timeout=timeout, out=out, verbose=verbose,
+               control=FitController(policy, batch_size=per_replica,
+                                     micro_batch_size=min(micro_batch_size or per_replica,
+                                                          per_replica)))
+    if out.engine == "keras":
+        _fit_with_keras(run, (xs, ys, ws), epochs=epochs, shuffle=shuffle,
+                        micro_batch_size=micro_batch_size)
+    else:
+        _fit_with_batchfit(run, (xs, ys, ws), epochs=epochs, shuffle=shuffle, seed=seed)
+    out.seconds = time.perf_counter() - t0
+    return out
 
-        before = int(model.optimizer.iterations.numpy())
-        # batchfit.fit takes global sizes (micro_batch_size here is per replica).
-        h = resilient_fit(model, xs, ys, batch_size=batch_size, epochs=epochs,
-                          sample_weight=ws, shuffle=shuffle, verbose=verbose,
-                          shrink_policy=policy,
-                          micro_batch_size=(None if micro_batch_size is None
-                                            else min(micro_batch_size, per_replica) * replicas))
-        out.history = {k: [float(v) for v in vals] for k, vals in h.history.items()}
-        out.epoch = list(h.epoch)
-        out.adjustments = list(getattr(h, "adjustments", []))
-        out.optimizer_steps = int(model.optimizer.iterations.numpy()) - before
-        out.micro_batch_size = int(getattr(h, "per_replica_micro_batch_size", None)
-                                   or per_replica)
-        out.accumulation_steps = int(getattr(h, "accumulation_steps", 1))
-        out.seconds = time.perf_counter() - t0
-        return out
 
-    strategy_timeout = getattr(getattr(strategy.extended, "_communication_options", None),
-                               "timeout_seconds", None)
-    if workers > 1 and strategy_timeout is None:
+def _check_arguments(engine: str, batch_size: int, epochs: int, micro_batch_size: int | None,
+                     timeout: float | None, shrink: ShrinkPolicy | None) -> ShrinkPolicy:
+    """The shrink policy, once every argument of :func:`fit_multiworker` is checked."""
+    if engine not in ("auto", "batchfit", "keras"):
+        raise InvalidInputError(f"engine must be 'auto', 'batchfit' or 'keras', got {engine!r}")
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("epochs", epochs, minimum=1)
+    check_int("micro_batch_size", micro_batch_size, minimum=1, optional=True)
+    if timeout is not None and not timeout > 0:
+        raise InvalidInputError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+    return shrink if shrink is not None else HalvingShrink()
+
+
+def _choose_engine(engine: str, strategy: Any, timeout: float | None, notes: list[str]) -> str:
+    """``engine``, with ``"auto"`` resolved by probing Keras's own fit (every worker)."""
+    if engine != "auto":
+        return engine
+    works = upstream_fit_works(strategy, timeout=timeout or DEFAULT_TIMEOUT)
+    notes.append(
+        "Keras's model.fit works under this strategy: training with batchfit.fit" if works
+        else f"Keras's model.fit fails under this strategy ({upstream_fit_failure(strategy)}"
+             "; keras-team/keras#20585): training with batchfit's own step")
+    return "keras" if works else "batchfit"
+
+
+@dataclass
+class _Training:
+    """What one :func:`fit_multiworker` call trains with (its pieces, not its decisions)."""
+
+    session: Any
+    strategy: Any
+    timeout: float | None
+    out: MultiWorkerHistory
+    verbose: int
+    control: FitController
+
+    @property
+    def per_replica(self) -> int:
+        return self.out.per_replica_batch_size
+
+    def say(self, line: str) -> None:
+        """Print ``line`` on worker 0 when verbose."""
+        if self.verbose and self.out.worker_index == 0:
+            print(line, flush=True)
+
+
+def _fit_with_keras(run: _Training, data: tuple[Any, Any, Any], *, epochs: int, shuffle: bool,
+                    micro_batch_size: int | None) -> None:
+    """Train with :func:`batchfit.fit` (Keras's own loop), which works under this strategy."""
+    from .fit import fit as resilient_fit
+
+    out, session = run.out, run.session
+    xs, ys, ws = data
+    before = session.iterations()
+    # batchfit.fit takes global sizes (micro_batch_size here is per replica).
+    h = resilient_fit(session.model, xs, ys, batch_size=out.batch_size, epochs=epochs,
+                      sample_weight=ws, shuffle=shuffle, verbose=run.verbose,
+                      shrink_policy=run.control.policy,
+                      micro_batch_size=(None if micro_batch_size is None
+                                        else min(micro_batch_size, run.per_replica)
+                                        * out.num_replicas))
+    out.history = {k: [float(v) for v in vals] for k, vals in h.history.items()}
+    out.epoch = list(h.epoch)
+    out.adjustments = list(getattr(h, "adjustments", []))
+    out.optimizer_steps = session.iterations() - before
+    out.micro_batch_size = int(getattr(h, "per_replica_micro_batch_size", None)
+                               or run.per_replica)
+    out.accumulation_steps = int(getattr(h, "accumulation_steps", 1))
+
+
+def _fit_with_batchfit(run: _Training, data: tuple[Any, Any, Any], *, epochs: int, shuffle: bool,
+                       seed: int) -> None:
+    """Train with batchfit's own step: every worker drops an out-of-memory step together."""
+    out, session, control = run.out, run.session, run.control
+    if out.num_workers > 1 and session.collective_timeout() is None:
         out.notes.append("the strategy's collectives have no timeout: the gradient all-reduce "
                          "inside the optimizer may wait forever for a dead worker (create the "
                          "strategy with make_strategy(timeout_seconds=...))")
-    if not model.built:
-        with strategy.scope():
-            model(tf.nest.map_structure(lambda t: t[:1], xs))
-    if not model.optimizer.built:
-        with strategy.scope():
-            model.optimizer.build(model.trainable_variables)
-
-    trainer = _Trainer(model, strategy, batch_size, timeout)
-    micro = min(micro_batch_size or per_replica, per_replica)
-    device = _memory_device()
-    observations: list[Observation] = []
-    non_trainable = list(model.non_trainable_variables)
-    start_iterations = int(model.optimizer.iterations.numpy())
+    xs = data[0]
+    session.build(xs)
+    trainer = session.trainer(out.batch_size)
+    n = session.num_examples(xs)
+    steps = n // out.batch_size
+    start_iterations = session.iterations()
     rng = np.random.default_rng(seed)
     for epoch in range(epochs):
         order = rng.permutation(n) if shuffle else None
-        ex, ey, ew = ((xs, ys, ws) if order is None else
-                      (_take(xs, order), _take(ys, order),
-                       None if ws is None else np.asarray(ws)[order]))
-        losses: list[float] = []
-        for step in range(steps):
-            start = step * batch_size
-            saved = [v.numpy() for v in non_trainable]
-            while True:
-                plan = plan_micro_batches(per_replica, micro)
-                t_step = time.perf_counter()
-                oom_exc: BaseException | None = None
-                _reset_peak(device)
-                try:
-                    trainer.gradients(ex, ey, ew, start, per_replica, plan.sizes)
-                except Exception as exc:
-                    if not is_oom_error(exc):
-                        raise
-                    oom_exc = exc
-                observations.append((plan.micro_batch_size, oom_exc is None,
-                                     _read_peak(device)))
-                any_oom, step_loss = trainer.decide(oom_exc is not None)
-                if not any_oom:
-                    trainer.apply()
-                    losses.append(step_loss)
-                    break
-                # Nothing was applied: restore what the forward passes changed, then agree.
-                for v, value in zip(non_trainable, saved):
-                    v.assign(value)
-                proposal = micro
-                if oom_exc is not None:
-                    proposal = next_smaller(policy, plan.micro_batch_size, observations) or 0
-                rows = _per_worker(strategy, _all_gather(
-                    strategy, [float(oom_exc is not None), float(proposal)], timeout))
-                failed = [i for i, r in enumerate(rows) if r[0] > 0.5]
-                new = int(rows[:, 1].min())
-                detail = f"out of memory on worker(s) {failed}"
-                if oom_exc is not None:
-                    detail += f"; here {_first_line(oom_exc)}"
-                if new < 1:
-                    stuck = [i for i, r in enumerate(rows) if r[0] > 0.5 and r[1] < 1]
-                    raise TrainingOutOfMemoryError(
-                        f"out of memory at a per-replica micro-batch of {plan.micro_batch_size} "
-                        f"on worker(s) {stuck}, and no smaller micro-batch is left (a "
-                        f"micro-batch of 1 example does not fit): the model's weights and "
-                        f"optimizer state leave no room on that device. {detail}")
-                new = min(new, plan.micro_batch_size - 1)
-                new_plan = plan_micro_batches(per_replica, new)
-                out.adjustments.append(BatchAdjustment(
-                    phase="train", epoch=epoch, step=step,
-                    optimizer_step=int(model.optimizer.iterations.numpy()),
-                    batch_size=batch_size, from_micro_batch=plan.micro_batch_size,
-                    to_micro_batch=new_plan.micro_batch_size,
-                    accumulation_steps=new_plan.steps, reason="oom", detail=detail,
-                    seconds=time.perf_counter() - t_step, time_unix=time.time()))
-                micro = new
-                if verbose and index == 0:
-                    print(out.adjustments[-1].describe(), flush=True)
+        epoch_data = session.reorder(*data, order)
+        control.epoch_begin(epoch)
+        losses = [_train_step(run, trainer, epoch_data, step) for step in range(steps)]
         mean = float(np.mean(losses)) if losses else math.nan
         out.history.setdefault("loss", []).append(mean)
         out.epoch.append(epoch)
-        if verbose and index == 0:
-            print(f"epoch {epoch + 1}/{epochs}: loss {mean:.4f} (global batch {batch_size}, "
-                  f"per replica {per_replica}, micro-batch {micro})", flush=True)
-    final = plan_micro_batches(per_replica, micro)
+        run.say(f"epoch {epoch + 1}/{epochs}: loss {mean:.4f} (global batch {out.batch_size}, "
+                f"per replica {run.per_replica}, micro-batch {control.micro('train')})")
+    final = control.plan("train", run.per_replica)
     out.micro_batch_size = final.micro_batch_size
     out.accumulation_steps = final.steps
-    out.optimizer_steps = int(model.optimizer.iterations.numpy()) - start_iterations
-    out.seconds = time.perf_counter() - t0
-    return out
+    out.optimizer_steps = session.iterations() - start_iterations
+
+
+def _train_step(run: _Training, trainer: Any, data: tuple[Any, Any, Any], step: int) -> float:
+    """One global batch: accumulate, agree on out-of-memory, apply; replay until it fits."""
+    session, control, per_replica = run.session, run.control, run.per_replica
+    start = step * run.out.batch_size
+    saved = session.save_state()
+    while True:
+        plan = control.plan("train", per_replica)
+        t_step = time.perf_counter()
+        oom_exc: BaseException | None = None
+        session.reset_peak()
+        try:
+            trainer.gradients(*data, start, per_replica, plan.sizes)
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            oom_exc = exc
+        control.observe("train", plan.micro_batch_size, oom_exc is None, session.read_peak())
+        any_oom, step_loss = trainer.decide(oom_exc is not None)
+        if not any_oom:
+            trainer.apply()
+            control.advance("train")
+            return step_loss
+        # Nothing was applied: restore what the forward passes changed, then agree.
+        session.restore_state(saved)
+        _agree_smaller(run, plan.micro_batch_size, oom_exc, t_step)
+
+
+def _agree_smaller(run: _Training, failed: int, oom_exc: BaseException | None,
+                   t_step: float) -> None:
+    """Every worker proposes (its policy's next size, or its micro-batch); all take the least.
+
+    Raises:
+        TrainingOutOfMemoryError: a worker that ran out of memory has nothing smaller.
+    """
+    control, strategy = run.control, run.strategy
+    oom = oom_exc is not None
+    proposal = control.propose("train", failed) if oom else int(control.micro("train") or 0)
+    rows = _per_worker(strategy, _all_gather(strategy, [float(oom), float(proposal)],
+                                             run.timeout))
+    agreed = agree([(bool(r[0] > 0.5), float(r[1])) for r in rows])
+    detail = f"out of memory on worker(s) {list(agreed.failed)}"
+    if oom_exc is not None:
+        detail += f"; here {_first_line(oom_exc)}"
+    if agreed.exhausted:
+        raise TrainingOutOfMemoryError(
+            f"out of memory at a per-replica micro-batch of {failed} "
+            f"on worker(s) {list(agreed.stuck)}, and no smaller micro-batch is left (a "
+            f"micro-batch of 1 example does not fit): the model's weights and "
+            f"optimizer state leave no room on that device. {detail}")
+    control.adopt("train", min(agreed.micro, failed - 1))
+    new_plan = control.plan("train", run.per_replica)
+    adj = control.record("train", failed, new_plan.micro_batch_size, new_plan.steps, "oom",
+                         detail, time.perf_counter() - t_step, batch_size=run.out.batch_size,
+                         optimizer_step=run.session.iterations())
+    run.out.adjustments.append(adj)
+    run.say(adj.describe())
+
+

@@ -267,6 +267,41 @@ class TensorFlowBackend(Backend):
                 "keras": keras.__version__, "platform": platform.platform()}
 
 
+    # -- fit: the resilient fit's execution (decisions: batchfit.core.fit_control) -------------
+    def check_fit_model(self, model: Any) -> None:
+        from .fitting import check_fit_model
+
+        check_fit_model(model)
+
+    def fit_strategy(self, distribute: Any, model: Any) -> Any:
+        from .fitting import fit_strategy
+
+        return fit_strategy(distribute, model)
+
+    def fit_replicas(self, strategy: Any) -> int:
+        from .distribute import num_replicas
+
+        return int(num_replicas(strategy))
+
+    def fit_inputs(self, x: Any, batch_size: int | None) -> tuple[Any, int | None]:
+        from .fitting import fit_inputs
+
+        return fit_inputs(x, batch_size)
+
+    def run_fit(self, model: Any, x: Any, y: Any, *, control: Any, strategy: Any,
+                fit_batch: int | None, logger: Any, fit_kwargs: dict[str, Any]
+                ) -> tuple[Any, int]:
+        from .fitting import run_fit
+
+        return run_fit(model, x, y, control=control, strategy=strategy, fit_batch=fit_batch,
+                       logger=logger, fit_kwargs=fit_kwargs)
+
+    def fit_multiworker_session(self, model: Any, strategy: Any, timeout: float | None) -> Any:
+        from .fit_multiworker import MultiWorkerSession
+
+        return MultiWorkerSession(model, strategy, timeout)
+
+
 def _reserve_single_region(tf: Any, budget_bytes: int) -> None:  # pragma: no cover - subprocess
     """Make the capped CPU allocator hold its whole budget as one region, as a GPU does.
 
