@@ -58,6 +58,9 @@ INSTALL_HINTS: dict[str, str] = {
 _FRAMEWORK_MODULE: dict[str, str] = {"tensorflow": "tensorflow"}
 
 BatchFn = Callable[[int], "tuple[Any, Any]"]
+#: Seconds one collective of a multi-worker training step may wait before it fails (a worker
+#: that died or diverged then stops the others instead of hanging them).
+DEFAULT_COLLECTIVE_TIMEOUT = 300.0
 
 
 class Backend(abc.ABC):

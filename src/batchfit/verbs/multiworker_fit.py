@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import get_backend
+from ..backend import DEFAULT_COLLECTIVE_TIMEOUT, get_backend
 from ..backend.oom import is_oom_error
 from ..core.fit_control import FitController, agree
 from ..core.shrink import HalvingShrink, ShrinkPolicy
@@ -32,10 +32,8 @@ from .multiworker import (
 
 __all__ = ["MultiWorkerHistory", "fit_multiworker"]
 
-#: Seconds each collective of one training step may wait (the value of
-#: ``batchfit.backend.tensorflow.distribute.DEFAULT_TIMEOUT``, kept here so that importing
-#: this module loads no framework).
-DEFAULT_TIMEOUT = 300.0
+#: Seconds each collective of one training step may wait (the backends' default).
+DEFAULT_TIMEOUT = DEFAULT_COLLECTIVE_TIMEOUT
 
 
 # --- 4. training that never dies of out-of-memory -------------------------------------------

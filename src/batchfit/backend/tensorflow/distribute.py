@@ -27,6 +27,7 @@ from typing import Any
 import tensorflow as tf
 
 from ...errors import InvalidInputError
+from .. import DEFAULT_COLLECTIVE_TIMEOUT
 
 __all__ = [
     "DISTRIBUTE_CHOICES",
@@ -44,7 +45,7 @@ __all__ = [
 
 #: The strings ``distribute=`` / ``--distribute`` accept.
 DISTRIBUTE_CHOICES = ("mirrored", "multiworker")
-DEFAULT_TIMEOUT = 300.0  # seconds a collective of one training step may wait
+DEFAULT_TIMEOUT = DEFAULT_COLLECTIVE_TIMEOUT  # seconds a collective of one step may wait
 
 
 def _is_default(strategy: Any) -> bool:
