@@ -14,7 +14,9 @@ What a backend provides, grouped by who needs it:
   bytes of the model's state, the out-of-memory predicate, the default device, the environment
   a capped worker needs, and a description of the versions measured with;
 - **distribution**: resolving ``distribute=`` to the backend's strategy, its replicas and their
-  devices and memory;
+  devices and memory, the scope a model is built in;
+- **throughput**: the device steps are timed on, and the timed windows of the model's own
+  training step at several batch sizes (the statistics are pure, in :mod:`batchfit.core`);
 - **compile-time memory**: the memory of a training step without running it (the next issue;
   raises :class:`~batchfit.errors.MissingBackendError` where a backend cannot).
 
@@ -32,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib.util
 import json
 import os
@@ -134,9 +137,59 @@ class Backend(abc.ABC):
         """Versions measured with (Python, platform, the framework, Keras, NumPy)."""
 
     # -- distribution --------------------------------------------------------------------------
+    # A "strategy" here is the backend's own distribution object (a ``tf.distribute.Strategy``
+    # on TensorFlow), or ``None`` for one device; every method takes ``None`` without
+    # importing the framework.
     @abc.abstractmethod
     def resolve_distribute(self, distribute: Any, model: Any = None) -> Any:
         """The backend's strategy for ``distribute=`` (or the one ``model`` was built under)."""
+
+    @abc.abstractmethod
+    def is_multiworker(self, strategy: Any) -> bool:
+        """Whether ``strategy`` spans several worker processes (hosts)."""
+
+    @abc.abstractmethod
+    def num_replicas(self, strategy: Any) -> int:
+        """Replicas in sync under ``strategy`` (1 for ``None``)."""
+
+    @abc.abstractmethod
+    def distribute_name(self, strategy: Any) -> str:
+        """``"mirrored"``, ``"multiworker"``, another strategy's class name, or ``""``."""
+
+    @abc.abstractmethod
+    def probe_device(self, strategy: Any) -> str:
+        """The one device a per-replica probe runs on: ``"GPU:0"`` or ``"CPU:0"``."""
+
+    @abc.abstractmethod
+    def smallest_device_memory(self, strategy: Any) -> tuple[int | None, str]:
+        """``(bytes, note)``: the memory of the smallest replica device on this host."""
+
+    def distribute_scope(self, strategy: Any) -> contextlib.AbstractContextManager[Any]:
+        """The context a model is built in to live under ``strategy`` (none for ``None``)."""
+        return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+    # -- throughput ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def timing_device(self, device: str | None) -> str:
+        """The device throughput is timed on: ``device``, else the accelerator if any."""
+
+    @abc.abstractmethod
+    def measure_throughput(self, model: Any, batch_fn: BatchFn, sizes: list[int], plan: Any, *,
+                           device: str, gpu_metrics: bool) -> tuple[list[Any], float]:
+        """Time ``model``'s own training step at each size, leaving the model as it was.
+
+        Args:
+            model: the compiled model (under a strategy, sizes are global batches).
+            batch_fn: ``batch_fn(b) -> (x, y)``.
+            sizes: the batch sizes, ascending.
+            plan: a :class:`~batchfit.core.throughput.TimingPlan` (windows, warm-up).
+            device: where the steps run (see :meth:`timing_device`).
+            gpu_metrics: sample the GPU's utilization and memory during the windows.
+
+        Returns:
+            ``(points, trace_seconds)``: a :class:`~batchfit.results.ThroughputPoint` per size
+            in ``sizes`` order, and the seconds spent tracing (excluded from the timing).
+        """
 
     # -- compile-time memory (the estimate issue) ---------------------------------------------
     def compiled_step_memory(self, model: Any, batch_size: int) -> dict[str, int]:

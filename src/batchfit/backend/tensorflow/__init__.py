@@ -4,7 +4,8 @@
 modules of this package: :mod:`.loader` (specs, factories, saved models), :mod:`.synth`
 (batches synthesized from a model's input specs and loss), :mod:`.data` (batches from the
 user's sample), :mod:`.probe` (training steps measured at one batch size, the model restored
-after) and :mod:`.distribute` (``tf.distribute`` strategies). Constructing it imports nothing;
+after), :mod:`.distribute` (``tf.distribute`` strategies) and :mod:`.throughput` (the model's
+own training step timed at several batch sizes). Constructing it imports nothing;
 each method imports what it needs.
 
 Example:
@@ -171,6 +172,50 @@ class TensorFlowBackend(Backend):
         from .distribute import resolve_strategy
 
         return resolve_strategy(distribute, model)
+
+    def is_multiworker(self, strategy: Any) -> bool:
+        if strategy is None:
+            return False
+        from .distribute import is_multiworker
+
+        return is_multiworker(strategy)
+
+    def num_replicas(self, strategy: Any) -> int:
+        if strategy is None:
+            return 1
+        from .distribute import num_replicas
+
+        return num_replicas(strategy)
+
+    def distribute_name(self, strategy: Any) -> str:
+        if strategy is None:
+            return ""
+        from .distribute import distribute_name
+
+        return distribute_name(strategy)
+
+    def probe_device(self, strategy: Any) -> str:
+        from .distribute import probe_device
+
+        return probe_device(strategy)
+
+    def smallest_device_memory(self, strategy: Any) -> tuple[int | None, str]:
+        from .distribute import smallest_device_memory
+
+        return smallest_device_memory(strategy)
+
+    # -- throughput ----------------------------------------------------------------------------
+    def timing_device(self, device: str | None) -> str:
+        from .probe import memory_device
+
+        return memory_device(device)
+
+    def measure_throughput(self, model: Any, batch_fn: BatchFn, sizes: list[int], plan: Any, *,
+                           device: str, gpu_metrics: bool) -> tuple[list[Any], float]:
+        from .throughput import measure_throughput
+
+        return measure_throughput(model, batch_fn, sizes, plan, device=device,
+                                  gpu_metrics=gpu_metrics)
 
 
 def _reserve_single_region(tf: Any, budget_bytes: int) -> None:  # pragma: no cover - subprocess
