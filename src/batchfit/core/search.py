@@ -744,8 +744,8 @@ def check_search(search: Any, *, name: str = "search") -> str:
 
     Args:
         search: what the caller passed.
-        name: the argument as the caller wrote it (``"search"``, or ``"strategy"`` for the
-            deprecated alias).
+        name: the argument as the caller wrote it (``"search"``, ``"strategy"`` for the
+            deprecated alias, or a CLI option, ``"--strategy"``).
 
     Returns:
         The policy's name.
@@ -765,14 +765,15 @@ def check_search(search: Any, *, name: str = "search") -> str:
     """
     if isinstance(search, str) and search in POLICY_NAMES:
         return search
+    arg = name if name.startswith("-") else f"{name}="  # a CLI option, or a keyword
     if _is_distribution(search):
         raise InvalidInputError(
-            f"{name}= is the memory search policy ({', '.join(POLICY_NAMES)}), not a "
+            f"{arg} is the memory search policy ({', '.join(POLICY_NAMES)}), not a "
             f"tf.distribute strategy: pass the {type(search).__name__} as distribute= "
             f"(e.g. find_max_batch_size(model, distribute=strategy))")
     shown = repr(search) if isinstance(search, (str, int, float)) or search is None else (
         f"<{type(search).__name__}>")
-    raise InvalidInputError(f"unknown search policy {shown} ({name}=): choose one of "
+    raise InvalidInputError(f"unknown search policy {shown} ({arg}): choose one of "
                             f"{', '.join(POLICY_NAMES)}")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from ..backend import get_backend
 from ..backend.nvml import nvml_status
 from ..core.throughput import TimingPlan, geometric_grid, knee
-from ..core.validate import check_int, check_number, is_int
+from ..core.validate import check_int, check_number, is_int, is_number
 from ..errors import InvalidInputError
 from ..results import ThroughputPoint, ThroughputResult
 from .resolve import resolve
@@ -36,12 +36,15 @@ def validate_timing(window_seconds: float, windows: int, max_windows: int | None
                     target_error: float, tolerance: float, warmup_steps: int = 2) -> int:
     """Check :func:`profile_throughput`'s timing arguments; return ``max_windows`` (default
     ``3 * windows``). Raises :class:`~batchfit.errors.InvalidInputError` naming the bad one."""
-    check_number("window_seconds", window_seconds, low=0.0)
+    if not is_number(window_seconds) or not window_seconds > 0:
+        raise InvalidInputError(f"window_seconds must be > 0, got {window_seconds!r}")
     check_int("windows", windows, minimum=2, hint="a spread needs two")
     if max_windows is None:
         max_windows = 3 * windows
-    check_int("max_windows", max_windows, minimum=windows,
-              hint="pass max_windows=windows for a fixed number of windows")
+    if not is_int(max_windows) or max_windows < windows:
+        raise InvalidInputError(
+            f"max_windows must be an integer >= windows ({windows}), got {max_windows!r}; "
+            "pass max_windows=windows for a fixed number of windows")
     check_number("target_error", target_error, low=0.0, hint="a fraction, e.g. 0.02 for 2%")
     check_int("warmup_steps", warmup_steps, minimum=1)
     check_number("tolerance", tolerance, low=0.0, high=1.0, include_low=True,
