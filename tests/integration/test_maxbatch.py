@@ -84,3 +84,20 @@ def test_the_old_name_strategy_warns_and_searches_with_that_policy() -> None:
     with pytest.raises(InvalidInputError, match="search= only"):
         batchfit.find_max_batch_size(seed_wide(), search="power", strategy="binsearch")
 
+
+
+def test_one_resolver_for_a_spec_a_factory_and_a_model_object() -> None:
+    from models_for_tests import seed_wide
+
+    from batchfit.verbs.resolve import resolve
+
+    spec = resolve(f"{MODELS}:seed_wide")
+    assert spec.model is None and spec.rebuildable == f"{MODELS}:seed_wide"
+    assert (spec.strategy, spec.replicas, spec.distribute, spec.multiworker) == (None, 1, "", False)
+    built = resolve(seed_wide, build=True)
+    assert built.model is not None and not built.given_object and built.rebuildable is seed_wide
+    model = seed_wide()
+    given = resolve(model)
+    assert given.given_object and given.rebuildable is model and given.name == model.name
+    with pytest.raises(InvalidInputError, match="keras.Model"):
+        resolve(None)
