@@ -59,7 +59,7 @@ _LAZY = {
     "parse_size": ("batchfit.core.sizes", "parse_size"),
     "format_bytes": ("batchfit.core.sizes", "format_bytes"),
     "estimate_noise_scale": ("batchfit.verbs.noise", "estimate_noise_scale"),
-    "NoiseScaleMonitor": ("batchfit.verbs.noise", "NoiseScaleMonitor"),
+    "NoiseScaleMonitor": ("batchfit.backend.tensorflow.noise", "NoiseScaleMonitor"),
     "NoiseScaleResult": ("batchfit.results.noise", "NoiseScaleResult"),
     "goodput_optimal_batch": ("batchfit.core.noise", "goodput_optimal_batch"),
     "statistical_efficiency": ("batchfit.core.noise", "statistical_efficiency"),
@@ -112,6 +112,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .backend.tensorflow.noise import NoiseScaleMonitor
     from .core.noise import (
         goodput_optimal_batch,
         scale_learning_rate,
@@ -134,7 +135,7 @@ if TYPE_CHECKING:  # pragma: no cover
         upstream_fit_works,
     )
     from .verbs.multiworker_fit import MultiWorkerHistory, fit_multiworker
-    from .verbs.noise import NoiseScaleMonitor, estimate_noise_scale
+    from .verbs.noise import estimate_noise_scale
     from .verbs.throughput import profile_throughput
     from .verbs.tune import tune
 

@@ -85,7 +85,6 @@ def test_the_old_name_strategy_warns_and_searches_with_that_policy() -> None:
         batchfit.find_max_batch_size(seed_wide(), search="power", strategy="binsearch")
 
 
-
 def test_one_resolver_for_a_spec_a_factory_and_a_model_object() -> None:
     from models_for_tests import seed_wide
 

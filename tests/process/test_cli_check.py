@@ -1,8 +1,16 @@
-"""``batchfit check`` as a command on the built-in demo: exit 0, JSON that ``report`` re-renders."""
+"""``batchfit check`` as a command on the built-in demo: exit 0, JSON that ``report`` re-renders;
+a saved result re-rendered in a fresh interpreter that never imports TensorFlow."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+
+import check_gallery as g
+
+from batchfit import check
+from batchfit.results import load_result
 
 
 def test_cli_on_the_demo_exits_0_and_its_json_re_renders(run_cli, tmp_path) -> None:
@@ -14,3 +22,22 @@ def test_cli_on_the_demo_exits_0_and_its_json_re_renders(run_cli, tmp_path) -> N
     assert data["findings"] == [] and len(data["layers"]) == 2
     again = run_cli("report", str(out))
     assert again.returncode == 0 and "my_variable_batch_layer" in again.stdout
+
+
+def test_result_round_trips_and_renders_without_tensorflow(tmp_path) -> None:
+    # Moved from tests/integration/test_check.py (it starts a subprocess); the result is the
+    # gallery's static_batch layer, checked as there.
+    static_batch = check(g.StaticBatchFlatten(), input_shape=(4, 3))
+    path = tmp_path / "check.json"
+    static_batch.to_json(path)
+    assert load_result(path) == static_batch
+    data = json.loads(path.read_text())
+    for f in data["findings"]:
+        assert {"layer", "check", "severity", "message", "location"} <= set(f)
+    code = ("import sys; from rich.console import Console; from batchfit.results import "
+            f"load_result; from batchfit.report import render; render(load_result({str(path)!r}),"
+            " Console(width=120)); sys.exit(1 if 'tensorflow' in sys.modules else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "dynamic_batch" in proc.stdout and "FAIL" in proc.stdout

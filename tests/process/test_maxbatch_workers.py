@@ -47,10 +47,10 @@ def test_model_object_is_probed_and_left_untouched() -> None:
 
 
 def test_nothing_fits_states_the_fixed_cost_against_the_budget() -> None:
-    import batchfit.workers.worker as worker_module
+    from batchfit.workers.server import fork_server_status
 
     with pytest.raises(NothingFitsError) as info:
         batchfit.find_max_batch_size(f"{MODELS}:huge_model", memory="56MiB")
     assert info.value.budget_bytes == 56 << 20
     assert "MiB" in str(info.value)
-    assert worker_module._SHARED_SERVER.users == 0  # the failed search let go of its server
+    assert fork_server_status().users == 0  # the failed search let go of its server

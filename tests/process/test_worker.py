@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from batchfit.workers import server as server_module
+from batchfit.workers.server import fork_server_status
 from batchfit.workers.worker import ModelSource, ProbeWorker, WorkerConfig
 
 SPEC = "tests/models_for_tests.py:seed_wide"
@@ -22,6 +24,22 @@ def _parent(pid: int) -> int:
     return int(stat_fields(f"/proc/{pid}/stat")[1])  # state, then the parent's pid
 
 
+def _ended(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` has ended (gone, or a zombie) within ``timeout`` seconds."""
+    from batchfit.workers.stall import stat_fields
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if stat_fields(f"/proc/{pid}/stat")[0] in ("Z", "X"):
+                return True
+        except (OSError, IndexError):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def _worker(**kwargs) -> ProbeWorker:
     config = WorkerConfig(source=ModelSource.from_model(SPEC), budget_bytes=64 << 20)
     return ProbeWorker(config, fresh_each_probe=True, **kwargs)
@@ -32,10 +50,10 @@ def test_fresh_workers_are_forked_from_one_server_and_measure_under_the_cap() ->
         assert w.fork_server
         pids = []
         for b in (8, 16, 4096):
-            if w._proc is None or w._proc.poll() is not None:
+            if not w.running:
                 w.start()
             pid = w.info["pid"]
-            assert _parent(pid) == w._server.proc.pid != os.getpid()
+            assert _parent(pid) == w.server_pid != os.getpid()
             pids.append(pid)
             probe = w.probe(b)
             assert probe.fits == (b < 4096), probe
@@ -44,39 +62,41 @@ def test_fresh_workers_are_forked_from_one_server_and_measure_under_the_cap() ->
 
 
 def test_the_server_is_kept_for_the_next_search_with_the_same_environment(monkeypatch) -> None:
-    import batchfit.workers.worker as worker_module
-
     with _worker(prestart=False) as w:
         assert w.probe(8).fits
-        server = w._server
-    assert server.usable()  # closing the search keeps its server for the next one...
+        server = w.server_pid
+    kept = fork_server_status()
+    # closing the search keeps its server for the next one...
+    assert kept.pid == server and kept.usable
     with _worker(prestart=False) as w:
-        assert w._server is server and _parent(w.info["pid"]) == server.proc.pid
+        assert w.server_pid == server and _parent(w.info["pid"]) == server
         assert w.probe(300).outcome in ("oom", "at_limit")  # over 64 MiB (fits about 240)
     # ...until a search with another environment (here another budget) needs one: its own
     # server, whose children are capped at its budget, and the old one is closed
-    monkeypatch.setattr(worker_module, "SERVER_IDLE_SECONDS", 0.2)
+    monkeypatch.setattr(server_module, "SERVER_IDLE_SECONDS", 0.2)
     config = WorkerConfig(source=ModelSource.from_model(SPEC), budget_bytes=128 << 20)
     with ProbeWorker(config, fresh_each_probe=True, prestart=False) as w:
-        assert w._server is not server and _parent(w.info["pid"]) == w._server.proc.pid
-        assert server.proc.wait(10) is not None
+        assert w.server_pid != server and _parent(w.info["pid"]) == w.server_pid
+        assert _ended(server, 10)
         assert w.probe(300).fits
-        bigger = w._server
+        bigger = w.server_pid
     # ...or it has been idle SERVER_IDLE_SECONDS: then it closes itself
-    assert bigger.proc.wait(20) is not None and not bigger.usable()
+    assert _ended(bigger, 20) and not fork_server_status().usable
 
 
 def test_without_the_server_each_worker_is_our_own_child() -> None:
     with _worker(fork_server=False) as w:
         assert _parent(w.info["pid"]) == os.getpid()
         assert w.probe(8).fits
-        assert w._server is None
+        assert w.server_pid is None
 
 
 def test_a_dead_server_falls_back_to_exec_and_nothing_is_lost() -> None:
+    import signal
+
     with _worker(prestart=False) as w:
-        w._server.proc.kill()
-        w._server.proc.wait(10)
+        os.kill(w.server_pid, signal.SIGKILL)
+        assert _ended(w.server_pid, 10)
         first = w.probe(8)  # the worker it had forked still answers
         assert first.fits, first
         w.start()  # the next one cannot be forked: it is started by exec
@@ -122,13 +142,11 @@ def test_a_model_whose_first_step_waits_on_memory_is_stopped_at_start() -> None:
 
     config = WorkerConfig(source=ModelSource.from_model("tests/models_for_tests.py:huge_model"),
                           budget_bytes=56 << 20)
-    import batchfit.workers.worker as worker_module
-
     with pytest.raises(NothingFitsError) as info, ProbeWorker(config, fresh_each_probe=True,
                                                               prestart=False):
         pass
     # the failed start released the process's fork server (it would stay "in use" otherwise)
-    assert worker_module._SHARED_SERVER.users == 0
+    assert fork_server_status().users == 0
     msg = str(info.value)
     # stopped by the watch (the allocator's own error, 10 s later, reads differently)
     assert "sat waiting for memory" in msg and "86% of the budget" in msg, msg

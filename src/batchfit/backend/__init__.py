@@ -13,10 +13,16 @@ What a backend provides, grouped by who needs it:
 - **probing**: a runner that trains N real steps at one batch size and reads the peak, the
   bytes of the model's state, the out-of-memory predicate, the default device, the environment
   a capped worker needs, and a description of the versions measured with;
+- **noise**: per-example gradient norms for the gradient noise scale (a sampler of the
+  user's examples, pairs of squared gradient norms at two batch sizes, the model left
+  unchanged);
 - **distribution**: resolving ``distribute=`` to the backend's strategy, its replicas and their
   devices and memory, the scope a model is built in;
 - **throughput**: the device steps are timed on, and the timed windows of the model's own
   training step at several batch sizes (the statistics are pure, in :mod:`batchfit.core`);
+- **check** (``batchfit check``): what to check in a model or a layer, and a probe of one
+  layer that calls, traces, fits and exports it; the checks that only make sense on one
+  framework (SavedModel export, ``tf.function`` traces) are that backend's;
 - **compile-time memory**: the memory of a training step without running it (the next issue;
   raises :class:`~batchfit.errors.MissingBackendError` where a backend cannot).
 
@@ -136,6 +142,33 @@ class Backend(abc.ABC):
     def environment_info(self) -> dict[str, str]:
         """Versions measured with (Python, platform, the framework, Keras, NumPy)."""
 
+    # -- noise (per-example gradient norms, for the gradient noise scale) ----------------------
+    @abc.abstractmethod
+    def example_sampler(self, data: Any, *, max_examples: int, seed: int) -> Any:
+        """A sampler of the user's examples (``data``, or a ``'file.py:function'`` spec).
+
+        It has ``num_examples``, ``notes`` (what reading the data found) and ``draw(size)``,
+        which gives ``(x, y)`` of ``size`` examples drawn uniformly with replacement.
+
+        Raises:
+            InvalidInputError: no data, variable-shape examples, or fewer than 2 examples.
+        """
+
+    @abc.abstractmethod
+    def gradient_norm_pairs(self, model: Any, sampler: Any, *, small: int, big: int,
+                            count: int) -> tuple[Any, Any]:
+        """``count`` pairs ``(mean |G_small|^2, |G_big|^2)`` of squared gradient norms.
+
+        Each pair draws ``big`` examples from ``sampler`` and computes the gradient of the
+        model's compiled loss on ``big / small`` micro-batches in training mode; returns two
+        NumPy arrays. Every variable of ``model`` (weights, optimizer, BatchNorm statistics,
+        seed states, metrics) holds its value from before the call afterwards.
+        """
+
+    @abc.abstractmethod
+    def mixes_examples(self, model: Any) -> bool:
+        """Whether a layer of ``model`` mixes a batch's examples in training (BatchNorm)."""
+
     # -- distribution --------------------------------------------------------------------------
     # A "strategy" here is the backend's own distribution object (a ``tf.distribute.Strategy``
     # on TensorFlow), or ``None`` for one device; every method takes ``None`` without
@@ -168,6 +201,37 @@ class Backend(abc.ABC):
         """The context a model is built in to live under ``strategy`` (none for ``None``)."""
         return contextlib.nullcontext() if strategy is None else strategy.scope()
 
+    # multi-worker collectives: what workers need to agree (every worker calls each of these)
+    @abc.abstractmethod
+    def make_strategy(self, timeout_seconds: float | None = None) -> Any:
+        """A multi-worker strategy (from the environment) whose collectives time out.
+
+        ``timeout_seconds``: the longest one collective may wait (``None``: the backend's
+        default, 300 s on TensorFlow).
+        """
+
+    @abc.abstractmethod
+    def worker_position(self, strategy: Any) -> tuple[int, int]:
+        """``(this worker's index, number of workers)``; ``(0, 1)`` for one process."""
+
+    @abc.abstractmethod
+    def communication_options(self, timeout: float | None) -> Any:
+        """The backend's options that bound a collective to ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    def all_gather(self, strategy: Any, values: list[float], timeout: float | None) -> Any:
+        """Every replica's ``values`` as a NumPy array ``(replicas, len(values))``, replicas
+        ordered worker by worker; waits at most ``timeout`` seconds for the others."""
+
+    @abc.abstractmethod
+    def upstream_fit_works(self, strategy: Any, *, timeout: float = 120.0) -> bool:
+        """Whether Keras's own ``model.fit`` trains under ``strategy`` on every worker (probed
+        with one step of a one-unit model, agreed across workers, cached per strategy)."""
+
+    @abc.abstractmethod
+    def upstream_fit_failure(self, strategy: Any) -> str:
+        """The error :meth:`upstream_fit_works`'s probe caught on this worker (``""`` if none)."""
+
     # -- throughput ----------------------------------------------------------------------------
     @abc.abstractmethod
     def timing_device(self, device: str | None) -> str:
@@ -196,6 +260,56 @@ class Backend(abc.ABC):
         """Bytes of the compiled training step at ``batch_size``, by kind, without running it."""
         raise MissingBackendError(
             f"compile-time memory is not implemented for the {self.name} backend yet")
+
+
+    # -- check: the batch contract of layers (``batchfit check``) -----------------------------
+    # The checks themselves (what is a finding, in which order they run) are
+    # :mod:`batchfit.verbs.check`'s; a backend loads what to check and runs each operation.
+    # Checks that only make sense on one framework are that backend's (:meth:`layer_checks`).
+
+    def load_checkable(self, spec: str) -> Any:
+        """A model or a layer from a spec (a factory may return either; compiling optional)."""
+        raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
+                                  "backend yet")
+
+    def check_targets(self, obj: Any, input_shape: Any, sample: Any,
+                      notes: list[str]) -> tuple[str, list[tuple[Any, Any]]]:
+        """``(name, [(layer, layer_input), ...])``: the layers of ``obj`` (a model or a layer)
+        to check, each with the input it gets; remarks go to ``notes``."""
+        raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
+                                  "backend yet")
+
+    def is_custom_layer(self, layer: Any) -> bool:
+        """Whether ``layer``'s class is the user's (not the framework's own)."""
+        raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
+                                  "backend yet")
+
+    def custom_layers(self, model: Any) -> list[Any]:
+        """The custom layers of ``model``, nested models included."""
+        raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
+                                  "backend yet")
+
+    def layer_probe(self, layer: Any, layer_input: Any) -> Any:
+        """The operations the checks run on one layer: calls at a batch size, the build with a
+        ``None`` batch, a traced run, trace counts, the sample-mixing measurement, ``fit`` on a
+        partial batch, and ``keep_state()`` (the layer restored afterwards)."""
+        raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
+                                  "backend yet")
+
+    def layer_checks(self) -> tuple[str, ...]:
+        """The framework-specific checks this backend runs (``batchfit check`` reports the
+        others as not applicable): none by default."""
+        return ()
+
+    def quiet_check_logs(self) -> Any:
+        """A context manager that silences the framework's retracing warnings."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def check_environment(self) -> dict[str, str]:
+        """Versions a check result records (Python, the framework, Keras, platform)."""
+        return self.environment_info()
 
 
 def configured_backend() -> str:

@@ -50,13 +50,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidInputError
+from .validate import check_int
 
 __all__ = [
+    "MAX_EXAMPLES",
     "NEEDS_REAL_DATA",
     "GoodputChoice",
     "LearningRateSuggestion",
     "NoiseEstimate",
     "bootstrap_interval",
+    "check_pair_sizes",
     "estimate_from_pairs",
     "goodput",
     "goodput_optimal_batch",
@@ -65,6 +68,9 @@ __all__ = [
     "scale_learning_rate",
     "statistical_efficiency",
 ]
+
+#: Examples materialized from the user's data at most (``max_examples=``).
+MAX_EXAMPLES = 50_000
 
 #: Why the noise scale refuses to run without the user's data (the CLI and the API say it).
 NEEDS_REAL_DATA = (
@@ -84,6 +90,35 @@ def _check_batches(b_small: float, b_big: float) -> None:
         raise InvalidInputError(
             f"need 0 < b_small < b_big for the two-batch estimator; got b_small={b_small}, "
             f"b_big={b_big}")
+
+
+def check_pair_sizes(small: int, big: int) -> tuple[int, int]:
+    """``(small, big)`` as ints when the two-batch estimator can use them, else say which would.
+
+    ``big`` is ``k`` micro-batches of ``small`` examples, so it must be a multiple of ``small``
+    and larger.
+
+    Raises:
+        InvalidInputError: a size that is not a positive integer, or ``big`` that is not a
+            larger multiple of ``small`` (the message suggests one).
+
+    Example:
+
+    >>> check_pair_sizes(32, 256)
+    (32, 256)
+    >>> check_pair_sizes(8, 20)
+    Traceback (most recent call last):
+    ...
+    batchfit.errors.InvalidInputError: big must be a multiple of small and larger (the big batch is 3 micro-batches of small); got small=8, big=20: try big=24
+    """
+    small = int(check_int("small", small, minimum=1))  # type: ignore[arg-type]
+    big = int(check_int("big", big, minimum=1))  # type: ignore[arg-type]
+    if big <= small or big % small:
+        k = max(2, -(-big // small))
+        raise InvalidInputError(
+            f"big must be a multiple of small and larger (the big batch is {k} micro-batches "
+            f"of small); got small={small}, big={big}: try big={k * small}")
+    return small, big
 
 
 def pair_estimates(small_sq: Sequence[float] | np.ndarray, big_sq: Sequence[float] | np.ndarray,

@@ -311,74 +311,95 @@ class _Scanner:
             self._reported.add(id(n))
 
     def scan(self, fn: ast.FunctionDef) -> None:
-        batch_names: set[str] = set()
+        """Report the static batch reads in ``fn``: unpacked shapes, loops, then the rest."""
         nodes = list(ast.walk(fn))
-        # Names bound to the static batch: b = x.shape[0]; b, t, d = x.shape.
-        for node in nodes:
-            if isinstance(node, ast.Assign):
-                for target in node.targets:
-                    if isinstance(target, ast.Name) and _contains_batch_read(node.value):
-                        batch_names.add(target.id)
-                    elif (isinstance(target, (ast.Tuple, ast.List)) and target.elts
-                          and _is_static_shape(node.value)):
-                        first = target.elts[0]
-                        if isinstance(first, ast.Name) and first.id != "_":
-                            batch_names.add(first.id)
-                            self._add(node, fn.name, "unpack_shape",
-                                      f"'{first.id}, ... = {ast.unparse(node.value)}' unpacks the "
-                                      f"static batch size into '{first.id}', None when the batch "
-                                      "is variable")
-                            self._mark(node.value)
-        # Python loops over the batch.
-        for node in nodes:
-            if isinstance(node, (ast.For, ast.comprehension)):
-                it = node.iter
-                over = None
-                if isinstance(it, ast.Call) and _call_name(it) == "range" and any(
-                        _contains_batch_read(a) or _names(a) & batch_names for a in it.args):
-                    over = ast.unparse(it)
-                elif isinstance(it, ast.Name) and it.id in self.tensor_params:
-                    over = it.id
-                elif (isinstance(it, ast.Call) and _call_name(it) in ("enumerate", "zip")
-                      and any(isinstance(a, ast.Name) and a.id in self.tensor_params
-                              for a in it.args)):
-                    over = ast.unparse(it)
-                if over is not None:
-                    where = node if isinstance(node, ast.For) else it
-                    self._add(where, fn.name, "loop_over_batch",
-                              f"Python loop over the batch ('for ... in {over}'): needs the static "
-                              "batch size and unrolls one copy of the graph per sample")
-                    self._mark(it)
+        batch_names = self._scan_unpacking(fn, nodes)
+        self._scan_loops(fn, nodes, batch_names)
         for node in nodes:
             if id(node) in self._reported:
                 continue
             if _is_batch_read(node):
-                parent_int = self._int_parent(fn, node)
-                text = ast.unparse(node)
-                if parent_int is not None:
-                    self._add(node, fn.name, "int_of_shape",
-                              f"'{ast.unparse(parent_int)}' converts the static batch size to a "
-                              "Python int; it is None when the batch is variable")
-                else:
-                    self._add(node, fn.name, "shape_index",
-                              f"'{text}' reads the static batch size, None when the batch is "
-                              "variable (functional build, the partial last batch, export)")
-                self._mark(node)
+                self._report_batch_read(fn, node)
             elif isinstance(node, ast.Call):
-                name = _call_name(node)
-                args = node.args
-                if (name == "len" and len(args) == 1 and isinstance(args[0], ast.Name)
-                        and args[0].id in self.tensor_params):
-                    self._add(node, fn.name, "len_of_tensor",
-                              f"'len({args[0].id})' is the static batch size of a tensor, "
-                              "unknown when the batch is variable")
-                elif name == "unstack" and not any(k.arg == "num" for k in node.keywords):
-                    axis = next((k.value for k in node.keywords if k.arg == "axis"),
-                                args[2] if len(args) > 2 else None)
-                    if axis is None or _is_zero(axis):
-                        self._add(node, fn.name, "unstack",
-                                  f"'{ast.unparse(node)}' splits along the batch: it needs the "
-                                  "static batch size")
+                self._scan_call(fn, node)
+
+    def _scan_unpacking(self, fn: ast.FunctionDef, nodes: list[ast.AST]) -> set[str]:
+        """Names bound to the static batch (``b = x.shape[0]``; ``b, t, d = x.shape``, which
+        is reported)."""
+        batch_names: set[str] = set()
+        for node in nodes:
+            if not isinstance(node, ast.Assign):
+                continue
+            for target in node.targets:
+                if isinstance(target, ast.Name) and _contains_batch_read(node.value):
+                    batch_names.add(target.id)
+                elif (isinstance(target, (ast.Tuple, ast.List)) and target.elts
+                      and _is_static_shape(node.value)):
+                    first = target.elts[0]
+                    if isinstance(first, ast.Name) and first.id != "_":
+                        batch_names.add(first.id)
+                        self._add(node, fn.name, "unpack_shape",
+                                  f"'{first.id}, ... = {ast.unparse(node.value)}' unpacks the "
+                                  f"static batch size into '{first.id}', None when the batch "
+                                  "is variable")
+                        self._mark(node.value)
+        return batch_names
+
+    def _scan_loops(self, fn: ast.FunctionDef, nodes: list[ast.AST],
+                    batch_names: set[str]) -> None:
+        """Python loops over the batch."""
+        for node in nodes:
+            if isinstance(node, (ast.For, ast.comprehension)):
+                over = self._loop_over_batch(node.iter, batch_names)
+                if over is not None:
+                    where = node if isinstance(node, ast.For) else node.iter
+                    self._add(where, fn.name, "loop_over_batch",
+                              f"Python loop over the batch ('for ... in {over}'): needs the static "
+                              "batch size and unrolls one copy of the graph per sample")
+                    self._mark(node.iter)
+
+    def _loop_over_batch(self, it: ast.AST, batch_names: set[str]) -> str | None:
+        """What a loop iterates over, when that is the batch; else None."""
+        if isinstance(it, ast.Call) and _call_name(it) == "range" and any(
+                _contains_batch_read(a) or _names(a) & batch_names for a in it.args):
+            return ast.unparse(it)
+        if isinstance(it, ast.Name) and it.id in self.tensor_params:
+            return it.id
+        if (isinstance(it, ast.Call) and _call_name(it) in ("enumerate", "zip")
+                and any(isinstance(a, ast.Name) and a.id in self.tensor_params
+                        for a in it.args)):
+            return ast.unparse(it)
+        return None
+
+    def _report_batch_read(self, fn: ast.FunctionDef, node: ast.AST) -> None:
+        parent_int = self._int_parent(fn, node)
+        text = ast.unparse(node)
+        if parent_int is not None:
+            self._add(node, fn.name, "int_of_shape",
+                      f"'{ast.unparse(parent_int)}' converts the static batch size to a "
+                      "Python int; it is None when the batch is variable")
+        else:
+            self._add(node, fn.name, "shape_index",
+                      f"'{text}' reads the static batch size, None when the batch is "
+                      "variable (functional build, the partial last batch, export)")
+        self._mark(node)
+
+    def _scan_call(self, fn: ast.FunctionDef, node: ast.Call) -> None:
+        """``len(x)`` of a tensor argument; ``unstack`` along the batch without ``num=``."""
+        name = _call_name(node)
+        args = node.args
+        if (name == "len" and len(args) == 1 and isinstance(args[0], ast.Name)
+                and args[0].id in self.tensor_params):
+            self._add(node, fn.name, "len_of_tensor",
+                      f"'len({args[0].id})' is the static batch size of a tensor, "
+                      "unknown when the batch is variable")
+        elif name == "unstack" and not any(k.arg == "num" for k in node.keywords):
+            axis = next((k.value for k in node.keywords if k.arg == "axis"),
+                        args[2] if len(args) > 2 else None)
+            if axis is None or _is_zero(axis):
+                self._add(node, fn.name, "unstack",
+                          f"'{ast.unparse(node)}' splits along the batch: it needs the "
+                          "static batch size")
 
     @staticmethod
     def _int_parent(fn: ast.AST, target: ast.AST) -> ast.Call | None:

@@ -20,9 +20,18 @@ For each custom (non-Keras) layer of a model, or for one layer given alone, seve
 7. ``batch_limit``: a layer that refuses batches above a limit raises a clear error above it
    and works below it (info, with the limit found).
 
-A check that cannot run because an earlier one failed (no ``None``-batch build, no batch
-dimension in the output) is reported as skipped, so each bug is reported by the check meant
-for it. Layer weights are restored after the checks; the extra calls add no lasting nodes.
+Each check is one function, ``check_<name>(ctx, *prerequisites) -> Outcome``: ``ctx`` is the
+layer's :class:`LayerContext` (the backend's probe of the layer, its name, where its ``call``
+is), and the prerequisites are the values of the checks it depends on (the batch limit, the
+static reads found, whether it builds with a ``None`` batch...). :data:`STEPS` lists them in the
+order they run with what each needs, as Keras's ``run_layer_test`` is one ordered list. A check
+that cannot run because an earlier one failed (no ``None``-batch build, no batch dimension in
+the output) is reported as skipped, so each bug is reported by the check meant for it. This
+module imports no framework: every call, trace and export goes through the backend
+(:meth:`batchfit.backend.Backend.layer_probe`); the checks that only make sense on one framework
+(SavedModel export and ``tf.function`` traces on TensorFlow) are reported as not applicable
+where the backend does not run them. Layer weights are restored after the checks; the extra
+calls add no lasting nodes.
 
 Example:
 
@@ -34,29 +43,30 @@ Example:
 
 from __future__ import annotations
 
-import platform
-import re
-import tempfile
 import time
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from ..core.static_scan import format_location, locate_method, scan_class
+from ..backend import Backend, get_backend
+from ..core.static_scan import StaticShapeUse, format_location, locate_method, scan_class
+from ..core.validate import check_int, is_int
 from ..errors import InvalidInputError, LayerBuildError
-from ..results.check import CHECKS, CheckResult, Finding, LayerReport
+from ..results.check import CHECKS, CheckResult, Finding, LayerReport, error_line
 
-__all__ = ["check", "custom_layers", "is_custom_layer"]
+__all__ = ["STEPS", "LayerContext", "Outcome", "Step", "check", "custom_layers", "is_custom_layer",
+           "run_steps"]
 
-_KERAS_ROOTS = ("keras", "tf_keras", "tensorflow")
 _REL_TOL = 1e-5          # gradient test: float noise alone reaches ~4e-7 (relative)
 _MAX_ELEMENTS = 1 << 23  # the batch-limit search stops before inputs of 32 MiB (float32)
 _EAGER_SIZES = (2, 1, 3, 5, 6)
 _USUAL_TRACES = 2
 _SLOW_CALL_S = 1.0       # the batch-limit search stops doubling after a call this slow
+#: Checks that only make sense on some frameworks: a backend runs those it lists in
+#: ``Backend.layer_checks()``; on the others they are reported as not applicable.
+_FRAMEWORK_CHECKS = ("export", "retracing")
+_NO_NONE_BATCH = "the layer does not build and run with a None batch (see dynamic_batch)"
+_NO_BATCH_DIM = "the output has no batch dimension"
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,53 +112,27 @@ def check(model_or_layer: Any, input_shape: Any = None, *, sample: Any = None,
     >>> [(f.check, f.severity) for f in r.findings]
     [('sample_mixing', 'info')]
     """
-    import keras
-
     start = time.perf_counter()
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 2:
-        raise InvalidInputError(f"max_batch must be an integer >= 2, got {max_batch!r}.")
-    obj = model_or_layer
-    if isinstance(obj, str):
-        obj = load_checkable(obj)
+    check_int("max_batch", max_batch, minimum=2)
+    backend = get_backend()
+    obj = backend.load_checkable(model_or_layer) if isinstance(model_or_layer, str) \
+        else model_or_layer
     notes: list[str] = []
-    if isinstance(obj, keras.Model) and not _is_custom_model_checked_as_layer(obj, input_shape,
-                                                                            sample):
-        targets = _model_targets(obj, input_shape, notes)
-        name = obj.name
-    elif isinstance(obj, keras.layers.Layer):
-        targets = [(obj, _layer_spec(obj, input_shape, sample))]
-        name = obj.name
-    else:
-        raise InvalidInputError(
-            f"batchfit check takes a keras.Model or a keras.layers.Layer, got {_describe(obj)}.")
-    if layers is not None:
-        wanted = set(layers)
-        unknown = wanted - {layer.name for layer, _ in targets}
-        if unknown:
-            raise InvalidInputError(
-                f"no custom layer named {sorted(unknown)}; the custom layers are "
-                f"{[layer.name for layer, _ in targets]}.")
-        targets = [(layer, spec) for layer, spec in targets if layer.name in wanted]
+    name, targets = backend.check_targets(obj, input_shape, sample, notes)
+    targets = _only_named(targets, layers)
     if not targets:
         notes.append("no custom layers found: Keras's own layers are tested by Keras. Check one "
                      "of them with batchfit.check(layer, input_shape=...).")
     findings: list[Finding] = []
     reports: list[LayerReport] = []
-    import tensorflow as tf
-
-    tf_logger = tf.get_logger()
-    level = tf_logger.level
-    tf_logger.setLevel("ERROR")  # the checks retrace on purpose; TF's retracing warning is noise
-    try:
-        for layer, spec in targets:
-            report, layer_findings = _LayerCheck(layer, spec, max_batch).run()
+    with backend.quiet_check_logs():
+        for layer, layer_input in targets:
+            report, layer_findings = _check_layer(backend, layer, layer_input, max_batch)
             reports.append(report)
             findings.extend(layer_findings)
-    finally:
-        tf_logger.setLevel(level)
     return CheckResult(findings=findings, layers=reports, model_name=name,
                        seconds=round(time.perf_counter() - start, 2), notes=notes,
-                       environment=_environment())
+                       environment=backend.check_environment())
 
 
 def is_custom_layer(layer: Any) -> bool:
@@ -160,8 +144,7 @@ def is_custom_layer(layer: Any) -> bool:
     >>> is_custom_layer(keras.layers.Dense(2))
     False
     """
-    module = type(layer).__module__ or ""
-    return module.split(".")[0] not in _KERAS_ROOTS
+    return get_backend().is_custom_layer(layer)
 
 
 def custom_layers(model: Any) -> list[Any]:
@@ -173,856 +156,539 @@ def custom_layers(model: Any) -> list[Any]:
     >>> [type(layer).__name__ for layer in custom_layers(seed_mlp())]
     ['MyCustomLayer']
     """
-    import keras
-
-    found: list[Any] = []
-    seen: set[int] = set()
-
-    def visit(container: Any) -> None:
-        for layer in getattr(container, "layers", []):
-            if id(layer) in seen or isinstance(layer, keras.layers.InputLayer):
-                continue
-            seen.add(id(layer))
-            if is_custom_layer(layer):
-                found.append(layer)
-            elif isinstance(layer, keras.Model):
-                visit(layer)
-
-    visit(model)
-    return found
+    return get_backend().custom_layers(model)
 
 
-def load_checkable(spec: str) -> Any:
-    """Load a model or a layer from a spec (a factory may return either; compiling is optional).
+def _only_named(targets: list[tuple[Any, Any]],
+                names: Sequence[str] | None) -> list[tuple[Any, Any]]:
+    if names is None:
+        return targets
+    wanted = set(names)
+    unknown = wanted - {layer.name for layer, _ in targets}
+    if unknown:
+        raise InvalidInputError(
+            f"no custom layer named {sorted(unknown)}; the custom layers are "
+            f"{[layer.name for layer, _ in targets]}.")
+    return [(layer, spec) for layer, spec in targets if layer.name in wanted]
 
-    Raises:
-        ModelLoadError: see :func:`batchfit.backend.tensorflow.loader.load_model`; also when the factory
-            returns something that is neither a model nor a layer.
+
+# --------------------------------------------------------------------------------------------
+# What every check gets and gives
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What the checks of one layer read: the backend's probe of it and how to report it.
+
+    Args:
+        probe: the backend's operations on the layer (:meth:`Backend.layer_probe`).
+        name: the layer's name.
+        class_name: ``module.QualName`` of its class (``QualName`` for a file spec's class).
+        location: ``file:line`` of its ``call``, or ``""``.
+        layer_class: its class (for the source scan).
+        custom: whether the class is the user's (not Keras's).
+        input_text: the input it is checked with, for messages.
+        elements: elements of one example, over all inputs.
+        max_batch: the largest batch the batch-limit search tries.
     """
-    import keras
 
-    from ..backend.tensorflow.loader import load_object
+    probe: Any
+    name: str
+    class_name: str
+    location: str
+    layer_class: type
+    custom: bool
+    input_text: str
+    elements: int
+    max_batch: int
 
-    obj, where = load_object(spec)
-    if not isinstance(obj, keras.layers.Layer):
-        from ..errors import ModelLoadError
+    def finding(self, check: str, severity: str, message: str, fix: str = "",
+                location: str | None = None) -> Finding:
+        """A finding about this layer (at its ``call`` unless ``location`` is given)."""
+        return Finding(self.name, check, severity, message,
+                       self.location if location is None else location, fix)
 
-        raise ModelLoadError(f"What the factory {where} returned is {_describe(obj)}; batchfit "
-                             "check needs a keras.Model or a keras.layers.Layer.")
-    return obj
-
-
-# --------------------------------------------------------------------------------------------
-# Input specs
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class _Spec:
-    """The input one layer is checked with: a structure of leaves, per-example shapes."""
-
-    template: Any
-    shapes: list[tuple[int, ...]]
-    dtypes: list[str]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def batch(self, b: int, seed: int = 0) -> Any:
-        import keras
-
-        rng = np.random.default_rng(seed)
-        leaves = []
-        for shape, dtype in zip(self.shapes, self.dtypes):
-            if "int" in dtype:
-                leaves.append(rng.integers(0, 2, size=(b, *shape)).astype(dtype))
-            elif dtype == "bool":
-                leaves.append(rng.random((b, *shape)) < 0.5)
-            else:
-                leaves.append(rng.standard_normal((b, *shape)).astype(dtype))
-        return keras.tree.pack_sequence_as(self.template, leaves)
-
-    def symbolic(self) -> Any:
-        import keras
-
-        leaves = [keras.Input(shape, dtype=dtype) for shape, dtype in zip(self.shapes,
-                                                                          self.dtypes)]
-        return keras.tree.pack_sequence_as(self.template, leaves)
-
-    def elements(self) -> int:
-        return sum(int(np.prod(s)) if s else 1 for s in self.shapes)
-
-    def describe(self) -> list[Any]:
-        if len(self.shapes) == 1:
-            return list(self.shapes[0])
-        return [list(s) for s in self.shapes]
-
-
-def _fill(shape: Sequence[Any], what: str, notes: list[str] | None) -> tuple[int, ...]:
-    dims = []
-    for d in shape:
-        if d is None:
-            if notes is not None:
-                notes.append(f"{what}: a None dimension other than the batch was taken as 8.")
-            d = 8
-        dims.append(int(d))
-    return tuple(dims)
-
-
-def _spec_from_tensors(struct: Any, kwargs: dict[str, Any] | None, what: str,
-                       notes: list[str] | None) -> _Spec:
-    import keras
-
-    leaves = keras.tree.flatten(struct)
-    shapes = [_fill(tuple(t.shape)[1:], what, notes) for t in leaves]
-    dtypes = [str(getattr(t.dtype, "name", t.dtype)) for t in leaves]
-    template = keras.tree.map_structure(lambda _: 0, struct)
-    return _Spec(template, shapes, dtypes, dict(kwargs or {}))
-
-
-def _layer_spec(layer: Any, input_shape: Any, sample: Any) -> _Spec:
-    import keras
-
-    if sample is not None:
-        leaves = keras.tree.flatten(sample)
-        arrays = [np.asarray(a) for a in leaves]
-        if any(a.ndim < 1 or a.shape[0] < 1 for a in arrays):
-            raise InvalidInputError("sample must have a batch dimension of at least 1.")
-        return _Spec(keras.tree.map_structure(lambda _: 0, sample),
-                     [tuple(a.shape[1:]) for a in arrays], [str(a.dtype) for a in arrays])
-    if input_shape is None:
-        shapes = getattr(layer, "_build_shapes_dict", None)
-        if getattr(layer, "built", False) and isinstance(shapes, dict) and len(shapes) == 1:
-            input_shape = next(iter(shapes.values()))
-        else:
-            raise InvalidInputError(
-                f"Layer '{layer.name}' ({type(layer).__qualname__}) is not built: pass "
-                "input_shape= (one example, without the batch dimension, e.g. (16,)) or "
-                "sample= (on the CLI: --input-shape 16).")
-    if isinstance(input_shape, dict):
-        template = {k: 0 for k in input_shape}
-        shapes = [_shape_arg(input_shape[k]) for k in keras.tree.flatten(
-            {k: k for k in input_shape})]
-        return _Spec(template, shapes, ["float32"] * len(shapes))
-    if _is_shape(input_shape):
-        return _Spec(0, [_shape_arg(input_shape)], ["float32"])
-    shapes = [_shape_arg(s) for s in input_shape]
-    return _Spec(list(range(len(shapes))), shapes, ["float32"] * len(shapes))
-
-
-def _is_shape(s: Any) -> bool:
-    return isinstance(s, int) or (isinstance(s, (tuple, list))
-                                  and all(d is None or isinstance(d, int) for d in s))
-
-
-def _shape_arg(s: Any) -> tuple[int, ...]:
-    if isinstance(s, int):
-        s = (s,)
-    s = tuple(s)
-    if s and s[0] is None:
-        s = s[1:]
-    if any(d is None or not isinstance(d, int) or d < 1 for d in s):
-        raise InvalidInputError(f"input_shape {s!r}: give positive integers for every dimension "
-                                "of one example (no batch dimension).")
-    return s
-
-
-def _is_custom_model_checked_as_layer(model: Any, input_shape: Any, sample: Any) -> bool:
-    """A subclassed model with no custom sublayers: its own ``call`` is what to check."""
-    return is_custom_layer(model) and not custom_layers(model)
-
-
-def _model_targets(model: Any, input_shapes: Any, notes: list[str]) -> list[tuple[Any, _Spec]]:
-    targets: list[tuple[Any, _Spec]] = []
-    missing: list[Any] = []
-    for layer in custom_layers(model):
-        nodes = getattr(layer, "_inbound_nodes", [])
-        spec = None
-        if nodes:
-            args = getattr(nodes[0], "arguments", None)
-            if args is not None and len(args.args) == 1:
-                kwargs = {k: v for k, v in args.kwargs.items() if not _has_tensor(v)}
-                spec = _spec_from_tensors(args.args[0], kwargs, f"layer '{layer.name}'", notes)
-        if spec is None:
-            missing.append(layer)
-        else:
-            targets.append((layer, spec))
-    if missing:
-        recorded = _record_specs(model, missing, input_shapes, notes)
-        for layer in missing:
-            if id(layer) in recorded:
-                targets.append((layer, recorded[id(layer)]))
-            else:
-                notes.append(f"layer '{layer.name}' ({type(layer).__qualname__}) was not "
-                             "checked: batchfit could not see what it is called with (it is "
-                             "not called, or called with several positional inputs).")
-    order = {id(layer): i for i, layer in enumerate(custom_layers(model))}
-    return sorted(targets, key=lambda t: order[id(t[0])])
-
-
-def _has_tensor(v: Any) -> bool:
-    import keras
-
-    return any(hasattr(x, "shape") and hasattr(x, "dtype") for x in keras.tree.flatten(v))
-
-
-def _record_specs(model: Any, layers: list[Any], input_shapes: Any,
-                  notes: list[str]) -> dict[int, _Spec]:
-    """Call a (subclassed) model once eagerly and record what each layer is called with."""
-    from ..backend.tensorflow.synth import plan_synthesis
-
-    try:
-        x, _ = plan_synthesis(model, input_shapes).batch(2)
-    except Exception as exc:  # noqa: BLE001 - reported as a note; the layers are skipped
-        notes.append(f"could not synthesize an input for the model to see its layers' inputs "
-                     f"({type(exc).__name__}: {_first_line(exc)}); pass input_shape=.")
-        return {}
-    recorded: dict[int, _Spec] = {}
-    patched = []
-    for layer in layers:
-        orig = layer.call
-
-        def recorder(*args: Any, __layer: Any = layer, __orig: Any = orig, **kwargs: Any) -> Any:
-            if id(__layer) not in recorded and len(args) == 1:
-                kw = {k: v for k, v in kwargs.items() if not _has_tensor(v) and k != "training"}
-                recorded[id(__layer)] = _spec_from_tensors(args[0], kw,
-                                                           f"layer '{__layer.name}'", notes)
-            return __orig(*args, **kwargs)
-
-        object.__setattr__(layer, "call", recorder)
-        patched.append(layer)
-    try:
-        model(x, training=False)
-    except Exception as exc:  # noqa: BLE001 - reported as a note
-        notes.append(f"calling the model eagerly to see its layers' inputs failed "
-                     f"({type(exc).__name__}: {_first_line(exc)}).")
-    finally:
-        for layer in patched:
-            object.__delattr__(layer, "call")
-    return recorded
-
-
-# --------------------------------------------------------------------------------------------
-# One layer
-# --------------------------------------------------------------------------------------------
-
-class _TraceCounter:
-    """Counts traces of a layer: graph-mode runs of its ``call`` and of its own tf.functions."""
-
-    def __init__(self, layer: Any) -> None:
-        import tensorflow as tf
-
-        self.layer = layer
-        self.graph_calls = 0
-        self.functions: list[tuple[str, Any]] = []
-        poly = tf.types.experimental.PolymorphicFunction
-        module = __import__("sys").modules.get(type(layer).__module__)
-        for name, value in sorted(vars(module).items()) if module else []:
-            if isinstance(value, poly):
-                self.functions.append((name, value))
-        for klass in type(layer).__mro__:
-            if not is_custom_layer_class(klass):
-                continue
-            for name, value in vars(klass).items():
-                if isinstance(value, poly):
-                    self.functions.append((f"{klass.__name__}.{name}",
-                                           value.__get__(layer, type(layer))))
-        for name, value in sorted(vars(layer).items()):  # self._fn = tf.function(...)
-            if isinstance(value, poly):
-                self.functions.append((f"self.{name}", value))
-
-    def __enter__(self) -> _TraceCounter:  # noqa: PYI034
-        import tensorflow as tf
-
-        orig = self.layer.call
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            if not tf.executing_eagerly():
-                self.graph_calls += 1
-            return orig(*args, **kwargs)
-
-        object.__setattr__(self.layer, "call", counting)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        object.__delattr__(self.layer, "call")
-
-    def function_counts(self) -> dict[str, int]:
-        out = {}
-        for name, fn in self.functions:
-            count = getattr(fn, "experimental_get_tracing_count", None)
-            if callable(count):
-                out[name] = int(count())
-        return out
-
-    def snapshot(self) -> tuple[int, dict[str, int]]:
-        return self.graph_calls, self.function_counts()
-
-    def since(self, snap: tuple[int, dict[str, int]]) -> tuple[int, dict[str, int]]:
-        calls, counts = snap
-        now = self.function_counts()
-        deltas = {k: now[k] - counts.get(k, 0) for k in now if now[k] - counts.get(k, 0) > 0}
-        return max([self.graph_calls - calls, *deltas.values()]), deltas
-
-
-def is_custom_layer_class(klass: type) -> bool:
-    return (klass.__module__ or "").split(".")[0] not in _KERAS_ROOTS + ("builtins",)
-
-
-class _LayerCheck:
-    def __init__(self, layer: Any, spec: _Spec, max_batch: int) -> None:
-        self.layer = layer
-        self.spec = spec
-        self.max_batch = max_batch
-        self.name = layer.name
-        cls = type(layer)
-        module = cls.__module__ or ""
-        self.class_name = (cls.__qualname__ if module.startswith("_batchfit_user_")
-                           else f"{module}.{cls.__qualname__}")
-        where = locate_method(cls, "call")
-        self.location = format_location(*where) if where else ""
-        self.findings: list[Finding] = []
-        self.statuses: dict[str, str] = {}
-        self.details: dict[str, str] = {}
-        self.limit: int | None = None
-        self.static_uses: list[Any] = []
-        self.weights: list[Any] | None = None
-
-    # -- bookkeeping -------------------------------------------------------------------------
-    def _find(self, check: str, severity: str, message: str, fix: str = "",
-              location: str | None = None) -> None:
-        self.findings.append(Finding(self.name, check, severity, message,
-                                     self.location if location is None else location, fix))
-        order = {"error": 0, "warning": 1, "info": 2, "ok": 3}
-        old = self.statuses.get(check, "ok")
-        if order.get(severity, 3) < order.get(old, 3):
-            self.statuses[check] = severity
-
-    def _ok(self, check: str) -> None:
-        self.statuses.setdefault(check, "ok")
-
-    def _skip(self, check: str, reason: str) -> None:
-        self.statuses[check] = f"skipped: {reason}"
-
-    def _call(self, x: Any, **kwargs: Any) -> Any:
-        return self.layer(x, **{**self.spec.kwargs, **kwargs})
-
-    def _sizes(self, wanted: Sequence[int]) -> list[int]:
-        cap = self.limit if self.limit is not None else self.max_batch
-        out = []
+    def sizes(self, wanted: Sequence[int], limit: int | None) -> list[int]:
+        """``wanted`` capped at the layer's batch limit (or ``max_batch``), deduplicated."""
+        cap = limit if limit is not None else self.max_batch
+        out: list[int] = []
         for s in wanted:
             s = min(s, cap)
             if s >= 1 and s not in out:
                 out.append(s)
         return out
 
-    # -- the run -----------------------------------------------------------------------------
-    def run(self) -> tuple[LayerReport, list[Finding]]:
-        start = time.perf_counter()
-        node_counts = _node_counts(self.layer)
-        if getattr(self.layer, "built", False):
-            self.weights = _variable_values(self.layer)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._run()
-        finally:
-            if self.weights is not None:
-                for variable, value in self.weights:
-                    variable.assign(value)
-            _restore_nodes(self.layer, node_counts)
-        order = {c: i for i, c in enumerate(CHECKS)}
-        self.findings.sort(key=lambda f: order.get(f.check, 99))
-        statuses = {c: self.statuses.get(c, "ok") for c in CHECKS}
-        report = LayerReport(layer=self.name, class_name=self.class_name, location=self.location,
-                             input_shape=self.spec.describe(), statuses=statuses,
-                             details=dict(self.details),
-                             seconds=round(time.perf_counter() - start, 2))
-        return report, self.findings
 
-    def _run(self) -> None:
-        counter = _TraceCounter(self.layer)
-        with counter:
-            eager_traces, eager_fns = self._eager_retracing(counter)
-            self._batch_limit()
-            self._static_shape()
-            symbolic_ok, keeps_batch = self._dynamic_batch()
-            traced_ok, fn_traces = self._traced(counter, symbolic_ok and keeps_batch)
-            if keeps_batch:
-                self._sample_mixing()
-            else:
-                self._skip("sample_mixing", "the output has no batch dimension")
-            wrapper = None
-            if symbolic_ok and keeps_batch and traced_ok:
-                wrapper = self._wrapper()
-            reason = ("the layer does not build and run with a None batch (see dynamic_batch)"
-                      if not (symbolic_ok and traced_ok) else
-                      "the output has no batch dimension (see dynamic_batch)")
-            fit_traces = None
-            if wrapper is not None:
-                fit_traces = self._partial_batch(wrapper, counter)
-                self._export(wrapper)
-            else:
-                self._skip("partial_batch", reason)
-                self._skip("export", reason)
-        self._retracing(eager_traces, eager_fns, fn_traces, fit_traces)
+@dataclass
+class Outcome:
+    """What one step gives: a value for the steps that depend on it, and what it found.
 
-    # 0 + 5: eager calls first, before anything else traced these sizes ---------------------
-    def _eager_retracing(self, counter: _TraceCounter) -> tuple[int, dict[str, int]]:
-        snap = counter.snapshot()
-        ran = []
-        first_error: BaseException | None = None
-        for b in _EAGER_SIZES:
-            try:
-                self._call(self.spec.batch(b, seed=b), training=False)
-                ran.append(b)
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if b in (2, 1) and not ran:
-                    first_error = first_error or exc
-                    continue
-                break
-        if not ran:
-            where = f" ({self.location})" if self.location else ""
-            raise LayerBuildError(
-                f"layer '{self.name}' ({self.class_name}){where} fails on an ordinary batch of 2 "
-                f"(and of 1) with inputs {self._shapes_text()}: "
-                f"{type(first_error).__name__}: {_first_line(first_error)}. Fix the layer, or "
-                "pass the input shape it expects (input_shape=..., --input-shape).") \
-                from first_error
-        # Built by now: what to restore afterwards, unless it was built before the checks.
-        if self.weights is None:
-            self.weights = _variable_values(self.layer)
-        traces, fns = counter.since(snap)
-        self.details["eager sizes"] = ",".join(map(str, ran))
-        return traces, fns
+    Args:
+        value: what dependent steps receive (None: it could not tell; they may be skipped).
+        findings: findings, each naming its check.
+        details: check -> a short measurement for the report.
+        skipped: the reason the step skipped itself (its check is reported ``skipped``).
+    """
 
-    def _shapes_text(self) -> str:
-        return ", ".join(f"{tuple(s)} {d}" for s, d in zip(self.spec.shapes, self.spec.dtypes))
+    value: Any = None
+    findings: list[Finding] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None
 
-    # 7 ------------------------------------------------------------------------------------
-    def _batch_limit(self) -> None:
-        import tensorflow as tf
 
-        per_sample = max(1, self.spec.elements())
-        cap = max(2, min(self.max_batch, _MAX_ELEMENTS // per_sample))
-        last_ok, failed, error = 0, None, None
-        b = 1
-        while b <= cap:
-            started = time.perf_counter()
-            try:
-                self._call(self.spec.batch(b, seed=b), training=False)
-                last_ok = b
-                if time.perf_counter() - started > _SLOW_CALL_S:
-                    self.details["batch_limit"] = f"none up to {b} (larger calls would be slow)"
-                    break
-            except tf.errors.ResourceExhaustedError:
-                self.details["batch_limit"] = f"out of memory at {b}: no limit of its own below"
-                break
-            except Exception as exc:  # noqa: BLE001 - a refusal, classified below
-                failed, error = b, exc
-                break
-            if b == cap:
-                break
-            b = min(b * 2, cap)
-        if failed is None:
-            self.details.setdefault("batch_limit", f"none up to {last_ok}")
-            self._ok("batch_limit")
-            return
-        if last_ok == 0:
-            self._find("batch_limit", "error",
-                       f"fails at batch 1 ({type(error).__name__}: {_first_line(error)})",
-                       "make the layer work for a single example")
-            return
-        lo, hi = last_ok, failed
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            try:
-                self._call(self.spec.batch(mid, seed=mid), training=False)
-                lo = mid
-            except Exception as exc:  # noqa: BLE001
-                hi, error = mid, exc
-        self.limit = lo
-        self.details["batch_limit"] = str(lo)
-        text = f"{type(error).__name__}: {_first_line(error)}"
-        clear = isinstance(error, (ValueError, tf.errors.InvalidArgumentError)) and any(
-            ch.isdigit() for ch in str(error))
-        if clear:
-            self._find("batch_limit", "info",
-                       f"refuses batches above {lo} with a clear error ({text}) and works at "
-                       f"{lo} and below")
-        else:
-            self._find("batch_limit", "warning",
-                       f"fails for batches above {lo} with an unclear error ({text})",
-                       "if the limit is deliberate, raise ValueError naming it (in graph mode: "
-                       "tf.debugging.assert_less_equal(tf.shape(x)[0], limit, message=...))")
+@dataclass(frozen=True)
+class EagerCalls:
+    """The first eager calls: the batch sizes that ran, and the traces they caused."""
 
-    # 3 ------------------------------------------------------------------------------------
-    def _static_shape(self) -> None:
-        if not is_custom_layer(self.layer):
-            self._skip("static_shape", "Keras's own layer")
-            return
-        self.static_uses = scan_class(type(self.layer))
-        self.details["static_shape"] = f"{len(self.static_uses)} static batch read(s)"
-        for use in self.static_uses:
-            self._find("static_shape", "warning",
-                       f"{use.message} (in {use.function}: {use.code})", use.fix,
-                       location=use.location)
-        self._ok("static_shape")
+    sizes: list[int]
+    traces: int
+    functions: dict[str, int]
 
-    # 1 ------------------------------------------------------------------------------------
-    def _dynamic_fix(self, exc: BaseException | None) -> str:
-        if exc is not None and "OperatorNotAllowedInGraph" in type(exc).__name__:
-            return ("a Python `if`/`for` on a tensor only runs eagerly: use "
-                    "tf.debugging.assert_less_equal(tf.shape(x)[0], limit, message=...) or "
-                    "keras.ops.cond")
-        if self.static_uses:
-            lines = ", ".join(u.location for u in self.static_uses[:3])
-            return f"read the batch size with tf.shape(x)[0] / keras.ops.shape(x)[0] (see {lines})"
-        return ("make call() work with an unknown batch: read sizes with tf.shape(x) / "
-                "keras.ops.shape(x), never x.shape[0]")
 
-    def _dynamic_batch(self) -> tuple[bool, bool]:
-        import keras
+@dataclass(frozen=True)
+class DynamicBatch:
+    """Whether the layer builds with a ``None`` batch and keeps the batch dimension."""
 
-        try:
-            out = self._call(self.spec.symbolic())
-        except Exception as exc:  # noqa: BLE001 - the finding
-            self._find("dynamic_batch", "error",
-                       f"fails to build with a None batch dimension (keras.Input): "
-                       f"{type(exc).__name__}: {_first_line(exc)}", self._dynamic_fix(exc))
-            return False, True
-        fixed = [t.shape[0] for t in keras.tree.flatten(out) if t.shape and t.shape[0]
-                 is not None]
-        if fixed or any(not t.shape for t in keras.tree.flatten(out)):
-            got = fixed[0] if fixed else "absent"
-            self._find("dynamic_batch", "error",
-                       f"the output's batch dimension is {got} for an input batch of None: the "
-                       "layer reduces or reshapes across the batch axis",
-                       "keep axis 0 as the batch: reduce over axis=1 or later, reshape with "
-                       "tf.shape(x)[0]")
-            return True, False
-        sizes = self._sizes([1, 2, 7, 64])
-        for b in sizes:
-            try:
-                out = self._call(self.spec.batch(b, seed=100 + b), training=False)
-            except Exception as exc:  # noqa: BLE001 - the finding
-                self._find("dynamic_batch", "error",
-                           f"fails at batch size {b}: {type(exc).__name__}: {_first_line(exc)}",
-                           self._dynamic_fix(exc))
-                return True, True
-            got = [int(t.shape[0]) if t.shape else None for t in keras.tree.flatten(out)]
-            if any(g != b for g in got):
-                self._find("dynamic_batch", "error",
-                           f"output batch dimension {got[0]} for an input batch of {b}",
-                           "keep axis 0 as the batch: reduce over axis=1 or later")
-                return True, False
-        self.details["dynamic_batch"] = "None, " + ", ".join(map(str, sizes))
-        self._ok("dynamic_batch")
-        return True, True
-
-    def _traced(self, counter: _TraceCounter, possible: bool) -> tuple[bool, int | None]:
-        """Run under tf.function(reduce_retracing=True) over several sizes; count traces."""
-        import tensorflow as tf
-
-        if not possible:
-            return False, None
-        fn = tf.function(lambda x: self._call(x, training=False), reduce_retracing=True)
-        snap = counter.snapshot()
-        for b in self._sizes([1, 2, 7, 16, 3]):
-            try:
-                fn(self.spec.batch(b, seed=200 + b))
-            except Exception as exc:  # noqa: BLE001 - the finding
-                self._find("dynamic_batch", "error",
-                           f"runs eagerly but fails in a traced function (tf.function) at batch "
-                           f"{b}: {type(exc).__name__}: {_first_line(exc)}",
-                           self._dynamic_fix(exc))
-                return False, None
-        traces, _ = counter.since(snap)
-        return True, traces
-
-    # 4 ------------------------------------------------------------------------------------
-    def _sample_mixing(self) -> None:
-        b = min(4, self.limit if self.limit is not None else 4)
-        if b < 2:
-            self._skip("sample_mixing", "the layer takes one example at a time")
-            return
-        x = self.spec.batch(b, seed=300)
-        results = {}
-        for training in (False, True):
-            results[training] = self._mixing(x, training)
-        self.details["sample_mixing"] = ", ".join(
-            f"{'training' if t else 'inference'}: {'-' if r is None else f'{r:.1e}'}"
-            for t, r in results.items())
-        mixes_inf = (results[False] or 0) > _REL_TOL
-        mixes_train = (results[True] or 0) > _REL_TOL
-        if mixes_inf:
-            self._find("sample_mixing", "warning",
-                       f"in inference, output sample 0 depends on the other samples of the batch "
-                       f"(relative dependence {results[False]:.1e}): results change with the batch "
-                       "size and a batch of 1 behaves differently",
-                       "compute per sample (reduce over axis=1 or later, never axis=0); if "
-                       "mixing is intended, document it")
-        elif mixes_train:
-            if self._has_batchnorm():
-                self._find("sample_mixing", "info",
-                           "in training, output samples depend on each other through "
-                           "BatchNormalization's batch statistics (expected; inference is "
-                           "per sample). Small batches make those statistics noisy")
-            else:
-                self._find("sample_mixing", "warning",
-                           f"in training, output sample 0 depends on the other samples of the "
-                           f"batch (relative gradient {results[True]:.1e}): the loss changes "
-                           "with the batch size and a batch of 1 behaves differently",
-                           "compute per sample (reduce over axis=1 or later, never axis=0)")
-        self._ok("sample_mixing")
-
-    def _has_batchnorm(self) -> bool:
-        import keras
-
-        bn = keras.layers.BatchNormalization
-        subs = getattr(self.layer, "_flatten_layers", None)
-        layers = list(subs(include_self=True, recursive=True)) if subs else [self.layer]
-        return any(isinstance(sub, bn) for sub in layers)
-
-    def _mixing(self, x: Any, training: bool) -> float | None:
-        """Relative dependence of output sample 0 on samples 1.. (None if not measurable)."""
-        import keras
-        import tensorflow as tf
-
-        leaves = [tf.constant(a) for a in keras.tree.flatten(x)]
-        floats = [t for t in leaves if t.dtype.is_floating]
-        packed = keras.tree.pack_sequence_as(self.spec.template, leaves)
-        by_gradient = None
-        try:
-            if floats:
-                with tf.GradientTape() as tape:
-                    for t in floats:
-                        tape.watch(t)
-                    out = self._call(packed, training=training)
-                    target = tf.add_n([tf.reduce_sum(tf.cast(o[0], tf.float32))
-                                       for o in keras.tree.flatten(out)
-                                       if o.dtype.is_floating or o.dtype.is_integer])
-                grads = [g for g in tape.gradient(target, floats) if g is not None]
-                if grads:
-                    own = max(float(tf.reduce_max(tf.abs(g[0]))) for g in grads)
-                    other = max(float(tf.reduce_max(tf.abs(g[1:]))) for g in grads)
-                    by_gradient = 0.0 if other <= 1e-12 else other / max(own, 1e-12)
-            if training or (by_gradient or 0.0) > _REL_TOL:
-                return by_gradient  # forward comparison is noisy in training (dropout)
-            # No gradient path is no proof (stop_gradient, rounding): also swap the other
-            # samples and compare output sample 0.
-            out0 = [np.asarray(o)[0] for o in keras.tree.flatten(self._call(packed,
-                                                                             training=False))]
-            other = self.spec.batch(len(np.asarray(leaves[0])), seed=301)
-            mixed = [np.concatenate([np.asarray(a)[:1], np.asarray(o)[1:]])
-                     for a, o in zip(keras.tree.flatten(x), keras.tree.flatten(other))]
-            out1 = [np.asarray(o)[0] for o in keras.tree.flatten(
-                self._call(keras.tree.pack_sequence_as(self.spec.template, mixed),
-                           training=False))]
-            diff = max(float(np.max(np.abs(a - c))) if a.size else 0.0
-                       for a, c in zip(out0, out1))
-            scale = max(float(np.max(np.abs(a))) if a.size else 0.0 for a in out0)
-            forward = diff / max(scale, 1e-12) if diff > 1e-12 else 0.0
-            return max(forward, by_gradient or 0.0)
-        except Exception:  # noqa: BLE001 - not measurable; other checks report failures
-            return by_gradient
-
-    # 2 ------------------------------------------------------------------------------------
-    def _wrapper(self) -> Any:
-        import keras
-
-        inputs = self.spec.symbolic()
-        outputs = self._call(inputs)
-        return keras.Model(inputs, outputs, name=f"batchfit_check_{self.name}")
-
-    def _partial_batch(self, wrapper: Any, counter: _TraceCounter) -> int | None:
-        import keras
-
-        outs = keras.tree.flatten(wrapper.outputs)
-        if not all(o.dtype in ("float16", "float32", "float64", "bfloat16") for o in outs):
-            self._skip("partial_batch", "the layer has non-float outputs, nothing to train")
-            return None
-        wrapper.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0), loss="mse")
-        one = [np.asarray(o) for o in keras.tree.flatten(
-            self._call(self.spec.batch(1, seed=400), training=False))]
-        snap = counter.snapshot()
-        plan = []
-        for b in self._sizes([8, 5]):
-            if b >= 2:
-                plan.append((b, 2 * b + max(1, b // 2)))
-        if not plan:
-            self._skip("partial_batch", f"the layer's batch limit ({self.limit}) is below 2")
-            return None
-        for b, n in plan:
-            x = self.spec.batch(n, seed=400 + b)
-            rng = np.random.default_rng(b)
-            y = [rng.standard_normal((n, *o.shape[1:])).astype("float32") for o in one]
-            try:
-                wrapper.fit(x, y if len(y) > 1 else y[0], batch_size=b, epochs=1, verbose=0,
-                            shuffle=False)
-            except Exception as exc:  # noqa: BLE001 - the finding
-                self._find("partial_batch", "error",
-                           f"fit fails on {n} samples with batch_size={b} (last batch of "
-                           f"{n % b}): {type(exc).__name__}: {_first_line(exc)}",
-                           self._dynamic_fix(exc))
-                return None
-        self.details["partial_batch"] = "; ".join(f"{n} samples / batch {b}" for b, n in plan)
-        self._ok("partial_batch")
-        traces, _ = counter.since(snap)
-        return traces
-
-    # 6 ------------------------------------------------------------------------------------
-    def _export(self, wrapper: Any) -> None:
-        import keras
-        import tensorflow as tf
-
-        with tempfile.TemporaryDirectory(prefix="batchfit-check-") as tmp:
-            try:
-                wrapper.export(tmp, verbose=False)
-                loaded = tf.saved_model.load(tmp)
-            except Exception as exc:  # noqa: BLE001 - the finding
-                self._find("export", "error",
-                           f"model.export fails: {type(exc).__name__}: {_first_line(exc)}",
-                           _export_fix(exc))
-                return
-            sig = loaded.signatures.get("serving_default")
-            if sig is not None:
-                specs = keras.tree.flatten(sig.structured_input_signature)
-                fixed = [s.shape[0] for s in specs if s.shape.rank and s.shape[0] is not None]
-                if fixed:
-                    self._find("export", "error",
-                               f"the exported signature fixes the batch to {fixed[0]}",
-                               "export with a None batch: read sizes with tf.shape(x)")
-                    return
-                ops = _graph_ops(sig)
-                py = sorted(ops & {"PyFunc", "EagerPyFunc", "PyFuncStateless"})
-                if py:
-                    self._find("export", "error",
-                               f"the exported model calls back into Python ({', '.join(py)}: "
-                               "tf.py_function / tf.numpy_function): it cannot be served "
-                               "outside this process (TF Serving, another program)",
-                               "write the computation with TensorFlow ops")
-                    return
-            for b in self._sizes([1, 3]):
-                x = self.spec.batch(b, seed=500 + b)
-                try:
-                    served = loaded.serve(x)
-                except Exception as exc:  # noqa: BLE001 - the finding
-                    self._find("export", "error",
-                               f"the exported model fails to serve batch size {b}: "
-                               f"{type(exc).__name__}: {_first_line(exc)}",
-                               "export with a None batch: read sizes with tf.shape(x)")
-                    return
-                want = keras.tree.flatten(self._call(x, training=False))
-                for s, w in zip(keras.tree.flatten(served), want):
-                    s, w = np.asarray(s), np.asarray(w)
-                    if s.shape != w.shape or not np.allclose(s, w, rtol=1e-4, atol=1e-5):
-                        self._find("export", "error",
-                                   f"the exported model serves batch {b} with a different result "
-                                   f"(shape {s.shape} vs {w.shape} in Python)",
-                                   "keep state in tracked variables; avoid Python-side values "
-                                   "baked in at trace time")
-                        return
-        self.details["export"] = "None batch; served " + ", ".join(map(str, self._sizes([1, 3])))
-        self._ok("export")
-
-    # 5 ------------------------------------------------------------------------------------
-    def _retracing(self, eager: int, eager_fns: dict[str, int], traced: int | None,
-                   fit: int | None) -> None:
-        parts = [f"eager {eager}"]
-        if traced is not None:
-            parts.append(f"tf.function {traced}")
-        if fit is not None:
-            parts.append(f"fit {fit}")
-        self.details["retracing"] = "traces: " + ", ".join(parts)
-        n_sizes = len(self.details.get("eager sizes", "").split(","))
-        if eager > _USUAL_TRACES:
-            culprit = max(eager_fns, key=lambda k: eager_fns[k]) if eager_fns else "call"
-            self._find("retracing", "warning",
-                       f"called eagerly at {n_sizes} batch sizes, '{culprit}' traced {eager} "
-                       f"times (Keras's usual is at most {_USUAL_TRACES}): a tf.function that "
-                       "gets a new Python value or a new shape for every batch size",
-                       "pass tensors, not Python ints, to tf.functions (tf.shape(x)[0], not "
-                       "keras.ops.shape(x)[0], which is a Python int when eager), or use "
-                       "@tf.function(reduce_retracing=True)")
-        for what, n in (("under tf.function(reduce_retracing=True)", traced), ("in fit", fit)):
-            if n is not None and n > _USUAL_TRACES:
-                self._find("retracing", "warning",
-                           f"{what}, the layer's Python code was traced {n} times over several "
-                           f"batch sizes (usual: at most {_USUAL_TRACES})",
-                           "avoid Python values derived from the batch (x.shape[0], int(...)) "
-                           "in call; read sizes with tf.shape(x)")
-        self._ok("retracing")
+    builds: bool
+    keeps_batch: bool
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers
+# The checks, one function each
 # --------------------------------------------------------------------------------------------
 
-def _export_fix(exc: BaseException) -> str:
-    text = str(exc)
-    if "untracked" in text:
-        return ("assign TensorFlow objects (tables, variables) to attributes of the layer "
-                "itself, not of a plain Python helper object, so they are tracked and saved")
-    if "None values not supported" in text:
-        return "read the batch size with tf.shape(x)[0], not x.shape[0]"
-    return "make call() traceable with a None batch and keep its state in tracked objects"
+def eager_calls(ctx: LayerContext) -> Outcome:
+    """Call the layer eagerly at a few sizes, before anything else traced them (builds it).
+
+    Raises:
+        LayerBuildError: it fails at 2 and at 1 examples: the layer's own problem.
+    """
+    probe = ctx.probe
+    snap = probe.trace_snapshot()
+    ran: list[int] = []
+    first_error: BaseException | None = None
+    for b in _EAGER_SIZES:
+        try:
+            probe.run(b, seed=b)
+            ran.append(b)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if b in (2, 1) and not ran:
+                first_error = first_error or exc
+                continue
+            break
+    if not ran:
+        where = f" ({ctx.location})" if ctx.location else ""
+        raise LayerBuildError(
+            f"layer '{ctx.name}' ({ctx.class_name}){where} fails on an ordinary batch of 2 "
+            f"(and of 1) with inputs {ctx.input_text}: "
+            f"{type(first_error).__name__}: {error_line(first_error)}. Fix the layer, or "
+            "pass the input shape it expects (input_shape=..., --input-shape).") \
+            from first_error
+    probe.remember_weights()  # built by now: what to restore, unless built before the checks
+    traces, fns = probe.traces_since(snap)
+    return Outcome(EagerCalls(ran, traces, fns), details={"eager sizes": ",".join(map(str, ran))})
 
 
-def _graph_ops(concrete: Any) -> set[str]:
+def check_batch_limit(ctx: LayerContext) -> Outcome:
+    """7. Double the batch up to ``max_batch``; where the layer refuses, bisect to its limit.
+
+    The value is the limit (None when there is none).
+    """
+    cap = max(2, min(ctx.max_batch, _MAX_ELEMENTS // max(1, ctx.elements)))
+    last_ok, failed, error, detail = _grow_until_refused(ctx.probe, cap)
+    if failed is None:
+        return Outcome(details={"batch_limit": detail or f"none up to {last_ok}"})
+    if last_ok == 0:
+        return Outcome(findings=[ctx.finding(
+            "batch_limit", "error", f"fails at batch 1 ({type(error).__name__}: "
+            f"{error_line(error)})", "make the layer work for a single example")])
+    lo, error = _bisect_limit(ctx.probe, last_ok, failed, error)
+    text = f"{type(error).__name__}: {error_line(error)}"
+    clear = ctx.probe.is_refusal_error(error) and any(ch.isdigit() for ch in str(error))
+    if clear:
+        found = ctx.finding("batch_limit", "info",
+                            f"refuses batches above {lo} with a clear error ({text}) and works "
+                            f"at {lo} and below")
+    else:
+        found = ctx.finding("batch_limit", "warning",
+                            f"fails for batches above {lo} with an unclear error ({text})",
+                            "if the limit is deliberate, raise ValueError naming it (in graph "
+                            "mode: tf.debugging.assert_less_equal(tf.shape(x)[0], limit, "
+                            "message=...))")
+    return Outcome(lo, [found], {"batch_limit": str(lo)})
+
+
+def _grow_until_refused(probe: Any, cap: int) -> tuple[int, int | None, Any, str | None]:
+    """``(last size that ran, first refused or None, its error, detail)``, doubling from 1."""
+    last_ok, b = 0, 1
+    while b <= cap:
+        started = time.perf_counter()
+        try:
+            probe.run(b, seed=b)
+        except Exception as exc:  # noqa: BLE001 - a refusal, classified by the caller
+            if probe.is_out_of_memory(exc):
+                return last_ok, None, None, f"out of memory at {b}: no limit of its own below"
+            return last_ok, b, exc, None
+        last_ok = b
+        if time.perf_counter() - started > _SLOW_CALL_S:
+            return last_ok, None, None, f"none up to {b} (larger calls would be slow)"
+        if b == cap:
+            break
+        b = min(b * 2, cap)
+    return last_ok, None, None, None
+
+
+def _bisect_limit(probe: Any, lo: int, hi: int, error: Any) -> tuple[int, Any]:
+    """The largest size in ``[lo, hi)`` that runs (``lo`` runs, ``hi`` does not), and the
+    error of the smallest that does not."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            probe.run(mid, seed=mid)
+            lo = mid
+        except Exception as exc:  # noqa: BLE001
+            hi, error = mid, exc
+    return lo, error
+
+
+def check_static_shape(ctx: LayerContext) -> Outcome:
+    """3. Scan the source of ``call`` (and same-module helpers) for static batch reads.
+
+    The value is the reads found (``[]`` for Keras's own layers, which are not scanned).
+    """
+    if not ctx.custom:
+        return Outcome([], skipped="Keras's own layer")
+    uses = scan_class(ctx.layer_class)
+    findings = [ctx.finding("static_shape", "warning",
+                            f"{use.message} (in {use.function}: {use.code})", use.fix,
+                            location=use.location) for use in uses]
+    return Outcome(uses, findings, {"static_shape": f"{len(uses)} static batch read(s)"})
+
+
+def _dynamic_fix(exc: BaseException | None, static_uses: Sequence[StaticShapeUse]) -> str:
+    if exc is not None and "OperatorNotAllowedInGraph" in type(exc).__name__:
+        return ("a Python `if`/`for` on a tensor only runs eagerly: use "
+                "tf.debugging.assert_less_equal(tf.shape(x)[0], limit, message=...) or "
+                "keras.ops.cond")
+    if static_uses:
+        lines = ", ".join(u.location for u in static_uses[:3])
+        return f"read the batch size with tf.shape(x)[0] / keras.ops.shape(x)[0] (see {lines})"
+    return ("make call() work with an unknown batch: read sizes with tf.shape(x) / "
+            "keras.ops.shape(x), never x.shape[0]")
+
+
+def check_dynamic_batch(ctx: LayerContext, limit: int | None,
+                        static_uses: Sequence[StaticShapeUse]) -> Outcome:
+    """1. Build with a ``None`` batch; run eagerly at 1, 2, 7 and 64 (under the limit).
+
+    The value is a :class:`DynamicBatch`.
+    """
     try:
-        graph_def = concrete.graph.as_graph_def()
-    except Exception:  # noqa: BLE001
-        return set()
-    ops = {n.op for n in graph_def.node}
-    for fn in graph_def.library.function:
-        ops |= {n.op for n in fn.node_def}
-    return ops
+        dims = ctx.probe.build()
+    except Exception as exc:  # noqa: BLE001 - the finding
+        return Outcome(DynamicBatch(False, True), [ctx.finding(
+            "dynamic_batch", "error", f"fails to build with a None batch dimension "
+            f"(keras.Input): {type(exc).__name__}: {error_line(exc)}",
+            _dynamic_fix(exc, static_uses))])
+    fixed = [d for d in dims if is_int(d)]
+    if fixed or "absent" in dims:
+        got = fixed[0] if fixed else "absent"
+        return Outcome(DynamicBatch(True, False), [ctx.finding(
+            "dynamic_batch", "error", f"the output's batch dimension is {got} for an input "
+            "batch of None: the layer reduces or reshapes across the batch axis",
+            "keep axis 0 as the batch: reduce over axis=1 or later, reshape with "
+            "tf.shape(x)[0]")])
+    sizes = ctx.sizes([1, 2, 7, 64], limit)
+    for b in sizes:
+        try:
+            out = ctx.probe.run(b, seed=100 + b)
+        except Exception as exc:  # noqa: BLE001 - the finding
+            return Outcome(DynamicBatch(True, True), [ctx.finding(
+                "dynamic_batch", "error",
+                f"fails at batch size {b}: {type(exc).__name__}: {error_line(exc)}",
+                _dynamic_fix(exc, static_uses))])
+        got = ctx.probe.output_batch_sizes(out)
+        if any(g != b for g in got):
+            return Outcome(DynamicBatch(True, False), [ctx.finding(
+                "dynamic_batch", "error", f"output batch dimension {got[0]} for an input batch "
+                f"of {b}", "keep axis 0 as the batch: reduce over axis=1 or later")])
+    return Outcome(DynamicBatch(True, True),
+                   details={"dynamic_batch": "None, " + ", ".join(map(str, sizes))})
 
 
-def _variable_values(layer: Any) -> list[tuple[Any, np.ndarray]]:
-    """Every variable of the layer with a copy of its value: weights, non-trainable state
-    and random-seed state (which ``get_weights`` leaves out)."""
-    return [(v, np.array(v.numpy(), copy=True)) for v in layer.variables]
+def check_traced(ctx: LayerContext, dynamic: DynamicBatch, limit: int | None,
+                 static_uses: Sequence[StaticShapeUse]) -> Outcome:
+    """1 (traced part). Run in one compiled function (``tf.function(reduce_retracing=True)``)
+    over several sizes; a failure is a ``dynamic_batch`` finding.
+
+    The value is the number of traces (None if it failed).
+    """
+    run = ctx.probe.traced()
+    snap = ctx.probe.trace_snapshot()
+    for b in ctx.sizes([1, 2, 7, 16, 3], limit):
+        try:
+            run(b, seed=200 + b)
+        except Exception as exc:  # noqa: BLE001 - the finding
+            return Outcome(None, [ctx.finding(
+                "dynamic_batch", "error", f"runs eagerly but fails in a traced function "
+                f"(tf.function) at batch {b}: {type(exc).__name__}: {error_line(exc)}",
+                _dynamic_fix(exc, static_uses))])
+    traces, _ = ctx.probe.traces_since(snap)
+    return Outcome(traces)
 
 
-def _node_counts(layer: Any) -> tuple[int, int]:
-    return (len(getattr(layer, "_inbound_nodes", [])), len(getattr(layer, "_outbound_nodes", [])))
+def check_sample_mixing(ctx: LayerContext, dynamic: DynamicBatch, limit: int | None) -> Outcome:
+    """4. Does output sample 0 depend on the other samples, in inference and in training?"""
+    b = min(4, limit if limit is not None else 4)
+    if b < 2:
+        return Outcome(skipped="the layer takes one example at a time")
+    results = {training: ctx.probe.mixing(b, training) for training in (False, True)}
+    details = {"sample_mixing": ", ".join(
+        f"{'training' if t else 'inference'}: {'-' if r is None else f'{r:.1e}'}"
+        for t, r in results.items())}
+    return Outcome(findings=_mixing_findings(ctx, results[False], results[True]),
+                   details=details)
 
 
-def _restore_nodes(layer: Any, counts: tuple[int, int]) -> None:
-    """Drop the nodes the checks added by calling the layer on new symbolic inputs."""
-    for attr, n in zip(("_inbound_nodes", "_outbound_nodes"), counts):
-        nodes = getattr(layer, attr, None)
-        if isinstance(nodes, list) and len(nodes) > n:
-            del nodes[n:]
+def _mixing_findings(ctx: LayerContext, inference: float | None,
+                     training: float | None) -> list[Finding]:
+    if (inference or 0) > _REL_TOL:
+        return [ctx.finding(
+            "sample_mixing", "warning",
+            f"in inference, output sample 0 depends on the other samples of the batch "
+            f"(relative dependence {inference:.1e}): results change with the batch "
+            "size and a batch of 1 behaves differently",
+            "compute per sample (reduce over axis=1 or later, never axis=0); if "
+            "mixing is intended, document it")]
+    if (training or 0) <= _REL_TOL:
+        return []
+    if ctx.probe.has_batchnorm():
+        return [ctx.finding(
+            "sample_mixing", "info",
+            "in training, output samples depend on each other through "
+            "BatchNormalization's batch statistics (expected; inference is "
+            "per sample). Small batches make those statistics noisy")]
+    return [ctx.finding(
+        "sample_mixing", "warning",
+        f"in training, output sample 0 depends on the other samples of the "
+        f"batch (relative gradient {training:.1e}): the loss changes "
+        "with the batch size and a batch of 1 behaves differently",
+        "compute per sample (reduce over axis=1 or later, never axis=0)")]
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_KERAS_WRAPPER = ("Exception encountered when calling", "Could not automatically infer",
-                  "Traceback", "File ")
+def build_wrapper(ctx: LayerContext, traced: int | None) -> Outcome:
+    """A functional model of the layer alone (``None`` batch), for ``fit`` and export."""
+    return Outcome(ctx.probe.wrapper(ctx.name))
 
 
-def _first_line(exc: BaseException | None) -> str:
-    """The error's own first sentence, without Keras's "Exception encountered when..." frame."""
-    if exc is None:
-        return ""
-    text = _ANSI.sub("", str(exc)).split("Arguments received by")[0]
-    for line in text.strip().splitlines():
-        line = line.strip()
-        if line and not line.startswith(_KERAS_WRAPPER):
-            if len(line) > 160 and ". " in line[:300]:
-                line = line[:line.index(". ") + 1]
-            return line[:300]
-    return type(exc).__name__
+def check_partial_batch(ctx: LayerContext, wrapper: Any, limit: int | None,
+                        static_uses: Sequence[StaticShapeUse]) -> Outcome:
+    """2. ``fit`` on datasets whose size the batch size does not divide (8 and 5).
+
+    The value is the traces ``fit`` caused (None if it did not run through).
+    """
+    targets = ctx.probe.prepare_fit(wrapper)
+    if targets is None:
+        return Outcome(skipped="the layer has non-float outputs, nothing to train")
+    snap = ctx.probe.trace_snapshot()
+    plan = [(b, 2 * b + max(1, b // 2)) for b in ctx.sizes([8, 5], limit) if b >= 2]
+    if not plan:
+        return Outcome(skipped=f"the layer's batch limit ({limit}) is below 2")
+    for b, n in plan:
+        try:
+            ctx.probe.fit(wrapper, targets, b, n)
+        except Exception as exc:  # noqa: BLE001 - the finding
+            return Outcome(None, [ctx.finding(
+                "partial_batch", "error", f"fit fails on {n} samples with batch_size={b} (last "
+                f"batch of {n % b}): {type(exc).__name__}: {error_line(exc)}",
+                _dynamic_fix(exc, static_uses))])
+    traces, _ = ctx.probe.traces_since(snap)
+    return Outcome(traces, details={
+        "partial_batch": "; ".join(f"{n} samples / batch {b}" for b, n in plan)})
 
 
-def _describe(obj: Any) -> str:
-    t = type(obj)
-    return f"an object of type {t.__module__}.{t.__qualname__}"
+def check_export(ctx: LayerContext, wrapper: Any, limit: int | None) -> Outcome:
+    """6. Export the layer (SavedModel on TensorFlow) and serve batch sizes 1 and 3."""
+    sizes = ctx.sizes([1, 3], limit)
+    problem = ctx.probe.export_problem(wrapper, sizes)
+    if problem is not None:
+        message, fix = problem
+        return Outcome(findings=[ctx.finding("export", "error", message, fix)])
+    return Outcome(details={"export": "None batch; served " + ", ".join(map(str, sizes))})
 
 
-def _environment() -> dict[str, str]:
-    import keras
-    import tensorflow as tf
+def check_retracing(ctx: LayerContext, eager: EagerCalls, traced: int | None,
+                    fit: int | None) -> Outcome:
+    """5. Traces of the layer's code: eagerly (its own tf.functions), in a compiled function
+    and in ``fit``; more than Keras's usual two is a warning."""
+    parts = [f"eager {eager.traces}"]
+    if traced is not None:
+        parts.append(f"tf.function {traced}")
+    if fit is not None:
+        parts.append(f"fit {fit}")
+    findings = []
+    if eager.traces > _USUAL_TRACES:
+        fns = eager.functions
+        culprit = max(fns, key=lambda k: fns[k]) if fns else "call"
+        findings.append(ctx.finding(
+            "retracing", "warning",
+            f"called eagerly at {len(eager.sizes)} batch sizes, '{culprit}' traced "
+            f"{eager.traces} times (Keras's usual is at most {_USUAL_TRACES}): a tf.function "
+            "that gets a new Python value or a new shape for every batch size",
+            "pass tensors, not Python ints, to tf.functions (tf.shape(x)[0], not "
+            "keras.ops.shape(x)[0], which is a Python int when eager), or use "
+            "@tf.function(reduce_retracing=True)"))
+    for what, n in (("under tf.function(reduce_retracing=True)", traced), ("in fit", fit)):
+        if n is not None and n > _USUAL_TRACES:
+            findings.append(ctx.finding(
+                "retracing", "warning",
+                f"{what}, the layer's Python code was traced {n} times over several "
+                f"batch sizes (usual: at most {_USUAL_TRACES})",
+                "avoid Python values derived from the batch (x.shape[0], int(...)) "
+                "in call; read sizes with tf.shape(x)"))
+    return Outcome(findings=findings, details={"retracing": "traces: " + ", ".join(parts)})
 
-    return {"python": platform.python_version(), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "platform": platform.platform()}
 
+# --------------------------------------------------------------------------------------------
+# The runner: the order, and what each check needs
+# --------------------------------------------------------------------------------------------
+
+def _if_builds(dynamic: DynamicBatch, *_: Any) -> str | None:
+    return None if dynamic.builds and dynamic.keeps_batch else _NO_NONE_BATCH
+
+
+def _if_keeps_batch(dynamic: DynamicBatch, *_: Any) -> str | None:
+    return None if dynamic.keeps_batch else _NO_BATCH_DIM
+
+
+def _if_present(value: Any, *_: Any) -> str | None:
+    return None if value is not None else _NO_NONE_BATCH
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a layer's check: a check of :data:`CHECKS` or a step they share.
+
+    Args:
+        name: the check it reports (or ``eager``, ``traced``, ``wrapper``: shared steps).
+        run: ``run(ctx, *values of needs) -> Outcome``.
+        needs: the steps whose values it takes, in order.
+        skip_unless: given those values, the reason to skip it (None: run it).
+    """
+
+    name: str
+    run: Callable[..., Outcome]
+    needs: tuple[str, ...] = ()
+    skip_unless: Callable[..., str | None] | None = None
+
+
+#: The steps in the order they run. Eager calls come first, before anything else traced the
+#: sizes (their trace counts are retracing's); the batch limit caps the sizes of later steps.
+STEPS: tuple[Step, ...] = (
+    Step("eager", eager_calls),
+    Step("batch_limit", check_batch_limit),
+    Step("static_shape", check_static_shape),
+    Step("dynamic_batch", check_dynamic_batch, ("batch_limit", "static_shape")),
+    Step("traced", check_traced, ("dynamic_batch", "batch_limit", "static_shape"), _if_builds),
+    Step("sample_mixing", check_sample_mixing, ("dynamic_batch", "batch_limit"),
+         _if_keeps_batch),
+    Step("wrapper", build_wrapper, ("traced",), _if_present),
+    Step("partial_batch", check_partial_batch, ("wrapper", "batch_limit", "static_shape"),
+         _if_present),
+    Step("export", check_export, ("wrapper", "batch_limit"), _if_present),
+    Step("retracing", check_retracing, ("eager", "traced", "partial_batch")),
+)
+
+
+@dataclass
+class _Record:
+    """Findings, statuses and details of one layer, as the steps report them."""
+
+    findings: list[Finding] = field(default_factory=list)
+    statuses: dict[str, str] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, outcome: Outcome) -> None:
+        order = {"error": 0, "warning": 1, "info": 2, "ok": 3}
+        for f in outcome.findings:
+            self.findings.append(f)
+            if order.get(f.severity, 3) < order.get(self.statuses.get(f.check, "ok"), 3):
+                self.statuses[f.check] = f.severity
+        self.details.update(outcome.details)
+        if outcome.skipped is not None:
+            self.skip(name, outcome.skipped)
+
+    def skip(self, name: str, reason: str) -> None:
+        if name in CHECKS:
+            self.statuses[name] = f"skipped: {reason}"
+
+
+def run_steps(ctx: LayerContext, steps: Sequence[Step] = STEPS,
+              applicable: Sequence[str] = _FRAMEWORK_CHECKS,
+              backend_name: str = "") -> _Record:
+    """Run ``steps`` in order, each given the values of the steps it needs.
+
+    A step whose prerequisites rule it out (``skip_unless``) is skipped with the reason, and
+    its value is None for the steps after it. A framework-specific check the backend does not
+    run (not in ``applicable``) is skipped as not applicable.
+
+    Args:
+        ctx: the layer's :class:`LayerContext`, passed to every step.
+        steps: the steps, in order (default :data:`STEPS`).
+        applicable: the framework-specific checks the backend runs
+            (``Backend.layer_checks()``); default: all.
+        backend_name: the backend's name, for "not applicable" reasons.
+
+    Returns:
+        The findings, statuses (check -> severity or ``"skipped: <reason>"``; checks with
+        neither are ok) and details of the layer.
+
+    Example:
+
+    >>> steps = (Step("batch_limit", lambda ctx: Outcome(8, details={"batch_limit": "8"})),
+    ...          Step("sample_mixing", lambda ctx, limit: Outcome(skipped=f"limit {limit}"),
+    ...               ("batch_limit",)))
+    >>> run_steps(None, steps).statuses
+    {'sample_mixing': 'skipped: limit 8'}
+    """
+    values: dict[str, Any] = {}
+    record = _Record()
+    for step in steps:
+        args = [values[n] for n in step.needs]
+        reason = step.skip_unless(*args) if step.skip_unless else None
+        if reason is None and step.name in _FRAMEWORK_CHECKS and step.name not in applicable:
+            reason = f"not applicable on the {backend_name} backend"
+        if reason is not None:
+            values[step.name] = None
+            record.skip(step.name, reason)
+            continue
+        outcome = step.run(ctx, *args)
+        values[step.name] = outcome.value
+        record.add(step.name, outcome)
+    return record
+
+
+def _check_layer(backend: Backend, layer: Any, layer_input: Any,
+                 max_batch: int) -> tuple[LayerReport, list[Finding]]:
+    start = time.perf_counter()
+    cls = type(layer)
+    module = cls.__module__ or ""
+    class_name = (cls.__qualname__ if module.startswith("_batchfit_user_")
+                  else f"{module}.{cls.__qualname__}")
+    where = locate_method(cls, "call")
+    probe = backend.layer_probe(layer, layer_input)
+    ctx = LayerContext(probe=probe, name=layer.name, class_name=class_name,
+                       location=format_location(*where) if where else "", layer_class=cls,
+                       custom=backend.is_custom_layer(layer),
+                       input_text=layer_input.shapes_text(), elements=layer_input.elements(),
+                       max_batch=max_batch)
+    with probe.keep_state():
+        record = run_steps(ctx, STEPS, backend.layer_checks(), backend.name)
+    order = {c: i for i, c in enumerate(CHECKS)}
+    findings = sorted(record.findings, key=lambda f: order.get(f.check, 99))
+    report = LayerReport(layer=ctx.name, class_name=class_name, location=ctx.location,
+                         input_shape=layer_input.describe(),
+                         statuses={c: record.statuses.get(c, "ok") for c in CHECKS},
+                         details=dict(record.details),
+                         seconds=round(time.perf_counter() - start, 2))
+    return report, findings

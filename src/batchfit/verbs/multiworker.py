@@ -57,15 +57,13 @@ from __future__ import annotations
 
 import os
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
-import keras
 import numpy as np
-import tensorflow as tf
 
-from ..backend.tensorflow.distribute import make_strategy
+from ..backend import get_backend
+from ..core.validate import is_int
 from ..errors import (
     BatchfitError,
     InvalidInputError,
@@ -79,57 +77,67 @@ __all__ = [
     "find_max_batch_size_multiworker",
     "local_memory_budget",
     "make_strategy",
+    "upstream_fit_failure",
     "upstream_fit_works",
     "worker_position",
 ]
 
 DEFAULT_AGREE_TIMEOUT = 1800.0  # seconds one worker waits for the others' searches to end
-KNOWN_UPSTREAM_FAILURE = "PerReplica"  # keras-team/keras#20585: "Attempt to convert a value (PerReplica"
-
-_UPSTREAM: weakref.WeakKeyDictionary[Any, tuple[bool, str]] = weakref.WeakKeyDictionary()
 
 
 # --- the strategy and this worker's place in it -----------------------------------------------
-def worker_position(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+def make_strategy(timeout_seconds: float | None = None) -> Any:
+    """A ``MultiWorkerMirroredStrategy`` (from ``TF_CONFIG``) whose collectives time out.
+
+    A collective that waits longer than ``timeout_seconds`` raises ``DeadlineExceededError``
+    (this includes the gradient all-reduce inside the optimizer), so a worker never waits
+    forever for one that died. Create it at the start of the program, before other
+    TensorFlow work, as TensorFlow requires for this strategy.
+
+    Args:
+        timeout_seconds: the longest one collective may wait, in seconds (default: 300).
+
+    Returns:
+        The strategy.
+
+    Raises:
+        InvalidInputError: ``timeout_seconds`` is not positive.
+
+    Example:
+
+    >>> strategy = make_strategy(timeout_seconds=120)  # doctest: +SKIP
+    >>> strategy.num_replicas_in_sync                  # doctest: +SKIP
+    2
+    """
+    return get_backend().make_strategy(timeout_seconds)
+
+
+def worker_position(strategy: Any) -> tuple[int, int]:
     """``(this worker's index, number of workers)``; ``(0, 1)`` for a single-process strategy.
 
     Workers are numbered as TensorFlow orders its tasks: the chief (if any) first, then the
     workers by their ``TF_CONFIG`` index.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> worker_position(tf.distribute.get_strategy())
+    (0, 1)
     """
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None:
-        return 0, 1
-    try:
-        spec = resolver.cluster_spec().as_dict()
-    except Exception:  # noqa: BLE001 - no cluster: one process
-        return 0, 1
-    tasks = ([("chief", i) for i in range(len(spec.get("chief", [])))]
-             + [("worker", i) for i in range(len(spec.get("worker", [])))])
-    if not tasks:
-        return 0, 1
-    me = (resolver.task_type, int(resolver.task_id or 0))
-    return (tasks.index(me) if me in tasks else 0), len(tasks)
+    return get_backend().worker_position(strategy)
 
 
-def _options(timeout: float | None) -> tf.distribute.experimental.CommunicationOptions:
-    return tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
+def _options(timeout: float | None) -> Any:
+    """The backend's options bounding a collective to ``timeout`` seconds."""
+    return get_backend().communication_options(timeout)
 
 
-def _all_gather(strategy: tf.distribute.Strategy, values: list[float], timeout: float | None
-                ) -> np.ndarray:
+def _all_gather(strategy: Any, values: list[float], timeout: float | None) -> np.ndarray:
     """Every replica's ``values`` (same on the replicas of one worker): ``(replicas, k)``."""
-    row = tf.constant([values], dtype=tf.float64)
-    options = _options(timeout)
-
-    def gather() -> Any:
-        ctx = tf.distribute.get_replica_context()
-        return ctx.all_gather(tf.identity(row), axis=0, options=options)
-
-    out = strategy.run(gather)
-    return np.asarray(strategy.experimental_local_results(out)[0].numpy())
+    return np.asarray(get_backend().all_gather(strategy, values, timeout))
 
 
-def _per_worker(strategy: tf.distribute.Strategy, rows: np.ndarray) -> np.ndarray:
+def _per_worker(strategy: Any, rows: np.ndarray) -> np.ndarray:
     """The gathered rows, one per worker (replicas are ordered worker by worker)."""
     _, workers = worker_position(strategy)
     local = max(1, rows.shape[0] // workers)
@@ -137,8 +145,7 @@ def _per_worker(strategy: tf.distribute.Strategy, rows: np.ndarray) -> np.ndarra
 
 
 # --- 1. is Keras's own fit usable under this strategy? ----------------------------------------
-def upstream_fit_works(strategy: tf.distribute.Strategy, *, timeout: float = 120.0
-                       ) -> bool:
+def upstream_fit_works(strategy: Any, *, timeout: float = 120.0) -> bool:
     """Whether Keras's own ``model.fit`` trains under ``strategy`` (probed, then cached).
 
     Fits a one-unit model for one step under the strategy and catches the known failure
@@ -156,44 +163,20 @@ def upstream_fit_works(strategy: tf.distribute.Strategy, *, timeout: float = 120
 
     Example:
 
+    >>> import tensorflow as tf
     >>> upstream_fit_works(tf.distribute.get_strategy())
     True
     """
-    cached = _UPSTREAM.get(strategy)
-    if cached is not None:
-        return cached[0]
-    replicas = int(strategy.num_replicas_in_sync)
-    detail = ""
-    with strategy.scope():
-        probe = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)],
-                                 name="batchfit_upstream_probe")
-        probe.compile(keras.optimizers.SGD(0.0), "mse")
-    x = np.zeros((2 * replicas, 1), "float32")
-    try:
-        probe.fit(x, x, batch_size=replicas, epochs=1, steps_per_epoch=1, verbose=0,
-                  shuffle=False)
-        ok = True
-    except Exception as exc:  # noqa: BLE001 - any failure means "do not use fit"
-        ok = False
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        known = KNOWN_UPSTREAM_FAILURE in str(exc)
-        detail = (f"{type(exc).__name__}: {first[:200]}"
-                  + ("" if known else " (not the known keras#20585 failure)"))
-    if worker_position(strategy)[1] > 1 or replicas > 1:
-        votes = _all_gather(strategy, [1.0 if ok else 0.0], timeout)
-        ok = bool(np.all(votes > 0.5))
-    _UPSTREAM[strategy] = (ok, detail)
-    return ok
+    return get_backend().upstream_fit_works(strategy, timeout=timeout)
 
 
-def upstream_fit_failure(strategy: tf.distribute.Strategy) -> str:
+def upstream_fit_failure(strategy: Any) -> str:
     """The error the probe of :func:`upstream_fit_works` caught on this worker ("" if none)."""
-    cached = _UPSTREAM.get(strategy)
-    return cached[1] if cached else ""
+    return get_backend().upstream_fit_failure(strategy)
 
 
 # --- 2. a collective minimum ------------------------------------------------------------------
-def agree_batch_size(strategy: tf.distribute.Strategy, local_value: int, *,
+def agree_batch_size(strategy: Any, local_value: int, *,
                      timeout: float | None = DEFAULT_AGREE_TIMEOUT) -> int:
     """The minimum of ``local_value`` over all workers, the same answer on every worker.
 
@@ -213,10 +196,11 @@ def agree_batch_size(strategy: tf.distribute.Strategy, local_value: int, *,
 
     Example:
 
+    >>> import tensorflow as tf
     >>> agree_batch_size(tf.distribute.get_strategy(), 48)
     48
     """
-    if isinstance(local_value, bool) or not isinstance(local_value, (int, np.integer)):
+    if not is_int(local_value):
         raise InvalidInputError(f"local_value must be an integer, got {local_value!r}")
     rows = _all_gather(strategy, [float(local_value)], timeout)
     return int(rows[:, 0].min())
@@ -286,7 +270,7 @@ def local_memory_budget() -> str | None:
 
 def find_max_batch_size_multiworker(
     model: Any,
-    strategy: tf.distribute.Strategy,
+    strategy: Any,
     memory: str | int | None = None,
     *,
     agree_timeout: float | None = DEFAULT_AGREE_TIMEOUT,
@@ -332,7 +316,7 @@ def find_max_batch_size_multiworker(
     from .maxbatch_local import search_max_batch_size
 
     t0 = time.perf_counter()
-    if hasattr(model, "train_on_batch") and hasattr(model, "variables"):
+    if get_backend().is_model(model):
         raise InvalidInputError(
             "find_max_batch_size_multiworker needs a function that builds the model (or a "
             "'file.py:factory' spec), not a model object: each worker probes in separate "

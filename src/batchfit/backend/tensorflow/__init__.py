@@ -4,9 +4,10 @@
 modules of this package: :mod:`.loader` (specs, factories, saved models), :mod:`.synth`
 (batches synthesized from a model's input specs and loss), :mod:`.data` (batches from the
 user's sample), :mod:`.probe` (training steps measured at one batch size, the model restored
-after), :mod:`.distribute` (``tf.distribute`` strategies) and :mod:`.throughput` (the model's
-own training step timed at several batch sizes). Constructing it imports nothing;
-each method imports what it needs.
+after), :mod:`.noise` (per-example gradient norms, the noise-scale callback),
+:mod:`.distribute` (``tf.distribute`` strategies), :mod:`.collective` (what workers need to
+agree) and :mod:`.throughput` (the model's own training step timed at several batch sizes).
+Constructing it imports nothing; each method imports what it needs.
 
 Example:
 
@@ -167,6 +168,23 @@ class TensorFlowBackend(Backend):
             tf.config.threading.set_inter_op_parallelism_threads(1)
             _reserve_single_region(tf, budget_bytes)
 
+    # -- noise (per-example gradient norms, for the gradient noise scale) ----------------------
+    def example_sampler(self, data: Any, *, max_examples: int, seed: int) -> Any:
+        from .noise import ExampleSampler
+
+        return ExampleSampler(data, max_examples=max_examples, seed=seed)
+
+    def gradient_norm_pairs(self, model: Any, sampler: Any, *, small: int, big: int,
+                            count: int) -> tuple[Any, Any]:
+        from .noise import gradient_norm_pairs
+
+        return gradient_norm_pairs(model, sampler, small=small, big=big, count=count)
+
+    def mixes_examples(self, model: Any) -> bool:
+        from .noise import mixes_examples
+
+        return mixes_examples(model)
+
     # -- distribution --------------------------------------------------------------------------
     def resolve_distribute(self, distribute: Any, model: Any = None) -> Any:
         from .distribute import resolve_strategy
@@ -204,6 +222,37 @@ class TensorFlowBackend(Backend):
 
         return smallest_device_memory(strategy)
 
+    # multi-worker collectives
+    def make_strategy(self, timeout_seconds: float | None = None) -> Any:
+        from .distribute import DEFAULT_TIMEOUT, make_strategy
+
+        return make_strategy(DEFAULT_TIMEOUT if timeout_seconds is None else timeout_seconds)
+
+    def worker_position(self, strategy: Any) -> tuple[int, int]:
+        from .collective import worker_position
+
+        return worker_position(strategy)
+
+    def communication_options(self, timeout: float | None) -> Any:
+        from .collective import communication_options
+
+        return communication_options(timeout)
+
+    def all_gather(self, strategy: Any, values: list[float], timeout: float | None) -> Any:
+        from .collective import all_gather
+
+        return all_gather(strategy, values, timeout)
+
+    def upstream_fit_works(self, strategy: Any, *, timeout: float = 120.0) -> bool:
+        from .collective import upstream_fit_works
+
+        return upstream_fit_works(strategy, timeout=timeout)
+
+    def upstream_fit_failure(self, strategy: Any) -> str:
+        from .collective import upstream_fit_failure
+
+        return upstream_fit_failure(strategy)
+
     # -- throughput ----------------------------------------------------------------------------
     def timing_device(self, device: str | None) -> str:
         from .probe import memory_device
@@ -216,6 +265,51 @@ class TensorFlowBackend(Backend):
 
         return measure_throughput(model, batch_fn, sizes, plan, device=device,
                                   gpu_metrics=gpu_metrics)
+
+    # -- check: the batch contract of layers ---------------------------------------------------
+    def load_checkable(self, spec: str) -> Any:
+        from .check_targets import load_checkable
+
+        return load_checkable(spec)
+
+    def check_targets(self, obj: Any, input_shape: Any, sample: Any,
+                      notes: list[str]) -> tuple[str, list[tuple[Any, Any]]]:
+        from .check_targets import check_targets
+
+        return check_targets(obj, input_shape, sample, notes)
+
+    def is_custom_layer(self, layer: Any) -> bool:
+        from .check_targets import is_custom_layer
+
+        return is_custom_layer(layer)
+
+    def custom_layers(self, model: Any) -> list[Any]:
+        from .check_targets import custom_layers
+
+        return custom_layers(model)
+
+    def layer_probe(self, layer: Any, layer_input: Any) -> Any:
+        from .check_layer import LayerProbe
+
+        return LayerProbe(layer, layer_input)
+
+    def layer_checks(self) -> tuple[str, ...]:
+        """``export`` (SavedModel) and ``retracing`` (tf.function traces)."""
+        return ("export", "retracing")
+
+    def quiet_check_logs(self) -> Any:
+        from .check_layer import quiet_retracing_warnings
+
+        return quiet_retracing_warnings()
+
+    def check_environment(self) -> dict[str, str]:
+        import platform
+
+        import keras
+        import tensorflow as tf
+
+        return {"python": platform.python_version(), "tensorflow": tf.__version__,
+                "keras": keras.__version__, "platform": platform.platform()}
 
 
 def _reserve_single_region(tf: Any, budget_bytes: int) -> None:  # pragma: no cover - subprocess

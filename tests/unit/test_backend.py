@@ -1,0 +1,83 @@
+"""The backend seam without a backend: which one is configured, and the errors for a missing one.
+
+Nothing here imports TensorFlow: the configuration is read from the environment and keras.json,
+and "installed" is asked of the import system without importing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchfit.backend import (
+    SUPPORTED_BACKENDS,
+    Backend,
+    backend_name,
+    configured_backend,
+    require_backend,
+)
+from batchfit.errors import InvalidInputError, MissingBackendError
+
+
+@pytest.fixture
+def keras_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_keras_default_is_tensorflow(keras_home) -> None:
+    assert configured_backend() == "tensorflow"
+
+
+def test_keras_json_names_the_backend(keras_home) -> None:
+    (keras_home / "keras.json").write_text(json.dumps({"backend": "jax", "floatx": "float32"}))
+    assert configured_backend() == "jax"
+
+
+def test_environment_wins_over_keras_json(keras_home, monkeypatch) -> None:
+    (keras_home / "keras.json").write_text(json.dumps({"backend": "jax"}))
+    monkeypatch.setenv("KERAS_BACKEND", " TensorFlow ")
+    assert configured_backend() == "tensorflow"
+
+
+def test_a_broken_keras_json_is_keras_default(keras_home) -> None:
+    (keras_home / "keras.json").write_text("{not json")
+    assert configured_backend() == "tensorflow"
+
+
+@pytest.mark.parametrize("name", ["jax", "torch", "numpy"])
+def test_an_unsupported_backend_is_bad_input_naming_it(name, keras_home, monkeypatch) -> None:
+    monkeypatch.setenv("KERAS_BACKEND", name)
+    with pytest.raises(MissingBackendError, match=name) as info:
+        backend_name()
+    assert isinstance(info.value, InvalidInputError)  # the CLI's exit 2
+    assert "KERAS_BACKEND=tensorflow" in str(info.value)
+    assert "KERAS_BACKEND or keras.json" in str(info.value)
+
+
+def test_a_named_backend_is_checked_too() -> None:
+    with pytest.raises(MissingBackendError, match="'jax'"):
+        backend_name("jax")
+    assert backend_name("tensorflow") == "tensorflow"
+
+
+def test_a_framework_not_installed_gives_the_install_command(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorflow" else real(name, *a))
+    with pytest.raises(MissingBackendError, match=r"pip install 'batchfit\[cpu\]'"):
+        require_backend("tensorflow")
+
+
+def test_every_supported_backend_implements_the_whole_seam() -> None:
+    """No abstract method left unimplemented (a new method on Backend must be implemented)."""
+    from batchfit.backend.tensorflow import TensorFlowBackend
+
+    assert SUPPORTED_BACKENDS == ("tensorflow",)
+    assert issubclass(TensorFlowBackend, Backend)
+    assert not TensorFlowBackend.__abstractmethods__
+    assert TensorFlowBackend().name == "tensorflow"
