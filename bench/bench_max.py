@@ -34,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from batchfit.core.search import POLICY_NAMES
 from batchfit.verbs.maxbatch import find_max_batch_size
 from batchfit.verbs.verify import exhaustive_max, fit_rates
 
@@ -45,7 +46,9 @@ MODELS = {
 }
 DEFAULT_CASES = ["cnn:128MiB", "cnn:256MiB", "transformer:64MiB", "transformer:128MiB",
                  "lstm:16MiB", "lstm:32MiB"]
-STRATEGIES = ["guided", "binsearch", "power"]
+# The search policies (the option keeps its name, --strategies, and the JSON its key,
+# "strategies", so earlier results stay comparable).
+STRATEGIES = list(POLICY_NAMES)
 
 
 def run_case(case: str, strategies: list[str], truth: bool) -> dict:
@@ -64,7 +67,7 @@ def run_case(case: str, strategies: list[str], truth: bool) -> dict:
     for strategy in strategies:
         name_, _, tol = strategy.partition("@")
         extra = {"search_tolerance": float(tol)} if tol else {}
-        r = find_max_batch_size(spec, memory=memory, strategy=name_, **extra)
+        r = find_max_batch_size(spec, memory=memory, search=name_, **extra)
         row["strategies"][strategy] = {
             "max_batch_size": r.max_batch_size, "probes": len(r.probes),
             "ooms": r.oom_count, "seconds": round(r.seconds, 1), "bracketed": r.bracketed,
@@ -216,7 +219,9 @@ def rounds_markdown(data: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
-    ap.add_argument("--strategies", nargs="*", default=STRATEGIES)
+    ap.add_argument("--strategies", nargs="*", default=STRATEGIES,
+                    help="search policies to compare (search=); NAME@T: guided with "
+                         "search_tolerance=T")
     ap.add_argument("--no-truth", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench/results/max.json"))
     ap.add_argument("--markdown", metavar="JSON")

@@ -1,4 +1,7 @@
-"""find_max_batch_size with real TensorFlow: worker isolation, crashes, limits, clear errors."""
+"""find_max_batch_size with real TensorFlow, in this process: limits, clear errors, names.
+
+The searches that start worker processes (isolation, crashes) are in
+tests/process/test_maxbatch_workers.py."""
 
 from __future__ import annotations
 
@@ -7,13 +10,14 @@ import numpy as np
 import pytest
 
 import batchfit
-from batchfit.errors import InvalidInputError, NothingFitsError, ProbeFailedError
+from batchfit.errors import InvalidInputError, ProbeFailedError
 
 MODELS = "tests/models_for_tests.py"
 
 
 @pytest.mark.parametrize("kwargs, words", [
     ({"strategy": "fastest"}, "strategy"),
+    ({"search": "fastest"}, "search"),
     ({"granularity": 0}, "granularity"),
     ({"granularity": 2.5}, "granularity"),
     ({"headroom": 1.0}, "headroom"),
@@ -32,40 +36,6 @@ def test_bad_arguments_raise_clear_errors_before_any_probe(kwargs, words) -> Non
 def test_not_a_model_is_rejected() -> None:
     with pytest.raises(InvalidInputError, match="keras.Model"):
         batchfit.find_max_batch_size(42)
-
-
-def test_worker_crash_is_reported_and_the_search_goes_on() -> None:
-    seen = []
-    r = batchfit.find_max_batch_size(f"{MODELS}:killer_model", memory="256MiB", upper=96,
-                                     on_probe=seen.append)
-    crashed = [p for p in r.probes if p.outcome == "crashed"]
-    assert crashed, [p.outcome for p in r.probes]
-    assert all(p.batch_size > 48 for p in crashed)
-    assert "SIGKILL" in crashed[0].detail
-    assert r.max_batch_size == 48 and r.bracketed
-    assert any("killed the worker" in n for n in r.notes)
-    assert seen == r.probes
-
-
-def test_a_layer_that_refuses_large_batches_sets_the_limit() -> None:
-    r = batchfit.find_max_batch_size("batchfit.examples.models:seed_memory_aware",
-                                     memory="256MiB", upper=200)
-    assert r.max_batch_size == 64
-    refused = [p for p in r.probes if p.outcome == "refused"]
-    assert refused and all(p.batch_size > 64 for p in refused)
-    assert "exceeds maximum allowed 64" in refused[0].detail
-    assert r.oom_count == 0
-
-
-def test_model_object_is_probed_and_left_untouched() -> None:
-    from batchfit.examples.models import seed_sequence
-
-    model = seed_sequence()
-    before = [np.array(v.numpy(), copy=True) for v in model.variables]
-    r = batchfit.find_max_batch_size(model, memory="48MiB", upper=4096)
-    assert r.max_batch_size > 0
-    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.variables))
-    assert not model.optimizer.built or int(model.optimizer.iterations.numpy()) == 0
 
 
 def test_in_process_search_checks_measured_peaks_against_the_budget() -> None:
@@ -90,11 +60,43 @@ def test_model_that_cannot_train_at_all_gets_its_own_error() -> None:
             data=(np.zeros((4, 3), "float32"), np.zeros((4, 1), "float32")))
 
 
-def test_nothing_fits_states_the_fixed_cost_against_the_budget() -> None:
-    from batchfit.workers.server import fork_server_status
+def test_a_tf_distribute_strategy_passed_as_strategy_says_to_pass_it_as_distribute() -> None:
+    import tensorflow as tf
+    from models_for_tests import seed_wide
 
-    with pytest.raises(NothingFitsError) as info:
-        batchfit.find_max_batch_size(f"{MODELS}:huge_model", memory="56MiB")
-    assert info.value.budget_bytes == 56 << 20
-    assert "MiB" in str(info.value)
-    assert fork_server_status().users == 0  # the failed search let go of its server
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    for model in (seed_wide(), f"{MODELS}:seed_wide"):
+        with pytest.raises(InvalidInputError, match="distribute=") as info:
+            batchfit.find_max_batch_size(model, strategy=strategy)
+        assert "MirroredStrategy" in str(info.value)
+
+
+def test_the_old_name_strategy_warns_and_searches_with_that_policy() -> None:
+    from models_for_tests import seed_wide
+
+    with pytest.warns(FutureWarning, match="search="):
+        old = batchfit.find_max_batch_size(seed_wide(), memory="32MiB", isolate="none",
+                                           strategy="binsearch", upper=256)
+    new = batchfit.find_max_batch_size(seed_wide(), memory="32MiB", isolate="none",
+                                       search="binsearch", upper=256)
+    assert old.search == new.search == "binsearch"
+    assert [p.batch_size for p in old.probes][:3] == [2, 4, 8]  # binsearch's own start
+    with pytest.raises(InvalidInputError, match="search= only"):
+        batchfit.find_max_batch_size(seed_wide(), search="power", strategy="binsearch")
+
+
+def test_one_resolver_for_a_spec_a_factory_and_a_model_object() -> None:
+    from models_for_tests import seed_wide
+
+    from batchfit.verbs.resolve import resolve
+
+    spec = resolve(f"{MODELS}:seed_wide")
+    assert spec.model is None and spec.rebuildable == f"{MODELS}:seed_wide"
+    assert (spec.strategy, spec.replicas, spec.distribute, spec.multiworker) == (None, 1, "", False)
+    built = resolve(seed_wide, build=True)
+    assert built.model is not None and not built.given_object and built.rebuildable is seed_wide
+    model = seed_wide()
+    given = resolve(model)
+    assert given.given_object and given.rebuildable is model and given.name == model.name
+    with pytest.raises(InvalidInputError, match="keras.Model"):
+        resolve(None)

@@ -18,7 +18,7 @@ def _result() -> MaxBatchResult:
               Probe(65, False, "oom", None, 10.2, None, "ResourceExhaustedError: OOM when ...")]
     return MaxBatchResult(
         max_batch_size=64, safe_batch_size=57, headroom=0.1, memory_budget_bytes=48 << 20,
-        budget_source="user", device="CPU:0", isolation="process", strategy="guided",
+        budget_source="user", device="CPU:0", isolation="process", search="guided",
         granularity=1, upper_bound=1 << 20, bracketed=True,
         memory_model=MemoryModel(6e6, 5.6e5, 0.999, 2), probes=probes, seconds=12.1,
         model_name="m", notes=["a note"], environment={"tensorflow": "2.21.0"})
@@ -34,14 +34,56 @@ def test_round_trip_is_exact(tmp_path) -> None:
 
 def test_json_has_the_documented_keys() -> None:
     data = json.loads(_result().to_json())
-    for key in ("max_batch_size", "safe_batch_size", "memory_budget_bytes", "strategy",
-                "probes", "schema_version", "oom_count"):
+    for key in ("max_batch_size", "safe_batch_size", "memory_budget_bytes", "search",
+                "strategy", "probes", "schema_version", "oom_count"):
         assert key in data
     assert data["schema_version"] == SCHEMA_VERSION
     assert data["oom_count"] == 1
     for p in data["probes"]:
         assert {"batch_size", "fits", "peak_bytes", "seconds"} <= set(p)
         assert isinstance(p["fits"], bool)
+
+
+def test_the_search_policy_is_saved_under_both_names_for_one_release() -> None:
+    data = json.loads(_result().to_json())
+    assert data["search"] == data["strategy"] == "guided"  # an older batchfit reads "strategy"
+
+
+def test_a_run_saved_before_the_rename_still_loads() -> None:
+    data = json.loads(_result().to_json())
+    del data["search"]                      # as written before search= replaced strategy=
+    data["strategy"] = "binsearch"
+    loaded = load_result(json.dumps(data))
+    assert isinstance(loaded, MaxBatchResult)
+    assert loaded.search == "binsearch"
+    assert loaded == MaxBatchResult.from_dict(data)
+
+
+def test_a_tune_run_saved_before_the_rename_still_loads() -> None:
+    from batchfit.results import (
+        Recommendation,
+        ThroughputPoint,
+        ThroughputResult,
+        TuneResult,
+    )
+
+    tune = TuneResult(
+        recommendation=Recommendation(batch_size=32, decided_by="throughput", reasons=(),
+                                      verdicts=()),
+        max_batch=_result(),
+        throughput=ThroughputResult(points=[ThroughputPoint(batch_size=32, outcome="ok",
+                                                            samples_per_second=100.0)],
+                                    knee=32, tolerance=0.05, device="CPU:0",
+                                    window_target_seconds=0.3, gpu_metrics=""))
+    data = json.loads(tune.to_json())
+    del data["max_batch"]["search"]
+    loaded = load_result(json.dumps(data))
+    assert loaded == tune and loaded.max_batch.search == "guided"
+
+
+def test_the_old_attribute_name_warns_and_answers() -> None:
+    with pytest.warns(FutureWarning, match="search"):
+        assert _result().strategy == "guided"
 
 
 def test_newer_schema_is_refused_with_advice() -> None:

@@ -1,11 +1,12 @@
-"""profile_throughput on real tiny Keras models: warm-up excluded, steps adapted, model untouched."""
+"""profile_throughput on real tiny Keras models: warm-up excluded, steps adapted, model untouched.
+
+A size that runs out of memory under a real allocator cap needs a capped child process: that
+test is in tests/process/test_throughput_capped.py."""
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -16,26 +17,6 @@ from batchfit.backend.tensorflow.probe import ModelState
 from batchfit.errors import InvalidInputError
 from batchfit.examples.models import demo_model, seed_mlp
 from batchfit.verbs.throughput import profile_throughput
-
-HERE = Path(__file__).resolve().parents[1]  # tests/
-sys.path.insert(0, str(HERE))
-from child_support import ChildRuns
-
-sys.path.remove(str(HERE))
-
-# A capped child (tests/fit_child.py, 34 MiB: 64 sequences of 256 overflow it, 32 fit).
-_CHILDREN = ChildRuns(HERE / "fit_child.py", {"capped_profile": (["profile_oom"], 34)},
-                      timeout=300)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _child_early(request):
-    yield from _CHILDREN.early(request)
-
-
-@pytest.fixture(scope="module")
-def capped_profile() -> dict:
-    return _CHILDREN.result("capped_profile")["profile_oom"]
 
 
 @pytest.fixture(scope="module")
@@ -161,17 +142,6 @@ def test_bad_arguments_are_named(kwargs, word) -> None:
 def test_not_a_model_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="keras.Model"):
         profile_throughput(np.zeros(3), [4])
-
-
-def test_a_size_that_runs_out_of_memory_is_reported_and_larger_ones_skipped(
-        capped_profile) -> None:
-    points = {p["batch_size"]: p for p in capped_profile["points"]}
-    assert [points[b]["outcome"] for b in (8, 32, 64, 128)] == ["ok", "ok", "oom", "skipped"]
-    assert points[64]["detail"].startswith("ResourceExhaustedError: OOM when allocating")
-    assert "64 ran out of memory" in points[128]["detail"]
-    assert points[32]["samples_per_second"] > 0 and points[64]["samples_per_second"] is None
-    assert capped_profile["knee"] in (8, 32)  # chosen among the sizes that ran
-    assert capped_profile["weights_unchanged"]
 
 
 class _Sleep(keras.layers.Layer):

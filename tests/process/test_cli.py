@@ -27,6 +27,12 @@ MODELS = "tests/models_for_tests.py"
     (["max", f"{MODELS}:seed_wide", "--memory", "64MiB", "--input-shape", "=12"],
      ["--input-shape", "NAME=DIMS"]),
     (["report", "no/such/run.json"], ["no such result file"]),
+    # --strategy is the search policy's old name, not tf.distribute
+    (["max", f"{MODELS}:seed_wide", "--strategy", "mirrored"], ["--distribute mirrored"]),
+    (["tune", f"{MODELS}:seed_wide", "--strategy", "multiworker"], ["--distribute multiworker"]),
+    (["max", f"{MODELS}:seed_wide", "--strategy", "fastest"], ["--strategy", "guided"]),
+    (["max", f"{MODELS}:seed_wide", "--search", "power", "--strategy", "power"],
+     ["--search only"]),
 ])
 def test_bad_input_exits_2_with_a_clear_message_and_no_traceback(args, words, capsys,
                                                                  monkeypatch) -> None:
@@ -68,10 +74,11 @@ def test_max_writes_json_that_report_re_renders(run_cli, tmp_path) -> None:
     proc = run_cli("max", f"{MODELS}:seed_wide", "--memory", "48MiB", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    for key in ("max_batch_size", "safe_batch_size", "memory_budget_bytes", "strategy", "probes"):
+    for key in ("max_batch_size", "safe_batch_size", "memory_budget_bytes", "search",
+                "strategy", "probes"):
         assert key in data
     assert data["memory_budget_bytes"] == 48 << 20
-    assert data["strategy"] == "guided"
+    assert data["search"] == data["strategy"] == "guided"
     assert 0 < data["safe_batch_size"] <= data["max_batch_size"]
     fitting = [p for p in data["probes"] if p["fits"]]
     assert max(p["batch_size"] for p in fitting) == data["max_batch_size"]
@@ -87,7 +94,7 @@ def _saved_max_run(tmp_path: Path) -> Path:
 
     r = MaxBatchResult(
         max_batch_size=64, safe_batch_size=57, headroom=0.1, memory_budget_bytes=48 << 20,
-        budget_source="user", device="CPU:0", isolation="process", strategy="guided",
+        budget_source="user", device="CPU:0", isolation="process", search="guided",
         granularity=1, upper_bound=1 << 20, bracketed=True,
         memory_model=MemoryModel(6e6, 5.6e5, 0.999, 2),
         probes=[Probe(8, True, "fits", 10 << 20, 1.5), Probe(64, True, "fits", 40 << 20, 0.4),
@@ -175,3 +182,19 @@ def test_progress_lines_stay_one_line_each_when_stdout_is_not_a_terminal() -> No
 def test_version_and_help(run_cli) -> None:
     assert run_cli("--version").stdout.startswith("batchfit ")
     assert run_cli().returncode == 2
+
+
+@pytest.mark.parametrize("option", ["--search", "--strategy"])
+def test_search_names_the_policy_and_strategy_still_works_with_a_warning(run_cli, tmp_path,
+                                                                         option) -> None:
+    out = tmp_path / "run.json"
+    proc = run_cli("max", f"{MODELS}:seed_wide", "--memory", "48MiB", option, "binsearch",
+                   "--max-batch", "64", "--quiet", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["search"] == "binsearch"
+    assert [p["batch_size"] for p in data["probes"]][:2] == [2, 4]  # binsearch's own start
+    deprecated = "--strategy is deprecated" in proc.stderr
+    assert deprecated == (option == "--strategy"), proc.stderr
+    if deprecated:
+        assert "use --search" in proc.stderr

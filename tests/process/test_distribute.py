@@ -219,7 +219,7 @@ def test_cli_bad_distribute_exits_2_without_traceback(capsys) -> None:
 def test_report_shows_per_replica_and_global() -> None:
     r = MaxBatchResult(
         max_batch_size=48, safe_batch_size=40, headroom=0.1, memory_budget_bytes=64 << 20,
-        budget_source="user", device="CPU:0", isolation="process", strategy="guided",
+        budget_source="user", device="CPU:0", isolation="process", search="guided",
         granularity=1, upper_bound=1 << 20, bracketed=True, memory_model=None,
         replicas=2, distribute="mirrored")
     text = _render(r)
@@ -230,7 +230,7 @@ def test_report_shows_per_replica_and_global() -> None:
 def test_old_json_without_replicas_loads_as_one_device() -> None:
     r = MaxBatchResult(
         max_batch_size=48, safe_batch_size=40, headroom=0.1, memory_budget_bytes=64 << 20,
-        budget_source="user", device="CPU:0", isolation="process", strategy="guided",
+        budget_source="user", device="CPU:0", isolation="process", search="guided",
         granularity=1, upper_bound=1 << 20, bracketed=True, memory_model=None)
     data = json.loads(r.to_json())
     for key in ("replicas", "distribute", "global_max_batch_size", "global_safe_batch_size"):

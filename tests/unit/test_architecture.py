@@ -26,12 +26,6 @@ FRAMEWORKS = ("tensorflow", "keras", "tf_keras")
 # The built-in example models are Keras models by definition (the seed's layers are TensorFlow
 # custom layers, verbatim): they are the user's side of the seam, not batchfit's.
 USER_SIDE = ("batchfit.examples",)
-# Verbs whose execution still sits beside their orchestration, to be moved behind the backend
-# seam (issue: restructure). The test fails when a module leaves or joins this list without the
-# list being updated, so it can only shrink.
-NOT_YET_BEHIND_THE_SEAM = {
-    "batchfit.verbs.throughput",
-}
 
 
 def _module_name(path: Path) -> str:
@@ -122,7 +116,7 @@ def test_cycle_detector_finds_a_planted_cycle() -> None:
 def test_only_the_tensorflow_backend_imports_a_framework() -> None:
     offenders = []
     for name, path in _modules().items():
-        if name.startswith((BACKEND_PKG, *USER_SIDE)) or name in NOT_YET_BEHIND_THE_SEAM:
+        if name.startswith((BACKEND_PKG, *USER_SIDE)):
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
@@ -132,17 +126,14 @@ def test_only_the_tensorflow_backend_imports_a_framework() -> None:
     assert offenders == [], "\n".join(offenders)
 
 
-def test_modules_not_yet_behind_the_seam_are_listed_exactly() -> None:
-    """Each listed verb still imports a framework; none outside the list does (above)."""
-    still = set()
-    for name in NOT_YET_BEHIND_THE_SEAM:
-        tree = ast.parse(_modules()[name].read_text(encoding="utf-8"))
-        if any((isinstance(n, ast.Import) and any(a.name.split(".")[0] in FRAMEWORKS
-                                                   for a in n.names))
-               or (isinstance(n, ast.ImportFrom) and not n.level
-                   and (n.module or "").split(".")[0] in FRAMEWORKS) for n in ast.walk(tree)):
-            still.add(name)
-    assert still == NOT_YET_BEHIND_THE_SEAM
+def test_verbs_reach_the_backend_only_through_the_seam() -> None:
+    """A verb calls ``get_backend()``; it never imports ``batchfit.backend.tensorflow``
+    (not even lazily)."""
+    graph = _graph()
+    bad = {m: sorted(t for t in deps if t == BACKEND_PKG or t.startswith(BACKEND_PKG + "."))
+           for m, deps in graph.items()
+           if m.startswith("batchfit.verbs")}
+    assert {m: d for m, d in bad.items() if d} == {}
 
 
 def test_core_imports_only_core_results_and_errors() -> None:
@@ -151,24 +142,6 @@ def test_core_imports_only_core_results_and_errors() -> None:
                      if not t.startswith(("batchfit.core", "batchfit.errors", "batchfit.results")))
            for m, deps in graph.items() if m.startswith("batchfit.core")}
     assert {m: d for m, d in bad.items() if d} == {}
-
-
-def _imports_framework_at_top(path: Path) -> bool:
-    """Whether the module imports a framework in its body (not inside a function)."""
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.Import) and any(a.name.split(".")[0] in FRAMEWORKS
-                                                for a in node.names):
-            return True
-        if (isinstance(node, ast.ImportFrom) and not node.level
-                and (node.module or "").split(".")[0] in FRAMEWORKS):
-            return True
-    return False
-
-
-def test_only_listed_verbs_import_a_framework_when_imported() -> None:
-    tops = {n for n, p in _modules().items()
-            if not n.startswith((BACKEND_PKG, *USER_SIDE)) and _imports_framework_at_top(p)}
-    assert tops <= NOT_YET_BEHIND_THE_SEAM
 
 
 def _packages() -> list[str]:
@@ -181,8 +154,7 @@ def test_package_imports_without_tensorflow(package: str) -> None:
     """Importing the package and each of its own modules loads neither TensorFlow nor Keras."""
     modules = [n for n, p in _modules().items()
                if n == package or (n.rpartition(".")[0] == package and p.name != "__init__.py"
-                                   and not n.endswith("__main__")
-                                   and not _imports_framework_at_top(p))]
+                                   and not n.endswith("__main__"))]
     code = ("import importlib, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             f"bad = [m for m in {FRAMEWORKS!r} if m in sys.modules]\n"

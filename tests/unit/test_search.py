@@ -10,13 +10,17 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from batchfit.core.search import (
+    DEFAULT_SEARCH,
+    POLICY_NAMES,
     BinsearchPolicy,
     GuidedPolicy,
     PowerPolicy,
     SearchPolicy,
     Trial,
+    check_search,
     make_policy,
     run_search,
+    search_argument,
 )
 from batchfit.core.simulate import SimulatedDevice, search_cost
 from batchfit.errors import InvalidInputError
@@ -410,3 +414,47 @@ def test_guided_splits_in_half_after_a_cheap_failure() -> None:
     oom = GuidedPolicy(None).next_size([fit, Trial(200, False)])
     cheap = GuidedPolicy(None).next_size([fit, Trial(200, False, peak_bytes=990)])
     assert oom == 135 and cheap == 150
+
+
+# ------------------------------------------------------------- search= and its old name
+
+
+class _FakeDistribution:
+    """Looks like a tf.distribute strategy to batchfit (no TensorFlow in unit tests)."""
+
+    num_replicas_in_sync = 2
+
+    def scope(self) -> None:  # pragma: no cover - never entered
+        return None
+
+
+def test_every_policy_name_is_a_search_and_guided_is_the_default() -> None:
+    assert DEFAULT_SEARCH == "guided" and DEFAULT_SEARCH in POLICY_NAMES
+    assert [check_search(n) for n in POLICY_NAMES] == list(POLICY_NAMES)
+    assert [make_policy(n).name for n in POLICY_NAMES] == list(POLICY_NAMES)
+    assert search_argument() == DEFAULT_SEARCH
+    assert search_argument("power") == "power"
+
+
+def test_the_old_name_strategy_warns_and_works() -> None:
+    with pytest.warns(FutureWarning, match="search="):
+        assert search_argument(None, "binsearch") == "binsearch"
+
+
+def test_an_unknown_policy_names_the_choices() -> None:
+    with pytest.raises(InvalidInputError, match="guided, binsearch, power"):
+        check_search("fastest")
+    with pytest.warns(FutureWarning), pytest.raises(InvalidInputError, match="strategy"):
+        search_argument(strategy="fastest")
+
+
+def test_a_distribution_strategy_passed_as_strategy_names_distribute() -> None:
+    for kwargs in ({"strategy": _FakeDistribution()}, {"search": _FakeDistribution()}):
+        with pytest.raises(InvalidInputError, match="distribute=") as info:
+            search_argument(**kwargs)
+        assert "_FakeDistribution" in str(info.value)
+
+
+def test_search_and_strategy_together_are_refused() -> None:
+    with pytest.raises(InvalidInputError, match="search= only"):
+        search_argument("guided", "power")

@@ -17,7 +17,9 @@ What a backend provides, grouped by who needs it:
   user's examples, pairs of squared gradient norms at two batch sizes, the model left
   unchanged);
 - **distribution**: resolving ``distribute=`` to the backend's strategy, its replicas and their
-  devices and memory;
+  devices and memory, the scope a model is built in;
+- **throughput**: the device steps are timed on, and the timed windows of the model's own
+  training step at several batch sizes (the statistics are pure, in :mod:`batchfit.core`);
 - **check** (``batchfit check``): what to check in a model or a layer, and a probe of one
   layer that calls, traces, fits and exports it; the checks that only make sense on one
   framework (SavedModel export, ``tf.function`` traces) are that backend's;
@@ -38,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib.util
 import json
 import os
@@ -170,42 +173,36 @@ class Backend(abc.ABC):
         """Whether a layer of ``model`` mixes a batch's examples in training (BatchNorm)."""
 
     # -- distribution --------------------------------------------------------------------------
+    # A "strategy" here is the backend's own distribution object (a ``tf.distribute.Strategy``
+    # on TensorFlow), or ``None`` for one device; every method takes ``None`` without
+    # importing the framework.
     @abc.abstractmethod
     def resolve_distribute(self, distribute: Any, model: Any = None) -> Any:
         """The backend's strategy for ``distribute=`` (or the one ``model`` was built under)."""
 
-    # -- fit: the resilient fit's execution (decisions: batchfit.core.fit_control) -------------
     @abc.abstractmethod
-    def check_fit_model(self, model: Any) -> None:
-        """Refuse (:class:`~batchfit.errors.InvalidInputError`) a model ``fit`` cannot train."""
+    def is_multiworker(self, strategy: Any) -> bool:
+        """Whether ``strategy`` spans several worker processes (hosts)."""
 
     @abc.abstractmethod
-    def fit_strategy(self, distribute: Any, model: Any) -> Any:
-        """The strategy ``fit`` trains under (``None``: one device), or a clear refusal."""
-
-    @abc.abstractmethod
-    def fit_replicas(self, strategy: Any) -> int:
+    def num_replicas(self, strategy: Any) -> int:
         """Replicas in sync under ``strategy`` (1 for ``None``)."""
 
     @abc.abstractmethod
-    def fit_inputs(self, x: Any, batch_size: int | None) -> tuple[Any, int | None]:
-        """``(x, batch_size for the framework's fit)``: a dataset re-batched, arrays checked."""
+    def distribute_name(self, strategy: Any) -> str:
+        """``"mirrored"``, ``"multiworker"``, another strategy's class name, or ``""``."""
 
     @abc.abstractmethod
-    def run_fit(self, model: Any, x: Any, y: Any, *, control: Any, strategy: Any,
-                fit_batch: int | None, logger: Any, fit_kwargs: dict[str, Any]
-                ) -> tuple[Any, int]:
-        """Train with the framework's ``fit`` loop, executing ``control``'s decisions.
-
-        Returns ``(history, largest)``: the framework's history and the largest training
-        batch that ran without the controller seeing it (0 when none).
-        """
+    def probe_device(self, strategy: Any) -> str:
+        """The one device a per-replica probe runs on: ``"GPU:0"`` or ``"CPU:0"``."""
 
     @abc.abstractmethod
-    def fit_multiworker_session(self, model: Any, strategy: Any, timeout: float | None) -> Any:
-        """What ``fit_multiworker`` runs on: the model checked and built, a per-step trainer,
-        the data helpers and the allocator's peak (see
-        :class:`batchfit.backend.tensorflow.fit_multiworker.MultiWorkerSession`)."""
+    def smallest_device_memory(self, strategy: Any) -> tuple[int | None, str]:
+        """``(bytes, note)``: the memory of the smallest replica device on this host."""
+
+    def distribute_scope(self, strategy: Any) -> contextlib.AbstractContextManager[Any]:
+        """The context a model is built in to live under ``strategy`` (none for ``None``)."""
+        return contextlib.nullcontext() if strategy is None else strategy.scope()
 
     # multi-worker collectives: what workers need to agree (every worker calls each of these)
     @abc.abstractmethod
@@ -237,6 +234,58 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def upstream_fit_failure(self, strategy: Any) -> str:
         """The error :meth:`upstream_fit_works`'s probe caught on this worker (``""`` if none)."""
+
+    # -- throughput ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def timing_device(self, device: str | None) -> str:
+        """The device throughput is timed on: ``device``, else the accelerator if any."""
+
+    @abc.abstractmethod
+    def measure_throughput(self, model: Any, batch_fn: BatchFn, sizes: list[int], plan: Any, *,
+                           device: str, gpu_metrics: bool) -> tuple[list[Any], float]:
+        """Time ``model``'s own training step at each size, leaving the model as it was.
+
+        Args:
+            model: the compiled model (under a strategy, sizes are global batches).
+            batch_fn: ``batch_fn(b) -> (x, y)``.
+            sizes: the batch sizes, ascending.
+            plan: a :class:`~batchfit.core.throughput.TimingPlan` (windows, warm-up).
+            device: where the steps run (see :meth:`timing_device`).
+            gpu_metrics: sample the GPU's utilization and memory during the windows.
+
+        Returns:
+            ``(points, trace_seconds)``: a :class:`~batchfit.results.ThroughputPoint` per size
+            in ``sizes`` order, and the seconds spent tracing (excluded from the timing).
+        """
+
+    # -- fit: the resilient fit's execution (decisions: batchfit.core.fit_control) -------------
+    @abc.abstractmethod
+    def check_fit_model(self, model: Any) -> None:
+        """Refuse (:class:`~batchfit.errors.InvalidInputError`) a model ``fit`` cannot train."""
+
+    @abc.abstractmethod
+    def fit_strategy(self, distribute: Any, model: Any) -> Any:
+        """The strategy ``fit`` trains under (``None``: one device), or a clear refusal."""
+
+    @abc.abstractmethod
+    def fit_inputs(self, x: Any, batch_size: int | None) -> tuple[Any, int | None]:
+        """``(x, batch_size for the framework's fit)``: a dataset re-batched, arrays checked."""
+
+    @abc.abstractmethod
+    def run_fit(self, model: Any, x: Any, y: Any, *, control: Any, strategy: Any,
+                fit_batch: int | None, logger: Any, fit_kwargs: dict[str, Any]
+                ) -> tuple[Any, int]:
+        """Train with the framework's ``fit`` loop, executing ``control``'s decisions.
+
+        Returns ``(history, largest)``: the framework's history and the largest training
+        batch that ran without the controller seeing it (0 when none).
+        """
+
+    @abc.abstractmethod
+    def fit_multiworker_session(self, model: Any, strategy: Any, timeout: float | None) -> Any:
+        """What ``fit_multiworker`` runs on: the model checked and built, a per-step trainer,
+        the data helpers and the allocator's peak (see
+        :class:`batchfit.backend.tensorflow.fit_multiworker.MultiWorkerSession`)."""
 
     # -- compile-time memory (the estimate issue) ---------------------------------------------
     def compiled_step_memory(self, model: Any, batch_size: int) -> dict[str, int]:

@@ -73,5 +73,14 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
                         f"(default: the built-in example {DEMO_MODEL} under {DEMO_MEMORY})")
 
 
+def warn(message: str) -> None:
+    """Print a warning on stderr, one line (the answer on stdout stays clean)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("warning: ", "bold yellow"),
+                                                             message))
+
+
 def add_debug_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")

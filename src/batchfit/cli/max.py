@@ -6,6 +6,8 @@ import argparse
 
 from rich.console import Console
 
+from ..core.search import DEFAULT_SEARCH, POLICY_NAMES, check_search
+from ..errors import InvalidInputError
 from ._common import (
     DEMO_MEMORY,
     DEMO_MODEL,
@@ -13,6 +15,7 @@ from ._common import (
     add_debug_argument,
     add_model_argument,
     parse_input_shapes,
+    warn,
     write_outputs,
 )
 
@@ -33,7 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def add_search_arguments(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
     """Options of the memory search, shared with ``tune`` (whose search has no ``steps=``)."""
     p.add_argument("--memory", help="budget, e.g. 16GiB or 512MiB (default: the device's memory)")
-    p.add_argument("--strategy", default="guided", choices=["guided", "binsearch", "power"])
+    p.add_argument("--search", default=None, choices=POLICY_NAMES,
+                   help=f"the memory search policy (default {DEFAULT_SEARCH})")
+    p.add_argument("--strategy", default=None, metavar="{" + ",".join(POLICY_NAMES) + "}",
+                   help="deprecated name of --search (goes in the next release)")
     p.add_argument("--granularity", type=int, default=1, help="search multiples of N (default 1)")
     p.add_argument("--search-tolerance", type=float, default=0.02, metavar="FRACTION",
                    help="guided search: stop once the answer is within this fraction below "
@@ -55,6 +61,21 @@ def add_search_arguments(p: argparse.ArgumentParser, *, steps: bool = True) -> N
                         "reported too")
 
 
+def search_option(args: argparse.Namespace) -> str:
+    """``--search``, or its deprecated alias ``--strategy`` (with a warning on stderr)."""
+    if args.strategy is None:
+        return args.search or DEFAULT_SEARCH
+    if args.strategy in ("mirrored", "multiworker"):
+        raise InvalidInputError(
+            f"--strategy (now --search) is the memory search policy ({', '.join(POLICY_NAMES)}), "
+            f"not tf.distribute: to train under a {args.strategy} strategy pass --distribute "
+            f"{args.strategy}")
+    if args.search is not None:
+        raise InvalidInputError("give --search only: --strategy is its deprecated old name")
+    warn("--strategy is deprecated and will be removed in the next release: use --search")
+    return check_search(args.strategy, name="--strategy")
+
+
 def resolve_model(args: argparse.Namespace, console: Console) -> tuple[str, str | None]:
     """The MODEL and memory to use: the built-in example on an emulated device when none given."""
     model, memory = args.model, args.memory
@@ -72,7 +93,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     model, memory = resolve_model(args, console)
     result = find_max_batch_size(
-        model, memory=memory, strategy=args.strategy, granularity=args.granularity,
+        model, memory=memory, search=search_option(args), granularity=args.granularity,
         data=args.data, input_shapes=parse_input_shapes(args.input_shape),
         upper=args.max_batch, headroom=args.headroom, steps=args.steps, isolate=args.isolate,
         device=args.device, on_probe=None if args.quiet else ProbeLog(console),

@@ -16,7 +16,7 @@ from ._common import (
     parse_input_shapes,
     write_outputs,
 )
-from .max import add_search_arguments, resolve_model
+from .max import add_search_arguments, resolve_model, search_option
 
 HELP = "the batch size to train with: memory, throughput, one recommendation"
 
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if args.target is not None and args.target < 1:
         raise InvalidInputError(f"--target must be >= 1, got {args.target}")
+    search = search_option(args)
     sizes = _sizes(args.batch_sizes)
     if args.plot:
         check_plot_path(args.plot)
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 status.update(labels.get(name, name))  # type: ignore[attr-defined]
 
         result = tune(
-            model, memory=memory, data=args.data, strategy=args.strategy,
+            model, memory=memory, data=args.data, search=search,
             granularity=args.granularity, input_shapes=parse_input_shapes(args.input_shape),
             search_tolerance=args.search_tolerance,
             upper=args.max_batch, headroom=args.headroom, target=args.target, noise_scale=noise,

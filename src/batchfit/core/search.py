@@ -35,26 +35,33 @@ from __future__ import annotations
 
 import abc
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import InvalidInputError
-from .memory_model import fit_memory_model, local_pair
 from .validate import check_fraction, check_int, is_int, is_number
 
 __all__ = [
+    "DEFAULT_SEARCH",
     "POLICY_NAMES",
     "BinsearchPolicy",
     "GuidedPolicy",
     "PowerPolicy",
     "SearchPolicy",
     "Trial",
+    "check_search",
     "make_policy",
     "run_search",
+    "search_argument",
 ]
 
-#: Names :func:`make_policy` accepts.
+#: Names :func:`make_policy` accepts: the values of ``search=`` / ``--search``, defined here
+#: only (the verbs, the CLI and the benchmarks read them from here).
 POLICY_NAMES = ("guided", "binsearch", "power")
+#: The policy batchfit searches with unless told otherwise.
+DEFAULT_SEARCH = "guided"
 
 
 @dataclass(frozen=True)
@@ -670,6 +677,10 @@ class GuidedPolicy(SearchPolicy):
                       budget: float, fails: list[int], streak: int, crawl: int,
                       prev_lo: int, split: float) -> float | None:
         """Model-guided size, or ``None`` when the local line is no guide."""
+        # Imported here: the policy names above are read by the CLI's parser, which stays
+        # free of NumPy (the memory model's) until a command runs.
+        from .memory_model import fit_memory_model, local_pair
+
         g = self.granularity
         (a, m_a), (p, m_p) = local_pair(peaks, near=lo, min_span=max(g, lo // self.span))
         slope = (m_a - m_p) / (a - p)
@@ -721,6 +732,88 @@ class GuidedPolicy(SearchPolicy):
 
 
 # ------------------------------------------------------------------------------ entry points
+
+
+def _is_distribution(obj: Any) -> bool:
+    """Whether ``obj`` looks like a distribution strategy (``tf.distribute.Strategy``)."""
+    return hasattr(obj, "scope") and hasattr(obj, "num_replicas_in_sync")
+
+
+def check_search(search: Any, *, name: str = "search") -> str:
+    """``search`` when it names a search policy of :data:`POLICY_NAMES`.
+
+    Args:
+        search: what the caller passed.
+        name: the argument as the caller wrote it (``"search"``, ``"strategy"`` for the
+            deprecated alias, or a CLI option, ``"--strategy"``).
+
+    Returns:
+        The policy's name.
+
+    Raises:
+        InvalidInputError: anything else; a ``tf.distribute`` strategy gets a message that
+            says to pass it as ``distribute=``.
+
+    Example:
+
+    >>> check_search("binsearch")
+    'binsearch'
+    >>> check_search("fastest")
+    Traceback (most recent call last):
+    ...
+    batchfit.errors.InvalidInputError: unknown search policy 'fastest' (search=): choose one of guided, binsearch, power
+    """
+    if isinstance(search, str) and search in POLICY_NAMES:
+        return search
+    arg = name if name.startswith("-") else f"{name}="  # a CLI option, or a keyword
+    if _is_distribution(search):
+        raise InvalidInputError(
+            f"{arg} is the memory search policy ({', '.join(POLICY_NAMES)}), not a "
+            f"tf.distribute strategy: pass the {type(search).__name__} as distribute= "
+            f"(e.g. find_max_batch_size(model, distribute=strategy))")
+    shown = repr(search) if isinstance(search, (str, int, float)) or search is None else (
+        f"<{type(search).__name__}>")
+    raise InvalidInputError(f"unknown search policy {shown} ({arg}): choose one of "
+                            f"{', '.join(POLICY_NAMES)}")
+
+
+def search_argument(search: Any = None, strategy: Any = None, *, stacklevel: int = 3) -> str:
+    """The search policy from ``search=`` and its deprecated alias ``strategy=``.
+
+    ``strategy=`` was the search policy's name until ``search=`` replaced it (``strategy``
+    means ``tf.distribute`` everywhere else, which is ``distribute=``); it still works for
+    one release, with a :class:`FutureWarning` (shown to users by default, unlike a
+    ``DeprecationWarning``).
+
+    Args:
+        search: ``"guided"``, ``"binsearch"``, ``"power"``, or ``None`` for
+            :data:`DEFAULT_SEARCH`.
+        strategy: the deprecated alias of ``search`` (``None`` when not given).
+        stacklevel: where the warning points, as for :func:`warnings.warn` (default: the
+            caller of the function that calls this one).
+
+    Returns:
+        The policy's name.
+
+    Raises:
+        InvalidInputError: an unknown policy, both arguments given, or a ``tf.distribute``
+            strategy (the message says to pass it as ``distribute=``).
+
+    Example:
+
+    >>> search_argument(), search_argument("power")
+    ('guided', 'power')
+    """
+    if strategy is None:
+        return check_search(DEFAULT_SEARCH if search is None else search)
+    if _is_distribution(strategy):
+        check_search(strategy, name="strategy")  # raises: pass it as distribute=
+    if search is not None:
+        raise InvalidInputError("give search= only: strategy= is its deprecated old name")
+    warnings.warn("strategy= is deprecated and will be removed in the next release: the search "
+                  "policy is search= (a tf.distribute strategy goes in distribute=)",
+                  FutureWarning, stacklevel=stacklevel)
+    return check_search(strategy, name="strategy")
 
 
 def make_policy(name: str, *, budget_bytes: float | None = None, granularity: int = 1,

@@ -1,7 +1,8 @@
 """Throughput statistics, pure: size grids, step-count adaptation, window summaries, the knee.
 
-Nothing here imports TensorFlow; :mod:`batchfit.verbs.throughput` measures, this module decides
-what to measure and what the measurements say.
+Nothing here imports TensorFlow; the backend measures (``Backend.measure_throughput``,
+orchestrated by :mod:`batchfit.verbs.throughput`), this module decides what to measure and what
+the measurements say.
 
 Example:
 
@@ -21,8 +22,39 @@ from dataclasses import dataclass
 from ..errors import InvalidInputError
 from .validate import check_int
 
-__all__ = ["WindowStats", "geometric_grid", "knee", "median_error", "needs_more_windows",
+__all__ = ["TimingPlan", "WindowStats", "geometric_grid", "knee", "median_error", "needs_more_windows",
            "steps_per_window", "summarize_windows", "window_rates"]
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How each batch size is timed: windows of about equal wall time, after untimed warm-up.
+
+    Args:
+        window_seconds: wall time each timed window aims at.
+        windows: timed windows per size at least (the median is reported).
+        max_windows: timed windows per size at most; past ``windows`` a size gets more while
+            its median's estimated relative standard error is above ``target_error``.
+        target_error: the relative standard error of the median to reach.
+        warmup_steps: untimed steps per size before timing (tracing happens here).
+
+    Example:
+
+    >>> TimingPlan(window_seconds=0.3, windows=5, max_windows=15, target_error=0.02,
+    ...            warmup_steps=2).max_windows
+    15
+    """
+
+    window_seconds: float
+    windows: int
+    max_windows: int
+    target_error: float
+    warmup_steps: int
+
+    def needs_more(self, rates: Sequence[float]) -> bool:
+        """Whether a size whose windows gave ``rates`` (samples/s) gets another window."""
+        return needs_more_windows(rates, minimum=self.windows, maximum=self.max_windows,
+                                  target_error=self.target_error)
 
 
 def geometric_grid(largest: int, *, smallest: int = 1, factor: float = 2.0,

@@ -55,7 +55,7 @@ def render(result: Any, console: Console | None = None) -> None:
     >>> from batchfit.results import MaxBatchResult
     >>> r = MaxBatchResult(max_batch_size=8, safe_batch_size=7, headroom=0.1,
     ...     memory_budget_bytes=2**20, budget_source="user", device="CPU:0",
-    ...     isolation="process", strategy="guided", granularity=1, upper_bound=64,
+    ...     isolation="process", search="guided", granularity=1, upper_bound=64,
     ...     bracketed=True, memory_model=None)
     >>> render(r, Console(width=100, color_system=None))  # doctest: +ELLIPSIS
     model ...

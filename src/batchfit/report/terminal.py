@@ -99,7 +99,7 @@ def render_max(result: MaxBatchResult, console: Console | None = None, *,
         r2 = f", R² {m.r_squared:.4f}" if m.r_squared is not None else ""
         summary.add_row("memory model", f"{_bytes(m.fixed_bytes)} + {_bytes(m.per_sample_bytes)}"
                                         f" x batch ({m.points} probes{r2})")
-    summary.add_row("search", f"{result.strategy}: {len(result.probes)} probes, "
+    summary.add_row("search", f"{result.search}: {len(result.probes)} probes, "
                               f"{result.oom_count} out-of-memory, {result.seconds:.1f} s")
     console.print(summary)
     if show_probes and result.probes:

@@ -145,7 +145,7 @@ def load_result(path_or_text: str | Path) -> _Serializable:
     >>> from batchfit.results import MaxBatchResult
     >>> r = MaxBatchResult(max_batch_size=8, safe_batch_size=7, headroom=0.1,
     ...     memory_budget_bytes=2**20, budget_source="user", device="CPU:0",
-    ...     isolation="process", strategy="guided", granularity=1, upper_bound=64,
+    ...     isolation="process", search="guided", granularity=1, upper_bound=64,
     ...     bracketed=True, memory_model=None)
     >>> load_result(r.to_json()) == r
     True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -91,7 +92,9 @@ class MaxBatchResult(_Serializable):
         device: where the probes ran, e.g. ``"CPU:0"`` or ``"GPU:0 (NVIDIA H100)"``.
         isolation: ``"process"`` (an isolated worker with the budget enforced) or
             ``"in-process"`` (peaks measured in the caller's process against the budget).
-        strategy: ``"guided"``, ``"binsearch"`` or ``"power"``.
+        search: the search policy: ``"guided"``, ``"binsearch"`` or ``"power"`` (saved as
+            ``"strategy"`` before it was renamed: such files still load, and ``to_dict``
+            writes both keys for one release, so an older batchfit reads a new file).
         granularity: sizes searched are multiples of this.
         upper_bound: the largest size the search was allowed to try.
         bracketed: ``True`` when a failing size ``max_batch_size + granularity`` (or the
@@ -122,7 +125,7 @@ class MaxBatchResult(_Serializable):
     budget_source: str
     device: str
     isolation: str
-    strategy: str
+    search: str
     granularity: int
     upper_bound: int
     bracketed: bool
@@ -152,9 +155,32 @@ class MaxBatchResult(_Serializable):
         """How many probes ran out of memory, crashed the worker or stalled (the costly failures)."""
         return sum(p.outcome in ("oom", "crashed", "timeout") for p in self.probes)
 
+    @property
+    def strategy(self) -> str:
+        """Deprecated name of :attr:`search` (warns; goes in the next release)."""
+        warnings.warn("MaxBatchResult.strategy is deprecated: the search policy is "
+                      "MaxBatchResult.search", FutureWarning, stacklevel=2)
+        return self.search
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MaxBatchResult:
+        return super().from_dict(upgrade_max_batch_dict(data))  # type: ignore[no-any-return]
+
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
+        data["strategy"] = self.search  # the old key, for readers older than the rename
         data["oom_count"] = self.oom_count
         data["global_max_batch_size"] = self.global_max_batch_size
         data["global_safe_batch_size"] = self.global_safe_batch_size
         return data
+
+
+def upgrade_max_batch_dict(data: Any) -> Any:
+    """A saved ``max_batch`` result with the search policy under ``"search"``.
+
+    Files written before the rename keep it under ``"strategy"`` (same schema version: the
+    value is the same, only the key moved).
+    """
+    if isinstance(data, dict) and "search" not in data and "strategy" in data:
+        data = {**data, "search": data["strategy"]}
+    return data

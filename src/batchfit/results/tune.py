@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ._base import SCHEMA_VERSION, _Serializable, register_result
-from .maxbatch import MaxBatchResult
+from .maxbatch import MaxBatchResult, upgrade_max_batch_dict
 from .noise import NoiseScaleResult
 
 
@@ -210,6 +210,12 @@ class TuneResult(_Serializable):
     def per_replica_batch_size(self) -> int:
         """The recommended batch size per replica (``batch_size // replicas``)."""
         return self.recommendation.batch_size // max(1, self.replicas)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuneResult:
+        if isinstance(data, dict) and "max_batch" in data:  # the memory search's old key
+            data = {**data, "max_batch": upgrade_max_batch_dict(data["max_batch"])}
+        return super().from_dict(data)  # type: ignore[no-any-return]
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

@@ -162,7 +162,7 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
         policy, batch_size=batch_size, keep_effective_batch=keep_effective_batch,
         grow_after_epochs=grow_after_epochs, micro_batch_size=micro_batch_size,
         eval_micro_batch_size=validation_micro_batch_size,
-        replicas=backend.fit_replicas(strategy), distributed=strategy is not None,
+        replicas=backend.num_replicas(strategy), distributed=strategy is not None,
         logger=logger or LOGGER)
     history, largest = backend.run_fit(model, x, y, control=control, strategy=strategy,
                                        fit_batch=fit_batch, logger=logger or LOGGER,

@@ -7,20 +7,21 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backend import get_backend
+from ..core.search import search_argument
 from ..errors import NothingFitsError
 from ..results import MaxBatchResult, Probe
 from .maxbatch_local import (
     DEFAULT_SEARCH_TOLERANCE,
     search_max_batch_size,
-    validate_model_arg,
     validate_search_args,
 )
+from .resolve import resolve
 
 
 def find_max_batch_size(
     model: Any,
     memory: str | int | None = None,
-    strategy: str = "guided",
+    search: str | None = None,
     *,
     granularity: int = 1,
     data: Any = None,
@@ -37,6 +38,7 @@ def find_max_batch_size(
     seed: int = 0,
     distribute: Any = None,
     search_tolerance: float = DEFAULT_SEARCH_TOLERANCE,
+    strategy: str | None = None,
 ) -> MaxBatchResult:
     """Find the largest batch size that trains within a memory budget.
 
@@ -52,8 +54,9 @@ def find_max_batch_size(
             (``"file.py:factory"``, ``"package.module:factory"``, ``"model.keras"``).
         memory: the budget: ``"16GiB"``, ``"512MiB"``, bytes as an int; default: the device's
             own memory (a GPU's total; on CPU the available RAM less a reserve).
-        strategy: ``"guided"`` (memory-model guided, default), ``"binsearch"`` or ``"power"``
-            (PyTorch Lightning's algorithms, reproduced for comparison).
+        search: the search policy: ``"guided"`` (memory-model guided; the default, ``None``),
+            ``"binsearch"`` or ``"power"`` (PyTorch Lightning's algorithms, reproduced for
+            comparison).
         granularity: only multiples of this are tried and reported (e.g. 8 for tensor cores).
         data: the user's own sample, ``(x, y)`` arrays or a ``tf.data.Dataset`` (or a
             ``"file.py:function"`` spec). Default: inputs and targets synthesized from the
@@ -84,12 +87,15 @@ def find_max_batch_size(
             below the smallest failure (default 0.02; ``0`` brackets to the granularity).
             Near the limit which sizes fit is not sharp (1-3% between processes, measured),
             so the last probes of an exact bracket cost ~10 s each and buy little.
+        strategy: deprecated alias of ``search`` (it warns, with a ``FutureWarning``, and goes
+            in the next release); a ``tf.distribute`` strategy goes in ``distribute=``.
 
     Returns:
         A :class:`~batchfit.results.MaxBatchResult`.
 
     Raises:
-        InvalidInputError: bad argument (unparsable size, budget <= 0, granularity < 1, ...).
+        InvalidInputError: bad argument (unparsable size, budget <= 0, granularity < 1, a
+            ``tf.distribute`` strategy passed as ``strategy=``, ...).
         ModelLoadError: the model (spec, factory) could not be loaded.
         ProbeFailedError: the model fails to train at the smallest size for a reason other
             than memory (its own error is in the message).
@@ -107,29 +113,21 @@ def find_max_batch_size(
     >>> r.max_batch_size, r.replicas, r.global_max_batch_size               # doctest: +SKIP
     (1893, 2, 3786)
     """
-    validate_search_args(strategy, granularity, headroom, steps, upper, isolate,
-                         search_tolerance)
-    validate_model_arg(model)
-    backend = get_backend()
-    dist: Any = None
-    if distribute is not None or backend.is_model(model):
-        dist = backend.resolve_distribute(distribute, model if backend.is_model(model) else None)
-    if dist is not None:
-        from ..backend.tensorflow.distribute import is_multiworker
-
-        if is_multiworker(dist):
-            return _across_workers(
-                model, dist, memory, search=strategy, granularity=granularity, data=data,
-                input_shapes=input_shapes, upper=upper, headroom=headroom, steps=steps,
-                isolate=isolate, device=device, probe_timeout=probe_timeout, fresh=fresh,
-                max_probes=max_probes, on_probe=on_probe, seed=seed,
-                search_tolerance=search_tolerance)
+    search = search_argument(search, strategy)
+    validate_search_args(search, granularity, headroom, steps, upper, isolate, search_tolerance)
+    resolved = resolve(model, distribute)
+    if resolved.multiworker:
+        return _across_workers(
+            model, resolved.strategy, memory, search=search, granularity=granularity, data=data,
+            input_shapes=input_shapes, upper=upper, headroom=headroom, steps=steps,
+            isolate=isolate, device=device, probe_timeout=probe_timeout, fresh=fresh,
+            max_probes=max_probes, on_probe=on_probe, seed=seed,
+            search_tolerance=search_tolerance)
     return search_max_batch_size(
-        model, memory, strategy, granularity=granularity, data=data, input_shapes=input_shapes,
+        model, memory, search, granularity=granularity, data=data, input_shapes=input_shapes,
         upper=upper, headroom=headroom, steps=steps, isolate=isolate, device=device,
         probe_timeout=probe_timeout, fresh=fresh, max_probes=max_probes, on_probe=on_probe,
-        seed=seed, distribute=distribute if dist is None else dist,
-        search_tolerance=search_tolerance)
+        seed=seed, distribute=resolved.strategy, search_tolerance=search_tolerance)
 
 
 def _across_workers(model: Any, dist: Any, memory: Any, **kwargs: Any) -> MaxBatchResult:
@@ -140,7 +138,6 @@ def _across_workers(model: Any, dist: Any, memory: Any, **kwargs: Any) -> MaxBat
     :func:`batchfit.verbs.multiworker.find_max_batch_size_multiworker`); the result is this
     worker's search with ``max_batch_size`` / ``safe_batch_size`` set to the agreed ones.
     """
-    from ..backend.tensorflow.distribute import num_replicas
     from .multiworker import find_max_batch_size_multiworker
 
     agreed = find_max_batch_size_multiworker(model, dist, memory, **kwargs)
@@ -148,7 +145,8 @@ def _across_workers(model: Any, dist: Any, memory: Any, **kwargs: Any) -> MaxBat
     if local is None:  # pragma: no cover - find_max_batch_size_multiworker raised instead
         raise NothingFitsError("nothing fits on this worker")
     own = ", ".join(f"worker {i}: {m}" for i, m in enumerate(agreed.worker_max_batch_sizes))
-    note = (f"multiworker strategy, {agreed.num_workers} workers, {num_replicas(dist)} "
+    replicas = get_backend().num_replicas(dist)
+    note = (f"multiworker strategy, {agreed.num_workers} workers, {replicas} "
             f"replicas: each worker searched its own device ({own} per replica); all train "
             f"with the smallest, set by worker {agreed.limiting_worker}")
     notes = [*local.notes, note]

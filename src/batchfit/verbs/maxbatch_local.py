@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..backend import get_backend
 from ..backend.memory import resolve_budget
 from ..core.memory_model import fit_memory_model
-from ..core.search import Trial, make_policy, run_search
+from ..core.search import Trial, check_search, make_policy, run_search, search_argument
 from ..core.sizes import format_bytes, parse_size
+from ..core.validate import check_choice, check_int, check_number
 from ..errors import (
     InvalidInputError,
     ModelLoadError,
@@ -22,8 +24,8 @@ from ..errors import (
     ProbeFailedError,
 )
 from ..results import MaxBatchResult, MemoryModel, Probe
+from .resolve import ResolvedModel, resolve, validate_model_arg
 
-STRATEGIES = ("guided", "binsearch", "power")
 ISOLATION_MODES = ("auto", "process", "none")
 DEFAULT_UPPER = 1 << 20
 LIMIT_MARGIN = 0.02  # a fitting peak stays this fraction under the budget (see ProbeRunner)
@@ -31,44 +33,23 @@ DEFAULT_SEARCH_TOLERANCE = 0.02  # guided stops within 2% below the smallest fai
 STALL_GRACE_SECONDS = 20.0  # an allocator's OOM wait (10 s) plus slack
 STALL_FACTOR = 5.0
 
-
-def _is_keras_model(obj: Any) -> bool:
-    return hasattr(obj, "train_on_batch") and hasattr(obj, "variables")
-
-
-def validate_model_arg(model: Any) -> None:
-    """Refuse what is neither a model, a factory nor a spec; check a model is compiled."""
-    if model is None or (not isinstance(model, str) and not callable(model)
-                         and not _is_keras_model(model)):
-        raise InvalidInputError(
-            f"model must be a compiled keras.Model, a function returning one, or a spec "
-            f"'file.py:factory' / 'package.module:factory' / 'model.keras'; got "
-            f"{type(model).__name__}")
-    if _is_keras_model(model):
-        get_backend().check_model(model)
+__all__ = ["DEFAULT_SEARCH_TOLERANCE", "ISOLATION_MODES", "search_max_batch_size",
+           "validate_model_arg", "validate_search_args"]
 
 
-def validate_search_args(strategy: str, granularity: Any, headroom: Any, steps: Any, upper: Any,
+def validate_search_args(search: str, granularity: Any, headroom: Any, steps: Any, upper: Any,
                          isolate: str, search_tolerance: Any) -> None:
     """Check the search's arguments before any model is built."""
-    if strategy not in STRATEGIES:
-        raise InvalidInputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
-        raise InvalidInputError(f"granularity must be an integer >= 1 (e.g. 8 for tensor cores), "
-                                f"got {granularity!r}")
-    if not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
-        raise InvalidInputError(f"headroom must be a fraction in [0, 1), e.g. 0.1 for 10%, got {headroom!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidInputError(f"steps must be an integer >= 1, got {steps!r}")
-    if upper is not None and (isinstance(upper, bool) or not isinstance(upper, int) or upper < granularity):
-        raise InvalidInputError(f"max batch size (upper bound) must be an integer >= granularity "
-                                f"({granularity}), got {upper!r}")
-    if isolate not in ISOLATION_MODES:
-        raise InvalidInputError(f"isolate must be one of {', '.join(ISOLATION_MODES)}, got {isolate!r}")
-    if (isinstance(search_tolerance, bool) or not isinstance(search_tolerance, (int, float))
-            or not 0 <= search_tolerance < 0.5):
-        raise InvalidInputError(f"search_tolerance must be a fraction in [0, 0.5), e.g. 0.02 "
-                                f"for 2% or 0 for an exact answer, got {search_tolerance!r}")
+    check_search(search)
+    check_int("granularity", granularity, minimum=1, hint="e.g. 8 for tensor cores")
+    check_number("headroom", headroom, low=0.0, high=1.0, include_low=True,
+                 hint="a fraction, e.g. 0.1 for 10%")
+    check_int("steps", steps, minimum=1)
+    check_int("max batch size (upper bound)", upper, minimum=granularity, optional=True,
+              hint=f"at least the granularity, {granularity}")
+    check_choice("isolate", isolate, ISOLATION_MODES)
+    check_number("search_tolerance", search_tolerance, low=0.0, high=0.5, include_low=True,
+                 hint="a fraction, e.g. 0.02 for 2% or 0 for an exact answer")
 
 
 def _device_name(device: str | None) -> str:
@@ -82,10 +63,111 @@ def _device_name(device: str | None) -> str:
     return get_backend().default_device()
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """Where the probes run and under which budget (per replica under a strategy)."""
+
+    device: str
+    budget: int | None
+    budget_source: str
+    notes: list[str]
+
+
+def _placement(resolved: ResolvedModel, memory: str | int | None,
+               device: str | None) -> _Placement:
+    """The probe device and the budget: one replica's device under a strategy."""
+    if resolved.strategy is None:
+        dev = _device_name(device)
+        budget, budget_source, budget_note = resolve_budget(memory, dev)
+        return _Placement(dev, budget, budget_source, [budget_note] if budget_note else [])
+    backend = get_backend()
+    dev = _device_name(device) if device else backend.probe_device(resolved.strategy)
+    if memory is None:
+        budget, strategy_note = backend.smallest_device_memory(resolved.strategy)
+        budget_source = "device"
+    else:
+        budget, budget_source, strategy_note = parse_size(memory), "user", ""
+    notes = [strategy_note] if strategy_note else []
+    notes.append(f"{resolved.distribute} strategy, {resolved.replicas} replica(s): memory "
+                 f"probed per replica on one device; the global batch is per replica x "
+                 f"{resolved.replicas}")
+    return _Placement(dev, budget, budget_source, notes)
+
+
+@dataclass
+class _Prober:
+    """Runs the probes: in a worker process, or in this process with a runner."""
+
+    mode: str                      # "process" | "none"
+    worker: Any = None
+    runner: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def probe(self, batch_size: int, timeout: float) -> Probe:
+        if self.worker is not None:
+            return self.worker.probe(batch_size, timeout=timeout)  # type: ignore[no-any-return]
+        return self.runner.run(batch_size)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+
+def _start_prober(resolved: ResolvedModel, place: _Placement, isolate: str, *, data: Any,
+                  input_shapes: Any, steps: int, seed: int, probe_timeout: float,
+                  fresh: bool) -> _Prober:
+    """Start the worker (``isolate`` process or auto), or fall back to probing in this process."""
+    dev, budget = place.device, place.budget
+    mode = isolate
+    if mode == "auto":
+        mode = "process" if (dev.startswith("CPU") or not resolved.given_object) else "none"
+    prober = _Prober(mode=mode)
+    if mode == "process":
+        worker, info, fallback_note = _start_worker(
+            resolved.source, data, input_shapes, steps, dev, budget, seed, probe_timeout, fresh,
+            explicit=isolate == "process")
+        prober.worker, prober.info = worker, info
+        if worker is None:
+            prober.mode = "none"
+            prober.notes.append(fallback_note)
+    if prober.mode == "none" and resolved.replicas > 1 and resolved.given_object:
+        raise InvalidInputError(
+            "a model built under a distribution strategy cannot be probed per replica in this "
+            "process; pass a module-level factory or a spec ('file.py:factory') so each probe "
+            "builds it on one device in a worker process")
+    if prober.mode == "none":
+        prober.runner, prober.info = _in_process_runner(resolved.source, data, input_shapes,
+                                                        steps, dev, budget, seed)
+        if budget is not None and dev.startswith("CPU"):
+            prober.notes.append("in-process probes: the budget is compared with measured peaks, "
+                                "not enforced by the allocator (fragmentation is not accounted)")
+    prober.notes.extend(prober.info.get("notes", []))
+    return prober
+
+
+def _trial_function(prober: _Prober, probes: list[Probe], probe_timeout: float,
+                    on_probe: Callable[[Probe], None] | None) -> Callable[[int], Trial]:
+    """What the search policy calls: one probe, recorded in ``probes``, as a :class:`Trial`."""
+
+    def trial(b: int) -> Trial:
+        p = prober.probe(b, _stall_timeout(probes, b, probe_timeout))
+        probes.append(p)
+        if on_probe is not None:
+            on_probe(p)
+        if p.outcome == "refused" and not any(q.fits for q in probes) and len(probes) == 1:
+            raise ProbeFailedError(
+                f"the model does not train at batch size {b}, for a reason other than memory: "
+                f"{p.detail}. Fix the model (or its inputs: pass data= / input_shapes=) and retry.")
+        return Trial(batch_size=b, fits=p.fits, peak_bytes=p.peak_bytes)
+
+    return trial
+
+
 def search_max_batch_size(
     model: Any,
     memory: str | int | None = None,
-    strategy: str = "guided",
+    search: str | None = None,
     *,
     granularity: int = 1,
     data: Any = None,
@@ -102,114 +184,39 @@ def search_max_batch_size(
     seed: int = 0,
     distribute: Any = None,
     search_tolerance: float = DEFAULT_SEARCH_TOLERANCE,
+    strategy: str | None = None,
 ) -> MaxBatchResult:
     """The search on this process's devices: :func:`batchfit.find_max_batch_size` without the
     multi-worker agreement (``distribute`` may be a single-process strategy). Arguments and
-    result as there.
+    result as there (``strategy=`` is the deprecated alias of ``search=``).
     """
     t_start = time.perf_counter()
-    validate_search_args(strategy, granularity, headroom, steps, upper, isolate,
-                         search_tolerance)
-    validate_model_arg(model)
-    dist: Any = None
-    if distribute is not None or _is_keras_model(model):
-        from ..backend.tensorflow.distribute import resolve_strategy
-
-        dist = resolve_strategy(distribute, model if _is_keras_model(model) else None)
-    if dist is not None:
-        from ..backend.tensorflow.distribute import (
-            distribute_name,
-            num_replicas,
-            probe_device,
-            smallest_device_memory,
-        )
-
-        replicas, dist_name = num_replicas(dist), distribute_name(dist)
-        dev = _device_name(device) if device else probe_device(dist)
-        if memory is None:
-            budget, strategy_note = smallest_device_memory(dist)
-            budget_source = "device"
-        else:
-            budget, budget_source, strategy_note = parse_size(memory), "user", ""
-        notes = [strategy_note] if strategy_note else []
-        notes.append(f"{dist_name} strategy, {replicas} replica(s): memory probed per replica "
-                     f"on one device; the global batch is per replica x {replicas}")
-    else:
-        replicas, dist_name = 1, ""
-        dev = _device_name(device)
-        budget, budget_source, budget_note = resolve_budget(memory, dev)
-        notes = [budget_note] if budget_note else []
+    search = search_argument(search, strategy)
+    validate_search_args(search, granularity, headroom, steps, upper, isolate, search_tolerance)
+    resolved = resolve(model, distribute)
+    place = _placement(resolved, memory, device)
     upper = upper if upper is not None else DEFAULT_UPPER
-
-    mode = isolate
-    if mode == "auto":
-        mode = "process" if (dev.startswith("CPU") or not _is_keras_model(model)) else "none"
-    runner: Any = None
-    worker: Any = None
-    info: dict[str, Any] = {}
-    if mode == "process":
-        worker, info, fallback_note = _start_worker(model, data, input_shapes, steps, dev, budget,
-                                                    seed, probe_timeout, fresh,
-                                                    explicit=isolate == "process")
-        if worker is None:
-            mode = "none"
-            notes.append(fallback_note)
-    if mode == "none" and replicas > 1 and _is_keras_model(model):
-        raise InvalidInputError(
-            "a model built under a distribution strategy cannot be probed per replica in this "
-            "process; pass a module-level factory or a spec ('file.py:factory') so each probe "
-            "builds it on one device in a worker process")
-    if mode == "none":
-        runner, info = _in_process_runner(model, data, input_shapes, steps, dev, budget, seed)
-        if budget is not None and dev.startswith("CPU"):
-            notes.append("in-process probes: the budget is compared with measured peaks, "
-                         "not enforced by the allocator (fragmentation is not accounted)")
-    notes.extend(info.get("notes", []))
-
-    policy = make_policy(strategy, budget_bytes=budget, granularity=granularity, upper=upper,
+    prober = _start_prober(resolved, place, isolate, data=data, input_shapes=input_shapes,
+                           steps=steps, seed=seed, probe_timeout=probe_timeout, fresh=fresh)
+    policy = make_policy(search, budget_bytes=place.budget, granularity=granularity, upper=upper,
                          saturation=LIMIT_MARGIN, tolerance=float(search_tolerance))
     probes: list[Probe] = []
-
-    def trial(b: int) -> Trial:
-        p = (worker.probe(b, timeout=_stall_timeout(probes, b, probe_timeout))
-             if worker is not None else runner.run(b))
-        probes.append(p)
-        if on_probe is not None:
-            on_probe(p)
-        if p.outcome == "refused" and not any(q.fits for q in probes) and len(probes) == 1:
-            raise ProbeFailedError(
-                f"the model does not train at batch size {b}, for a reason other than memory: "
-                f"{p.detail}. Fix the model (or its inputs: pass data= / input_shapes=) and retry.")
-        return Trial(batch_size=b, fits=p.fits, peak_bytes=p.peak_bytes)
-
     try:
-        trials = run_search(policy, trial, max_probes=max_probes)
+        trials = run_search(policy, _trial_function(prober, probes, probe_timeout, on_probe),
+                            max_probes=max_probes)
     finally:
-        if worker is not None:
-            worker.close()
+        prober.close()
 
     best = policy.best(trials)
     mem_model = _fit(probes)
-    state = info.get("state_bytes")
     if best <= 0:
-        smallest = min((p.batch_size for p in probes), default=granularity)
-        fixed = mem_model.fixed_bytes if mem_model else state
-        parts = [f"nothing fits: even batch {smallest} does not fit"]
-        if budget is not None:
-            parts.append(f"in {format_bytes(budget)}")
-        msg = " ".join(parts) + "."
-        if state is not None:
-            msg += (f" The model's weights, optimizer state and metrics alone take "
-                    f"{format_bytes(state)}")
-            msg += f" ({state / budget:.0%} of the budget)." if budget else "."
-        msg += (" Use a larger budget, a smaller model, mixed precision, or an optimizer with "
-                "less state (Adam keeps two extra copies of the weights, SGD none).")
-        raise NothingFitsError(msg, fixed_bytes=fixed, budget_bytes=budget)
-
+        raise _nothing_fits(probes, granularity, place.budget, mem_model,
+                            prober.info.get("state_bytes"))
+    notes = [*place.notes, *prober.notes]
     if not any(p.peak_bytes is not None for p in probes):
         notes.append("the allocator kept no statistics, so no peaks were measured (on CPU, "
                      "set TF_CPU_ALLOCATOR_USE_BFC=true before importing TensorFlow)")
-    safe, safe_note = _safe_size(best, mem_model, budget, headroom, granularity,
+    safe, safe_note = _safe_size(best, mem_model, place.budget, headroom, granularity,
                                  min(p.batch_size for p in probes if p.fits))
     if safe_note:
         notes.append(safe_note)
@@ -219,14 +226,32 @@ def search_max_batch_size(
                      f"treated as not fitting, the search went on")
     return MaxBatchResult(
         max_batch_size=best, safe_batch_size=safe, headroom=headroom,
-        memory_budget_bytes=budget, budget_source=budget_source, device=dev,
-        isolation="process" if mode == "process" else "in-process", strategy=strategy,
+        memory_budget_bytes=place.budget, budget_source=place.budget_source, device=place.device,
+        isolation="process" if prober.mode == "process" else "in-process", search=search,
         granularity=granularity, upper_bound=upper, bracketed=policy.bracketed(trials),
         memory_model=mem_model, probes=probes, seconds=time.perf_counter() - t_start,
-        model_name=str(info.get("model_name", "")), notes=notes,
-        environment=dict(info.get("environment", {})), replicas=replicas,
-        distribute=dist_name,
-        search_tolerance=float(search_tolerance) if strategy == "guided" else 0.0)
+        model_name=str(prober.info.get("model_name", "")), notes=notes,
+        environment=dict(prober.info.get("environment", {})), replicas=resolved.replicas,
+        distribute=resolved.distribute,
+        search_tolerance=float(search_tolerance) if search == "guided" else 0.0)
+
+
+def _nothing_fits(probes: list[Probe], granularity: int, budget: int | None,
+                  mem_model: MemoryModel | None, state: int | None) -> NothingFitsError:
+    """The error for a search in which nothing fit: the smallest size tried, the fixed cost."""
+    smallest = min((p.batch_size for p in probes), default=granularity)
+    fixed = mem_model.fixed_bytes if mem_model else state
+    parts = [f"nothing fits: even batch {smallest} does not fit"]
+    if budget is not None:
+        parts.append(f"in {format_bytes(budget)}")
+    msg = " ".join(parts) + "."
+    if state is not None:
+        msg += (f" The model's weights, optimizer state and metrics alone take "
+                f"{format_bytes(state)}")
+        msg += f" ({state / budget:.0%} of the budget)." if budget else "."
+    msg += (" Use a larger budget, a smaller model, mixed precision, or an optimizer with "
+            "less state (Adam keeps two extra copies of the weights, SGD none).")
+    return NothingFitsError(msg, fixed_bytes=fixed, budget_bytes=budget)
 
 
 def _stall_timeout(probes: list[Probe], batch_size: int, limit: float) -> float:
@@ -300,15 +325,7 @@ def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: 
 def _in_process_runner(model: Any, data: Any, input_shapes: Any, steps: int, device: str,
                        budget: int | None, seed: int) -> tuple[Any, dict[str, Any]]:
     backend = get_backend()
-    if isinstance(model, str):
-        model = backend.load_model(model)
-    elif not backend.is_model(model):
-        try:
-            built = model()
-        except Exception as exc:
-            raise ModelLoadError(f"the model factory raised {type(exc).__name__}: {exc}") from exc
-        backend.check_model(built)
-        model = built
+    model = backend.resolve_model(model)
     batch_fn, notes = backend.make_batch_fn(model, data, input_shapes, seed)
     runner = backend.probe_runner(model, batch_fn, steps=steps, device=device,
                                   budget_bytes=budget, limit_margin=LIMIT_MARGIN)

@@ -295,9 +295,8 @@ def find_max_batch_size_multiworker(
             different devices are handled: the smallest one decides.
         agree_timeout: seconds a worker that finished its search waits for the others
             (default 1800).
-        **kwargs: passed to :func:`batchfit.find_max_batch_size` (``strategy`` there is the
-            search strategy, e.g. ``search="binsearch"`` here; ``isolate`` defaults to
-            ``"process"``).
+        **kwargs: passed to :func:`batchfit.find_max_batch_size` (e.g. the search policy,
+            ``search="binsearch"``; ``isolate`` defaults to ``"process"``).
 
     Returns:
         A :class:`MultiWorkerMaxBatchResult`; train with ``safe_global_batch_size`` (or
@@ -322,8 +321,6 @@ def find_max_batch_size_multiworker(
             "find_max_batch_size_multiworker needs a function that builds the model (or a "
             "'file.py:factory' spec), not a model object: each worker probes in separate "
             "processes, which rebuild the model from the function")
-    if "search" in kwargs:
-        kwargs["strategy"] = kwargs.pop("search")
     kwargs.setdefault("isolate", "process")
     budget_arg = memory if memory is not None else local_memory_budget()
     index, workers = worker_position(strategy)

@@ -162,7 +162,7 @@ def fit_multiworker(
     t0 = time.perf_counter()
     policy = _check_arguments(engine, batch_size, epochs, micro_batch_size, timeout, shrink)
     backend = get_backend()
-    replicas = backend.fit_replicas(strategy)
+    replicas = backend.num_replicas(strategy)
     index, workers = worker_position(strategy)
     if batch_size % replicas:
         raise InvalidInputError(

@@ -14,7 +14,9 @@ from ..core.recommend import (
     plan_target,
     recommend,
 )
+from ..core.search import search_argument
 from ..core.throughput import geometric_grid
+from ..core.validate import check_int, check_number, is_number
 from ..errors import InvalidInputError
 from ..results import (
     MaxBatchResult,
@@ -23,13 +25,13 @@ from ..results import (
     ThroughputPoint,
     TuneResult,
 )
+from .resolve import ResolvedModel, resolve
 from .throughput import (
     DEFAULT_TARGET_ERROR,
     DEFAULT_WINDOW_SECONDS,
     DEFAULT_WINDOWS,
     check_sizes,
     profile_throughput,
-    resolve_model,
     validate_timing,
 )
 
@@ -39,7 +41,7 @@ def tune(
     memory: str | int | None = None,
     data: Any = None,
     *,
-    strategy: str = "guided",
+    search: str | None = None,
     granularity: int = 1,
     input_shapes: Any = None,
     upper: int | None = None,
@@ -62,6 +64,7 @@ def tune(
     on_phase: Callable[[str], None] | None = None,
     distribute: Any = None,
     search_tolerance: float = 0.02,
+    strategy: str | None = None,
 ) -> TuneResult:
     """Find the batch size to train with: memory limit, throughput curve, recommendation.
 
@@ -76,7 +79,8 @@ def tune(
             (``"file.py:factory"``, ``"package.module:factory"``, ``"model.keras"``).
         memory: the budget (``"16GiB"``, bytes); default: the device's own memory.
         data: the user's sample (``(x, y)`` or a ``tf.data.Dataset``); default: synthesized.
-        strategy: the memory search (``"guided"``, ``"binsearch"``, ``"power"``).
+        search: the memory search policy (``"guided"``, the default, ``"binsearch"``,
+            ``"power"``).
         granularity: sizes are multiples of this (e.g. 8 for tensor cores).
         input_shapes: lengths of non-batch ``None`` dimensions.
         upper: never try a larger batch.
@@ -115,6 +119,8 @@ def tune(
             spec or factory is built inside ``strategy.scope()``); the recommendation, the
             curve and ``target`` are global sizes, ``per_replica_batch_size`` the share of
             each replica.
+        strategy: deprecated alias of ``search`` (it warns, with a ``FutureWarning``, and goes
+            in the next release); a ``tf.distribute`` strategy goes in ``distribute=``.
 
     Returns:
         A :class:`~batchfit.results.TuneResult`; ``result.batch_size`` is the recommendation.
@@ -130,70 +136,96 @@ def tune(
     (512, 256, 2)
     """
     t_start = time.perf_counter()
-    if target is not None and (isinstance(target, bool) or not isinstance(target, int)
-                               or target < 1):
-        raise InvalidInputError(f"target batch size must be an integer >= 1, got {target!r}")
-    if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
-        raise InvalidInputError(f"tolerance must be a fraction in [0, 1), e.g. 0.05, got {tolerance!r}")
+    search = search_argument(search, strategy)
+    _check_arguments(target, tolerance, noise_scale, data)
+    validate_timing(window_seconds, windows, max_windows, target_error, tolerance)
+    if batch_sizes is not None:
+        batch_sizes = check_sizes(batch_sizes)  # sorted, each once (an iterator is read once)
     phase = on_phase or (lambda _label: None)
+    # Load once here: the memory search needs the spec (its worker rebuilds the model), the
+    # throughput measurement needs the model itself.
+    resolved = _resolve(model, distribute)
+    replicas = resolved.replicas
+
+    from .maxbatch import find_max_batch_size
+
+    phase("memory")
+    max_result: MaxBatchResult = find_max_batch_size(
+        resolved.rebuildable, memory=memory, search=search, granularity=granularity, data=data,
+        input_shapes=input_shapes, upper=upper, headroom=headroom, isolate=isolate,
+        device=device, seed=seed, on_probe=on_probe, distribute=resolved.strategy,
+        search_tolerance=search_tolerance)
+    notes: list[str] = []
+    sizes = _timing_sizes(batch_sizes, max_result, replicas, granularity, notes)
+
+    phase("throughput")
+    throughput = profile_throughput(
+        resolved.model, sizes, data=data, input_shapes=input_shapes,
+        window_seconds=window_seconds, windows=windows, max_windows=max_windows,
+        target_error=target_error, tolerance=tolerance, device=device, seed=seed,
+        on_point=on_point)
+
+    noise_result, b_noise = _noise(noise_scale, resolved.model, data, seed, phase)
+    measured = throughput.measured()
+    facts = _facts(max_result, measured, replicas, tolerance, granularity, b_noise, extras)
+    rec = recommend(facts, list(criteria) if criteria is not None else default_criteria())
+    plan = plan_target(target, facts) if target is not None else None
+    if replicas > 1:
+        notes.append(f"{resolved.distribute} strategy, {replicas} replicas: sizes are global "
+                     f"batches (per replica x {replicas}); memory was searched per replica, "
+                     "throughput timed with the model under the strategy")
+    if replicas == 1 and throughput.device != max_result.device.split(" ")[0]:
+        notes.append(f"memory probed on {max_result.device}, throughput timed on "
+                     f"{throughput.device}")
+    goodput: list[float] = []
+    if b_noise is not None and measured:
+        from ..core.noise import goodput_optimal_batch
+
+        choice = goodput_optimal_batch(facts.batch_sizes, facts.throughputs, b_noise)
+        goodput = list(choice.goodput)
+    return TuneResult(recommendation=rec, max_batch=max_result, throughput=throughput,
+                      target=plan, noise_scale=None if b_noise is None or not math.isfinite(
+                          b_noise) else b_noise, noise=noise_result, goodput=goodput,
+                      seconds=time.perf_counter() - t_start, notes=notes, replicas=replicas,
+                      distribute=resolved.distribute)
+
+
+def _check_arguments(target: Any, tolerance: Any, noise_scale: Any, data: Any) -> None:
+    """Refuse bad input now, not after minutes of probing and timing."""
+    check_int("target batch size", target, minimum=1, optional=True)
+    check_number("tolerance", tolerance, low=0.0, high=1.0, include_low=True,
+                 hint="a fraction, e.g. 0.05")
     if isinstance(noise_scale, str) and noise_scale != "estimate":
         raise InvalidInputError(f"noise_scale must be a number, a NoiseScaleResult or "
                                 f"'estimate', got {noise_scale!r}")
     if noise_scale == "estimate" and data is None:
         raise InvalidInputError("noise_scale='estimate' needs your real data (data=...): the "
                                 "gradient noise scale of synthesized inputs means nothing")
-    # Refuse bad input now, not after minutes of probing and timing.
     if noise_scale is not None and noise_scale != "estimate":
         _noise_value(noise_scale)
-    validate_timing(window_seconds, windows, max_windows, target_error, tolerance)
-    if batch_sizes is not None:
-        batch_sizes = check_sizes(batch_sizes)  # sorted, each once (an iterator is read once)
-    # Load once here: the memory search needs the spec (its worker rebuilds the model), the
-    # throughput measurement needs the model itself.
-    is_factory = callable(model) and not hasattr(model, "train_on_batch")
-    dist: Any = None
-    if distribute is not None or not (isinstance(model, str) or is_factory):
-        from ..backend.tensorflow.distribute import resolve_strategy
 
-        dist = resolve_strategy(
-            distribute, None if (isinstance(model, str) or is_factory) else model)
-    if dist is not None:
-        from ..backend.tensorflow.distribute import is_multiworker
 
-        if is_multiworker(dist):
-            from .multiworker import upstream_fit_failure, upstream_fit_works
+def _resolve(model: Any, distribute: Any) -> ResolvedModel:
+    """The model to time, built under the strategy (a spec or a factory is built here)."""
+    resolved = resolve(model, distribute)
+    if resolved.multiworker:
+        from .multiworker import upstream_fit_failure, upstream_fit_works
 
-            if not upstream_fit_works(dist):
-                raise InvalidInputError(
-                    "tune times Keras's own training step, which fails under "
-                    "MultiWorkerMirroredStrategy in this Keras (keras-team/keras issue 20585: "
-                    f"{upstream_fit_failure(dist)[:160]}). Run `batchfit max --distribute "
-                    "multiworker` on every worker for the batch size, and train with "
-                    "batchfit.fit_multiworker")
-    if dist is not None and (isinstance(model, str) or is_factory):
-        with dist.scope():  # throughput is timed with the model under the strategy
-            model_obj = resolve_model(model)
-    else:
-        model_obj = resolve_model(model)
-    search_model = model if (isinstance(model, str) or is_factory) else model_obj
-    replicas, dist_name = 1, ""
-    if dist is not None:
-        from ..backend.tensorflow.distribute import distribute_name, num_replicas
+        if not upstream_fit_works(resolved.strategy):
+            raise InvalidInputError(
+                "tune times Keras's own training step, which fails under "
+                "MultiWorkerMirroredStrategy in this Keras (keras-team/keras issue 20585: "
+                f"{upstream_fit_failure(resolved.strategy)[:160]}). Run `batchfit max "
+                "--distribute multiworker` on every worker for the batch size, and train with "
+                "batchfit.fit_multiworker")
+    return resolve(model, resolved.strategy, build=True)
 
-        replicas, dist_name = num_replicas(dist), distribute_name(dist)
 
-    from .maxbatch import find_max_batch_size
-
-    phase("memory")
-    max_result: MaxBatchResult = find_max_batch_size(
-        search_model, memory=memory, strategy=strategy, granularity=granularity, data=data,
-        input_shapes=input_shapes, upper=upper, headroom=headroom, isolate=isolate,
-        device=device, seed=seed, on_probe=on_probe, distribute=dist,
-        search_tolerance=search_tolerance)
-    # From here on sizes are global (per replica x replicas): what fit takes.
+def _timing_sizes(batch_sizes: list[int] | None, max_result: MaxBatchResult, replicas: int,
+                  granularity: int, notes: list[str]) -> list[int]:
+    """The global sizes to time: those asked for that fit, else the grid up to the largest fit."""
     largest = max_result.max_batch_size * replicas
     safe = max_result.safe_batch_size * replicas
-    notes: list[str] = []
     sizes = list(batch_sizes) if batch_sizes is not None else []
     if any(b > largest for b in sizes):
         # Sizes that do not fit are no candidates: timed here (no cap) they would set the
@@ -208,64 +240,44 @@ def tune(
                                                       granularity=granularity)]
         if max_result.safe_batch_size >= granularity:
             sizes = sorted(set(sizes) | {safe})
+    return sizes
 
-    phase("throughput")
-    throughput = profile_throughput(
-        model_obj, sizes, data=data, input_shapes=input_shapes, window_seconds=window_seconds,
-        windows=windows, max_windows=max_windows, target_error=target_error,
-        tolerance=tolerance, device=device, seed=seed, on_point=on_point)
 
-    noise_result = None
-    b_noise: float | None = None
-    if noise_scale is not None:
-        if noise_scale == "estimate":
-            from .noise import estimate_noise_scale
+def _noise(noise_scale: Any, model: Any, data: Any, seed: int,
+           phase: Callable[[str], None]) -> tuple[NoiseScaleResult | None, float | None]:
+    """The noise-scale result (measured here with ``"estimate"``, or given) and ``B_simple``."""
+    if noise_scale is None:
+        return None, None
+    if noise_scale == "estimate":
+        from .noise import estimate_noise_scale
 
-            phase("noise")
-            noise_result = estimate_noise_scale(model_obj, data, seed=seed)
-            noise_scale = noise_result
-        b_noise = _noise_value(noise_scale)
+        phase("noise")
+        noise_scale = estimate_noise_scale(model, data, seed=seed)
+    result = noise_scale if isinstance(noise_scale, NoiseScaleResult) else None
+    return result, _noise_value(noise_scale)
 
-    measured = throughput.measured()
+
+def _facts(max_result: MaxBatchResult, measured: Sequence[ThroughputPoint], replicas: int,
+           tolerance: float, granularity: int, b_noise: float | None,
+           extras: dict[str, Any] | None) -> TuneFacts:
+    """What the criteria judge, in global sizes (memory per device)."""
     mm = max_result.memory_model
-    facts = TuneFacts(
-        max_batch=largest, safe_batch=safe,
+    return TuneFacts(
+        max_batch=max_result.max_batch_size * replicas,
+        safe_batch=max_result.safe_batch_size * replicas,
         batch_sizes=tuple(p.batch_size for p in measured),
         throughputs=tuple(float(p.samples_per_second or 0.0) for p in measured),
         tolerance=float(tolerance), granularity=granularity * replicas,
         bytes_at=({p.batch_size: mm.predict(p.batch_size / replicas) for p in measured}
                   if mm else {}),  # per device
         extras={**({"noise_scale": b_noise} if b_noise is not None else {}), **(extras or {})})
-    rec = recommend(facts, list(criteria) if criteria is not None else default_criteria())
-    plan = plan_target(target, facts) if target is not None else None
-    if replicas > 1:
-        notes.append(f"{dist_name} strategy, {replicas} replicas: sizes are global batches "
-                     f"(per replica x {replicas}); memory was searched per replica, "
-                     "throughput timed with the model under the strategy")
-    if replicas == 1 and throughput.device != max_result.device.split(" ")[0]:
-        notes.append(f"memory probed on {max_result.device}, throughput timed on "
-                     f"{throughput.device}")
-    goodput: list[float] = []
-    if b_noise is not None and measured:
-        from ..core.noise import goodput_optimal_batch
-
-        choice = goodput_optimal_batch(facts.batch_sizes, facts.throughputs, b_noise)
-        goodput = list(choice.goodput)
-    if isinstance(noise_scale, NoiseScaleResult) and noise_result is None:
-        noise_result = noise_scale
-    return TuneResult(recommendation=rec, max_batch=max_result, throughput=throughput,
-                      target=plan, noise_scale=None if b_noise is None or not math.isfinite(
-                          b_noise) else b_noise, noise=noise_result, goodput=goodput,
-                      seconds=time.perf_counter() - t_start, notes=notes, replicas=replicas,
-                      distribute=dist_name)
 
 
 def _noise_value(noise_scale: Any) -> float:
     """``B_simple`` from a number or a noise-scale result (``inf`` when unbounded)."""
     if isinstance(noise_scale, NoiseScaleResult):
         return math.inf if noise_scale.b_simple is None else float(noise_scale.b_simple)
-    if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not (
-            noise_scale > 0):
+    if not is_number(noise_scale) or not noise_scale > 0:
         raise InvalidInputError(f"noise_scale must be a positive number (B_simple), got "
                                 f"{noise_scale!r}")
     return float(noise_scale)

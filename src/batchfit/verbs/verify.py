@@ -3,7 +3,7 @@
 Every probe here runs in a new process, so no state (allocator fragmentation, cached kernels,
 a previous OOM) carries over; on Linux, for the CPU, the process is forked from a server that
 has imported TensorFlow once (see :class:`batchfit.workers.worker.ProbeWorker`), elsewhere started
-by ``exec``. Meant for verifying answers: tests and benchmarks compare every strategy with
+by ``exec``. Meant for verifying answers: tests and benchmarks compare every search policy with
 :func:`exhaustive_max`.
 """
 
@@ -68,7 +68,7 @@ def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
     config = _config(model, memory, data=data, input_shapes=input_shapes, steps=steps,
                      device=device, seed=seed)
     # Lightning's doubling-then-bisection from one granule, with no cap on the probes: the
-    # same policy as strategy="binsearch" (which starts at 2), run to the exact size.
+    # same policy as search="binsearch" (which starts at 2), run to the exact size.
     policy = BinsearchPolicy(init=granularity, max_trials=1 << 30, upper=upper,
                              granularity=granularity)
     with ProbeWorker(config, probe_timeout=probe_timeout, fresh_each_probe=True) as worker:

@@ -5,8 +5,9 @@ modules of this package: :mod:`.loader` (specs, factories, saved models), :mod:`
 (batches synthesized from a model's input specs and loss), :mod:`.data` (batches from the
 user's sample), :mod:`.probe` (training steps measured at one batch size, the model restored
 after), :mod:`.noise` (per-example gradient norms, the noise-scale callback),
-:mod:`.distribute` (``tf.distribute`` strategies) and :mod:`.collective` (what workers need to
-agree). Constructing it imports nothing; each method imports what it needs.
+:mod:`.distribute` (``tf.distribute`` strategies), :mod:`.collective` (what workers need to
+agree) and :mod:`.throughput` (the model's own training step timed at several batch sizes).
+Constructing it imports nothing; each method imports what it needs.
 
 Example:
 
@@ -190,6 +191,37 @@ class TensorFlowBackend(Backend):
 
         return resolve_strategy(distribute, model)
 
+    def is_multiworker(self, strategy: Any) -> bool:
+        if strategy is None:
+            return False
+        from .distribute import is_multiworker
+
+        return is_multiworker(strategy)
+
+    def num_replicas(self, strategy: Any) -> int:
+        if strategy is None:
+            return 1
+        from .distribute import num_replicas
+
+        return num_replicas(strategy)
+
+    def distribute_name(self, strategy: Any) -> str:
+        if strategy is None:
+            return ""
+        from .distribute import distribute_name
+
+        return distribute_name(strategy)
+
+    def probe_device(self, strategy: Any) -> str:
+        from .distribute import probe_device
+
+        return probe_device(strategy)
+
+    def smallest_device_memory(self, strategy: Any) -> tuple[int | None, str]:
+        from .distribute import smallest_device_memory
+
+        return smallest_device_memory(strategy)
+
     # multi-worker collectives
     def make_strategy(self, timeout_seconds: float | None = None) -> Any:
         from .distribute import DEFAULT_TIMEOUT, make_strategy
@@ -220,6 +252,19 @@ class TensorFlowBackend(Backend):
         from .collective import upstream_fit_failure
 
         return upstream_fit_failure(strategy)
+
+    # -- throughput ----------------------------------------------------------------------------
+    def timing_device(self, device: str | None) -> str:
+        from .probe import memory_device
+
+        return memory_device(device)
+
+    def measure_throughput(self, model: Any, batch_fn: BatchFn, sizes: list[int], plan: Any, *,
+                           device: str, gpu_metrics: bool) -> tuple[list[Any], float]:
+        from .throughput import measure_throughput
+
+        return measure_throughput(model, batch_fn, sizes, plan, device=device,
+                                  gpu_metrics=gpu_metrics)
 
     # -- check: the batch contract of layers ---------------------------------------------------
     def load_checkable(self, spec: str) -> Any:
@@ -277,11 +322,6 @@ class TensorFlowBackend(Backend):
         from .fitting import fit_strategy
 
         return fit_strategy(distribute, model)
-
-    def fit_replicas(self, strategy: Any) -> int:
-        from .distribute import num_replicas
-
-        return int(num_replicas(strategy))
 
     def fit_inputs(self, x: Any, batch_size: int | None) -> tuple[Any, int | None]:
         from .fitting import fit_inputs
