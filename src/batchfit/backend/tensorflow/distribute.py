@@ -26,7 +26,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from ...errors import InvalidInputError
+from ...errors import InvalidInputError, error_line
 from .. import DEFAULT_COLLECTIVE_TIMEOUT
 
 __all__ = [
@@ -116,7 +116,7 @@ def _make(kind: str) -> tf.distribute.Strategy:
     except (RuntimeError, ValueError) as exc:
         raise InvalidInputError(
             f"could not create a {kind} strategy ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); create it yourself at the start "
+            f"{error_line(exc, limit=None)}); create it yourself at the start "
             "of the program, build the model under strategy.scope(), and pass the model "
             "(or distribute=strategy)") from exc
 

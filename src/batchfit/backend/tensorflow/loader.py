@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ...errors import InvalidInputError, ModelLoadError
+from ...errors import InvalidInputError, ModelLoadError, error_line
 
 _ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _SAVED_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -355,7 +355,8 @@ def _load_saved_model(spec: str) -> Any:
                                          "could not be deserialized"))
         hint = (" It uses custom layers or objects that Keras cannot find." if custom else "")
         raise ModelLoadError(
-            f"Cannot load '{spec}' with keras.saving.load_model ({text.splitlines()[0]}).{hint} "
+            f"Cannot load '{spec}' with keras.saving.load_model "
+            f"({error_line(e, limit=None, with_type=True)}).{hint} "
             "Load it in Python with keras.saving.load_model(path, custom_objects={...}) and "
             "pass the model to batchfit, or use the factory form 'path/to/file.py:factory' "
             "(a function that imports your layers, loads or builds the model and compiles "

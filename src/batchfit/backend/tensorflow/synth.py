@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import InvalidInputError
+from ...errors import InvalidInputError, error_line
 from .data import flatten_structure, pack_structure
 
 # Target kinds, by normalized loss name.
@@ -691,7 +691,7 @@ def _output_shapes(model: Any, x1: Any) -> Any:
     except Exception as e:
         raise InvalidInputError(
             f"The model failed on a synthesized batch of 1 ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}), so its output shape "
+            f"{error_line(e, limit=None)}), so its output shape "
             "is unknown. Pass data= with a sample of your own (x, y).") from e
     return keras.tree.map_structure(lambda t: _Shape(tuple(t.shape)), out)
 
