@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from ...errors import InvalidInputError, error_line
 from .. import DEFAULT_COLLECTIVE_TIMEOUT
+from .keras_compat import model_distribute_strategy
 
 __all__ = [
     "DISTRIBUTE_CHOICES",
@@ -71,7 +72,7 @@ def model_strategy(model: Any) -> tf.distribute.Strategy | None:
     """
     if model is None or isinstance(model, str):
         return None
-    strategy = getattr(model, "_distribute_strategy", None)
+    strategy = model_distribute_strategy(model)
     if _is_default(strategy):
         strategy = None
         for v in getattr(model, "variables", None) or []:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import InvalidInputError, ModelLoadError, error_line
+from .keras_compat import is_keras2_object
 
 _ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _SAVED_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -188,9 +189,7 @@ def _model_problem(obj: Any, where: str = "before measuring it") -> str | None:
             return f"is not compiled: call model.compile(optimizer=..., loss=...) {where}."
         return None
     what = _describe(obj)
-    mod = type(obj).__module__ or ""
-    if mod.startswith(("tf_keras", "keras.src.legacy")) or \
-            any(c.__module__.startswith("tf_keras") for c in type(obj).__mro__):
+    if is_keras2_object(obj):
         return (f"is {what}, a Keras 2 (tf_keras) model; batchfit needs a Keras 3 keras.Model "
                 "(import keras, not tf_keras).")
     if isinstance(obj, keras.layers.Layer):
