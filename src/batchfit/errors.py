@@ -4,9 +4,92 @@ Every error batchfit raises on purpose derives from :class:`BatchfitError`, and 
 says what is wrong and how to fix it. Errors caused by bad input also derive from
 :class:`ValueError`, so ``except ValueError`` keeps working for callers who don't know batchfit.
 The CLI maps :class:`InvalidInputError` to exit status 2.
+
+:func:`error_line` is the one place where an exception (batchfit's or the user's, Keras-wrapped
+or not) becomes the short line a message quotes. It lives here, beside the exception types, because
+this module imports nothing of batchfit: every layer (results, workers, verbs, the backend) can
+use it without an import cycle and without TensorFlow.
 """
 
 from __future__ import annotations
+
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Lines of Keras's frame around a layer's own error (``keras_frame=True`` skips them).
+_KERAS_WRAPPER = ("Exception encountered when calling", "Could not automatically infer",
+                  "Traceback", "File ")
+
+
+def error_line(exc: BaseException | None, *, limit: int | None = 300, with_type: bool = False,
+               prefer: str | None = None, prefer_last: str | None = None,
+               keras_frame: bool = False) -> str:
+    """The one line of an exception's message that a batchfit message quotes.
+
+    The message's lines are taken without ANSI colour codes (Keras bolds the layer's own error)
+    and without surrounding blanks; empty lines are skipped. The line chosen is, in order: the
+    first line that ``prefer`` matches, the last line that ``prefer_last`` matches, the first line.
+
+    Args:
+        exc: the exception (``None`` gives ``""``).
+        limit: the most characters of the line kept (the type name prefix is not counted);
+            ``None`` keeps all of it.
+        with_type: put ``"TypeName: "`` before the line.
+        prefer: a regular expression (``re.search``); the first line it matches is chosen,
+            e.g. ``"OOM|exceeds"`` to quote the out-of-memory line of a long TensorFlow error.
+        prefer_last: a regular expression; when ``prefer`` matches no line, the last line it
+            matches is chosen.
+        keras_frame: quote the error as a finding does, without Keras's frame: the text from
+            "Arguments received by" on is dropped, so are the wrapper lines ("Exception
+            encountered when calling ...", tracebacks), and a line over 160 characters is cut at
+            its first sentence.
+
+    Returns:
+        The line, or when the message has none: the type name if ``with_type`` or
+        ``keras_frame``, else ``""``.
+
+    Example:
+
+    >>> error_line(ValueError("Batch size 129 exceeds maximum allowed 128"))
+    'Batch size 129 exceeds maximum allowed 128'
+    >>> error_line(RuntimeError("Graph execution error:\\n\\nOOM when allocating tensor"),
+    ...            with_type=True, prefer="OOM")
+    'RuntimeError: OOM when allocating tensor'
+    >>> error_line(ValueError("Exception encountered when calling Dense.call().\\n\\n"
+    ...                       "\\x1b[1mInput 0 is incompatible\\x1b[0m\\n\\n"
+    ...                       "Arguments received by Dense.call():"), keras_frame=True)
+    'Input 0 is incompatible'
+    >>> error_line(KeyError(), with_type=True)
+    'KeyError'
+    """
+    if exc is None:
+        return ""
+    text = _ANSI.sub("", str(exc))
+    if keras_frame:
+        text = text.split("Arguments received by")[0]
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not (keras_frame and ln.startswith(_KERAS_WRAPPER))]
+    line = _chosen(lines, prefer, prefer_last)
+    if line is None:
+        return type(exc).__name__ if with_type or keras_frame else ""
+    if keras_frame and len(line) > 160 and ". " in line[:300]:
+        line = line[:line.index(". ") + 1]
+    if limit is not None:
+        line = line[:limit]
+    return f"{type(exc).__name__}: {line}" if with_type else line
+
+
+def _chosen(lines: list[str], prefer: str | None, prefer_last: str | None) -> str | None:
+    """The first line ``prefer`` matches, else the last ``prefer_last`` matches, else the first."""
+    if prefer is not None:
+        for line in lines:
+            if re.search(prefer, line):
+                return line
+    if prefer_last is not None:
+        for line in reversed(lines):
+            if re.search(prefer_last, line):
+                return line
+    return lines[0] if lines else None
 
 
 class BatchfitError(Exception):

@@ -14,6 +14,7 @@ MODULES = [
     "batchfit.results.maxbatch", "batchfit.results._base", "batchfit.report",
     "batchfit.report.terminal", "batchfit.report.tune", "batchfit.core.shrink",
     "batchfit.results.fit", "batchfit.results.check", "batchfit.results.noise",
+    "batchfit.errors",
 ]
 
 

@@ -13,10 +13,10 @@ False
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .. import errors
 from ._base import SCHEMA_VERSION, _Serializable, register_result
 
 #: The checks, in the order they are reported.
@@ -33,32 +33,21 @@ CHECKS = (
 #: Severities, most severe first.
 SEVERITIES = ("error", "warning", "info")
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_KERAS_WRAPPER = ("Exception encountered when calling", "Could not automatically infer",
-                  "Traceback", "File ")
 
 
 def error_line(exc: BaseException | None) -> str:
     """The error's own first sentence, as a finding quotes it (without Keras's frame).
 
     Keras wraps a layer's error in "Exception encountered when calling ..." and appends
-    "Arguments received by ..."; both are dropped, and a long line is cut at its first sentence.
+    "Arguments received by ..."; both are dropped, and a long line is cut at its first sentence
+    (:func:`batchfit.errors.error_line` with ``keras_frame=True``).
 
     Example:
 
     >>> error_line(ValueError("Batch size 129 exceeds maximum allowed 128"))
     'Batch size 129 exceeds maximum allowed 128'
     """
-    if exc is None:
-        return ""
-    text = _ANSI.sub("", str(exc)).split("Arguments received by")[0]
-    for line in text.strip().splitlines():
-        line = line.strip()
-        if line and not line.startswith(_KERAS_WRAPPER):
-            if len(line) > 160 and ". " in line[:300]:
-                line = line[:line.index(". ") + 1]
-            return line[:300]
-    return type(exc).__name__
+    return errors.error_line(exc, keras_frame=True)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from ..backend.oom import is_oom_error
 from ..core.fit_control import FitController, agree
 from ..core.shrink import HalvingShrink, ShrinkPolicy
 from ..core.validate import check_int
-from ..errors import InvalidInputError, TrainingOutOfMemoryError
+from ..errors import InvalidInputError, TrainingOutOfMemoryError, error_line
 from ..results.fit import BatchAdjustment
 from .multiworker import (
     _all_gather,
@@ -34,6 +34,9 @@ __all__ = ["MultiWorkerHistory", "fit_multiworker"]
 
 #: Seconds each collective of one training step may wait (the backends' default).
 DEFAULT_TIMEOUT = DEFAULT_COLLECTIVE_TIMEOUT
+
+# The line of an error that names running out of memory (quoted when one worker ran out).
+_OOM_LINE = r"OOM|(?i:out of memory)"
 
 
 # --- 4. training that never dies of out-of-memory -------------------------------------------
@@ -80,13 +83,6 @@ class MultiWorkerHistory:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["adjustments"] = [a.to_dict() for a in self.adjustments]
         return out
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    oom = [ln for ln in lines if "OOM" in ln or "out of memory" in ln.lower()]
-    text = (oom or lines or [""])[0]
-    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def fit_multiworker(
@@ -342,7 +338,7 @@ def _agree_smaller(run: _Training, failed: int, oom_exc: BaseException | None,
     agreed = agree([(bool(r[0] > 0.5), float(r[1])) for r in rows])
     detail = f"out of memory on worker(s) {list(agreed.failed)}"
     if oom_exc is not None:
-        detail += f"; here {_first_line(oom_exc)}"
+        detail += f"; here {error_line(oom_exc, with_type=True, prefer=_OOM_LINE)}"
     if agreed.exhausted:
         raise TrainingOutOfMemoryError(
             f"out of memory at a per-replica micro-batch of {failed} "

@@ -25,7 +25,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, error_line
 
 #: The worker's command (``python -c _ENTRY <inbox fd> <outbox fd>``).
 _ENTRY = ("import sys; from batchfit.workers.child import _entry; "
@@ -89,7 +89,7 @@ def build_model(source: Any) -> Any:
         except Exception as exc:
             raise ModelLoadError(
                 f"the model could not be rebuilt in the worker process from its saved form "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Pass a model factory "
+                f"({type(exc).__name__}: {error_line(exc)}). Pass a model factory "
                 f"instead (a module-level function returning the compiled model), or make the "
                 f"custom layers serializable (get_config, and **kwargs to super().__init__)"
             ) from exc

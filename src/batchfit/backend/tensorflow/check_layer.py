@@ -29,6 +29,7 @@ import numpy as np
 
 from ...results.check import error_line
 from .check_targets import LayerInput, is_custom_layer_class
+from .keras_compat import drop_new_nodes, node_counts, sublayers
 
 __all__ = ["LayerProbe", "quiet_retracing_warnings"]
 
@@ -130,7 +131,7 @@ class LayerProbe:
     def keep_state(self) -> Iterator[None]:
         """Run the checks inside: warnings off, traces counted, and afterwards the layer's
         variables (if built before, or by :meth:`remember_weights`) and nodes restored."""
-        node_counts = _node_counts(self.layer)
+        counts = node_counts(self.layer)
         if getattr(self.layer, "built", False):
             self._weights = _variable_values(self.layer)
         try:
@@ -143,7 +144,7 @@ class LayerProbe:
             if self._weights is not None:
                 for variable, value in self._weights:
                     variable.assign(value)
-            _restore_nodes(self.layer, node_counts)
+            drop_new_nodes(self.layer, counts)
 
     def remember_weights(self) -> None:
         """Once the first calls built the layer: the values to restore, unless built before."""
@@ -212,8 +213,7 @@ class LayerProbe:
         import keras
 
         bn = keras.layers.BatchNormalization
-        subs = getattr(self.layer, "_flatten_layers", None)
-        layers = list(subs(include_self=True, recursive=True)) if subs else [self.layer]
+        layers = sublayers(self.layer, include_self=True) or [self.layer]
         return any(isinstance(sub, bn) for sub in layers)
 
     def mixing(self, b: int, training: bool) -> float | None:
@@ -377,13 +377,3 @@ def _variable_values(layer: Any) -> list[tuple[Any, np.ndarray]]:
     return [(v, np.array(v.numpy(), copy=True)) for v in layer.variables]
 
 
-def _node_counts(layer: Any) -> tuple[int, int]:
-    return (len(getattr(layer, "_inbound_nodes", [])), len(getattr(layer, "_outbound_nodes", [])))
-
-
-def _restore_nodes(layer: Any, counts: tuple[int, int]) -> None:
-    """Drop the nodes the checks added by calling the layer on new symbolic inputs."""
-    for attr, n in zip(("_inbound_nodes", "_outbound_nodes"), counts):
-        nodes = getattr(layer, attr, None)
-        if isinstance(nodes, list) and len(nodes) > n:
-            del nodes[n:]

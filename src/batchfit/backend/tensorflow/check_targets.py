@@ -25,6 +25,7 @@ import numpy as np
 from ...core.validate import is_int
 from ...errors import InvalidInputError, ModelLoadError
 from ...results.check import error_line
+from .keras_compat import build_shapes, inbound_nodes
 
 __all__ = ["LayerInput", "check_targets", "custom_layers", "is_custom_layer",
            "is_custom_layer_class", "load_checkable"]
@@ -193,7 +194,7 @@ def _layer_input(layer: Any, input_shape: Any, sample: Any) -> LayerInput:
         return LayerInput(keras.tree.map_structure(lambda _: 0, sample),
                           [tuple(a.shape[1:]) for a in arrays], [str(a.dtype) for a in arrays])
     if input_shape is None:
-        shapes = getattr(layer, "_build_shapes_dict", None)
+        shapes = build_shapes(layer)
         if getattr(layer, "built", False) and isinstance(shapes, dict) and len(shapes) == 1:
             input_shape = next(iter(shapes.values()))
         else:
@@ -239,7 +240,7 @@ def _model_targets(model: Any, input_shapes: Any,
     targets: list[tuple[Any, LayerInput]] = []
     missing: list[Any] = []
     for layer in custom_layers(model):
-        nodes = getattr(layer, "_inbound_nodes", [])
+        nodes = inbound_nodes(layer)
         spec = None
         if nodes:
             args = getattr(nodes[0], "arguments", None)

@@ -26,6 +26,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ...errors import error_line
+
 __all__ = [
     "KNOWN_UPSTREAM_FAILURE",
     "all_gather",
@@ -119,9 +121,8 @@ def upstream_fit_works(strategy: tf.distribute.Strategy, *, timeout: float = 120
         ok = True
     except Exception as exc:  # noqa: BLE001 - any failure means "do not use fit"
         ok = False
-        first = str(exc).splitlines()[0] if str(exc) else ""
         known = KNOWN_UPSTREAM_FAILURE in str(exc)
-        detail = (f"{type(exc).__name__}: {first[:200]}"
+        detail = (f"{type(exc).__name__}: {error_line(exc, limit=200)}"
                   + ("" if known else " (not the known keras#20585 failure)"))
     if worker_position(strategy)[1] > 1 or replicas > 1:
         votes = all_gather(strategy, [1.0 if ok else 0.0], timeout)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import InvalidInputError
+from .keras_compat import upstream_dataset
 
 #: How many examples :meth:`DataSample.from_data` materializes at most.
 MAX_EXAMPLES = 4096
@@ -416,11 +417,7 @@ def _dataset_batched(ds: Any) -> bool | None:
             return False
         if name in _OPAQUE:
             return None
-        nxt = getattr(d, "_input_dataset", None)
-        if nxt is None:
-            inner = getattr(d, "_datasets", None)  # zip / concatenate: follow the first one
-            if isinstance(inner, (list, tuple)) and inner:
-                nxt = inner[0]
+        nxt = upstream_dataset(d)  # zip / concatenate: the first one
         if nxt is None:
             return None
         d = nxt

@@ -26,8 +26,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from ...errors import InvalidInputError
+from ...errors import InvalidInputError, error_line
 from .. import DEFAULT_COLLECTIVE_TIMEOUT
+from .keras_compat import model_distribute_strategy
 
 __all__ = [
     "DISTRIBUTE_CHOICES",
@@ -71,7 +72,7 @@ def model_strategy(model: Any) -> tf.distribute.Strategy | None:
     """
     if model is None or isinstance(model, str):
         return None
-    strategy = getattr(model, "_distribute_strategy", None)
+    strategy = model_distribute_strategy(model)
     if _is_default(strategy):
         strategy = None
         for v in getattr(model, "variables", None) or []:
@@ -116,7 +117,7 @@ def _make(kind: str) -> tf.distribute.Strategy:
     except (RuntimeError, ValueError) as exc:
         raise InvalidInputError(
             f"could not create a {kind} strategy ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); create it yourself at the start "
+            f"{error_line(exc, limit=None)}); create it yourself at the start "
             "of the program, build the model under strategy.scope(), and pass the model "
             "(or distribute=strategy)") from exc
 

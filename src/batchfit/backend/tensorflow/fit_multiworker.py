@@ -18,6 +18,14 @@ import numpy as np
 import tensorflow as tf
 
 from ...errors import InvalidInputError
+from .keras_compat import (
+    call_has_training_arg,
+    communication_options_of,
+    compile_loss,
+    compute_loss_fn,
+    model_distribute_strategy,
+    unscale_loss_for_distribution,
+)
 
 __all__ = ["MultiWorkerSession", "Trainer"]
 
@@ -89,12 +97,8 @@ class Trainer:
 
     def _make_grad_fn(self) -> Callable[..., Any]:
         model, opt = self.model, self.model.optimizer
-        try:
-            from keras.src.losses.loss import unscale_loss_for_distribution as unscale
-        except ImportError:  # pragma: no cover - a Keras that no longer scales by replicas
-            def unscale(v: Any) -> Any:
-                return v
-        call_has_training = getattr(model, "_call_has_training_arg", True)
+        call_has_training = call_has_training_arg(model)
+        compute_loss = compute_loss_fn(model)
         variables, acc, loss_acc = self.variables, self.acc, self.loss_acc
         global_batch = float(self.global_batch)
 
@@ -104,8 +108,8 @@ class Trainer:
                 # compute_loss divides by the replicas under a strategy (Keras's own step
                 # relies on the optimizer's SUM all-reduce): undo that, then weigh this
                 # micro-batch by its share of the global batch.
-                loss = unscale(model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw,
-                                                    training=True))
+                loss = unscale_loss_for_distribution(compute_loss(
+                    x=x, y=y, y_pred=y_pred, sample_weight=sw, training=True))
                 n = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], loss.dtype)
                 share = loss * n / tf.cast(global_batch, loss.dtype)
                 scaled = opt.scale_loss(share)
@@ -231,10 +235,10 @@ class MultiWorkerSession:
             with strategy.scope():
                 model = model()
         if (getattr(model, "optimizer", None) is None
-                or getattr(model, "_compile_loss", None) is None):
+                or compile_loss(model) is None):
             raise InvalidInputError("the model must be compiled (an optimizer and a loss), "
                                     "under strategy.scope()")
-        owner = getattr(model, "_distribute_strategy", None)
+        owner = model_distribute_strategy(model)
         if owner is not strategy and self.replicas > 1:
             raise InvalidInputError("build and compile the model under this strategy's scope "
                                     "(`with strategy.scope(): model = build_model()`)")
@@ -265,8 +269,7 @@ class MultiWorkerSession:
     # --- the model and its state -------------------------------------------------------------
     def collective_timeout(self) -> float | None:
         """The timeout the strategy's own collectives were created with (``None``: none)."""
-        return getattr(getattr(self.strategy.extended, "_communication_options", None),
-                       "timeout_seconds", None)
+        return getattr(communication_options_of(self.strategy), "timeout_seconds", None)
 
     def build(self, xs: Any) -> None:
         """Build the model and its optimizer under the strategy (on one example of ``xs``)."""

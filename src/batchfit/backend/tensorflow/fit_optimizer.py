@@ -17,6 +17,17 @@ import tensorflow as tf
 
 from ...errors import InvalidInputError
 from .fit_state import components
+from .keras_compat import (
+    accumulated_gradients,
+    current_learning_rate_fn,
+    learning_rate_value,
+    optimizer_iterations,
+    optimizer_trainable_variables,
+    optimizer_variable_index,
+    restore_current_learning_rate_fn,
+    set_accumulated_gradients,
+    set_current_learning_rate_fn,
+)
 from .probe import _assign_in_chunks
 
 __all__ = ["OptimizerPatch"]
@@ -74,7 +85,7 @@ class OptimizerPatch:
 
         self._orig_apply = orig_apply
         opt.apply = apply
-        orig_lr = opt._get_current_learning_rate
+        orig_lr = current_learning_rate_fn(opt)
 
         def current_learning_rate() -> Any:
             # With gradient_accumulation_steps = k, Keras evaluates a schedule at its raw
@@ -82,12 +93,12 @@ class OptimizerPatch:
             # where it would be without accumulation. (Patched on the instance, so the
             # optimizer's config and saved models are unchanged.)
             k = opt.gradient_accumulation_steps or 1
-            schedule = opt._learning_rate
+            schedule = learning_rate_value(opt)
             if k > 1 and isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-                return schedule(opt._iterations // k)
+                return schedule(optimizer_iterations(opt) // k)
             return orig_lr()
 
-        opt._get_current_learning_rate = current_learning_rate
+        set_current_learning_rate_fn(opt, current_learning_rate)
         self._patched_lr = True
 
     def uninstall(self) -> None:
@@ -95,8 +106,8 @@ class OptimizerPatch:
         opt = self.opt
         if self._orig_apply is not None and "apply" in vars(opt):
             del opt.apply
-        if self._patched_lr and "_get_current_learning_rate" in vars(opt):
-            del opt._get_current_learning_rate
+        if self._patched_lr:
+            restore_current_learning_rate_fn(opt)
 
     def ensure_built(self) -> None:
         """Build the optimizer's variables (under the strategy's scope when there is one)."""
@@ -109,7 +120,9 @@ class OptimizerPatch:
 
     def updates(self) -> int:
         """Optimizer updates so far (``iterations`` counts micro-steps while accumulating)."""
-        return int(self.opt._iterations.numpy()) // self.accumulation if self.opt.built else 0
+        if not self.opt.built:
+            return 0
+        return int(optimizer_iterations(self.opt).numpy()) // self.accumulation
 
     # --- accumulation -------------------------------------------------------------------
     def _apply_accumulating(self, role: str, grads: list[Any], variables: Any,
@@ -124,8 +137,9 @@ class OptimizerPatch:
         ``"final"`` applies ``(gradients + accumulated) / k`` through the optimizer's own
         ``apply`` (one all-reduce, one update, one iteration) and zeroes the accumulators.
         """
-        variables = list(variables if variables is not None else self.opt._trainable_variables)
-        accs = [self._dist_accs[self.opt._get_variable_index(v)]  # type: ignore[index]
+        variables = list(variables if variables is not None
+                         else optimizer_trainable_variables(self.opt))
+        accs = [self._dist_accs[optimizer_variable_index(self.opt, v)]  # type: ignore[index]
                 for v in variables]
         dense = [None if g is None else tf.convert_to_tensor(g) for g in grads]
         with tf.control_dependencies([tf.group(*deps)] if deps else []):
@@ -154,15 +168,15 @@ class OptimizerPatch:
                         tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
                                     synchronization=tf.VariableSynchronization.ON_READ,
                                     aggregation=tf.VariableAggregation.NONE)
-                        for v in self.opt._trainable_variables]
+                        for v in optimizer_trainable_variables(self.opt)]
             return
         if k == self.accumulation:
             return
         opt = self.opt
         if k > 1:
             self.ensure_built()
-            accs = getattr(opt, "_accumulated_gradients", None)
-            if not accs or len(accs) != len(opt._trainable_variables):
+            accs = accumulated_gradients(opt)
+            if not accs or len(accs) != len(optimizer_trainable_variables(opt)):
                 # As Optimizer.build makes them, but not tracked: they are zero at every batch
                 # boundary (a batch's micro-steps end with the update), so nothing is lost by
                 # leaving them out of checkpoints, and the optimizer keeps the variables a
@@ -171,15 +185,16 @@ class OptimizerPatch:
                 with keras.name_scope(opt.name, caller=opt):
                     accs = [keras.Variable(initializer="zeros", shape=v.shape, dtype=v.dtype,
                                            trainable=False, name="gradient_accumulator")
-                            for v in opt._trainable_variables]
-                object.__setattr__(opt, "_accumulated_gradients", accs)
+                            for v in optimizer_trainable_variables(opt)]
+                set_accumulated_gradients(opt, accs)
             elif not self._accs_zeroed:
                 # Left by an earlier fit that stopped inside a batch (an error, Ctrl-C)
                 # holding that batch's partial sums.
                 self.zero_accumulators()
             self._accs_zeroed = True
-        updates = int(opt._iterations.numpy()) // self.accumulation
-        opt._iterations.assign(updates * k)
+        iterations = optimizer_iterations(opt)
+        updates = int(iterations.numpy()) // self.accumulation
+        iterations.assign(updates * k)
         opt.gradient_accumulation_steps = k if k > 1 else None
         self.accumulation = k
 
@@ -190,6 +205,6 @@ class OptimizerPatch:
                 for c in components(acc):
                     c.assign(tf.zeros_like(c))
             return
-        for acc in getattr(self.opt, "_accumulated_gradients", None) or []:
+        for acc in accumulated_gradients(self.opt) or []:
             if acc is not None:
                 _assign_in_chunks(acc, np.zeros(acc.shape, dtype=acc.dtype))

@@ -1,8 +1,9 @@
 """The compiled steps :func:`batchfit.fit` runs: Keras's own step, guarded by a shadow copy.
 
 :class:`StepCompiler` builds (once per phase, accumulation and role) the function Keras's loop
-calls: ``model.train_step``/``test_step`` wrapped by ``model._make_function``, so a custom
-``train_step`` works, with the batch's inputs made to wait for the shadow copy of the small
+calls: ``model.train_step``/``test_step`` wrapped by ``model._make_function`` (through
+:func:`~batchfit.backend.tensorflow.keras_compat.make_step_function`), so a custom ``train_step``
+works, with the batch's inputs made to wait for the shadow copy of the small
 state a step writes (:class:`~batchfit.backend.tensorflow.fit_state.Shadow`). The fast path's
 function also reads the batch from Keras's iterator inside the graph, storing it first for a
 replay (:class:`~batchfit.backend.tensorflow.fit_state.Replay`).
@@ -17,6 +18,7 @@ import tensorflow as tf
 
 from .fit_optimizer import OptimizerPatch
 from .fit_state import SHADOW_LIMIT_BYTES, HostShadow, NotReplayable, Replay, Shadow, nbytes
+from .keras_compat import make_step_function, optimizer_iterations
 
 __all__ = ["StepCompiler"]
 
@@ -44,7 +46,7 @@ class StepCompiler:
             small: list[Any] = []
             groups = [v for m in self.model.metrics for v in m.variables]
             if phase == "train":
-                groups += [self.optimizer.opt._iterations]
+                groups += [optimizer_iterations(self.optimizer.opt)]
                 groups += [v for v in self.model.non_trainable_variables
                            if nbytes(v) <= SHADOW_LIMIT_BYTES]
             for v in groups:
@@ -63,10 +65,10 @@ class StepCompiler:
             shadow = self.shadow(phase)
             step = self.model.train_step if phase == "train" else self.model.test_step
             if self.distributed:
-                self._fns[key] = self.model._make_function(
-                    self._replica_step(step, role, accumulation))
+                self._fns[key] = make_step_function(
+                    self.model, self._replica_step(step, role, accumulation))
             else:
-                self._fns[key] = self.model._make_function(self._guarded_step(step, shadow))
+                self._fns[key] = make_step_function(self.model, self._guarded_step(step, shadow))
         return self._fns[key]
 
     def _replica_step(self, step: Callable[[Any], Any], role: str | None,

@@ -38,7 +38,7 @@ from .distribute import (
 from .fit_optimizer import OptimizerPatch
 from .fit_state import NO_LIMIT, TOO_LARGE, NotReplayable, Replay, data_size, slice_batch
 from .fit_steps import StepCompiler
-from .probe import _first_line, memory_device, read_peak, reset_peak, state_bytes
+from .probe import failure_line, memory_device, read_peak, reset_peak, state_bytes
 
 __all__ = ["FitExecutor", "ReplicatedExecutor", "check_fit_model", "fit_inputs",
            "fit_strategy", "rebatch", "run_fit"]
@@ -84,7 +84,7 @@ class FitExecutor:
             self.optimizer.use_accumulation(1)
         except Exception as exc:  # noqa: BLE001 - never mask the error that ended training
             self.logger.warning("batchfit: could not switch gradient accumulation off after "
-                                "training: %s", _first_line(exc))
+                                "training: %s", failure_line(exc))
         finally:
             self.optimizer.uninstall()
             self.model.train_function, self.model.test_function = self._saved_functions
@@ -167,7 +167,7 @@ class FitExecutor:
             if not oom and not (isinstance(exc, tf.errors.InvalidArgumentError)
                                 and TOO_LARGE in str(exc)):
                 raise
-            failure = _first_line(exc)
+            failure = failure_line(exc)
         else:
             shadow.count = self._target
             replay.stored += 1
@@ -218,7 +218,7 @@ class FitExecutor:
         except Exception as exc:
             if not is_oom_error(exc):
                 raise
-            failure = _first_line(exc)
+            failure = failure_line(exc)
         if failure is None:
             if measure:
                 self.control.measured(phase, micro, peak())

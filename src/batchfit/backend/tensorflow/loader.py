@@ -33,7 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ...errors import InvalidInputError, ModelLoadError
+from ...errors import InvalidInputError, ModelLoadError, error_line
+from .keras_compat import is_keras2_object
 
 _ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _SAVED_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -188,9 +189,7 @@ def _model_problem(obj: Any, where: str = "before measuring it") -> str | None:
             return f"is not compiled: call model.compile(optimizer=..., loss=...) {where}."
         return None
     what = _describe(obj)
-    mod = type(obj).__module__ or ""
-    if mod.startswith(("tf_keras", "keras.src.legacy")) or \
-            any(c.__module__.startswith("tf_keras") for c in type(obj).__mro__):
+    if is_keras2_object(obj):
         return (f"is {what}, a Keras 2 (tf_keras) model; batchfit needs a Keras 3 keras.Model "
                 "(import keras, not tf_keras).")
     if isinstance(obj, keras.layers.Layer):
@@ -355,7 +354,8 @@ def _load_saved_model(spec: str) -> Any:
                                          "could not be deserialized"))
         hint = (" It uses custom layers or objects that Keras cannot find." if custom else "")
         raise ModelLoadError(
-            f"Cannot load '{spec}' with keras.saving.load_model ({text.splitlines()[0]}).{hint} "
+            f"Cannot load '{spec}' with keras.saving.load_model "
+            f"({error_line(e, limit=None, with_type=True)}).{hint} "
             "Load it in Python with keras.saving.load_model(path, custom_objects={...}) and "
             "pass the model to batchfit, or use the factory form 'path/to/file.py:factory' "
             "(a function that imports your layers, loads or builds the model and compiles "

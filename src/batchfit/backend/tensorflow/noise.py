@@ -41,6 +41,7 @@ from ...core.noise import (
 from ...core.validate import check_int
 from ...errors import InvalidInputError
 from .data import DataSample, flatten_structure, pack_structure
+from .keras_compat import call_has_training_arg, compute_loss_fn, sublayers
 from .loader import load_data
 from .probe import ModelState, metric_variable_groups, unique_variables
 
@@ -131,8 +132,8 @@ class GradientNormMeter:
 
     def _build(self) -> Callable[..., Any]:
         model, variables = self.model, self._variables
-        has_training = getattr(model, "_call_has_training_arg", True)
-        compute = getattr(model, "_compute_loss", None) or model.compute_loss
+        has_training = call_has_training_arg(model)
+        compute = compute_loss_fn(model)
 
         @tf.function(reduce_retracing=True)
         def flat_gradient(x: Any, y: Any) -> tuple[Any, Any]:
@@ -191,8 +192,10 @@ def gradient_norm_pairs(model: Any, sampler: ExampleSampler, *, small: int, big:
 def mixes_examples(model: Any) -> bool:
     """Whether ``model`` has a layer that mixes a batch's examples (BatchNorm in training)."""
     try:
-        layers = model._flatten_layers(include_self=False, recursive=True)
+        layers = sublayers(model)
     except Exception:  # noqa: BLE001 - a private API; the note is optional
+        return False
+    if layers is None:
         return False
     return any(isinstance(layer, keras.layers.BatchNormalization) for layer in layers)
 

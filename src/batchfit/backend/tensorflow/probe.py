@@ -18,24 +18,25 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from ...errors import error_line
 from ...results import Probe
 from ..oom import is_oom_error
 
 BatchFn = Callable[[int], "tuple[Any, Any]"]
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip()
-    # Keras wraps layer errors: keep the most informative non-empty line.
-    lines = [ln.strip(" \x1b[0m").strip() for ln in text.splitlines() if ln.strip()]
-    msg = ""
-    for ln in lines:
-        if "exceeds" in ln or "OOM" in ln or "Error" in ln or not msg:
-            msg = ln
-            if "OOM" in ln or "exceeds" in ln:
-                break
-    msg = msg.replace("\x1b[1m", "").replace("\x1b[0m", "")
-    return f"{type(exc).__name__}: {msg}"[:limit]
+def failure_line(exc: BaseException, limit: int = 300) -> str:
+    """The line a failed step reports: ``"TypeName: line"``, at most ``limit`` characters.
+
+    Of a long TensorFlow or Keras error it keeps the most informative line: the first that names
+    an OOM or a limit exceeded, else the last that names an Error, else the first.
+    """
+    return error_line(exc, limit=None, with_type=True, prefer="OOM|exceeds",
+                      prefer_last="Error")[:limit]
+
+
+# verbs/throughput.py imports the old name (that file is being rewritten elsewhere).
+_first_line = failure_line
 
 
 def model_variables(model: Any) -> list[Any]:
@@ -195,7 +196,7 @@ def trace_general_step(model: Any, batch_fn: Any, state: Any,
             x, y = batch_fn(b)
             model.train_on_batch(x, y)
         except Exception as exc:  # noqa: BLE001 - the caller decides
-            failure = (is_oom_error(exc), _first_line(exc))
+            failure = (is_oom_error(exc), failure_line(exc))
         # Restore only once the exception (whose traceback keeps the failed step's tensors
         # alive) is gone.
         state.restore()
@@ -292,7 +293,7 @@ class ProbeRunner:
             probe = Probe(batch_size=batch_size, fits=False,
                           outcome="oom" if is_oom_error(exc) else "refused", peak_bytes=None,
                           seconds=time.perf_counter() - t0, step_seconds=None,
-                          detail=_first_line(exc))
+                          detail=failure_line(exc))
         finally:
             # Outside the handler: the exception's traceback, which keeps the failed step's
             # tensors alive, is released before the state is assigned back. Metrics are reset

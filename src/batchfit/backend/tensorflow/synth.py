@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import InvalidInputError
+from ...errors import InvalidInputError, error_line
 from .data import flatten_structure, pack_structure
+from .keras_compat import build_shapes, inbound_nodes, keras_history_layer, sublayers
 
 # Target kinds, by normalized loss name.
 _LOSS_KINDS: dict[str, str] = {}
@@ -399,8 +400,7 @@ def _input_names(struct: Any, tensors: list[Any]) -> tuple[list[str], dict[str, 
         names = []
         for i, t in enumerate(tensors):
             n = str(getattr(t, "name", None) or f"input_{i}")
-            layer = getattr(getattr(t, "_keras_history", None), "operation", None)
-            layer_name = getattr(layer, "name", None)
+            layer_name = getattr(keras_history_layer(t), "name", None)
             if n.startswith("keras_tensor") and layer_name:
                 n = str(layer_name)  # unnamed keras.Input: show "input_layer", not a tensor id
             names.append(n)
@@ -408,8 +408,7 @@ def _input_names(struct: Any, tensors: list[Any]) -> tuple[list[str], dict[str, 
             names = [f"{n}_{i}" for i, n in enumerate(names)]
     for n, t in zip(names, tensors):
         tensor_name = getattr(t, "name", None)
-        layer_name = getattr(getattr(getattr(t, "_keras_history", None), "operation", None),
-                             "name", None)
+        layer_name = getattr(keras_history_layer(t), "name", None)
         for alias in (tensor_name, layer_name):
             if alias and str(alias) not in names:
                 aliases.setdefault(str(alias), n)
@@ -465,7 +464,7 @@ def _specs_without_graph(model: Any, input_shapes: Any,
 
 def _built_input_shape(model: Any) -> tuple[int, ...] | None:
     """Per-example shape a single-input subclassed model was built/called with, if known."""
-    shapes = getattr(model, "_build_shapes_dict", None)
+    shapes = build_shapes(model)
     if not getattr(model, "built", False) or not isinstance(shapes, dict) or len(shapes) != 1:
         return None
     shape = next(iter(shapes.values()))
@@ -553,9 +552,10 @@ def _is_int(dtype: str) -> bool:
 
 def _all_layers(model: Any) -> list[Any]:
     try:
-        return list(model._flatten_layers(include_self=False, recursive=True))
+        layers = sublayers(model)
     except Exception:  # noqa: BLE001 - private API; fall back to the public one
-        return list(getattr(model, "layers", []))
+        layers = None
+    return layers if layers is not None else list(getattr(model, "layers", []))
 
 
 def _all_embeddings(model: Any) -> list[Any]:
@@ -568,7 +568,7 @@ def _consumer_map(model: Any) -> dict[int, list[tuple[Any, Any]]]:
     """id(KerasTensor) -> [(layer, node)] of the layers that take it as an input."""
     consumers: dict[int, list[tuple[Any, Any]]] = {}
     for layer in _all_layers(model):
-        for node in getattr(layer, "_inbound_nodes", []) or []:
+        for node in inbound_nodes(layer):
             for t in getattr(node, "input_tensors", []) or []:
                 consumers.setdefault(id(t), []).append((layer, node))
     return consumers
@@ -620,7 +620,7 @@ def _int_high_for(tensor: Any, consumers: dict[int, list[tuple[Any, Any]]],
 
 def _sublayers(layer: Any) -> list[Any]:
     try:
-        return list(layer._flatten_layers(include_self=False, recursive=True))
+        return sublayers(layer) or []
     except Exception:  # noqa: BLE001 - private API
         return []
 
@@ -691,7 +691,7 @@ def _output_shapes(model: Any, x1: Any) -> Any:
     except Exception as e:
         raise InvalidInputError(
             f"The model failed on a synthesized batch of 1 ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}), so its output shape "
+            f"{error_line(e, limit=None)}), so its output shape "
             "is unknown. Pass data= with a sample of your own (x, y).") from e
     return keras.tree.map_structure(lambda t: _Shape(tuple(t.shape)), out)
 
