@@ -22,6 +22,7 @@ from ..errors import (
     ModelLoadError,
     NothingFitsError,
     ProbeFailedError,
+    error_line,
 )
 from ..results import MaxBatchResult, MemoryModel, Probe
 from .resolve import ResolvedModel, resolve, validate_model_arg
@@ -299,7 +300,7 @@ def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: 
         source = ModelSource.from_model(model)
     except Exception as exc:
         why = (f"the model cannot be sent to a worker process ({type(exc).__name__}: "
-               f"{str(exc).splitlines()[0][:200] if str(exc) else ''})")
+               f"{error_line(exc, limit=200)})")
         if explicit:
             raise InvalidInputError(why + "; pass a module-level factory function instead of the "
                                           "model object, or isolate='none'") from exc

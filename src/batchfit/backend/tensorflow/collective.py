@@ -85,20 +85,8 @@ def all_gather(strategy: tf.distribute.Strategy, values: list[float], timeout: f
 
 def upstream_fit_works(strategy: tf.distribute.Strategy, *, timeout: float = 120.0
                        ) -> bool:
-    """Whether Keras's own ``model.fit`` trains under ``strategy`` (probed, then cached).
-
-    Fits a one-unit model for one step under the strategy and catches the known failure
-    (keras-team/keras issue 20585, "Attempt to convert a value (PerReplica...)"), so the day
-    Keras fixes it, batchfit notices. Every worker must call it (the probe's step and the
-    agreement are collectives); the answer is ``True`` only when the probe worked on every
-    worker. Cheap: one tiny model, one step, once per strategy.
-
-    Args:
-        strategy: the ``tf.distribute`` strategy.
-        timeout: seconds the agreement may wait for the other workers (default 120).
-
-    Returns:
-        ``True`` when ``model.fit`` works under the strategy on every worker.
+    """The TensorFlow side of :func:`batchfit.upstream_fit_works` (documented there): a
+    one-unit model fitted for one step under ``strategy``, the answer agreed by all workers.
 
     Example:
 

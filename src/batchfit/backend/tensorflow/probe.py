@@ -35,9 +35,6 @@ def failure_line(exc: BaseException, limit: int = 300) -> str:
                       prefer_last="Error")[:limit]
 
 
-# verbs/throughput.py imports the old name (that file is being rewritten elsewhere).
-_first_line = failure_line
-
 
 def model_variables(model: Any) -> list[Any]:
     """Every variable a training step can change: model state, optimizer state, metric state.

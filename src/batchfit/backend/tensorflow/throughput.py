@@ -26,7 +26,8 @@ from ...results import ThroughputPoint
 from ..nvml import GpuSampler
 from ..oom import is_oom_error
 from .distribute import model_strategy, num_replicas
-from .probe import ModelState, _first_line, read_peak, reset_peak, trace_general_step
+from .keras_compat import model_distribute_strategy
+from .probe import ModelState, failure_line, read_peak, reset_peak, trace_general_step
 
 __all__ = ["measure_throughput"]
 
@@ -130,7 +131,7 @@ def _prepare_all(model: Any, batch_fn: Any, sizes: list[int], plan: TimingPlan, 
             prepared = _prepare(model, batch_fn, b, window_seconds=plan.window_seconds,
                                 warmup_steps=plan.warmup_steps, device=device)
         except Exception as exc:  # noqa: BLE001 - a size that fails is reported, not fatal
-            failure = ("oom" if is_oom_error(exc) else "failed", _first_line(exc))
+            failure = ("oom" if is_oom_error(exc) else "failed", failure_line(exc))
         if prepared is None:
             state.restore()  # outside the handler: the failed step's tensors are released
             outcome, detail = failure or ("failed", "unknown failure")
@@ -155,7 +156,7 @@ def _time_window(r: _Prepared, gpu: bool) -> None:
         if sampler.peak_memory_bytes is not None:
             r.mem.append(sampler.peak_memory_bytes)
     except Exception as exc:  # noqa: BLE001
-        r.failure = ("oom" if is_oom_error(exc) else "failed", _first_line(exc))
+        r.failure = ("oom" if is_oom_error(exc) else "failed", failure_line(exc))
 
 
 def _point(r: _Prepared, warmup_steps: int) -> ThroughputPoint:
@@ -202,7 +203,7 @@ def _prepare(model: Any, batch_fn: Any, b: int, *, window_seconds: float, warmup
     options = tf.data.Options()
     options.autotune.enabled = False
     dataset = dataset.with_options(options)
-    strategy = getattr(model, "_distribute_strategy", None)
+    strategy = model_distribute_strategy(model)
     if strategy is not None and strategy.num_replicas_in_sync > 1:
         # As fit does: each replica gets its share of the global batch b.
         dataset = strategy.experimental_distribute_dataset(dataset)
