@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ...core.validate import check_int
 from ...errors import InvalidInputError
 from .keras_compat import upstream_dataset
 
@@ -211,8 +212,7 @@ class DataSample:
         >>> DataSample.from_data(({"a": np.ones((3, 2))}, np.ones(3))).batch(2)[0]["a"].shape
         (2, 2)
         """
-        if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
-            raise InvalidInputError(f"max_examples must be a positive integer, got {max_examples!r}.")
+        check_int("max_examples", max_examples, minimum=1)
         if data is None:
             raise InvalidInputError(f"No data given (None). Expected {_SUPPORTED}.")
         if isinstance(data, DataSample):
@@ -250,10 +250,7 @@ class DataSample:
         >>> DataSample.from_data((np.arange(3)[:, None], np.arange(3))).batch(5)[1]
         array([0, 1, 2, 0, 1])
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        b = int(batch_size)
+        b = int(check_int("batch_size", batch_size, minimum=1))  # type: ignore[arg-type]
         idx = np.arange(b) % self.num_examples
         if b == self.num_examples:
             take = list

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ...core.validate import check_int
 from ...errors import InvalidInputError, error_line
 from .data import flatten_structure, pack_structure
 from .keras_compat import build_shapes, inbound_nodes, keras_history_layer, sublayers
@@ -154,10 +155,7 @@ class SynthesisPlan:
         >>> plan_synthesis(m).batch(3)[1].shape
         (3, 1)
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        b = int(batch_size)
+        b = int(check_int("batch_size", batch_size, minimum=1))  # type: ignore[arg-type]
         rng = np.random.default_rng(seed)
         xs = [_make_input(spec, b, rng) for spec in self.inputs]
         x = pack_structure(self.input_template, xs)
