@@ -37,6 +37,19 @@ def test_linear_model_matches_the_closed_form() -> None:
     assert r.small_batch == 4 and r.big_batch == 32 and r.optimizer == "SGD"
 
 
+def test_a_factory_and_a_spec_are_taken_as_the_other_verbs_take_them() -> None:
+    """The one resolver: a factory and a spec give the same estimate as the model object."""
+    x, y = linear_data(400)
+    kwargs = {"small": 4, "big": 16, "steps": 8, "seed": 3}
+    by_object = batchfit.estimate_noise_scale(linear_model(), (x, y), **kwargs)
+    by_factory = batchfit.estimate_noise_scale(linear_model, (x, y), **kwargs)
+    by_spec = batchfit.estimate_noise_scale(f"{FIX}:linear_model", (x, y), **kwargs)
+    assert by_factory.b_simple == pytest.approx(by_object.b_simple, rel=1e-6)
+    assert by_spec.b_simple == pytest.approx(by_object.b_simple, rel=1e-6)
+    with pytest.raises(InvalidInputError, match="compiled keras.Model, a function"):
+        batchfit.estimate_noise_scale(42, (x, y), **kwargs)
+
+
 def test_weights_optimizer_and_state_unchanged() -> None:
     model = stateful_model()
     x, y = linear_data(2000)

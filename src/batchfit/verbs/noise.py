@@ -41,6 +41,7 @@ from ..core.noise import (
 from ..core.validate import check_int
 from ..errors import InvalidInputError
 from ..results import NoisePair, NoiseScaleResult
+from .resolve import resolve
 
 
 def estimate_noise_scale(model: Any, data: Any, *, small: int = 32, big: int = 256,
@@ -57,7 +58,8 @@ def estimate_noise_scale(model: Any, data: Any, *, small: int = 32, big: int = 2
     examples), with the memory of ``small`` examples and no optimizer update.
 
     Args:
-        model: a compiled ``keras.Model``, or a model spec (``path/file.py:factory``).
+        model: a compiled ``keras.Model``, a zero-argument function returning one, or a model
+            spec (``path/file.py:factory``, ``package.module:factory``, ``model.keras``).
         data: your real data: ``(x, y)`` arrays, a ``tf.data.Dataset``, a
             ``keras.utils.PyDataset``, or a data spec (``path/file.py:function``). Required:
             synthetic data says nothing about your task's noise scale.
@@ -92,9 +94,7 @@ def estimate_noise_scale(model: Any, data: Any, *, small: int = 32, big: int = 2
     if data is None:
         raise InvalidInputError(NEEDS_REAL_DATA)
     backend = get_backend()
-    if isinstance(model, str):
-        model = backend.load_model(model)
-    backend.check_model(model)
+    model = resolve(model, build=True).model
     small, big = check_pair_sizes(small, big)
     steps = int(check_int("steps (pairs)", steps, minimum=2,  # type: ignore[arg-type]
                           hint="the interval needs several pairs: 32 or more is good"))
