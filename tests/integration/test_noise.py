@@ -50,6 +50,13 @@ def test_a_factory_and_a_spec_are_taken_as_the_other_verbs_take_them() -> None:
         batchfit.estimate_noise_scale(42, (x, y), **kwargs)
 
 
+def test_a_layer_is_refused_with_how_to_wrap_it_not_called_as_a_factory() -> None:
+    """A Keras layer is callable but no factory: it gets the wrap hint, as before factories."""
+    x, y = linear_data(100)
+    with pytest.raises(InvalidInputError, match="a Layer, not a Model. Wrap it"):
+        batchfit.estimate_noise_scale(keras.layers.Dense(1), (x, y), small=4, big=16, steps=2)
+
+
 def test_weights_optimizer_and_state_unchanged() -> None:
     model = stateful_model()
     x, y = linear_data(2000)
