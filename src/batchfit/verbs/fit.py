@@ -108,7 +108,7 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
         distribute: ``None`` (default: the strategy the model was built under, if any), a
             ``tf.distribute.MirroredStrategy`` or ``"mirrored"`` (the model must have been
             built under that strategy's scope). Multi-worker training goes through
-            :mod:`batchfit.verbs.multiworker`.
+            :func:`batchfit.fit_multiworker`.
         **fit_kwargs: everything else ``model.fit`` takes (``epochs``, ``callbacks``,
             ``validation_data``, ``shuffle``, ...).
 
