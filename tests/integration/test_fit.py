@@ -345,7 +345,7 @@ def test_numpy_integer_sizes_are_reported_as_python_integers() -> None:
              h.per_replica_micro_batch_size)
     assert sizes == (8, 2, 16, 8) and all(type(v) is int for v in sizes)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True)
-    h = batchfit.fit(_small(), ds, batch_size=np.int32(16), epochs=1, verbose=0)
+    h = batchfit.fit(_small(), ds, batch_size=np.int32(16), epochs=1, verbose=0, shuffle=False)
     assert (h.micro_batch_size, h.per_replica_batch_size) == (16, 16)
     assert type(h.per_replica_batch_size) is int
 
