@@ -331,6 +331,36 @@ def test_bad_setups_are_refused() -> None:
         batchfit.fit(_small(), x, y, batch_size=8, grow_after_epochs=0)
 
 
+def test_numpy_integer_sizes_are_reported_as_python_integers() -> None:
+    """NumPy integers are accepted as sizes; what fit and fit_multiworker report is plain int
+    (a MultiWorkerHistory's to_dict stays JSON-ready)."""
+    import json
+
+    from batchfit.verbs.multiworker_fit import fit_multiworker
+
+    x, y = _xy(32)
+    h = batchfit.fit(_small(), x, y, batch_size=np.int64(16), micro_batch_size=np.int64(8),
+                     epochs=1, verbose=0)
+    sizes = (h.micro_batch_size, h.accumulation_steps, h.per_replica_batch_size,
+             h.per_replica_micro_batch_size)
+    assert sizes == (8, 2, 16, 8) and all(type(v) is int for v in sizes)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True)
+    h = batchfit.fit(_small(), ds, batch_size=np.int32(16), epochs=1, verbose=0, shuffle=False)
+    assert (h.micro_batch_size, h.per_replica_batch_size) == (16, 16)
+    assert type(h.per_replica_batch_size) is int
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        m = _small()
+    mw = fit_multiworker(m, x, y, batch_size=np.int64(16), micro_batch_size=np.int64(8),
+                         epochs=np.int64(1), strategy=strategy, engine="batchfit", verbose=0)
+    d = mw.to_dict()
+    assert (d["batch_size"], d["per_replica_batch_size"], d["micro_batch_size"]) == (16, 16, 8)
+    assert all(type(d[k]) is int for k in ("batch_size", "per_replica_batch_size",
+                                             "micro_batch_size", "accumulation_steps"))
+    json.dumps(d)
+
+
 # --- the decorator ---------------------------------------------------------------------------
 def _oom(size: int):
     return tf.errors.ResourceExhaustedError(None, None, f"OOM when allocating [{size}]")

@@ -108,7 +108,7 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
         distribute: ``None`` (default: the strategy the model was built under, if any), a
             ``tf.distribute.MirroredStrategy`` or ``"mirrored"`` (the model must have been
             built under that strategy's scope). Multi-worker training goes through
-            :mod:`batchfit.verbs.multiworker`.
+            :func:`batchfit.fit_multiworker`.
         **fit_kwargs: everything else ``model.fit`` takes (``epochs``, ``callbacks``,
             ``validation_data``, ``shuffle``, ...).
 
@@ -146,10 +146,12 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
     """
     backend = get_backend()
     backend.check_fit_model(model)
-    for name, value in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size),
-                        ("validation_micro_batch_size", validation_micro_batch_size),
-                        ("grow_after_epochs", grow_after_epochs)):
-        check_int(name, value, minimum=1, optional=True)
+    # Taken as Python ints (a NumPy integer is accepted), so History reports plain ints.
+    batch_size, micro_batch_size, validation_micro_batch_size, grow_after_epochs = (
+        check_int(name, value, minimum=1, optional=True) for name, value in (
+            ("batch_size", batch_size), ("micro_batch_size", micro_batch_size),
+            ("validation_micro_batch_size", validation_micro_batch_size),
+            ("grow_after_epochs", grow_after_epochs)))
     strategy = backend.fit_strategy(distribute, model)
     policy = shrink_policy if shrink_policy is not None else MemoryModelShrink()
     if not callable(getattr(policy, "next_size", None)):

@@ -157,6 +157,9 @@ def fit_multiworker(
     """
     t0 = time.perf_counter()
     policy = _check_arguments(engine, batch_size, epochs, micro_batch_size, timeout, shrink)
+    # Python ints from here on (a NumPy integer is accepted): the history is JSON-ready.
+    batch_size, epochs = int(batch_size), int(epochs)
+    micro_batch_size = None if micro_batch_size is None else int(micro_batch_size)
     backend = get_backend()
     replicas = backend.num_replicas(strategy)
     index, workers = worker_position(strategy)
