@@ -14,7 +14,9 @@ MODULES = [
     "batchfit.results.maxbatch", "batchfit.results._base", "batchfit.report",
     "batchfit.report.terminal", "batchfit.report.tune", "batchfit.core.shrink",
     "batchfit.results.fit", "batchfit.results.check", "batchfit.results.noise",
-    "batchfit.errors",
+    "batchfit.errors", "batchfit.core.fit_control", "batchfit.core.validate",
+    "batchfit.backend", "batchfit.backend.memory", "batchfit.verbs.resolve",
+    "batchfit.workers.stall", "batchfit.workers.server",
 ]
 
 
