@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import batchfit
 from batchfit.backend.tensorflow.probe import ModelState
 from batchfit.errors import InvalidInputError
 from batchfit.examples.models import demo_model, seed_mlp
@@ -137,6 +138,18 @@ def test_a_failing_size_is_reported_not_raised() -> None:
 def test_bad_arguments_are_named(kwargs, word) -> None:
     with pytest.raises(InvalidInputError, match=word):
         profile_throughput(seed_mlp(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_error": 0}, "target_error must be a fraction > 0 (e.g. 0.02 for 2%), got 0"),
+    ({"tolerance": 1.5}, "tolerance must be a fraction in [0, 1), e.g. 0.05, got 1.5"),
+])
+def test_timing_argument_messages_keep_their_words(kwargs, message) -> None:
+    for verb in (lambda: profile_throughput(seed_mlp(), [4], **kwargs),
+                 lambda: batchfit.tune(seed_mlp, memory="64MiB", **kwargs)):
+        with pytest.raises(InvalidInputError) as err:
+            verb()
+        assert str(err.value) == message
 
 
 def test_not_a_model_is_refused() -> None:
