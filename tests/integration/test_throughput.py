@@ -152,6 +152,12 @@ def test_timing_argument_messages_keep_their_words(kwargs, message) -> None:
         assert str(err.value) == message
 
 
+def test_tune_target_message_keeps_its_words() -> None:
+    with pytest.raises(InvalidInputError) as err:
+        batchfit.tune(seed_mlp, memory="64MiB", target=0)
+    assert str(err.value) == "target batch size must be an integer >= 1, got 0"
+
+
 def test_not_a_model_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="keras.Model"):
         profile_throughput(np.zeros(3), [4])

@@ -16,7 +16,7 @@ from ..core.recommend import (
 )
 from ..core.search import search_argument
 from ..core.throughput import geometric_grid
-from ..core.validate import check_int, is_number
+from ..core.validate import is_int, is_number
 from ..errors import InvalidInputError
 from ..results import (
     MaxBatchResult,
@@ -193,7 +193,8 @@ def tune(
 
 def _check_arguments(target: Any, tolerance: Any, noise_scale: Any, data: Any) -> None:
     """Refuse bad input now, not after minutes of probing and timing."""
-    check_int("target batch size", target, minimum=1, optional=True)
+    if target is not None and (not is_int(target) or target < 1):
+        raise InvalidInputError(f"target batch size must be an integer >= 1, got {target!r}")
     check_tolerance(tolerance)
     if isinstance(noise_scale, str) and noise_scale != "estimate":
         raise InvalidInputError(f"noise_scale must be a number, a NoiseScaleResult or "
