@@ -60,6 +60,17 @@ def test_a_factory_probed_in_process_reports_its_errors_as_before() -> None:
     assert str(err.value).startswith("The model is not compiled")
 
 
+def test_numpy_numbers_are_taken_and_the_result_still_saves() -> None:
+    from batchfit.examples.models import seed_mlp
+    from batchfit.results import load_result
+
+    r = batchfit.find_max_batch_size(seed_mlp(), memory="64MiB", isolate="none",
+                                     upper=np.int64(64), granularity=np.int64(8),
+                                     steps=np.int64(2), headroom=np.float32(0.25))
+    assert (r.max_batch_size, r.upper_bound, r.granularity) == (64, 64, 8)
+    assert load_result(r.to_json()) == r
+
+
 def test_not_a_model_is_rejected() -> None:
     with pytest.raises(InvalidInputError, match="keras.Model"):
         batchfit.find_max_batch_size(42)

@@ -158,6 +158,20 @@ def test_tune_target_message_keeps_its_words() -> None:
     assert str(err.value) == "target batch size must be an integer >= 1, got 0"
 
 
+def test_numpy_numbers_are_taken_and_the_results_still_save() -> None:
+    from batchfit.results import load_result
+
+    fast = {"window_seconds": 0.02, "windows": np.int64(2), "max_windows": np.int64(2)}
+    r = profile_throughput(seed_mlp(), max_batch=np.int64(8), granularity=np.int64(4),
+                           warmup_steps=np.int64(1), **fast)
+    assert [p.batch_size for p in r.points] == [4, 8]
+    assert load_result(r.to_json()) == r
+    t = batchfit.tune(seed_mlp(), memory="64MiB", isolate="none", upper=np.int64(16),
+                      granularity=np.int64(4), target=np.int64(32), **fast)
+    assert t.target is not None and t.target.target == 32
+    assert load_result(t.to_json()) == t
+
+
 def test_not_a_model_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="keras.Model"):
         profile_throughput(np.zeros(3), [4])

@@ -202,9 +202,11 @@ def search_max_batch_size(
     t_start = time.perf_counter()
     search = search_argument(search, strategy)
     validate_search_args(search, granularity, headroom, steps, upper, isolate, search_tolerance)
+    # NumPy numbers are accepted; the result holds plain ones (json cannot write an np.int64).
+    granularity, steps, headroom = int(granularity), int(steps), float(headroom)
     resolved = resolve(model, distribute)
     place = _placement(resolved, memory, device)
-    upper = upper if upper is not None else DEFAULT_UPPER
+    upper = int(upper) if upper is not None else DEFAULT_UPPER
     prober = _start_prober(resolved, place, isolate, data=data, input_shapes=input_shapes,
                            steps=steps, seed=seed, probe_timeout=probe_timeout, fresh=fresh)
     policy = make_policy(search, budget_bytes=place.budget, granularity=granularity, upper=upper,

@@ -134,6 +134,7 @@ def profile_throughput(
     t_start = time.perf_counter()
     max_windows = validate_timing(window_seconds, windows, max_windows, target_error,
                                   tolerance, warmup_steps)
+    windows, warmup_steps = int(windows), int(warmup_steps)  # NumPy integers, as plain ones
     notes: list[str] = []
     if batch_sizes is not None:
         sizes = check_sizes(batch_sizes)
@@ -173,7 +174,7 @@ def profile_throughput(
 def _default_sizes(model: Any, max_batch: int | None, granularity: int, notes: list[str],
                    **search: Any) -> list[int]:
     """The geometric grid up to ``max_batch``, found first with a memory search when unknown."""
-    check_int("granularity", granularity, minimum=1)
+    granularity = int(check_int("granularity", granularity, minimum=1))  # type: ignore[arg-type]
     if max_batch is not None and (not is_int(max_batch) or max_batch < granularity):
         raise InvalidInputError(
             f"max_batch must be an integer >= granularity ({granularity!r}), got "

@@ -156,6 +156,8 @@ def tune(
         input_shapes=input_shapes, upper=upper, headroom=headroom, isolate=isolate,
         device=device, seed=seed, on_probe=on_probe, distribute=resolved.strategy,
         search_tolerance=search_tolerance)
+    granularity = int(granularity)  # checked by the search; NumPy integers as plain ones
+    target = None if target is None else int(target)
     notes: list[str] = []
     sizes = _timing_sizes(batch_sizes, max_result, replicas, granularity, notes)
 
