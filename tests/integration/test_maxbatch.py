@@ -33,6 +33,44 @@ def test_bad_arguments_raise_clear_errors_before_any_probe(kwargs, words) -> Non
         batchfit.find_max_batch_size(f"{MODELS}:seed_wide", **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"headroom": 1.0}, "headroom must be a fraction in [0, 1), e.g. 0.1 for 10%, got 1.0"),
+    ({"upper": 4, "granularity": 8},
+     "max batch size (upper bound) must be an integer >= granularity (8), got 4"),
+    ({"search_tolerance": 0.5}, ("search_tolerance must be a fraction in [0, 0.5), e.g. 0.02 "
+                                 "for 2% or 0 for an exact answer, got 0.5")),
+])
+def test_argument_messages_keep_their_words(kwargs, message) -> None:
+    with pytest.raises(InvalidInputError) as err:
+        batchfit.find_max_batch_size(f"{MODELS}:seed_wide", **kwargs)
+    assert str(err.value) == message
+
+
+def test_a_factory_probed_in_process_reports_its_errors_as_before() -> None:
+    # A factory probed here (isolate="none", or one defined in __main__ that no worker can
+    # import, which falls back to this process): its error, and the model check's own words.
+    from models_for_tests import raising_factory, uncompiled_model
+
+    with pytest.raises(batchfit.errors.ModelLoadError) as err:
+        batchfit.find_max_batch_size(raising_factory, memory="64MiB", isolate="none")
+    assert str(err.value) == ("the model factory raised RuntimeError: cannot reach the "
+                              "feature store")
+    with pytest.raises(InvalidInputError) as err:
+        batchfit.find_max_batch_size(uncompiled_model, memory="64MiB", isolate="none")
+    assert str(err.value).startswith("The model is not compiled")
+
+
+def test_numpy_numbers_are_taken_and_the_result_still_saves() -> None:
+    from batchfit.examples.models import seed_mlp
+    from batchfit.results import load_result
+
+    r = batchfit.find_max_batch_size(seed_mlp(), memory="64MiB", isolate="none",
+                                     upper=np.int64(64), granularity=np.int64(8),
+                                     steps=np.int64(2), headroom=np.float32(0.25))
+    assert (r.max_batch_size, r.upper_bound, r.granularity) == (64, 64, 8)
+    assert load_result(r.to_json()) == r
+
+
 def test_not_a_model_is_rejected() -> None:
     with pytest.raises(InvalidInputError, match="keras.Model"):
         batchfit.find_max_batch_size(42)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import batchfit
 from batchfit.backend.tensorflow.probe import ModelState
 from batchfit.errors import InvalidInputError
 from batchfit.examples.models import demo_model, seed_mlp
@@ -137,6 +138,38 @@ def test_a_failing_size_is_reported_not_raised() -> None:
 def test_bad_arguments_are_named(kwargs, word) -> None:
     with pytest.raises(InvalidInputError, match=word):
         profile_throughput(seed_mlp(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_error": 0}, "target_error must be a fraction > 0 (e.g. 0.02 for 2%), got 0"),
+    ({"tolerance": 1.5}, "tolerance must be a fraction in [0, 1), e.g. 0.05, got 1.5"),
+])
+def test_timing_argument_messages_keep_their_words(kwargs, message) -> None:
+    for verb in (lambda: profile_throughput(seed_mlp(), [4], **kwargs),
+                 lambda: batchfit.tune(seed_mlp, memory="64MiB", **kwargs)):
+        with pytest.raises(InvalidInputError) as err:
+            verb()
+        assert str(err.value) == message
+
+
+def test_tune_target_message_keeps_its_words() -> None:
+    with pytest.raises(InvalidInputError) as err:
+        batchfit.tune(seed_mlp, memory="64MiB", target=0)
+    assert str(err.value) == "target batch size must be an integer >= 1, got 0"
+
+
+def test_numpy_numbers_are_taken_and_the_results_still_save() -> None:
+    from batchfit.results import load_result
+
+    fast = {"window_seconds": 0.02, "windows": np.int64(2), "max_windows": np.int64(2)}
+    r = profile_throughput(seed_mlp(), max_batch=np.int64(8), granularity=np.int64(4),
+                           warmup_steps=np.int64(1), **fast)
+    assert [p.batch_size for p in r.points] == [4, 8]
+    assert load_result(r.to_json()) == r
+    t = batchfit.tune(seed_mlp(), memory="64MiB", isolate="none", upper=np.int64(16),
+                      granularity=np.int64(4), target=np.int64(32), **fast)
+    assert t.target is not None and t.target.target == 32
+    assert load_result(t.to_json()) == t
 
 
 def test_not_a_model_is_refused() -> None:

@@ -16,7 +16,7 @@ from ..backend.memory import resolve_budget
 from ..core.memory_model import fit_memory_model
 from ..core.search import Trial, check_search, make_policy, run_search, search_argument
 from ..core.sizes import format_bytes, parse_size
-from ..core.validate import check_choice, check_int, check_number
+from ..core.validate import check_choice, check_int, is_int, is_number
 from ..errors import (
     InvalidInputError,
     ModelLoadError,
@@ -43,14 +43,22 @@ def validate_search_args(search: str, granularity: Any, headroom: Any, steps: An
     """Check the search's arguments before any model is built."""
     check_search(search)
     check_int("granularity", granularity, minimum=1, hint="e.g. 8 for tensor cores")
-    check_number("headroom", headroom, low=0.0, high=1.0, include_low=True,
-                 hint="a fraction, e.g. 0.1 for 10%")
+    check_fraction_below("headroom", headroom, 1, "e.g. 0.1 for 10%")
     check_int("steps", steps, minimum=1)
-    check_int("max batch size (upper bound)", upper, minimum=granularity, optional=True,
-              hint=f"at least the granularity, {granularity}")
+    if upper is not None and (not is_int(upper) or upper < granularity):
+        raise InvalidInputError(f"max batch size (upper bound) must be an integer >= granularity "
+                                f"({granularity}), got {upper!r}")
     check_choice("isolate", isolate, ISOLATION_MODES)
-    check_number("search_tolerance", search_tolerance, low=0.0, high=0.5, include_low=True,
-                 hint="a fraction, e.g. 0.02 for 2% or 0 for an exact answer")
+    check_fraction_below("search_tolerance", search_tolerance, 0.5,
+                         "e.g. 0.02 for 2% or 0 for an exact answer")
+
+
+def check_fraction_below(name: str, value: Any, high: float, example: str) -> None:
+    """Refuse ``value`` unless it is a number in ``[0, high)``, in the words batchfit has
+    always used (``"headroom must be a fraction in [0, 1), e.g. 0.1 for 10%, got 2"``)."""
+    if not is_number(value) or not 0 <= value < high:
+        raise InvalidInputError(f"{name} must be a fraction in [0, {high:g}), {example}, "
+                                f"got {value!r}")
 
 
 def _device_name(device: str | None) -> str:
@@ -194,9 +202,11 @@ def search_max_batch_size(
     t_start = time.perf_counter()
     search = search_argument(search, strategy)
     validate_search_args(search, granularity, headroom, steps, upper, isolate, search_tolerance)
+    # NumPy numbers are accepted; the result holds plain ones (json cannot write an np.int64).
+    granularity, steps, headroom = int(granularity), int(steps), float(headroom)
     resolved = resolve(model, distribute)
     place = _placement(resolved, memory, device)
-    upper = upper if upper is not None else DEFAULT_UPPER
+    upper = int(upper) if upper is not None else DEFAULT_UPPER
     prober = _start_prober(resolved, place, isolate, data=data, input_shapes=input_shapes,
                            steps=steps, seed=seed, probe_timeout=probe_timeout, fresh=fresh)
     policy = make_policy(search, budget_bytes=place.budget, granularity=granularity, upper=upper,
@@ -326,7 +336,17 @@ def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: 
 def _in_process_runner(model: Any, data: Any, input_shapes: Any, steps: int, device: str,
                        budget: int | None, seed: int) -> tuple[Any, dict[str, Any]]:
     backend = get_backend()
-    model = backend.resolve_model(model)
+    if isinstance(model, str):
+        model = backend.load_model(model)
+    elif not backend.is_model(model):
+        # A factory probed here (isolate="none", or one defined in __main__ that no worker can
+        # import): its own errors in the words find_max_batch_size has always used.
+        try:
+            built = model()
+        except Exception as exc:
+            raise ModelLoadError(f"the model factory raised {type(exc).__name__}: {exc}") from exc
+        backend.check_model(built)
+        model = built
     batch_fn, notes = backend.make_batch_fn(model, data, input_shapes, seed)
     runner = backend.probe_runner(model, batch_fn, steps=steps, device=device,
                                   budget_bytes=budget, limit_margin=LIMIT_MARGIN)

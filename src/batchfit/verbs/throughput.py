@@ -22,7 +22,7 @@ from typing import Any
 from ..backend import get_backend
 from ..backend.nvml import nvml_status
 from ..core.throughput import TimingPlan, geometric_grid, knee
-from ..core.validate import check_int, check_number, is_int, is_number
+from ..core.validate import check_int, is_int, is_number
 from ..errors import InvalidInputError
 from ..results import ThroughputPoint, ThroughputResult
 from .resolve import resolve
@@ -45,11 +45,18 @@ def validate_timing(window_seconds: float, windows: int, max_windows: int | None
         raise InvalidInputError(
             f"max_windows must be an integer >= windows ({windows}), got {max_windows!r}; "
             "pass max_windows=windows for a fixed number of windows")
-    check_number("target_error", target_error, low=0.0, hint="a fraction, e.g. 0.02 for 2%")
+    if not is_number(target_error) or not target_error > 0:
+        raise InvalidInputError(
+            f"target_error must be a fraction > 0 (e.g. 0.02 for 2%), got {target_error!r}")
     check_int("warmup_steps", warmup_steps, minimum=1)
-    check_number("tolerance", tolerance, low=0.0, high=1.0, include_low=True,
-                 hint="a fraction, e.g. 0.05")
+    check_tolerance(tolerance)
     return int(max_windows)
+
+
+def check_tolerance(tolerance: Any) -> None:
+    """Refuse a knee ``tolerance`` outside ``[0, 1)`` (``profile_throughput``'s and ``tune``'s)."""
+    if not is_number(tolerance) or not 0 <= tolerance < 1:
+        raise InvalidInputError(f"tolerance must be a fraction in [0, 1), e.g. 0.05, got {tolerance!r}")
 
 
 def check_sizes(batch_sizes: Sequence[int]) -> list[int]:
@@ -127,6 +134,7 @@ def profile_throughput(
     t_start = time.perf_counter()
     max_windows = validate_timing(window_seconds, windows, max_windows, target_error,
                                   tolerance, warmup_steps)
+    windows, warmup_steps = int(windows), int(warmup_steps)  # NumPy integers, as plain ones
     notes: list[str] = []
     if batch_sizes is not None:
         sizes = check_sizes(batch_sizes)
@@ -166,7 +174,7 @@ def profile_throughput(
 def _default_sizes(model: Any, max_batch: int | None, granularity: int, notes: list[str],
                    **search: Any) -> list[int]:
     """The geometric grid up to ``max_batch``, found first with a memory search when unknown."""
-    check_int("granularity", granularity, minimum=1)
+    granularity = int(check_int("granularity", granularity, minimum=1))  # type: ignore[arg-type]
     if max_batch is not None and (not is_int(max_batch) or max_batch < granularity):
         raise InvalidInputError(
             f"max_batch must be an integer >= granularity ({granularity!r}), got "

@@ -16,7 +16,7 @@ from ..core.recommend import (
 )
 from ..core.search import search_argument
 from ..core.throughput import geometric_grid
-from ..core.validate import check_int, check_number, is_number
+from ..core.validate import is_int, is_number
 from ..errors import InvalidInputError
 from ..results import (
     MaxBatchResult,
@@ -31,6 +31,7 @@ from .throughput import (
     DEFAULT_WINDOW_SECONDS,
     DEFAULT_WINDOWS,
     check_sizes,
+    check_tolerance,
     profile_throughput,
     validate_timing,
 )
@@ -155,6 +156,8 @@ def tune(
         input_shapes=input_shapes, upper=upper, headroom=headroom, isolate=isolate,
         device=device, seed=seed, on_probe=on_probe, distribute=resolved.strategy,
         search_tolerance=search_tolerance)
+    granularity = int(granularity)  # checked by the search; NumPy integers as plain ones
+    target = None if target is None else int(target)
     notes: list[str] = []
     sizes = _timing_sizes(batch_sizes, max_result, replicas, granularity, notes)
 
@@ -192,9 +195,9 @@ def tune(
 
 def _check_arguments(target: Any, tolerance: Any, noise_scale: Any, data: Any) -> None:
     """Refuse bad input now, not after minutes of probing and timing."""
-    check_int("target batch size", target, minimum=1, optional=True)
-    check_number("tolerance", tolerance, low=0.0, high=1.0, include_low=True,
-                 hint="a fraction, e.g. 0.05")
+    if target is not None and (not is_int(target) or target < 1):
+        raise InvalidInputError(f"target batch size must be an integer >= 1, got {target!r}")
+    check_tolerance(tolerance)
     if isinstance(noise_scale, str) and noise_scale != "estimate":
         raise InvalidInputError(f"noise_scale must be a number, a NoiseScaleResult or "
                                 f"'estimate', got {noise_scale!r}")
