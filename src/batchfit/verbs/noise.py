@@ -94,7 +94,6 @@ def estimate_noise_scale(model: Any, data: Any, *, small: int = 32, big: int = 2
     if data is None:
         raise InvalidInputError(NEEDS_REAL_DATA)
     backend = get_backend()
-    _refuse_model_like_object(backend, model)
     model = resolve(model, build=True).model
     small, big = check_pair_sizes(small, big)
     steps = int(check_int("steps (pairs)", steps, minimum=2,  # type: ignore[arg-type]
@@ -124,15 +123,6 @@ def estimate_noise_scale(model: Any, data: Any, *, small: int = 32, big: int = 2
         model_name=str(getattr(model, "name", "")),
         optimizer=type(getattr(model, "optimizer", None)).__name__, notes=notes,
         environment=backend.environment_info())
-
-
-def _refuse_model_like_object(backend: Any, model: Any) -> None:
-    """A layer (or another object with variables) is not a factory, though it is callable:
-    it gets the backend's message on what is wrong with it (for a layer: how to wrap it in a
-    model), not a call with no arguments."""
-    if (not isinstance(model, (str, type)) and hasattr(model, "variables")
-            and not backend.is_model(model)):
-        backend.check_model(model)
 
 
 def _estimate_notes(est: Any, mixes_examples: bool) -> list[str]:

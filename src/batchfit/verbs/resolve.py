@@ -35,10 +35,16 @@ def validate_model_arg(model: Any) -> None:
     """Refuse what is neither a model, a factory nor a spec; check a model object is compiled.
 
     Raises:
-        InvalidInputError: ``model`` is none of the four forms, or a model not compiled.
+        InvalidInputError: ``model`` is none of the four forms, a model not compiled, or an
+            object that holds variables but is not a model (a layer is callable, but it is not
+            a factory: it gets the backend's message on how to wrap it in a model).
     """
-    if isinstance(model, str) or (callable(model) and not _is_model(model)):
+    if isinstance(model, (str, type)):
         return
+    if callable(model) and not _is_model(model) and not hasattr(model, "variables"):
+        return
+    if hasattr(model, "variables") and not _is_model(model):
+        get_backend().check_model(model)  # says what it is and how to wrap it in a model
     if model is None or not _is_model(model):
         raise InvalidInputError(
             f"model must be a compiled keras.Model, a function returning one, or a spec "
