@@ -218,10 +218,6 @@ class Backend(abc.ABC):
         """``(this worker's index, number of workers)``; ``(0, 1)`` for one process."""
 
     @abc.abstractmethod
-    def communication_options(self, timeout: float | None) -> Any:
-        """The backend's options that bound a collective to ``timeout`` seconds."""
-
-    @abc.abstractmethod
     def all_gather(self, strategy: Any, values: list[float], timeout: float | None) -> Any:
         """Every replica's ``values`` as a NumPy array ``(replicas, len(values))``, replicas
         ordered worker by worker; waits at most ``timeout`` seconds for the others."""

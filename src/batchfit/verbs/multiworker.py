@@ -127,11 +127,6 @@ def worker_position(strategy: Any) -> tuple[int, int]:
     return get_backend().worker_position(strategy)
 
 
-def _options(timeout: float | None) -> Any:
-    """The backend's options bounding a collective to ``timeout`` seconds."""
-    return get_backend().communication_options(timeout)
-
-
 def _all_gather(strategy: Any, values: list[float], timeout: float | None) -> np.ndarray:
     """Every replica's ``values`` (same on the replicas of one worker): ``(replicas, k)``."""
     return np.asarray(get_backend().all_gather(strategy, values, timeout))

@@ -39,23 +39,18 @@ def validate_model_arg(model: Any) -> None:
             object that holds variables but is not a model (a layer is callable, but it is not
             a factory: it gets the backend's message on how to wrap it in a model).
     """
-    if isinstance(model, (str, type)):
-        return
-    if callable(model) and not _is_model(model) and not hasattr(model, "variables"):
-        return
-    if hasattr(model, "variables") and not _is_model(model):
-        get_backend().check_model(model)  # says what it is and how to wrap it in a model
-    if model is None or not _is_model(model):
+    if isinstance(model, (str, type)) or (callable(model) and not hasattr(model, "variables")):
+        return  # a spec, a model class or a factory: checked when it is built
+    backend = get_backend()
+    if hasattr(model, "variables"):
+        # A model: compiled? Anything else holding variables (a layer is callable, but it is
+        # not a factory): the backend's message on what it is and how to wrap it in a model.
+        backend.check_model(model)
+    if not backend.is_model(model):
         raise InvalidInputError(
             f"model must be a compiled keras.Model, a function returning one, or a spec "
             f"'file.py:factory' / 'package.module:factory' / 'model.keras'; got "
             f"{type(model).__name__}")
-    get_backend().check_model(model)
-
-
-def _is_model(obj: Any) -> bool:
-    # Duck-typed as the backend does, without starting one for a spec string or a factory.
-    return hasattr(obj, "train_on_batch") and hasattr(obj, "variables")
 
 
 @dataclass(frozen=True)
@@ -118,7 +113,7 @@ def resolve(model: Any, distribute: Any = None, *, build: bool = False) -> Resol
     """
     validate_model_arg(model)
     backend = get_backend()
-    given = _is_model(model)
+    given = backend.is_model(model)
     strategy = None
     if distribute is not None or given:
         strategy = backend.resolve_distribute(distribute, model if given else None)

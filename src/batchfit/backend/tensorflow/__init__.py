@@ -233,11 +233,6 @@ class TensorFlowBackend(Backend):
 
         return worker_position(strategy)
 
-    def communication_options(self, timeout: float | None) -> Any:
-        from .collective import communication_options
-
-        return communication_options(timeout)
-
     def all_gather(self, strategy: Any, values: list[float], timeout: float | None) -> Any:
         from .collective import all_gather
 

@@ -105,8 +105,10 @@ def make_strategy(timeout_seconds: float = DEFAULT_TIMEOUT) -> tf.distribute.Str
     """
     if not timeout_seconds > 0:
         raise InvalidInputError(f"timeout_seconds must be > 0, got {timeout_seconds!r}")
-    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    from .collective import communication_options
+
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=communication_options(timeout_seconds))
 
 
 def _make(kind: str) -> tf.distribute.Strategy:

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from ...errors import InvalidInputError
+from .collective import communication_options
 from .keras_compat import (
     call_has_training_arg,
     communication_options_of,
@@ -81,7 +82,7 @@ class Trainer:
                  timeout: float | None) -> None:
         self.model, self.strategy = model, strategy
         self.global_batch = global_batch
-        self.options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
+        self.options = communication_options(timeout)
         self.variables = list(model.trainable_variables)
         on_read: dict[str, Any] = {"trainable": False,
                                    "synchronization": tf.VariableSynchronization.ON_READ,
