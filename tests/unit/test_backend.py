@@ -81,3 +81,23 @@ def test_every_supported_backend_implements_the_whole_seam() -> None:
     assert issubclass(TensorFlowBackend, Backend)
     assert not TensorFlowBackend.__abstractmethods__
     assert TensorFlowBackend().name == "tensorflow"
+
+
+def test_every_backend_call_outside_the_backend_is_declared_on_the_seam() -> None:
+    """What verbs and workers ask of ``get_backend()`` is part of ``Backend``, so a second
+    backend that implements the interface implements all they use."""
+    import re
+    from pathlib import Path
+
+    import batchfit
+
+    root = Path(batchfit.__file__).parent
+    calls = set()
+    for path in root.rglob("*.py"):
+        if "tensorflow" in path.relative_to(root).parts:
+            continue
+        text = path.read_text(encoding="utf-8")
+        calls |= set(re.findall(r"get_backend\(\)\.(\w+)", text))
+        calls |= set(re.findall(r"\bbackend\.(\w+)\(", text))
+    assert calls, "the scan found no call: the pattern is out of date"
+    assert sorted(c for c in calls if not hasattr(Backend, c)) == []

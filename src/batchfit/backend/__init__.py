@@ -125,9 +125,10 @@ class Backend(abc.ABC):
     # -- probing -------------------------------------------------------------------------------
     @abc.abstractmethod
     def probe_runner(self, model: Any, batch_fn: BatchFn, *, steps: int, device: str,
-                     budget_bytes: int | None, limit_margin: float = 0.0) -> Any:
+                     budget_bytes: int | None, limit_margin: float = 0.02) -> Any:
         """A runner whose ``run(b)`` trains ``steps`` real steps at ``b`` and returns a
-        :class:`~batchfit.results.Probe` (peak, timing, outcome), leaving the model unchanged."""
+        :class:`~batchfit.results.Probe` (peak, timing, outcome), leaving the model unchanged.
+        A peak within ``limit_margin`` of the budget does not count as fitting."""
 
     @abc.abstractmethod
     def state_bytes(self, model: Any) -> int:
@@ -144,6 +145,27 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def environment_info(self) -> dict[str, str]:
         """Versions measured with (Python, platform, the framework, Keras, NumPy)."""
+
+    # -- worker processes (batchfit.workers calls these; the child side in the worker) ---------
+    @abc.abstractmethod
+    def data_sample(self, data: Any) -> Any:
+        """A picklable sample of the user's ``data`` for a worker process."""
+
+    @abc.abstractmethod
+    def weights_bytes(self, model: Any) -> int:
+        """Bytes of the model's own variables (no optimizer state)."""
+
+    @abc.abstractmethod
+    def worker_environment(self, device: str, budget_bytes: int | None) -> dict[str, str]:
+        """Environment variables a worker needs before the framework is imported (the cap)."""
+
+    @abc.abstractmethod
+    def preload(self) -> None:
+        """Import what every worker needs, starting no runtime (the fork server runs this)."""
+
+    @abc.abstractmethod
+    def configure_worker(self, device: str, budget_bytes: int | None) -> None:
+        """In a fresh worker, before the model is built: make the device look like the budget."""
 
     # -- noise (per-example gradient norms, for the gradient noise scale) ----------------------
     @abc.abstractmethod

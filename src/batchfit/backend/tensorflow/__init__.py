@@ -77,13 +77,11 @@ class TensorFlowBackend(Backend):
 
     # -- probing -------------------------------------------------------------------------------
     def probe_runner(self, model: Any, batch_fn: BatchFn, *, steps: int, device: str,
-                     budget_bytes: int | None, limit_margin: float = 0.0) -> Any:
+                     budget_bytes: int | None, limit_margin: float = 0.02) -> Any:
         from .probe import ProbeRunner
 
-        if limit_margin:
-            return ProbeRunner(model, batch_fn, steps=steps, device=device,
-                               budget_bytes=budget_bytes, limit_margin=limit_margin)
-        return ProbeRunner(model, batch_fn, steps=steps, device=device, budget_bytes=budget_bytes)
+        return ProbeRunner(model, batch_fn, steps=steps, device=device,
+                           budget_bytes=budget_bytes, limit_margin=limit_margin)
 
     def state_bytes(self, model: Any) -> int:
         from .probe import state_bytes
