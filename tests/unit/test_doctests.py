@@ -15,7 +15,7 @@ MODULES = [
     "batchfit.report.terminal", "batchfit.report.tune", "batchfit.core.shrink",
     "batchfit.results.fit", "batchfit.results.check", "batchfit.results.noise",
     "batchfit.errors", "batchfit.core.fit_control", "batchfit.core.validate",
-    "batchfit.backend", "batchfit.backend.memory", "batchfit.verbs.resolve",
+    "batchfit.backend", "batchfit.backend.memory", "batchfit.backend.machine", "batchfit.verbs.resolve",
     "batchfit.workers.stall", "batchfit.workers.server",
 ]
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..errors import InvalidInputError
 from ..results.tune import Recommendation, TargetPlan, Verdict
-from .throughput import knee
+from .throughput import knee, knee_range
 from .validate import check_int
 
 __all__ = ["Criterion", "GoodputCriterion", "MemoryCriterion", "Recommendation", "TargetPlan", "ThroughputCriterion",
@@ -49,6 +49,8 @@ class TuneFacts:
         bytes_at: predicted peak bytes per size (from the memory model), if known.
         granularity: recommended sizes are multiples of this.
         extras: facts added by other measurements, e.g. ``{"noise_scale": 420.0}``.
+        errors: relative standard error of each throughput's median (``()``: unknown, the
+            knee is then the plain one of :func:`~batchfit.core.throughput.knee`).
     """
 
     max_batch: int
@@ -59,10 +61,13 @@ class TuneFacts:
     bytes_at: dict[int, float] = field(default_factory=dict)
     granularity: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
+    errors: tuple[float | None, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.batch_sizes) != len(self.throughputs):
             raise InvalidInputError("batch_sizes and throughputs must have the same length")
+        if self.errors and len(self.errors) != len(self.batch_sizes):
+            raise InvalidInputError("errors must be empty or have one entry per batch size")
         if self.max_batch < 1 or self.safe_batch < 0:
             raise InvalidInputError("max_batch must be >= 1 and safe_batch >= 0")
 
@@ -97,7 +102,13 @@ class MemoryCriterion:
 
 
 class ThroughputCriterion:
-    """Proposes the knee: the smallest size within ``tolerance`` of the best throughput."""
+    """Proposes the knee: the smallest size within ``tolerance`` of the best throughput.
+
+    With the medians' errors among the facts, the knee is a range (the sizes that may be within
+    the tolerance as far as the timing can tell, :func:`~batchfit.core.throughput.knee_range`)
+    and the proposal its smallest member, so that two runs on a flat curve propose the same size
+    instead of flipping between neighbours.
+    """
 
     name = "throughput"
     priority = 10
@@ -106,7 +117,10 @@ class ThroughputCriterion:
         if not facts.batch_sizes:
             return None
         sizes, rates = facts.batch_sizes, facts.throughputs
-        k = knee(sizes, rates, tolerance=facts.tolerance)
+        if facts.errors:
+            k, k_high = knee_range(sizes, rates, facts.errors, tolerance=facts.tolerance)
+        else:
+            k = k_high = knee(sizes, rates, tolerance=facts.tolerance)
         best_i = max(range(len(sizes)), key=lambda i: rates[i])
         top_i = max(range(len(sizes)), key=lambda i: sizes[i])
         t_k = rates[sizes.index(k)]
@@ -121,6 +135,10 @@ class ThroughputCriterion:
             else:
                 cost = f"{_ratio(big, k)} the batch"
             reason = (f"throughput stops improving past {k}: {_gain(gain)} at {big} for {cost}")
+        if k_high != k:
+            reason += (f" (the knee lies in {k}-{k_high} given the timing error: every size in "
+                       f"it is within {facts.tolerance:.0%} of the best as far as the timing "
+                       "can tell; the smallest is proposed)")
         return Verdict(self.name, k, "propose", priority=self.priority, reason=reason)
 
 

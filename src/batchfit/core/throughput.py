@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from ..errors import InvalidInputError
 from .validate import check_int
 
-__all__ = ["TimingPlan", "WindowStats", "geometric_grid", "knee", "median_error", "needs_more_windows",
-           "steps_per_window", "summarize_windows", "window_rates"]
+__all__ = ["TimingPlan", "WindowStats", "drift", "geometric_grid", "knee", "knee_range", "median_error",
+           "needs_more_windows", "steps_per_window", "summarize_windows", "window_rates"]
 
 
 @dataclass(frozen=True)
@@ -242,3 +242,71 @@ def knee(batch_sizes: Sequence[int], throughputs: Sequence[float], *,
         raise InvalidInputError("throughputs must be finite and >= 0")
     best = max(t for _, t in pairs)
     return next(b for b, t in pairs if t >= (1 - tolerance) * best)
+
+
+def knee_range(batch_sizes: Sequence[int], throughputs: Sequence[float],
+               errors: Sequence[float | None], *, tolerance: float = 0.05,
+               z: float = 2.0) -> tuple[int, int]:
+    """The sizes that may be the knee, given each median's measured error: ``(low, high)``.
+
+    Where the curve is flat, the knee of one run is a draw: two neighbours within the tolerance
+    of each other swap places from run to run. Each median is known to about ``z`` standard
+    errors (``errors``: relative standard errors, :func:`median_error`; ``None`` counts as 0,
+    ``inf`` as unknown). ``low`` is the smallest size that *may* be within ``tolerance`` of the
+    best (its upper bound reaches the threshold set by the best's lower bound); ``high`` the
+    smallest that *surely* is (its lower bound reaches the threshold set by the best's upper
+    bound), or the best size itself when none is sure. Every size in between is within the
+    tolerance as far as the measurement can tell; ``low`` is the one to recommend, and two runs
+    of a steady machine give overlapping ranges where their knees differ.
+
+    Args:
+        batch_sizes: the sizes measured (any order).
+        throughputs: samples/s at each size.
+        errors: relative standard error of each median.
+        tolerance: fraction of the best throughput that counts as "as good".
+        z: how many standard errors make a bound (2: about 95%).
+
+    Example:
+
+    >>> knee_range([32, 64, 128, 256], [900.0, 1500.0, 1560.0, 1600.0], [0.005] * 4)
+    (64, 128)
+    >>> knee_range([32, 64, 128, 256], [900.0, 1500.0, 1560.0, 1600.0], [0.0] * 4)
+    (128, 128)
+    """
+    if len(errors) != len(batch_sizes):
+        raise InvalidInputError("errors must have one entry per batch size")
+    knee(batch_sizes, throughputs, tolerance=tolerance)  # validates sizes, rates, tolerance
+    if not (z >= 0 and math.isfinite(z)):
+        raise InvalidInputError(f"z must be a finite number >= 0, got {z!r}")
+    rows = sorted((b, t, 0.0 if e is None else float(e))
+                  for b, t, e in zip(batch_sizes, throughputs, errors))
+    if any(math.isnan(e) or e < 0 for _, _, e in rows):
+        raise InvalidInputError("errors must be >= 0 (inf for unknown)")
+    b_best, t_best, e_best = max(rows, key=lambda r: r[1])
+
+    def bound(t: float, e: float, sign: int) -> float:
+        return max(0.0, t * (1 + sign * z * e)) if math.isfinite(e) else (
+            math.inf if sign > 0 else 0.0)
+
+    low_threshold = (1 - tolerance) * bound(t_best, e_best, -1)
+    high_threshold = (1 - tolerance) * bound(t_best, e_best, +1)
+    low = next(b for b, t, e in rows if bound(t, e, +1) >= low_threshold)
+    high = next((b for b, t, e in rows if bound(t, e, -1) >= high_threshold), b_best)
+    return low, max(low, min(high, b_best))
+
+
+def drift(before: float, after: float) -> float:
+    """Relative change of a fixed workload's rate over a run: ``after / before - 1``.
+
+    The same NumPy workload timed before and after a measurement tells how much the machine
+    itself sped up or slowed down meanwhile (other work on a shared machine, clock changes):
+    differences between sizes smaller than this are not the model's.
+
+    Example:
+
+    >>> round(drift(1000.0, 950.0), 3)
+    -0.05
+    """
+    if not (before > 0 and after > 0 and math.isfinite(before) and math.isfinite(after)):
+        raise InvalidInputError(f"rates must be positive and finite, got {before!r}, {after!r}")
+    return after / before - 1

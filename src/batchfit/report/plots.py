@@ -71,6 +71,9 @@ def _throughput_panel(ax: Any, t: ThroughputResult, *, recommended: int | None =
         ax.scatter([t.knee], [ys[xs.index(t.knee)]], s=160, facecolors="none",
                    edgecolors="tab:orange", lw=2, zorder=4,
                    label=f"knee {t.knee} (within {t.tolerance:.0%} of best)")
+    if t.knee_range and t.knee_range[0] != t.knee_range[1]:
+        ax.axvspan(t.knee_range[0], t.knee_range[1], color="tab:orange", alpha=0.12,
+                   label=f"knee range {t.knee_range[0]}-{t.knee_range[1]} (timing error)")
     if recommended is not None:
         ax.axvline(recommended, color="tab:green", lw=2, alpha=0.6,
                    label=f"recommended {recommended}")

@@ -81,6 +81,21 @@ def _throughput_table(result: ThroughputResult, *, knee: int | None = None,
     return table
 
 
+def _error_line(result: ThroughputResult) -> str | None:
+    """The knee range, the medians' errors and the machine's own drift, in one line."""
+    errs = [p.median_error for p in result.measured() if p.median_error is not None]
+    parts = []
+    if result.knee_range and result.knee_range[0] != result.knee_range[1]:
+        parts.append(f"knee range {result.knee_range[0]}-{result.knee_range[1]} (each within "
+                     f"{result.tolerance:.0%} of the best as far as the timing can tell)")
+    if errs:
+        parts.append(f"medians' errors up to {max(errs):.1%}")
+    if result.machine_drift is not None:
+        parts.append(f"machine drift over the run {result.machine_drift:+.1%} (a fixed NumPy "
+                     "workload, before vs after)")
+    return "; ".join(parts) or None
+
+
 def render_throughput(result: ThroughputResult, console: Console | None = None) -> None:
     """Print a :class:`ThroughputResult`: the curve and its knee."""
     console = console or Console()
@@ -88,6 +103,8 @@ def render_throughput(result: ThroughputResult, console: Console | None = None) 
     if result.knee is not None:
         console.print(f"knee: [bold]{result.knee}[/bold] (smallest batch within "
                       f"{result.tolerance:.0%} of the best throughput)", highlight=False)
+    if (line := _error_line(result)) is not None:
+        console.print(f"[dim]{_escape(line)}[/dim]", highlight=False)
     console.print(f"[dim]GPU metrics: {_escape(result.gpu_metrics)}[/dim]", highlight=False)
     for note in result.notes:
         console.print(f"[dim]note:[/dim] {_escape(note)}", highlight=False)
@@ -100,6 +117,8 @@ def render_tune(result: TuneResult, console: Console | None = None) -> None:
     console.print()
     console.print(_throughput_table(result.throughput, knee=result.throughput.knee,
                                     chosen=result.recommendation.batch_size))
+    if (line := _error_line(result.throughput)) is not None:
+        console.print(f"[dim]{_escape(line)}[/dim]", highlight=False)
     console.print(f"[dim]GPU metrics: {_escape(result.throughput.gpu_metrics)}[/dim]",
                   highlight=False)
     rec = result.recommendation

@@ -62,8 +62,9 @@ class ThroughputResult(_Serializable):
 
     Args:
         points: one :class:`ThroughputPoint` per batch size, ascending.
-        knee: the smallest size within ``tolerance`` of the best throughput (``None`` if no
-            size was measured).
+        knee: the smallest size within ``tolerance`` of the best throughput, as far as the
+            timing error can tell (the low end of ``knee_range``; ``None`` if no size was
+            measured).
         tolerance: the knee's tolerance (fraction of the best throughput).
         device: where it ran.
         window_target_seconds: the wall time each timed window aimed at.
@@ -75,6 +76,11 @@ class ThroughputResult(_Serializable):
         model_name: the model's name.
         notes: plain-language remarks.
         environment: versions and platform.
+        knee_range: ``[low, high]``: the sizes that may be the knee given each median's error
+            (see :func:`batchfit.core.throughput.knee_range`); ``None`` in old results.
+        machine_drift: relative change of a fixed NumPy workload's speed from before to after
+            the timing (``-0.04``: the machine itself ran 4% slower at the end); differences
+            between sizes below it are not the model's. ``None`` when not measured.
     """
 
     kind: ClassVar[str] = "throughput"
@@ -90,6 +96,8 @@ class ThroughputResult(_Serializable):
     model_name: str = ""
     notes: list[str] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
+    knee_range: list[int] | None = None
+    machine_drift: float | None = None
     schema_version: int = SCHEMA_VERSION
 
     def measured(self) -> list[ThroughputPoint]:

@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..backend import get_backend
+from ..backend.machine import reference_rate
 from ..backend.nvml import nvml_status
-from ..core.throughput import TimingPlan, geometric_grid, knee
+from ..core.throughput import TimingPlan, drift, geometric_grid, knee_range
 from ..core.validate import check_int, is_int, is_number
 from ..errors import InvalidInputError
 from ..results import ThroughputPoint, ThroughputResult
@@ -154,17 +155,23 @@ def profile_throughput(
     plan = TimingPlan(window_seconds=float(window_seconds), windows=windows,
                       max_windows=max_windows, target_error=float(target_error),
                       warmup_steps=warmup_steps)
+    before = reference_rate()
     points, trace_seconds = backend.measure_throughput(keras_model, batch_fn, sizes, plan,
                                                        device=dev, gpu_metrics=gpu_ok)
+    machine_drift = drift(before, reference_rate())
     if on_point is not None:
         for p in points:
             on_point(p)
     ok = [p for p in points if p.samples_per_second is not None]
-    k = (knee([p.batch_size for p in ok], [p.samples_per_second or 0.0 for p in ok],
-              tolerance=tolerance) if ok else None)
+    k_range = (list(knee_range([p.batch_size for p in ok],
+                               [p.samples_per_second or 0.0 for p in ok],
+                               [p.median_error for p in ok], tolerance=tolerance))
+               if ok else None)
     if not ok:
         notes.append("no size could be measured")
-    return ThroughputResult(points=points, knee=k, tolerance=float(tolerance), device=dev,
+    return ThroughputResult(points=points, knee=k_range[0] if k_range else None,
+                            knee_range=k_range, machine_drift=machine_drift,
+                            tolerance=float(tolerance), device=dev,
                             window_target_seconds=float(window_seconds), gpu_metrics=gpu_note,
                             seconds=time.perf_counter() - t_start, trace_seconds=trace_seconds,
                             model_name=resolved.name, notes=notes,

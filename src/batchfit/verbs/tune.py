@@ -270,6 +270,7 @@ def _facts(max_result: MaxBatchResult, measured: Sequence[ThroughputPoint], repl
         safe_batch=max_result.safe_batch_size * replicas,
         batch_sizes=tuple(p.batch_size for p in measured),
         throughputs=tuple(float(p.samples_per_second or 0.0) for p in measured),
+        errors=tuple(p.median_error for p in measured),
         tolerance=float(tolerance), granularity=granularity * replicas,
         bytes_at=({p.batch_size: mm.predict(p.batch_size / replicas) for p in measured}
                   if mm else {}),  # per device
