@@ -70,15 +70,21 @@ def repeatability(windows: int | None = None,
         model = load_model(spec)
         runs = []
         floor = []
-        knees = []
+        knees, ranges, drifts = [], [], []
         for _ in range(RUNS):
             floor.append(noise_floor())
             r = batchfit.profile_throughput(model, sizes, **timing)
             runs.append({p.batch_size: p for p in r.points})
             knees.append(r.knee)
+            ranges.append(r.knee_range)
+            drifts.append(r.machine_drift)
+        overlap = all(a[0] <= b[1] and b[0] <= a[1] for a in ranges for b in ranges)
         floors.append({"model": name, "matmuls_per_second": floor,
                        "cv_across_runs": statistics.stdev(floor) / statistics.fmean(floor),
-                       "knee_per_run": knees})
+                       "knee_per_run": knees, "knee_range_per_run": ranges,
+                       "knee_ranges_overlap": overlap, "machine_drift_per_run": drifts})
+        print(f"{name:12s} knees {knees} ranges {ranges} overlap {overlap} "
+              f"drift {[f'{d:+.1%}' for d in drifts]}", flush=True)
         back_to_back = {b: [batchfit.profile_throughput(model, [b], **timing).points[0]
                             for _ in range(RUNS)] for b in sizes}
         for b in sizes:
@@ -175,6 +181,12 @@ def markdown(path: Path) -> str:
         if knees:
             lines.append(f"| ({f['model']}: knee of each whole profile) | | | "
                          f"{', '.join(str(k) for k in knees)} | | | |")
+        if f.get("knee_range_per_run"):
+            rng = ", ".join(f"{lo}-{hi}" for lo, hi in f["knee_range_per_run"])
+            ok = "overlap" if f["knee_ranges_overlap"] else "do NOT overlap"
+            drift = ", ".join(f"{d:+.0%}" for d in f["machine_drift_per_run"])
+            lines.append(f"| ({f['model']}: knee range of each profile; {ok}; machine drift "
+                         f"within each {drift}) | | | {rng} | | | |")
     pooled = pooled_cv(data["repeatability"])
     if pooled:
         lines.append("")
