@@ -82,6 +82,22 @@ def test_a_graph_model_of_keras_layers_only_has_nothing_to_check() -> None:
     assert any("no custom layers" in n for n in result.notes)
 
 
+class OwnCallBackbone(Backbone):
+    """A graph model whose class overrides call: that call is the user's code."""
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=training, mask=mask) * 1.0
+
+
+def test_a_graph_model_that_overrides_call_is_checked_too() -> None:
+    tokens = keras.Input((None,), dtype="int32", name="token_ids")
+    model = keras.Model(tokens, OwnCallBackbone(name="own")(tokens))
+    result = check(model, {"token_ids": (6,)})
+    assert [r.layer for r in result.layers] == ["own", "scale"]
+    assert [s.layer for s in result.skipped] == ["pair"]
+    _no_finding_in_keras(result)
+
+
 def test_a_layer_named_among_the_skipped_is_not_unknown() -> None:
     result = check(_classifier(), {"token_ids": (6,)}, layers=["pair"])
     assert result.layers == [] and [s.layer for s in result.skipped] == ["pair"]

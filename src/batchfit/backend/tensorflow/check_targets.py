@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ...core.static_scan import is_framework_class, method_owner
 from ...core.validate import is_int
 from ...errors import InvalidInputError, ModelLoadError
 from ...results.check import error_line
@@ -53,8 +54,9 @@ def is_custom_layer_class(klass: type) -> bool:
 
 def custom_layers(model: Any) -> list[Any]:
     """The custom layers of ``model``, looking inside nested Keras models: Keras's own, and
-    functional or Sequential ones of any class (their ``call`` is Keras's); a subclassed model
-    of the user's, with a ``call`` of its own, is a custom layer."""
+    functional or Sequential ones of any class (their ``call`` is Keras's, unless the class
+    overrides it: then the model is a custom layer too); a subclassed model of the user's, with
+    a ``call`` of its own, is a custom layer."""
     import keras
 
     found: list[Any] = []
@@ -66,6 +68,8 @@ def custom_layers(model: Any) -> list[Any]:
                 continue
             seen.add(id(layer))
             if is_graph_model(layer):
+                if _own_call(layer):
+                    found.append(layer)  # a graph model with a call of its own: check it too
                 visit(layer)
             elif is_custom_layer(layer):
                 found.append(layer)
@@ -74,6 +78,12 @@ def custom_layers(model: Any) -> list[Any]:
 
     visit(model)
     return found
+
+
+def _own_call(layer: Any) -> bool:
+    """Whether ``layer``'s ``call`` is third-party code (not inherited from Keras)."""
+    owner = method_owner(type(layer), "call")
+    return owner is not None and not is_framework_class(owner)
 
 
 def load_checkable(spec: str) -> Any:
