@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.batchfit-installed
+# KerasHub, for the tests and benchmarks on real models. Installed without its declared
+# dependencies: keras-hub requires tensorflow-text, which pulls a full `tensorflow` other than the
+# pinned tensorflow-cpu. Building models from their config needs only these (no tokenizer run,
+# no preset download); versions are pinned in constraints.txt.
+HUB_PACKAGES := keras-hub regex tokenizers
 
 .PHONY: demo test test-fast lint bench clean
 
@@ -12,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[cpu,plot,test]"
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt $(HUB_PACKAGES)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -131,3 +131,24 @@ def test_keras2_objects() -> None:
     assert not kc.is_keras2_object(object())
     legacy = type("Legacy", (), {"__module__": "keras.src.legacy.layers"})()
     assert kc.is_keras2_object(legacy)
+
+
+def test_is_graph_model() -> None:
+    class Sub(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x: object) -> object:
+            return self.dense(x)
+
+    class GraphSubclass(keras.Model):  # a KerasHub backbone's way: functional init
+        def __init__(self) -> None:
+            inp = keras.Input((3,))
+            super().__init__(inp, keras.layers.Dense(1)(inp))
+
+    assert kc.is_graph_model(_functional())
+    assert kc.is_graph_model(keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]))
+    assert kc.is_graph_model(GraphSubclass())
+    assert not kc.is_graph_model(Sub())
+    assert not kc.is_graph_model(keras.layers.Dense(1))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import check_gallery as g
+import pytest
 
 from batchfit import check
 from batchfit.results import load_result
@@ -41,3 +42,17 @@ def test_result_round_trips_and_renders_without_tensorflow(tmp_path) -> None:
                           timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "dynamic_batch" in proc.stdout and "FAIL" in proc.stdout
+
+
+def test_cli_on_a_kerashub_causal_lm_reaches_the_nested_layers(run_cli, tmp_path) -> None:
+    pytest.importorskip("keras_hub")
+    out = tmp_path / "gpt2.json"
+    proc = run_cli("check", "tests/hub_models.py:gpt2", "--input-shape", "token_ids=10",
+                   "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    layers = {r["layer"]: r for r in data["layers"]}
+    assert set(layers) == {"position_embedding", "transformer_layer_0", "transformer_layer_1"}
+    assert all(r["input_shape"] == [10, 32] for r in layers.values())  # token_ids=10 got there
+    assert data["skipped"] == [] and data["findings"] == []
+    assert "taken as 8" not in proc.stdout

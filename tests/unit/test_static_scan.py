@@ -157,3 +157,33 @@ def test_static_shapes_of_the_layers_own_attributes_are_not_batch_reads() -> Non
             return x.shape[0]
     """
     assert _scan(src) == [(10, "shape_index")]
+
+
+
+def _load_as(name: str, path, monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_call_inherited_from_the_framework_is_never_scanned(tmp_path, monkeypatch) -> None:
+    # A functional model's call is Keras's (`len(inputs)`, `for x in zip(inputs, masks)`): a
+    # class that inherits it, as a KerasHub backbone does, has nothing of its own to scan.
+    from batchfit.core.static_scan import is_framework_class, method_owner, scan_class
+
+    path = tmp_path / "functional.py"
+    path.write_text("class Functional:\n    def call(self, x):\n        return x.shape[0]\n")
+    users = _load_as("users_functional", path, monkeypatch).Functional
+    framework = _load_as("tf_keras.fake_functional", path, monkeypatch).Functional
+
+    class Backbone(framework):
+        pass
+
+    assert len(scan_class(users)) == 1  # the same source, not the framework's: scanned
+    assert method_owner(Backbone) is framework and is_framework_class(framework)
+    assert scan_class(Backbone) == [] and scan_class(framework) == []

@@ -322,10 +322,14 @@ class Backend(abc.ABC):
         raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
                                   "backend yet")
 
-    def check_targets(self, obj: Any, input_shape: Any, sample: Any,
-                      notes: list[str]) -> tuple[str, list[tuple[Any, Any]]]:
+    def check_targets(self, obj: Any, input_shape: Any, sample: Any, notes: list[str],
+                      skipped: list[tuple[str, str, str]] | None = None,
+                      ) -> tuple[str, list[tuple[Any, Any]]]:
         """``(name, [(layer, layer_input), ...])``: the layers of ``obj`` (a model or a layer)
-        to check, each with the input it gets; remarks go to ``notes``."""
+        to check, each with the input it gets, descending into nested functional and
+        Sequential models; ``input_shape`` may name the model's inputs
+        (``{"token_ids": (128,)}``) and reaches nested layers. Remarks go to ``notes``; each
+        custom layer that cannot be checked goes to ``skipped`` as ``(name, class, reason)``."""
         raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
                                   "backend yet")
 
@@ -335,7 +339,7 @@ class Backend(abc.ABC):
                                   "backend yet")
 
     def custom_layers(self, model: Any) -> list[Any]:
-        """The custom layers of ``model``, nested models included."""
+        """The custom layers of ``model``, inside nested functional/Sequential models too."""
         raise MissingBackendError(f"batchfit check is not implemented for the {self.name} "
                                   "backend yet")
 

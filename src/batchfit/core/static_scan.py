@@ -35,7 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StaticShapeUse", "format_location", "locate_method", "scan_class", "scan_source"]
+__all__ = ["FRAMEWORK_ROOTS", "StaticShapeUse", "format_location", "is_framework_class",
+           "locate_method", "method_owner", "scan_class", "scan_source"]
+
+#: Top-level packages whose source is never scanned: the framework's own code is tested by it,
+#: and a finding there is not the user's to fix.
+FRAMEWORK_ROOTS = ("keras", "tf_keras", "tensorflow", "builtins")
 
 _FIX = "read the batch size at run time: tf.shape(x)[0] or keras.ops.shape(x)[0]"
 _SHAPE_FUNCS = {"int_shape"}
@@ -114,6 +119,33 @@ def locate_method(cls: type, method: str = "call") -> tuple[str, int] | None:
     return None
 
 
+def method_owner(cls: type, method: str = "call") -> type | None:
+    """The class in ``cls``'s MRO that defines ``method`` (None if none does).
+
+    Example:
+
+    >>> class A:
+    ...     def call(self, x):
+    ...         return x
+    >>> class B(A):
+    ...     pass
+    >>> method_owner(B).__name__
+    'A'
+    """
+    return next((k for k in inspect.getmro(cls) if method in vars(k)), None)
+
+
+def is_framework_class(cls: type) -> bool:
+    """Whether ``cls`` belongs to Keras, TensorFlow or Python itself (see FRAMEWORK_ROOTS).
+
+    Example:
+
+    >>> is_framework_class(dict), is_framework_class(StaticShapeUse)
+    (True, False)
+    """
+    return (getattr(cls, "__module__", "") or "").split(".")[0] in FRAMEWORK_ROOTS
+
+
 def scan_class(cls: type, method: str = "call") -> list[StaticShapeUse]:
     """Scan ``cls.method`` and the same-module helpers it calls for static batch reads.
 
@@ -123,7 +155,9 @@ def scan_class(cls: type, method: str = "call") -> list[StaticShapeUse]:
 
     Returns:
         The reads found, in file order; ``[]`` when the source cannot be read (a class built
-        at run time, a compiled module) or the class inherits ``method`` from elsewhere.
+        at run time, a compiled module), or when ``method`` is the framework's own (a class
+        that inherits ``call`` from Keras, as a functional model does: Keras's source is never
+        scanned).
 
     Example:
 
@@ -133,8 +167,8 @@ def scan_class(cls: type, method: str = "call") -> list[StaticShapeUse]:
     >>> scan_class(Ok)
     []
     """
-    owner = next((k for k in inspect.getmro(cls) if method in vars(k)), None)
-    if owner is None:
+    owner = method_owner(cls, method)
+    if owner is None or is_framework_class(owner):
         return []
     try:
         filename = inspect.getsourcefile(owner)

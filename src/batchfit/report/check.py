@@ -40,11 +40,17 @@ def render_check(result: CheckResult, console: Console | None = None) -> None:
     """
     console = console or Console()
     n = len(result.layers)
+    skipped = f", {len(result.skipped)} not checked" if result.skipped else ""
     console.print(Text.assemble(("model ", "bold"), (result.model_name or "-", "bold"),
-                                f": {n} layer{'s' if n != 1 else ''} checked in "
+                                f": {n} layer{'s' if n != 1 else ''} checked{skipped} in "
                                 f"{result.seconds:.1f} s"))
     for report in result.layers:
         _render_layer(result, report, console)
+    if result.skipped:
+        console.print()
+    for skip in result.skipped:
+        console.print(Text.assemble(("○ ", "dim"), (skip.layer, "bold"), f"  {skip.class_name}",
+                                    ("  not checked: ", "dim"), skip.reason))
     for note in result.notes:
         console.print(Text.assemble(("note: ", "dim"), note))
     counts = result.counts()

@@ -15,7 +15,7 @@ True
 """
 
 from ._base import SCHEMA_VERSION, check_schema_version, load_result, register_result
-from .check import CHECKS, SEVERITIES, CheckResult, Finding, LayerReport
+from .check import CHECKS, SEVERITIES, CheckResult, Finding, LayerReport, SkippedLayer
 from .maxbatch import PROBE_OUTCOMES, MaxBatchResult, MemoryModel, Probe
 from .noise import NoisePair, NoiseScaleResult
 from .tune import (
@@ -41,6 +41,7 @@ __all__ = [
                    "NoiseScaleResult",
                    "Probe",
                    "Recommendation",
+                   "SkippedLayer",
                    "TargetPlan",
                    "ThroughputPoint",
                    "ThroughputResult",

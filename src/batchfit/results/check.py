@@ -97,6 +97,21 @@ class LayerReport(_Serializable):
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class SkippedLayer(_Serializable):
+    """A custom layer of the model that was not checked, and why.
+
+    Args:
+        layer: the layer's name.
+        class_name: ``module.QualName`` of its class.
+        reason: one line: why it was not checked.
+    """
+
+    layer: str
+    class_name: str
+    reason: str
+
+
 @register_result
 @dataclass(frozen=True)
 class CheckResult(_Serializable):
@@ -107,8 +122,10 @@ class CheckResult(_Serializable):
         layers: one :class:`LayerReport` per layer checked.
         model_name: the model's (or layer's) name.
         seconds: wall time of the whole check.
-        notes: plain-language remarks (layers that could not be checked alone, ...).
+        notes: plain-language remarks (shapes assumed, arguments left out, ...).
         environment: versions, for reproducing the run.
+        skipped: the custom layers not checked, each with the reason: with ``layers``, every
+            custom (third-party) layer of the model is accounted for.
     """
 
     kind: ClassVar[str] = "check"
@@ -119,6 +136,7 @@ class CheckResult(_Serializable):
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
+    skipped: list[SkippedLayer] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     @property

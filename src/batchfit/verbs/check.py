@@ -49,10 +49,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backend import Backend, get_backend
-from ..core.static_scan import StaticShapeUse, format_location, locate_method, scan_class
+from ..core.static_scan import (
+    StaticShapeUse,
+    format_location,
+    is_framework_class,
+    locate_method,
+    method_owner,
+    scan_class,
+)
 from ..core.validate import check_int, is_int
 from ..errors import InvalidInputError, LayerBuildError
-from ..results.check import CHECKS, CheckResult, Finding, LayerReport, error_line
+from ..results.check import CHECKS, CheckResult, Finding, LayerReport, SkippedLayer, error_line
 
 __all__ = ["STEPS", "LayerContext", "Outcome", "Step", "check", "custom_layers", "is_custom_layer",
            "run_steps"]
@@ -78,7 +85,10 @@ def check(model_or_layer: Any, input_shape: Any = None, *, sample: Any = None,
     """Check that a model's custom layers (or one layer) honour the batch contract.
 
     Given a ``keras.Model``, finds its custom (non-Keras) layers, including those inside nested
-    models, and checks each alone on the inputs it receives in the model. Given a
+    models (a functional or Sequential model, a KerasHub backbone say, is a container: its
+    third-party layers are checked, Keras's own code never), and checks each alone on the
+    inputs it receives in the model. Each custom layer is checked or listed in
+    ``result.skipped`` with the reason. Given a
     ``keras.layers.Layer``, checks that layer (Keras's own layers included) on ``input_shape``
     or ``sample``. The seven checks are described in :mod:`batchfit.verbs.check`.
 
@@ -89,8 +99,10 @@ def check(model_or_layer: Any, input_shape: Any = None, *, sample: Any = None,
             (a leading ``None`` is dropped), or a list/dict of shapes for several inputs.
             Optional when ``sample`` is given or the layer is already built. For a model
             that does not expose its inputs (subclassed), the shape of its inputs, as
-            ``input_shapes`` elsewhere in batchfit. ``None`` dimensions other than the batch
-            in a layer's inputs are taken as 8. Default None.
+            ``input_shapes`` elsewhere in batchfit; for a model with ``None`` dimensions (a
+            sequence length), a dict by input name (``{"token_ids": (128,)}``): the model is
+            called on inputs of these shapes and each layer, however nested, is checked on
+            what it receives. ``None`` dimensions not given are taken as 8. Default None.
         sample: for a layer, an array (or list/dict of arrays) with a batch dimension; its
             per-example shapes and dtypes are used. Default None.
         layers: check only the custom layers with these names. Default None (all).
@@ -118,9 +130,10 @@ def check(model_or_layer: Any, input_shape: Any = None, *, sample: Any = None,
     obj = backend.load_checkable(model_or_layer) if isinstance(model_or_layer, str) \
         else model_or_layer
     notes: list[str] = []
-    name, targets = backend.check_targets(obj, input_shape, sample, notes)
-    targets = _only_named(targets, layers)
-    if not targets:
+    skipped: list[tuple[str, str, str]] = []
+    name, targets = backend.check_targets(obj, input_shape, sample, notes, skipped)
+    targets = _only_named(targets, layers, [s[0] for s in skipped])
+    if not targets and not skipped:
         notes.append("no custom layers found: Keras's own layers are tested by Keras. Check one "
                      "of them with batchfit.check(layer, input_shape=...).")
     findings: list[Finding] = []
@@ -132,7 +145,9 @@ def check(model_or_layer: Any, input_shape: Any = None, *, sample: Any = None,
             findings.extend(layer_findings)
     return CheckResult(findings=findings, layers=reports, model_name=name,
                        seconds=round(time.perf_counter() - start, 2), notes=notes,
-                       environment=backend.check_environment())
+                       environment=backend.check_environment(),
+                       skipped=[SkippedLayer(*s) for s in skipped
+                                if layers is None or s[0] in layers])
 
 
 def is_custom_layer(layer: Any) -> bool:
@@ -159,12 +174,12 @@ def custom_layers(model: Any) -> list[Any]:
     return get_backend().custom_layers(model)
 
 
-def _only_named(targets: list[tuple[Any, Any]],
-                names: Sequence[str] | None) -> list[tuple[Any, Any]]:
+def _only_named(targets: list[tuple[Any, Any]], names: Sequence[str] | None,
+                skipped: Sequence[str] = ()) -> list[tuple[Any, Any]]:
     if names is None:
         return targets
     wanted = set(names)
-    unknown = wanted - {layer.name for layer, _ in targets}
+    unknown = wanted - {layer.name for layer, _ in targets} - set(skipped)
     if unknown:
         raise InvalidInputError(
             f"no custom layer named {sorted(unknown)}; the custom layers are "
@@ -358,6 +373,10 @@ def check_static_shape(ctx: LayerContext) -> Outcome:
     """
     if not ctx.custom:
         return Outcome([], skipped="Keras's own layer")
+    owner = method_owner(ctx.layer_class, "call")
+    if owner is not None and is_framework_class(owner):
+        return Outcome([], skipped=f"its call is Keras's own ({owner.__module__}."
+                                   f"{owner.__qualname__}), not scanned")
     uses = scan_class(ctx.layer_class)
     findings = [ctx.finding("static_shape", "warning",
                             f"{use.message} (in {use.function}: {use.code})", use.fix,

@@ -265,11 +265,12 @@ class TensorFlowBackend(Backend):
 
         return load_checkable(spec)
 
-    def check_targets(self, obj: Any, input_shape: Any, sample: Any,
-                      notes: list[str]) -> tuple[str, list[tuple[Any, Any]]]:
+    def check_targets(self, obj: Any, input_shape: Any, sample: Any, notes: list[str],
+                      skipped: list[tuple[str, str, str]] | None = None,
+                      ) -> tuple[str, list[tuple[Any, Any]]]:
         from .check_targets import check_targets
 
-        return check_targets(obj, input_shape, sample, notes)
+        return check_targets(obj, input_shape, sample, notes, skipped)
 
     def is_custom_layer(self, layer: Any) -> bool:
         from .check_targets import is_custom_layer

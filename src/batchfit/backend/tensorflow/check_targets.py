@@ -1,9 +1,14 @@
 """What ``batchfit check`` checks: the custom layers of a model and the input each one gets.
 
-Given a Keras model, its custom (non-Keras) layers, nested models included, each with the
-input it receives in the model (read from its first inbound node, or recorded by calling a
-subclassed model once eagerly); given a layer, that layer with an input built from
-``input_shape`` or ``sample``. The input is a :class:`LayerInput`: per-example shapes and
+Given a Keras model, its custom (non-Keras) layers, each with the input it receives in the
+model; given a layer, that layer with an input built from ``input_shape`` or ``sample``.
+A nested functional or Sequential model (a KerasHub backbone inside its task model, say) is a
+container, not a layer: its ``call`` is Keras's own, so batchfit descends into its layers,
+recursively, and checks the third-party ones. A layer's input is read from its first inbound
+node; where that has a ``None`` dimension other than the batch (a sequence length), or there is
+no node (a subclassed model), the model is called once eagerly on synthesized inputs of the
+shapes given by input name (``input_shape={"token_ids": (128,)}``, ``--input-shape
+token_ids=128``) and each layer's input is recorded, however deeply it is nested. The input is a :class:`LayerInput`: per-example shapes and
 dtypes in the structure the layer takes, from which batches of any size are drawn.
 
 Example:
@@ -22,15 +27,18 @@ from typing import Any
 
 import numpy as np
 
+from ...core.static_scan import is_framework_class, method_owner
 from ...core.validate import is_int
 from ...errors import InvalidInputError, ModelLoadError
 from ...results.check import error_line
-from .keras_compat import build_shapes, inbound_nodes
+from .keras_compat import build_shapes, inbound_nodes, is_graph_model
 
 __all__ = ["LayerInput", "check_targets", "custom_layers", "is_custom_layer",
            "is_custom_layer_class", "load_checkable"]
 
 _KERAS_ROOTS = ("keras", "tf_keras", "tensorflow")
+_UNSEEN = ("batchfit could not see what it is called with (it is not called, or called with "
+           "several positional inputs)")
 
 
 def is_custom_layer(layer: Any) -> bool:
@@ -45,7 +53,10 @@ def is_custom_layer_class(klass: type) -> bool:
 
 
 def custom_layers(model: Any) -> list[Any]:
-    """The custom layers of ``model``, looking inside nested Keras models (not custom layers)."""
+    """The custom layers of ``model``, looking inside nested Keras models: Keras's own, and
+    functional or Sequential ones of any class (their ``call`` is Keras's, unless the class
+    overrides it: then the model is a custom layer too); a subclassed model of the user's, with
+    a ``call`` of its own, is a custom layer."""
     import keras
 
     found: list[Any] = []
@@ -56,13 +67,23 @@ def custom_layers(model: Any) -> list[Any]:
             if id(layer) in seen or isinstance(layer, keras.layers.InputLayer):
                 continue
             seen.add(id(layer))
-            if is_custom_layer(layer):
+            if is_graph_model(layer):
+                if _own_call(layer):
+                    found.append(layer)  # a graph model with a call of its own: check it too
+                visit(layer)
+            elif is_custom_layer(layer):
                 found.append(layer)
             elif isinstance(layer, keras.Model):
                 visit(layer)
 
     visit(model)
     return found
+
+
+def _own_call(layer: Any) -> bool:
+    """Whether ``layer``'s ``call`` is third-party code (not inherited from Keras)."""
+    owner = method_owner(type(layer), "call")
+    return owner is not None and not is_framework_class(owner)
 
 
 def load_checkable(spec: str) -> Any:
@@ -89,13 +110,14 @@ def describe(obj: Any) -> str:
     return f"an object of type {t.__module__}.{t.__qualname__}"
 
 
-def check_targets(obj: Any, input_shape: Any, sample: Any,
-                  notes: list[str]) -> tuple[str, list[tuple[Any, LayerInput]]]:
+def check_targets(obj: Any, input_shape: Any, sample: Any, notes: list[str],
+                  skipped: list[tuple[str, str, str]] | None = None,
+                  ) -> tuple[str, list[tuple[Any, LayerInput]]]:
     """``(name, [(layer, input), ...])``: what to check in ``obj``, a model or a layer.
 
     A model gives its custom layers (a subclassed model without custom sublayers is checked
-    as one layer); a layer gives itself. Remarks (a layer that could not be seen) go to
-    ``notes``.
+    as one layer); a layer gives itself. Remarks go to ``notes``; each custom layer that
+    cannot be checked goes to ``skipped`` as ``(name, class, reason)``.
 
     Raises:
         InvalidInputError: ``obj`` is neither a model nor a layer; a layer has no input shape.
@@ -103,7 +125,8 @@ def check_targets(obj: Any, input_shape: Any, sample: Any,
     import keras
 
     if isinstance(obj, keras.Model) and not _is_custom_model_checked_as_layer(obj):
-        return obj.name, _model_targets(obj, input_shape, notes)
+        return obj.name, _model_targets(obj, input_shape, notes,
+                                        skipped if skipped is not None else [])
     if isinstance(obj, keras.layers.Layer):
         return obj.name, [(obj, _layer_input(obj, input_shape, sample))]
     raise InvalidInputError(
@@ -232,36 +255,97 @@ def _shape_arg(s: Any) -> tuple[int, ...]:
 
 def _is_custom_model_checked_as_layer(model: Any) -> bool:
     """A subclassed model with no custom sublayers: its own ``call`` is what to check."""
-    return is_custom_layer(model) and not custom_layers(model)
+    return is_custom_layer(model) and not is_graph_model(model) and not custom_layers(model)
 
 
-def _model_targets(model: Any, input_shapes: Any,
-                   notes: list[str]) -> list[tuple[Any, LayerInput]]:
-    targets: list[tuple[Any, LayerInput]] = []
-    missing: list[Any] = []
-    for layer in custom_layers(model):
-        nodes = inbound_nodes(layer)
-        spec = None
-        if nodes:
-            args = getattr(nodes[0], "arguments", None)
-            if args is not None and len(args.args) == 1:
-                kwargs = {k: v for k, v in args.kwargs.items() if not _has_tensor(v)}
-                spec = _input_from_tensors(args.args[0], kwargs, f"layer '{layer.name}'", notes)
-        if spec is None:
-            missing.append(layer)
+def class_name(layer: Any) -> str:
+    """``module.QualName`` of the layer's class."""
+    return f"{type(layer).__module__}.{type(layer).__qualname__}"
+
+
+def _node_input(layer: Any) -> tuple[LayerInput | None, bool, list[str]]:
+    """The input of the layer's first inbound node: ``(spec, has a None non-batch dimension,
+    names of the tensor keyword arguments left out)``; spec None when there is no node or it
+    takes several positional inputs."""
+    import keras
+
+    nodes = inbound_nodes(layer)
+    args = getattr(nodes[0], "arguments", None) if nodes else None
+    if args is None or len(args.args) != 1:
+        return None, False, []
+    kwargs = {k: v for k, v in args.kwargs.items() if not _has_tensor(v)}
+    dropped = sorted(k for k in args.kwargs if k not in kwargs)
+    has_none = any(d is None for t in keras.tree.flatten(args.args[0])
+                   for d in tuple(t.shape)[1:])
+    return _input_from_tensors(args.args[0], kwargs, "", None), has_none, dropped
+
+
+def _model_targets(model: Any, input_shapes: Any, notes: list[str],
+                   skipped: list[tuple[str, str, str]]) -> list[tuple[Any, LayerInput]]:
+    layers = custom_layers(model)
+    specs: dict[int, LayerInput] = {}
+    partial: dict[int, Any] = {}
+    dropped: dict[str, list[str]] = {}
+    to_record = []
+    for layer in layers:
+        spec, has_none, left_out = _node_input(layer)
+        if left_out:
+            dropped[layer.name] = left_out
+        if spec is not None and not has_none:
+            specs[id(layer)] = spec
         else:
-            targets.append((layer, spec))
-    if missing:
-        recorded = _record_inputs(model, missing, input_shapes, notes)
-        for layer in missing:
+            partial[id(layer)] = spec
+            to_record.append(layer)
+    if to_record:
+        recorded = _record_inputs(model, to_record, _call_shapes(model, input_shapes, notes),
+                                  notes)
+        for layer in to_record:
             if id(layer) in recorded:
-                targets.append((layer, recorded[id(layer)]))
+                specs[id(layer)] = recorded[id(layer)]
+            elif partial[id(layer)] is not None:
+                args = inbound_nodes(layer)[0].arguments
+                kwargs = {k: v for k, v in args.kwargs.items() if not _has_tensor(v)}
+                specs[id(layer)] = _input_from_tensors(args.args[0], kwargs,
+                                                       f"layer '{layer.name}'", notes)
             else:
-                notes.append(f"layer '{layer.name}' ({type(layer).__qualname__}) was not "
-                             "checked: batchfit could not see what it is called with (it is "
-                             "not called, or called with several positional inputs).")
-    order = {id(layer): i for i, layer in enumerate(custom_layers(model))}
-    return sorted(targets, key=lambda t: order[id(t[0])])
+                skipped.append((layer.name, class_name(layer), _UNSEEN))
+    for name, left_out in dropped.items():
+        notes.append(f"layer '{name}' is checked alone on its one positional input, without "
+                     f"the tensors it also gets in the model ({', '.join(left_out)}).")
+    return [(layer, specs[id(layer)]) for layer in layers if id(layer) in specs]
+
+
+def _call_shapes(model: Any, input_shapes: Any, notes: list[str]) -> Any:
+    """The shapes to call ``model`` with, by input name: those given, and for the other inputs
+    with a ``None`` dimension the one shape given (when all given agree and the rank fits),
+    else 8 for each ``None`` dimension (with a note)."""
+    try:
+        inputs = list(getattr(model, "inputs", None) or [])
+    except Exception:  # noqa: BLE001 - a subclassed model has no inputs
+        inputs = []
+    if not inputs or (input_shapes is not None and not isinstance(input_shapes, dict)):
+        return input_shapes
+    given = {str(k): tuple(v) if isinstance(v, (tuple, list)) else (v,)
+             for k, v in (input_shapes or {}).items()}
+    shapes = set(given.values())
+    common = next(iter(shapes)) if len(shapes) == 1 else None
+    out: dict[str, Any] = dict(given)
+    for t in inputs:
+        name = str(getattr(t, "name", ""))
+        declared = tuple(t.shape)[1:]
+        if not name or name in given or None not in declared:
+            continue
+        if common is not None and len(common) == len(declared) and all(
+                d is None or d == c for d, c in zip(declared, common)):
+            out[name] = common
+            notes.append(f"input '{name}' was given no shape: it took {common}, the shape "
+                         "given for the other inputs.")
+        else:
+            out[name] = tuple(8 if d is None else d for d in declared)
+            notes.append(f"input '{name}': a None dimension other than the batch was taken "
+                         f"as 8 (give it with input_shape={{'{name}': ...}} or --input-shape "
+                         f"{name}=...).")
+    return out
 
 
 def _has_tensor(v: Any) -> bool:

@@ -65,6 +65,27 @@ def sublayers(layer: Any, *, include_self: bool = False) -> list[Any] | None:
     return list(flatten(include_self=include_self, recursive=True))
 
 
+def is_graph_model(layer: Any) -> bool:
+    """Whether ``layer`` is a functional or Sequential model: a graph of layers, whose ``call``
+    is Keras's own (a subclass such as a KerasHub backbone included).
+
+    Reads ``keras.src.models.functional.Functional`` (Keras 3.15.1): a model built with
+    ``keras.Model(inputs, outputs)``, or a subclass that calls ``super().__init__(inputs=...,
+    outputs=...)``, is an instance of it; there is no public name. If Keras moves it, only
+    Sequential models are recognised: ``check`` then takes a nested functional model for a
+    layer of its own again.
+    """
+    import keras
+
+    if isinstance(layer, keras.Sequential):
+        return True
+    try:
+        from keras.src.models.functional import Functional
+    except ImportError:  # pragma: no cover - a Keras that moved it
+        return False
+    return isinstance(layer, Functional)
+
+
 def inbound_nodes(layer: Any) -> list[Any]:
     """The nodes where ``layer`` was called on symbolic inputs (``[]`` when none or unknown).
 

@@ -1,8 +1,9 @@
 """Synthetic inputs and targets for a probe, derived from the model itself.
 
 Without a sample of the user's data, batchfit still needs batches that the model trains on:
-inputs of the model's shapes and dtypes (integer token inputs kept inside the vocabulary of the
-Embedding they feed, so no index error), and targets that suit the compiled loss (integer labels
+inputs of the model's shapes and dtypes (integer token and segment ids kept inside the
+vocabulary of the Embedding they feed, so no index error; masks as masks: ones, with trailing
+zeros of padding on some rows), and targets that suit the compiled loss (integer labels
 for sparse categorical crossentropy, one-hot rows for categorical crossentropy, 0/1 for binary
 crossentropy, ±1 for hinge...). Memory depends on shapes, not values, so this is enough to
 measure it. Every guess made is recorded as a plain-language note.
@@ -83,12 +84,17 @@ class InputSpec:
         int_high: for integer inputs (and float inputs that feed an Embedding), the exclusive
             upper bound of the synthesized whole numbers (the smallest vocabulary among the
             Embedding layers the input feeds), else ``None``.
+        role: ``"mask"`` for an integer or boolean input named as a mask (``padding_mask``,
+            ``attention_mask``, ``*_mask``) or passed to a layer as a ``*mask`` argument: it
+            gets ones, each row of a sequence mask followed by zeros of padding (at least one
+            1 per row, the first row unpadded); else ``None``.
     """
 
     name: str
     shape: tuple[int | None, ...]
     dtype: str
     int_high: int | None = None
+    role: str | None = None
 
 
 @dataclass(frozen=True)
@@ -180,8 +186,10 @@ def input_specs(model: Any, input_shapes: Any = None) -> list[InputSpec]:
 
     Integer inputs get ``int_high``: the ``input_dim`` of the Embedding layer(s) they feed
     (followed through the functional graph, through layers that keep integer dtypes, into nested
-    models and into custom layers that own Embeddings); when that cannot be told, the smallest
-    ``input_dim`` of all the model's Embeddings; with no Embedding at all, 2.
+    models and into custom layers that own Embeddings), so token ids get their vocabulary and
+    segment ids theirs; when that cannot be told, the smallest ``input_dim`` of all the model's
+    Embeddings; with no Embedding at all, 2. Integer and boolean masks (by name, or passed as a
+    ``*mask`` argument) get ``role="mask"``: ones with trailing padding, never ids.
 
     Args:
         model: a ``keras.Model``.
@@ -204,7 +212,7 @@ def input_specs(model: Any, input_shapes: Any = None) -> list[InputSpec]:
     >>> out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(
     ...     keras.layers.Embedding(7, 4)(inp)))
     >>> input_specs(keras.Model(inp, out), {"tokens": (16,)})
-    [InputSpec(name='tokens', shape=(16,), dtype='int32', int_high=7)]
+    [InputSpec(name='tokens', shape=(16,), dtype='int32', int_high=7, role=None)]
     """
     return list(_input_specs(model, input_shapes)[0])
 
@@ -366,6 +374,13 @@ def _input_specs(model: Any, input_shapes: Any) -> tuple[list[InputSpec], Any, l
                 f"Input '{name}' takes strings: batchfit cannot synthesize text. Pass data= "
                 "with a sample of your own inputs.")
         int_high = None
+        mask_how = _mask_use(name, t, consumers) if _is_int(dtype) or dtype == "bool" else None
+        if mask_how is not None:
+            padded = (", with trailing zeros of padding on every row but the first (at least "
+                      "half the steps kept)") if len(shape) == 1 and shape[0] >= 2 else ""
+            notes.append(f"input '{name}' {shape} {dtype}: a mask ({mask_how}): ones{padded}.")
+            specs.append(InputSpec(name=name, shape=shape, dtype=dtype, role="mask"))
+            continue
         if _is_int(dtype):
             int_high, how = _int_high_for(t, consumers, embeddings)
             notes.append(f"input '{name}' {shape} {dtype}: random integers in [0, {int_high}) "
@@ -616,6 +631,37 @@ def _int_high_for(tensor: Any, consumers: dict[int, list[tuple[Any, Any]]],
     return 2, "no Embedding found on its path; values kept tiny to stay in range"
 
 
+_MASK_NAME = re.compile(r"(^|_)mask$", re.IGNORECASE)
+
+
+def _mask_use(name: str, tensor: Any, consumers: dict[int, list[tuple[Any, Any]]]) -> str | None:
+    """How an input is a mask: ``"named 'padding_mask'"``, or passed as a ``*mask`` keyword
+    argument of a layer (followed into nested models); None if it is not one."""
+    import keras
+
+    if _MASK_NAME.search(name):
+        return f"named '{name}'"
+    seen: set[int] = set()
+    stack = [tensor]
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        for layer, node in consumers.get(id(t), []):
+            args = getattr(node, "arguments", None)
+            for key, value in (getattr(args, "kwargs", None) or {}).items():
+                if _MASK_NAME.search(str(key)) and any(
+                        v is t for v in keras.tree.flatten(value)):
+                    return f"passed as the '{key}' argument of layer '{layer.name}'"
+            if isinstance(layer, keras.Model) and getattr(layer, "inputs", None) is not None:
+                inner = list(layer.inputs)
+                for i, x in enumerate(node.input_tensors):
+                    if x is t and i < len(inner):
+                        stack.append(inner[i])
+    return None
+
+
 def _sublayers(layer: Any) -> list[Any]:
     try:
         return sublayers(layer) or []
@@ -769,8 +815,21 @@ def _target_spec(name: str, shape: tuple[int, ...], loss: Any) -> TargetSpec:
     return TargetSpec(name, shape, kind, "float32", None, lname)
 
 
+def _make_mask(shape: tuple[int, ...], dtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Ones; a sequence mask ``(batch, steps)`` gets trailing zeros of padding on each row but
+    the first, keeping at least half the steps (and at least one)."""
+    if len(shape) != 2 or shape[1] < 2:
+        return np.ones(shape, dtype=dtype)
+    steps = shape[1]
+    lengths = rng.integers(max(1, steps // 2), steps + 1, size=shape[0])
+    lengths[0] = steps
+    return (np.arange(steps)[None, :] < lengths[:, None]).astype(dtype)
+
+
 def _make_input(spec: InputSpec, b: int, rng: np.random.Generator) -> np.ndarray:
     shape = (b, *spec.shape)
+    if spec.role == "mask":
+        return _make_mask(shape, spec.dtype, rng)
     if _is_int(spec.dtype) or spec.int_high is not None:
         return rng.integers(0, spec.int_high or 2, size=shape).astype(spec.dtype)
     if spec.dtype == "bool":
