@@ -54,3 +54,14 @@ def test_max_verify_trains_at_the_answer(run_cli) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "verify batchfit.examples.models:seed_mlp at batch 64" in proc.stdout
     assert "fits 1/1" in proc.stdout
+
+
+def test_verify_trains_on_the_users_data_when_given(run_cli, tmp_path) -> None:
+    fix = "tests/noise_fixtures.py"
+    out = tmp_path / "v.json"
+    proc = run_cli("verify", f"{fix}:linear_model", "--data", f"{fix}:linear_data", "--batch",
+                   "32", "--memory", "64MiB", "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = load_result(out.read_text())
+    assert result.all_fit and not result.synthetic_data
+    assert "synthetic" not in proc.stdout
