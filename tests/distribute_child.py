@@ -118,6 +118,44 @@ def scenario_fit_small() -> dict:
     return _fit(16, False)
 
 
+def gated_cnn(size: int = 32) -> keras.Model:
+    """A CNN of custom gated convolutions (``Conv2D(x) * sigmoid(Conv2D(x))``), Adam."""
+
+    class GatedConv(keras.layers.Layer):
+        def __init__(self, filters: int, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.conv = keras.layers.Conv2D(filters, 3, padding="same")
+            self.gate = keras.layers.Conv2D(filters, 3, padding="same")
+
+        def call(self, x):
+            return self.conv(x) * keras.ops.sigmoid(self.gate(x))
+
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((size, size, 3)), GatedConv(32), GatedConv(32),
+                          keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
+    m.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return m
+
+
+def scenario_fit_gated() -> dict:
+    """Issue 20's case, smaller: gated CNN, Adam, one batch of 256 images of 32x32x3 over two
+    replicas under a 96 MiB cap. 256 runs out of memory, and so does 128 x 2, an accumulating
+    step: zeroing batchfit's own accumulators after it raised "'function' object has no
+    attribute 'assign'" (they are tf.Variables, whose ``value`` is a method)."""
+    import batchfit
+
+    strategy = _strategy()
+    with strategy.scope():
+        m = gated_cnn()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, 256)
+    h = batchfit.fit(m, x, y, batch_size=256, epochs=1, shuffle=False, verbose=0)
+    return {"adjustments": [a.to_dict() for a in h.adjustments], "loss": h.history["loss"],
+            "iterations": int(m.optimizer.iterations.numpy()),
+            "finite": bool(all(np.isfinite(w).all() for w in m.get_weights()))}
+
+
 def scenario_mw_keras() -> dict:
     """fit_multiworker on Keras's engine (fit works under MirroredStrategy): per-replica sizes."""
     from batchfit.verbs.multiworker_fit import fit_multiworker
@@ -139,7 +177,8 @@ def scenario_mw_keras() -> dict:
 
 
 SCENARIOS = {"search": scenario_search, "fit_oom": scenario_fit_oom,
-             "fit_small": scenario_fit_small, "mw_keras": scenario_mw_keras}
+             "fit_small": scenario_fit_small, "mw_keras": scenario_mw_keras,
+             "fit_gated": scenario_fit_gated}
 
 if __name__ == "__main__":
     cpu = tf.config.list_physical_devices("CPU")[0]

@@ -64,6 +64,10 @@ _LAZY = {
     "goodput_optimal_batch": ("batchfit.core.noise", "goodput_optimal_batch"),
     "statistical_efficiency": ("batchfit.core.noise", "statistical_efficiency"),
     "scale_learning_rate": ("batchfit.core.noise", "scale_learning_rate"),
+    "emulated_device": ("batchfit.emulation", "emulated_device"),
+    "EmulatedDevice": ("batchfit.emulation", "EmulatedDevice"),
+    "verify_batch_size": ("batchfit.verbs.verify_fit", "verify_batch_size"),
+    "VerifyResult": ("batchfit.results.verify", "VerifyResult"),
 }
 
 __all__ = [
@@ -72,6 +76,7 @@ __all__ = [
     "BatchAdjustment",
     "BatchfitError",
     "CheckResult",
+    "EmulatedDevice",
     "HalvingShrink",
     "InvalidInputError",
     "MaxBatchResult",
@@ -89,10 +94,12 @@ __all__ = [
     "ThroughputResult",
     "TrainingOutOfMemoryError",
     "TuneResult",
+    "VerifyResult",
     "__version__",
     "adaptive_batch_size",
     "agree_batch_size",
     "check",
+    "emulated_device",
     "estimate_noise_scale",
     "find_max_batch_size",
     "find_max_batch_size_multiworker",
@@ -109,6 +116,7 @@ __all__ = [
     "statistical_efficiency",
     "tune",
     "upstream_fit_works",
+    "verify_batch_size",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover

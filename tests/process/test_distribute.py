@@ -28,6 +28,7 @@ from batchfit.results import MaxBatchResult, TuneResult, load_result
 HERE = Path(__file__).resolve().parents[1]  # tests/
 CHILD = HERE / "distribute_child.py"
 CAP_MB = 14   # 32 sequences of 256 per replica overflow it, 8 per replica fit (see the child)
+GATED_CAP_MB = 96   # the gated CNN: 256 and 128 x 2 images overflow it (see the child)
 
 sys.path.insert(0, str(HERE))
 import distribute_child
@@ -38,6 +39,7 @@ sys.path.remove(str(HERE))
 _CHILDREN = ChildRuns(CHILD, {  # fixture name -> (scenarios, allocator cap in MiB)
     "search_run": (["search"], None),
     "capped_run": (["fit_oom", "fit_small"], CAP_MB),
+    "gated_run": (["fit_gated"], GATED_CAP_MB),
     # Its own process: a collective of a second MirroredStrategy in a process whose first
     # strategy already ran collectives can collide with them (instance keys restart per
     # strategy: "Collective instance 100 expected type 0 ... but got type 2").
@@ -59,6 +61,11 @@ def search_run() -> dict:
 @pytest.fixture(scope="module")
 def capped_run() -> dict:
     return _CHILDREN.result("capped_run")
+
+
+@pytest.fixture(scope="module")
+def gated_run() -> dict:
+    return _CHILDREN.result("gated_run")
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +139,18 @@ def test_fit_recovers_from_a_real_oom_on_the_replicas(capped_run) -> None:
     assert int(m.optimizer.iterations.numpy()) == run["iterations"]
     diff = max(float(np.abs(a - np.asarray(b)).max()) for a, b in zip(ref, run["weights"]))
     assert diff < 1e-5
+
+
+def test_fit_survives_an_oom_in_an_accumulating_step_under_a_strategy(gated_run) -> None:
+    # Issue 20: after 256 -> 128 x 2, the accumulating step also ran out of memory and zeroing
+    # batchfit's own per-replica accumulators raised AttributeError (fails on the old code).
+    run = gated_run["fit_gated"]
+    adjs = run["adjustments"]
+    assert len(adjs) >= 2 and all(a["reason"] == "oom" for a in adjs)
+    assert adjs[1]["from_micro_batch"] == 128 and adjs[1]["batch_size"] == 256
+    # One batch, one update, whatever the number of retries; the weights are usable.
+    assert run["iterations"] == 1 and run["finite"]
+    assert len(run["loss"]) == 1 and np.isfinite(run["loss"][0])
 
 
 def test_fit_without_oom_matches_keras(capped_run) -> None:

@@ -17,6 +17,8 @@ MODULES = [
     "batchfit.errors", "batchfit.core.fit_control", "batchfit.core.validate",
     "batchfit.backend", "batchfit.backend.memory", "batchfit.backend.machine", "batchfit.verbs.resolve",
     "batchfit.workers.stall", "batchfit.workers.server",
+    "batchfit.results.verify", "batchfit.report.verify", "batchfit.emulation",
+    "batchfit.emulation.bootstrap", "batchfit.emulation.fit_job",
 ]
 
 

@@ -167,6 +167,26 @@ class Backend(abc.ABC):
     def configure_worker(self, device: str, budget_bytes: int | None) -> None:
         """In a fresh worker, before the model is built: make the device look like the budget."""
 
+    @abc.abstractmethod
+    def own_fit(self, model: Any, batch_fn: Any, batch_size: int, *, epochs: int, steps: int,
+                device: str) -> dict[str, Any]:
+        """Train ``model`` with its own ``fit`` at ``batch_size`` and report what happened.
+
+        ``steps`` batches per epoch for ``epochs`` epochs from ``batch_fn``, then a validation
+        pass of one batch at the same size, as a user's training does. Returns ``{"outcome":
+        "fit" | "oom" | "error", "peak_bytes": int | None, "message": str}``: the allocator's
+        peak on ``device`` over ``fit``, and the error's first line when it failed.
+        """
+
+    @abc.abstractmethod
+    def framework_module(self) -> str:
+        """The top-level module whose import starts the framework (``"tensorflow"``).
+
+        An emulated process (``batchfit run``, :func:`batchfit.emulated_device`) gets
+        :meth:`worker_environment` before it starts and :meth:`configure_worker` right after
+        this module is first imported, as a probe worker does.
+        """
+
     # -- noise (per-example gradient norms, for the gradient noise scale) ----------------------
     @abc.abstractmethod
     def example_sampler(self, data: Any, *, max_examples: int, seed: int) -> Any:

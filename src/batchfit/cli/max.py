@@ -11,13 +11,13 @@ from ..errors import InvalidInputError
 from ._common import (
     DEMO_MEMORY,
     DEMO_MODEL,
-    EXIT_OK,
     add_debug_argument,
     add_model_argument,
     parse_input_shapes,
     warn,
     write_outputs,
 )
+from .verify import add_verify_option, verify_answer
 
 HELP = "the largest batch size that fits the memory"
 
@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_search_arguments(p)
     p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     p.add_argument("--quiet", action="store_true", help="no per-probe lines")
+    add_verify_option(p)
     add_debug_argument(p)
 
 
@@ -100,4 +101,5 @@ def run(args: argparse.Namespace, console: Console) -> int:
         distribute=args.distribute, search_tolerance=args.search_tolerance)
     render_max(result, console, show_probes=args.quiet)
     write_outputs(result, console, json_path=args.json)
-    return EXIT_OK
+    return verify_answer(args, console, model, result.max_batch_size,
+                         result.memory_budget_bytes, result.device, result.replicas)

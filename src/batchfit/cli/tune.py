@@ -10,13 +10,13 @@ from rich.console import Console
 
 from ..errors import InvalidInputError
 from ._common import (
-    EXIT_OK,
     add_debug_argument,
     add_model_argument,
     parse_input_shapes,
     write_outputs,
 )
 from .max import add_search_arguments, resolve_model, search_option
+from .verify import add_verify_option, verify_answer
 
 HELP = "the batch size to train with: memory, throughput, one recommendation"
 
@@ -55,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="write everything measured as JSON")
     p.add_argument("--plot", metavar="PATH", help="draw memory and throughput to PATH (.png)")
     p.add_argument("--quiet", action="store_true", help="no per-probe lines")
+    add_verify_option(p)
     add_debug_argument(p)
 
 
@@ -148,4 +149,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
     console.print()
     render_tune(result, console)
     write_outputs(result, console, json_path=args.json, plot_path=args.plot)
-    return EXIT_OK
+    return verify_answer(args, console, model, result.batch_size,
+                         result.max_batch.memory_budget_bytes, result.max_batch.device,
+                         result.replicas)

@@ -23,6 +23,7 @@ RENDERERS: dict[str, str] = {
     "throughput": "batchfit.report.tune:render_throughput",
     "tune": "batchfit.report.tune:render_tune",
     "noise_scale": "batchfit.report.noise:render_noise",
+    "verify": "batchfit.report.verify:render_verify",
 }
 
 #: result kind -> "module:function(result, path)"

@@ -26,10 +26,12 @@ from .tune import (
                    TuneResult,
                    Verdict,
 )
+from .verify import RUN_OUTCOMES, VerifyResult, VerifyRun
 
 __all__ = [
                    "CHECKS",
                    "PROBE_OUTCOMES",
+                   "RUN_OUTCOMES",
                    "SCHEMA_VERSION",
                    "SEVERITIES",
                    "CheckResult",
@@ -47,6 +49,8 @@ __all__ = [
                    "ThroughputResult",
                    "TuneResult",
                    "Verdict",
+                   "VerifyResult",
+                   "VerifyRun",
                    "check_schema_version",
                    "load_result",
                    "register_result",

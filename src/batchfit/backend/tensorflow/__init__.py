@@ -166,6 +166,15 @@ class TensorFlowBackend(Backend):
             tf.config.threading.set_inter_op_parallelism_threads(1)
             _reserve_single_region(tf, budget_bytes)
 
+    def framework_module(self) -> str:
+        return "tensorflow"
+
+    def own_fit(self, model: Any, batch_fn: BatchFn, batch_size: int, *, epochs: int,
+                steps: int, device: str) -> dict[str, Any]:
+        from .own_fit import own_fit
+
+        return own_fit(model, batch_fn, batch_size, epochs=epochs, steps=steps, device=device)
+
     # -- noise (per-example gradient norms, for the gradient noise scale) ----------------------
     def example_sampler(self, data: Any, *, max_examples: int, seed: int) -> Any:
         from .noise import ExampleSampler

@@ -42,6 +42,12 @@ def nbytes(v: Any) -> int:
 
 
 def _tensor_of(v: Any) -> Any:
+    """The TensorFlow variable behind ``v``: a Keras variable's ``value``, a ``tf.Variable``
+    itself (its ``value`` is a method: batchfit's own accumulators under a strategy are
+    ``tf.Variable`` objects, and reading their ``value`` gave ``components`` a bound method,
+    "'function' object has no attribute 'assign'" after a failed accumulating step)."""
+    if isinstance(v, tf.Variable):
+        return v
     return getattr(v, "value", v)
 
 

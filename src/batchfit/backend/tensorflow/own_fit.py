@@ -1,0 +1,63 @@
+"""The user's own ``model.fit`` at one batch size, with a validation pass (``batchfit verify``).
+
+Runs in a fresh process under the emulated device (:mod:`batchfit.emulation.fit_job`); the
+allocator's statistics are reset after the device was configured (its single-region
+reservation would otherwise be the peak), so the peak is ``fit``'s own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ...errors import error_line
+from .. import BatchFn, is_oom_error
+
+__all__ = ["own_fit"]
+
+
+class _Batches(keras.utils.PyDataset):
+    """``count`` batches of ``size`` from host arrays, converted one at a time (as a GPU
+    receives them): the whole data set never sits in the capped allocator at once."""
+
+    def __init__(self, x: Any, y: Any, size: int, start: int, count: int) -> None:
+        super().__init__()
+        self.x, self.y, self.size, self.start, self.count = x, y, size, start, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> Any:
+        lo = (self.start + i) * self.size
+        xb = tf.nest.map_structure(lambda a: a[lo:lo + self.size], self.x)
+        if self.y is None:
+            return (xb,)
+        return xb, tf.nest.map_structure(lambda a: a[lo:lo + self.size], self.y)
+
+
+def _peak(device: str) -> int | None:
+    try:
+        return int(tf.config.experimental.get_memory_info(device)["peak"])
+    except (ValueError, RuntimeError):
+        return None
+
+
+def own_fit(model: Any, batch_fn: BatchFn, batch_size: int, *, epochs: int, steps: int,
+            device: str) -> dict[str, Any]:
+    """See :meth:`batchfit.backend.Backend.own_fit`."""
+    x, y = tf.nest.map_structure(np.asarray, batch_fn(batch_size * (steps + 1)))
+    try:
+        tf.config.experimental.reset_memory_stats(device)
+    except (ValueError, RuntimeError):
+        pass
+    try:
+        model.fit(_Batches(x, y, batch_size, 0, steps), epochs=epochs, verbose=0,
+                  validation_data=_Batches(x, y, batch_size, steps, 1))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as data
+        outcome = "oom" if is_oom_error(exc) else "error"
+        return {"outcome": outcome, "peak_bytes": _peak(device),
+                "message": f"{type(exc).__name__}: {error_line(exc, limit=300, prefer='OOM when')}"}
+    return {"outcome": "fit", "peak_bytes": _peak(device), "message": ""}
