@@ -17,7 +17,8 @@ MODULES = [
     "batchfit.errors", "batchfit.core.fit_control", "batchfit.core.validate",
     "batchfit.backend", "batchfit.backend.memory", "batchfit.verbs.resolve",
     "batchfit.workers.stall", "batchfit.workers.server", "batchfit.core.estimate",
-    "batchfit.results.estimate",
+    "batchfit.results.estimate", "batchfit.report.estimate", "batchfit.verbs.estimate",
+    "batchfit.backend.tensorflow.compiled",
 ]
 
 

@@ -23,6 +23,7 @@ RENDERERS: dict[str, str] = {
     "throughput": "batchfit.report.tune:render_throughput",
     "tune": "batchfit.report.tune:render_tune",
     "noise_scale": "batchfit.report.noise:render_noise",
+    "estimate": "batchfit.report.estimate:render_estimate",
 }
 
 #: result kind -> "module:function(result, path)"
@@ -31,6 +32,7 @@ PLOTTERS: dict[str, str] = {
     "throughput": "batchfit.report.plots:plot_throughput",
     "tune": "batchfit.report.plots:plot_tune",
     "noise_scale": "batchfit.report.noise:plot_noise",
+    "estimate": "batchfit.report.estimate:plot_estimate",
 }
 
 __all__ = ["PLOTTERS", "PLOT_SUFFIXES", "RENDERERS", "ProbeLog", "check_plot_path", "plot",

@@ -87,7 +87,8 @@ def compiled_step_memory(model: Any, batch_size: int, *,
         other_state=state["other_state"] + parts["captured"],
         inputs=parts["inputs"], temporaries=parts["temporaries"], outputs=parts["outputs"],
         constants=parts["constants"], rounding=parts["rounding"] + state["rounding"],
-        compile_seconds=round(seconds, 3), device="CPU:0",
+        compile_seconds=round(seconds, 3),
+        device="GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0",
         program_arguments=parts["arguments"])
 
 
