@@ -167,14 +167,47 @@ def summarize(results: list[dict]) -> dict:
             "worst_abs_error": max(errs) if errs else None}
 
 
+def markdown(path: str) -> str:
+    """The docs/benchmarks.md tables from a saved run."""
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    lines = ["| model | batch | from | predicted MiB | measured MiB | error |",
+             "|---|---|---|---|---|---|"]
+    cost = [("| model | compiled sizes | compile s (each) | peak RSS of the compile MiB | "
+             "executor peak vs XLA |"), "|---|---|---|---|---|"]
+    for m in doc["models"]:
+        if "error" in m:
+            lines.append(f"| {m['model']} | - | - | - | - | failed: {m['error'][:60]} |")
+            continue
+        for r in m["rows"]:
+            got = f"{r['peak'] / MiB:.2f}" if "peak" in r else "failed"
+            err = f"{r['error_fraction']:+.2%}" if "error_fraction" in r else "-"
+            lines.append(f"| {m['model']} | {r['batch']} | "
+                         f"{'compiled' if r['compiled'] else 'line'} | "
+                         f"{r['predicted'] / MiB:.2f} | {got} | {err} |")
+        est, ex = m["estimate"], m.get("executor", {})
+        vs = f"{ex['executor_over_xla']:+.0%} (batch {ex['batch']})" \
+            if "executor_over_xla" in ex else "-"
+        cost.append(f"| {m['model']} | {', '.join(map(str, m['compiled_sizes']))} | "
+                    f"{', '.join(f'{c:.1f}' for c in est['compile_seconds'])} | "
+                    f"{est['peak_rss_mib']:.0f} | {vs} |")
+    s = doc["summary"]
+    tail = (f"\n{s['measurements']} measurements: median |error| "
+            f"{s['median_abs_error']:.2%}, worst {s['worst_abs_error']:.2%}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(cost) + "\n" + tail
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--sizes", default=None, help="compiled sizes for every model")
     p.add_argument("--no-executor", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "estimate.json"))
+    p.add_argument("--markdown", metavar="JSON", help="print the tables of a saved run")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return
     if args.child:
         kind, *rest = args.child
         if kind == "estimate":
