@@ -85,3 +85,26 @@ def test_step_jit_setting_is_read():
     # "auto" on a CPU-only machine: Keras leaves XLA off.
     assert backend.step_jit_compiled(_mlp(jit="auto")) is bool(
         tf.config.list_physical_devices("GPU"))
+
+
+def test_allocations_are_classified_by_kind():
+    from types import SimpleNamespace
+
+    from batchfit.backend.tensorflow.compiled import classify_allocations
+
+    def alloc(size, *, param=None, live=False, const=False, local=False):
+        return SimpleNamespace(size=size, is_entry_computation_parameter=param is not None,
+                               parameter_number=param or 0, maybe_live_out=live,
+                               is_constant=const, is_thread_local=local)
+
+    allocations = [alloc(1000, param=0), alloc(24, param=1),             # the batch (x, y)
+                   alloc(4096, param=2, live=True),                      # a variable
+                   alloc(512, param=3),                                  # a captured tensor
+                   alloc(100_000), alloc(8, live=True), alloc(4, const=True),
+                   alloc(4, local=True)]
+    out = classify_allocations(allocations, 2, ["weights", "captured"])
+    assert out["inputs"] == 1024 and out["arguments"] == 1000 + 24 + 4096 + 512
+    assert out["captured"] == 512 and out["temporaries"] == 100_000 and out["outputs"] == 8
+    assert out["constants"] == 4
+    # 1000 -> 1024, 24 -> 256, 100000 -> 100096, 8 -> 256
+    assert out["rounding"] == 24 + 232 + 96 + 248
