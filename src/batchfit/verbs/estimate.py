@@ -22,7 +22,7 @@ from ..core.estimate import (
     card_assumption,
     card_table,
     check_batch_sizes,
-    fit_line,
+    extrapolation_line,
 )
 from ..core.sizes import format_bytes, parse_size
 from ..core.validate import check_fraction
@@ -101,7 +101,7 @@ def estimate_memory(model: Any, batch_sizes: Sequence[int] | str = (32, 64, 128)
         compiled.append(m)
         if progress is not None:
             progress(m)
-    line = fit_line([(m.batch_size, m.total_bytes) for m in compiled])
+    line, bent = extrapolation_line([(m.batch_size, m.total_bytes) for m in compiled])
     step_jit = backend.step_jit_compiled(resolved.model)
     result = EstimateResult(
         model_name=str(getattr(resolved.model, "name", "")), sizes=compiled, fit=line,
@@ -109,7 +109,7 @@ def estimate_memory(model: Any, batch_sizes: Sequence[int] | str = (32, 64, 128)
         cards=card_table(line, COMMON_CARDS_GB, reserve_bytes=reserve, share=share),
         usable_share=share, card_reserve_bytes=reserve, device=compiled[0].device,
         step_jit=step_jit, seconds=round(time.perf_counter() - start, 3),
-        notes=_notes(compiled, line, step_jit, reserve, share),
+        notes=_notes(compiled, line, step_jit, reserve, share, bent),
         environment=backend.environment_info())
     if budget is None:
         return result
@@ -133,7 +133,7 @@ def _budget(memory: int | str | None) -> int | None:
 
 
 def _notes(compiled: list[CompiledStepMemory], line: Any, step_jit: bool, reserve: int,
-           share: float) -> list[str]:
+           share: float, bent: bool) -> list[str]:
     notes = []
     if compiled[0].device.upper().startswith("CPU"):
         notes.append(DEVICE_CAVEAT)
@@ -142,10 +142,11 @@ def _notes(compiled: list[CompiledStepMemory], line: Any, step_jit: bool, reserv
     if len(compiled) == 1:
         notes.append("one size compiled: the per-sample figure is that size's total divided "
                      "by the batch (an upper bound); give two or more sizes for a line")
-    elif line.max_residual_fraction > 0.02:
+    elif bent:
         notes.append(f"the compiled sizes are not on one line (largest residual "
-                     f"{line.max_residual_fraction:.1%}): XLA chose different layouts or "
-                     f"fusions at different sizes; sizes far from those compiled are less sure")
+                     f"{line.max_residual_fraction:.1%}): XLA chose other layouts or fusions at "
+                     f"the small sizes, so larger sizes are predicted from the two largest "
+                     f"compiled; compile sizes nearer the budget to be surer")
     notes.append("gradients are temporaries inside the compiled program: XLA does not report "
                  "them apart from activations and workspace")
     notes.append(card_assumption(reserve, share))
