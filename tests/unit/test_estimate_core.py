@@ -100,3 +100,23 @@ def test_a_bent_small_size_does_not_steer_the_extrapolation():
     assert bent and line.per_sample_bytes == pytest.approx(10)
     assert line.predict(256) == pytest.approx(1140 + 192 * 10)
     assert line.max_residual_fraction > 0.02  # how linear the sizes were is still reported
+
+
+def test_report_renders_and_plots_a_saved_estimate(tmp_path):
+    pytest.importorskip("matplotlib")
+    from rich.console import Console
+
+    from batchfit.report import plot, render
+
+    sizes = [CompiledStepMemory(batch_size=b, weights=1 << 20, temporaries=b << 20)
+             for b in (8, 16)]
+    line = fit_line([(m.batch_size, m.total_bytes) for m in sizes])
+    result = EstimateResult(model_name="toy", sizes=sizes, fit=line, memory_budget_bytes=64 << 20,
+                            max_batch_size=largest_batch(line, 64 << 20),
+                            cards=card_table(line), notes=["compiled for the host CPU"])
+    console = Console(width=120, color_system=None, record=True)
+    render(result, console)
+    text = console.export_text()
+    assert "largest batch 63" in text and "141 GB" in text and "compiled for the host" in text
+    out = plot(result, tmp_path / "est.png")
+    assert out.stat().st_size > 1000

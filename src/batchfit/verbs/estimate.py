@@ -41,10 +41,12 @@ DEVICE_CAVEAT = (
 EXECUTOR_CAVEAT = (
     "this model's own training step is not XLA-compiled here (jit_compile is False, or 'auto' "
     "without a GPU): the figures are XLA's, and TensorFlow's op-by-op executor path can need "
-    "more or less (measured on CPU, its peak was {executor}); compile with jit_compile=True to "
+    "more or less (its peak, measured on CPU, ran {executor}); compile with jit_compile=True to "
     "train what was estimated, or measure the executor path with 'batchfit max'")
 #: The executor's measured peak against XLA's on the example models (bench/bench_estimate.py).
-EXECUTOR_FIGURES = "see docs/estimate.md"
+EXECUTOR_FIGURES = ("from 58% below XLA's (a small CNN) to 31% above (a small Transformer) on "
+                    "batchfit's example models, MobileNetV2 10% below, ResNet50 18% below; "
+                    "docs/estimate.md")
 
 
 def estimate_memory(model: Any, batch_sizes: Sequence[int] | str = (32, 64, 128),
