@@ -194,10 +194,27 @@ def markdown(path: str) -> str:
         cost.append(f"| {m['model']} | {', '.join(map(str, m['compiled_sizes']))} | "
                     f"{', '.join(f'{c:.1f}' for c in est['compile_seconds'])} | "
                     f"{est['peak_rss_mib']:.0f} | {vs} |")
+    parts = [("| model | variables MiB | in use before the step, beyond variables and batch KiB "
+              "| peak beyond it, temporaries and outputs KiB |"), "|---|---|---|---|"]
+    for m in doc["models"]:
+        if "error" in m:
+            continue
+        sizes = {s["batch_size"]: s for s in m["estimate"]["sizes"]}
+        rows = [(r, sizes[r["batch"]]) for r in m["rows"] if r["batch"] in sizes
+                and "before_step" in r]
+        if not rows:
+            continue
+        state = (rows[0][1]["weights"] + rows[0][1]["optimizer_state"]
+                 + rows[0][1]["other_state"])
+        frag = [(r["before_step"] - state - s["inputs"]) / 1024 for r, s in rows]
+        step = [(r["peak"] - r["before_step"] - s["temporaries"] - s["outputs"]) / 1024
+                for r, s in rows]
+        parts.append(f"| {m['model']} | {state / MiB:.2f} | "
+                     f"{min(frag):.1f} .. {max(frag):.1f} | {min(step):.1f} .. {max(step):.1f} |")
     s = doc["summary"]
     tail = (f"\n{s['measurements']} measurements: median |error| "
             f"{s['median_abs_error']:.2%}, worst {s['worst_abs_error']:.2%}.")
-    return "\n".join(lines) + "\n\n" + "\n".join(cost) + "\n" + tail
+    return "\n\n".join(["\n".join(lines), "\n".join(cost), "\n".join(parts)]) + "\n" + tail
 
 
 def main() -> None:

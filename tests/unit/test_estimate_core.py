@@ -89,19 +89,6 @@ def test_estimate_result_round_trips():
     assert again == result and again.sizes[0].total_bytes == 139
 
 
-def test_a_bent_small_size_does_not_steer_the_extrapolation():
-    from batchfit.core.estimate import extrapolation_line
-
-    straight = [(b, 500 + 10 * b) for b in (16, 32, 64)]
-    line, bent = extrapolation_line(straight)
-    assert not bent and line.per_sample_bytes == pytest.approx(10)
-    # the smallest size far below the line of the two others: their slope is kept
-    line, bent = extrapolation_line([(16, 100), (32, 820), (64, 1140)])
-    assert bent and line.per_sample_bytes == pytest.approx(10)
-    assert line.predict(256) == pytest.approx(1140 + 192 * 10)
-    assert line.max_residual_fraction > 0.02  # how linear the sizes were is still reported
-
-
 def test_report_renders_and_plots_a_saved_estimate(tmp_path):
     pytest.importorskip("matplotlib")
     from rich.console import Console

@@ -114,36 +114,8 @@ def fit_line(points: Sequence[tuple[float, float]]) -> LinearFit:
                      max_residual_fraction=worst, points=n)
 
 
-#: A line whose largest residual exceeds this is replaced, for extrapolation, by the line
-#: through the two largest compiled sizes (:func:`extrapolation_line`).
+#: A line whose largest residual exceeds this gets a note: the sizes were not on one line.
 BEND_TOLERANCE = 0.02
-
-
-def extrapolation_line(points: Sequence[tuple[float, float]], *,
-                       tolerance: float = BEND_TOLERANCE) -> tuple[LinearFit, bool]:
-    """``(line, bent)``: the line to predict sizes beyond those compiled.
-
-    The least-squares line over all ``points``, unless its largest residual exceeds
-    ``tolerance`` (XLA chose other algorithms or layouts at the small sizes): then the line
-    through the two largest sizes, whose slope is the one that holds above them (``bent``).
-    The returned line keeps the full fit's ``r_squared`` and residual (how linear it was).
-
-    Example:
-
-    >>> pts = [(16, 100), (32, 450), (64, 900)]   # the smallest size off the line
-    >>> line, bent = extrapolation_line(pts)
-    >>> bent, round(line.per_sample_bytes, 3), line.predict(64)
-    (True, 14.062, 900.0)
-    """
-    line = fit_line(points)
-    if line.points < 3 or line.max_residual_fraction <= tolerance:
-        return line, False
-    top = sorted(points)[-2:]
-    (b1, v1), (b2, v2) = top
-    slope = (float(v2) - float(v1)) / (float(b2) - float(b1))
-    return LinearFit(fixed_bytes=float(v2) - slope * float(b2), per_sample_bytes=slope,
-                     r_squared=line.r_squared, max_residual_fraction=line.max_residual_fraction,
-                     points=line.points), True
 
 
 def largest_batch(line: LinearFit, budget_bytes: float, granularity: int = 1) -> int:
@@ -198,6 +170,6 @@ def card_assumption(reserve_bytes: int = CARD_RESERVE_BYTES, share: float = USAB
             f"reserve")
 
 
-__all__ = ["CARD_RESERVE_BYTES", "COMMON_CARDS_GB", "USABLE_SHARE", "budget_batch",
-           "card_assumption", "card_table", "check_batch_sizes", "extrapolation_line", "fit_line", "largest_batch",
+__all__ = ["BEND_TOLERANCE", "CARD_RESERVE_BYTES", "COMMON_CARDS_GB", "USABLE_SHARE", "budget_batch",
+           "card_assumption", "card_table", "check_batch_sizes", "fit_line", "largest_batch",
            "usable_bytes"]

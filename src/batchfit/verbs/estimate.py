@@ -15,6 +15,7 @@ from typing import Any
 
 from ..backend import get_backend
 from ..core.estimate import (
+    BEND_TOLERANCE,
     CARD_RESERVE_BYTES,
     COMMON_CARDS_GB,
     USABLE_SHARE,
@@ -22,7 +23,7 @@ from ..core.estimate import (
     card_assumption,
     card_table,
     check_batch_sizes,
-    extrapolation_line,
+    fit_line,
 )
 from ..core.sizes import format_bytes, parse_size
 from ..core.validate import check_fraction
@@ -103,7 +104,7 @@ def estimate_memory(model: Any, batch_sizes: Sequence[int] | str = (32, 64, 128)
         compiled.append(m)
         if progress is not None:
             progress(m)
-    line, bent = extrapolation_line([(m.batch_size, m.total_bytes) for m in compiled])
+    line = fit_line([(m.batch_size, m.total_bytes) for m in compiled])
     step_jit = backend.step_jit_compiled(resolved.model)
     result = EstimateResult(
         model_name=str(getattr(resolved.model, "name", "")), sizes=compiled, fit=line,
@@ -111,7 +112,7 @@ def estimate_memory(model: Any, batch_sizes: Sequence[int] | str = (32, 64, 128)
         cards=card_table(line, COMMON_CARDS_GB, reserve_bytes=reserve, share=share),
         usable_share=share, card_reserve_bytes=reserve, device=compiled[0].device,
         step_jit=step_jit, seconds=round(time.perf_counter() - start, 3),
-        notes=_notes(compiled, line, step_jit, reserve, share, bent),
+        notes=_notes(compiled, line, step_jit, reserve, share),
         environment=backend.environment_info())
     if budget is None:
         return result
@@ -135,7 +136,7 @@ def _budget(memory: int | str | None) -> int | None:
 
 
 def _notes(compiled: list[CompiledStepMemory], line: Any, step_jit: bool, reserve: int,
-           share: float, bent: bool) -> list[str]:
+           share: float) -> list[str]:
     notes = []
     if compiled[0].device.upper().startswith("CPU"):
         notes.append(DEVICE_CAVEAT)
@@ -144,11 +145,11 @@ def _notes(compiled: list[CompiledStepMemory], line: Any, step_jit: bool, reserv
     if len(compiled) == 1:
         notes.append("one size compiled: the per-sample figure is that size's total divided "
                      "by the batch (an upper bound); give two or more sizes for a line")
-    elif bent:
+    elif line.max_residual_fraction > BEND_TOLERANCE:
         notes.append(f"the compiled sizes are not on one line (largest residual "
-                     f"{line.max_residual_fraction:.1%}): XLA chose other layouts or fusions at "
-                     f"the small sizes, so larger sizes are predicted from the two largest "
-                     f"compiled; compile sizes nearer the budget to be surer")
+                     f"{line.max_residual_fraction:.1%}): XLA chose other algorithms or layouts "
+                     f"at some sizes, so sizes far from those compiled are less sure; compile "
+                     f"sizes near the budget's answer to confirm it")
     notes.append("gradients are temporaries inside the compiled program: XLA does not report "
                  "them apart from activations and workspace")
     notes.append(card_assumption(reserve, share))
