@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "batchfit.examples.models:seed_mlp"
 
 
@@ -23,3 +27,29 @@ def test_estimate_writes_json_and_exits_0(run_cli, tmp_path):
     # a size that is not a positive integer: bad input (2), before anything compiles
     proc = run_cli("estimate", MODEL, "--batch", "16,0")
     assert proc.returncode == 2 and "positive integers" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch", "32,-1"], ["positive integers"]),
+    (["--memory", "lots"], ["lots"]),
+    (["--input-shape", "x=abc"], ["input-shape"]),
+    (["--plot", "est.txt"], [".png"]),
+])
+def test_bad_input_exits_2_in_process(args, words, capsys, monkeypatch) -> None:
+    from batchfit.cli import main
+
+    monkeypatch.chdir(ROOT)
+    rc = main(["estimate", MODEL, *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert all(w.lower() in err.lower() for w in words), err
+    assert "Traceback" not in err
+
+
+def test_a_model_not_compiled_exits_2(capsys, monkeypatch) -> None:
+    from batchfit.cli import main
+
+    monkeypatch.chdir(ROOT)
+    rc = main(["estimate", "tests/models_for_tests.py:uncompiled_model", "--batch", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "compile" in err.lower(), err
