@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ...core.validate import check_int
 from ...errors import InvalidInputError, error_line
 from ...results.estimate import CompiledStepMemory
 from .keras_compat import hlo_proto_class, symbolic_build
@@ -62,6 +63,7 @@ def compiled_step_memory(model: Any, batch_size: int, *,
     """
     import tensorflow as tf
 
+    batch_size = int(check_int("batch_size", batch_size))  # type: ignore[arg-type]
     _refuse_unjittable_layers(model)
     x_spec, y_spec = _batch_specs(model, batch_size, input_shapes)
     fn = tf.function(lambda x, y: model.train_step((x, y)), jit_compile=True,
