@@ -46,8 +46,8 @@ EXECUTOR_CAVEAT = (
     "train what was estimated, or measure the executor path with 'batchfit max'")
 #: The executor's measured peak against XLA's on the example models (bench/bench_estimate.py).
 EXECUTOR_FIGURES = ("from 58% below XLA's (a small CNN) to 31% above (a small Transformer) on "
-                    "batchfit's example models, MobileNetV2 10% below, ResNet50 18% below; "
-                    "docs/estimate.md")
+                    "batchfit's example models, MobileNetV2 9-10% below, ResNet50 14-18% "
+                    "below in two runs; docs/estimate.md")
 
 
 def estimate_memory(model: Any, batch_sizes: Sequence[int] | str = (32, 64, 128),
