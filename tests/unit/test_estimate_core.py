@@ -107,3 +107,43 @@ def test_report_renders_and_plots_a_saved_estimate(tmp_path):
     assert "largest batch 63" in text and "141 GB" in text and "compiled for the host" in text
     out = plot(result, tmp_path / "est.png")
     assert out.stat().st_size > 1000
+
+
+def test_guided_start_and_next_bracket_a_sharp_limit_in_few_probes():
+    from batchfit.core.estimate import guided_next, guided_start
+
+    # The truth: 1.5% more than predicted per sample, 2% margin; the search must end bracketed.
+    line = LinearFit(fixed_bytes=10 << 20, per_sample_bytes=1 << 20)
+    budget = 500 << 20
+
+    def true_peak(b):
+        return (10 << 20) + 1.015 * (1 << 20) * b
+
+    def fits(b):
+        return true_peak(b) < budget * 0.98
+
+    b = guided_start(line, budget, margin=0.02, granularity=8)
+    assert b % 8 == 0 and line.predict(b) <= budget * 0.98 < line.predict(b + 8)
+    probes = [b]
+    lo, hi = 0, None
+    while hi is None or hi - lo > 8:
+        ok = fits(b)
+        lo, hi = (max(lo, b), hi) if ok else (lo, b if hi is None else min(hi, b))
+        b = guided_next(line, budget, b, ok, true_peak(b), margin=0.02, granularity=8)
+        if hi is not None:
+            b = min(b, hi - 8)
+        if b <= lo:
+            b = lo + 8
+        probes.append(b)
+        assert len(probes) < 6
+    best = max(x for x in range(8, 1000, 8) if fits(x))
+    assert lo == best and len(probes) <= 4
+
+
+def test_guided_next_without_a_peak_steps_one_granule():
+    from batchfit.core.estimate import guided_next
+
+    line = LinearFit(fixed_bytes=0, per_sample_bytes=10)
+    assert guided_next(line, 1_000, 64, False, None, granularity=8) == 56
+    assert guided_next(line, 1_000, 64, True, None, granularity=8) == 72
+    assert guided_next(line, 1_000, 8, False, None, granularity=8) == 8

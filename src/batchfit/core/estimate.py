@@ -144,6 +144,53 @@ def budget_batch(line: LinearFit, budget_bytes: int) -> int:
     return b
 
 
+def guided_start(line: LinearFit, budget_bytes: float, *, margin: float = 0.02,
+                 granularity: int = 1) -> int:
+    """The first size a ``max`` search of an XLA step probes: the predicted boundary.
+
+    The largest multiple of ``granularity`` whose predicted peak stays below
+    ``budget_bytes * (1 - margin)`` (a probe whose peak comes within ``margin`` of the budget
+    does not count as fitting), at least ``granularity``.
+
+    Example:
+
+    >>> guided_start(LinearFit(fixed_bytes=1_000, per_sample_bytes=100), 11_000, margin=0.0)
+    100
+    """
+    return max(granularity, largest_batch(line, budget_bytes * (1.0 - margin), granularity))
+
+
+def guided_next(line: LinearFit, budget_bytes: float, batch_size: int, fits: bool,
+                peak_bytes: float | None, *, margin: float = 0.02, granularity: int = 1) -> int:
+    """The size to probe after one probe of a search started at :func:`guided_start`.
+
+    The predicted slope is trusted and the probe's measured peak corrects the intercept: after
+    a fit, the size whose corrected prediction reaches the usable budget, and at least one
+    granule above (to bracket); after a failure with a measured peak, the size whose corrected
+    prediction fits; after an out-of-memory error (no peak), one granule below.
+
+    Example:
+
+    >>> line = LinearFit(fixed_bytes=1_000, per_sample_bytes=100)
+    >>> guided_next(line, 11_000, 100, True, 10_500, margin=0.0)   # 500 bytes to spare
+    105
+    >>> guided_next(line, 11_000, 100, False, 11_300, margin=0.0)  # 300 bytes over
+    97
+    """
+    g = max(1, int(granularity))
+    usable = budget_bytes * (1.0 - margin)
+    slope = line.per_sample_bytes
+    if fits:
+        if peak_bytes is None or slope <= 0:
+            return batch_size + g
+        extra = int((usable - peak_bytes) // slope)
+        return batch_size + max(g, (extra // g) * g)
+    if peak_bytes is None or slope <= 0:
+        return max(g, batch_size - g)
+    over = -(-(peak_bytes - usable) // slope)
+    return max(g, ((batch_size - int(over)) // g) * g)
+
+
 def usable_bytes(memory_bytes: int, *, reserve_bytes: int = CARD_RESERVE_BYTES,
                  share: float = USABLE_SHARE) -> int:
     """What a training step may use of a card: ``share * (memory - reserve)``, at least 0."""
@@ -171,5 +218,6 @@ def card_assumption(reserve_bytes: int = CARD_RESERVE_BYTES, share: float = USAB
 
 
 __all__ = ["BEND_TOLERANCE", "CARD_RESERVE_BYTES", "COMMON_CARDS_GB", "USABLE_SHARE", "budget_batch",
-           "card_assumption", "card_table", "check_batch_sizes", "fit_line", "largest_batch",
+           "card_assumption", "card_table", "check_batch_sizes", "fit_line", "guided_next",
+           "guided_start", "largest_batch",
            "usable_bytes"]
