@@ -59,6 +59,8 @@ _LAZY = {
     "parse_size": ("batchfit.core.sizes", "parse_size"),
     "format_bytes": ("batchfit.core.sizes", "format_bytes"),
     "estimate_noise_scale": ("batchfit.verbs.noise", "estimate_noise_scale"),
+    "estimate_memory": ("batchfit.verbs.estimate", "estimate_memory"),
+    "EstimateResult": ("batchfit.results.estimate", "EstimateResult"),
     "NoiseScaleMonitor": ("batchfit.backend.tensorflow.noise", "NoiseScaleMonitor"),
     "NoiseScaleResult": ("batchfit.results.noise", "NoiseScaleResult"),
     "goodput_optimal_batch": ("batchfit.core.noise", "goodput_optimal_batch"),
@@ -77,6 +79,7 @@ __all__ = [
     "BatchfitError",
     "CheckResult",
     "EmulatedDevice",
+    "EstimateResult",
     "HalvingShrink",
     "InvalidInputError",
     "MaxBatchResult",
@@ -100,6 +103,7 @@ __all__ = [
     "agree_batch_size",
     "check",
     "emulated_device",
+    "estimate_memory",
     "estimate_noise_scale",
     "find_max_batch_size",
     "find_max_batch_size_multiworker",
@@ -129,10 +133,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.shrink import HalvingShrink, MemoryModelShrink, ShrinkPolicy
     from .core.sizes import format_bytes, parse_size
     from .results.check import CheckResult
+    from .results.estimate import EstimateResult
     from .results.fit import BatchAdjustment
     from .results.noise import NoiseScaleResult
     from .verbs.adaptive import AdaptiveBatchState, adaptive_batch_size
     from .verbs.check import check
+    from .verbs.estimate import estimate_memory
     from .verbs.fit import fit
     from .verbs.maxbatch import find_max_batch_size
     from .verbs.multiworker import (

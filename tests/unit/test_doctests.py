@@ -18,7 +18,9 @@ MODULES = [
     "batchfit.backend", "batchfit.backend.memory", "batchfit.backend.machine", "batchfit.verbs.resolve",
     "batchfit.workers.stall", "batchfit.workers.server",
     "batchfit.results.verify", "batchfit.report.verify", "batchfit.emulation",
-    "batchfit.emulation.bootstrap", "batchfit.emulation.fit_job",
+    "batchfit.emulation.bootstrap", "batchfit.emulation.fit_job", "batchfit.core.estimate",
+    "batchfit.results.estimate", "batchfit.report.estimate", "batchfit.verbs.estimate",
+    "batchfit.backend.tensorflow.compiled",
 ]
 
 

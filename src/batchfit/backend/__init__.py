@@ -326,11 +326,31 @@ class Backend(abc.ABC):
         :class:`batchfit.backend.tensorflow.fit_multiworker.MultiWorkerSession`)."""
 
     # -- compile-time memory (the estimate issue) ---------------------------------------------
-    def compiled_step_memory(self, model: Any, batch_size: int) -> dict[str, int]:
-        """Bytes of the compiled training step at ``batch_size``, by kind, without running it."""
+    def compiled_step_memory(self, model: Any, batch_size: int, *,
+                             input_shapes: Any = None) -> Any:
+        """The compiled training step's memory at ``batch_size``, by kind, without running it.
+
+        Returns a :class:`~batchfit.results.estimate.CompiledStepMemory`: the model's variables
+        (weights, optimizer state, other state, all resident outside the program), the batch,
+        the program's temporaries (activations, gradients, workspace) and outputs not written
+        in place. TensorFlow reads XLA's buffer assignment of ``train_step`` under
+        ``tf.function(jit_compile=True)``; a JAX backend would read
+        ``jax.jit(step).lower(...).compile().memory_analysis()`` (arguments split by their
+        pytree, ``temp_size_in_bytes``, ``output_size_in_bytes - alias_size_in_bytes``).
+        Nothing runs: the model's variables are unchanged.
+
+        Raises:
+            InvalidInputError: the step cannot be compiled (a layer XLA cannot compile, dynamic
+                dimensions not given in ``input_shapes``).
+            MissingBackendError: the backend cannot compile ahead of time.
+        """
         raise MissingBackendError(
             f"compile-time memory is not implemented for the {self.name} backend yet")
 
+    def step_jit_compiled(self, model: Any) -> bool:
+        """Whether ``model``'s own training step would be XLA-compiled here (``"auto"``
+        resolved as the framework resolves it)."""
+        return False
 
     # -- check: the batch contract of layers (``batchfit check``) -----------------------------
     # The checks themselves (what is a finding, in which order they run) are

@@ -24,10 +24,11 @@ from ..errors import BatchfitError, InvalidInputError
 from ._common import DEMO_MEMORY, DEMO_MODEL, EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK
 
 #: Subcommands, in the order ``--help`` lists them (module names in this package).
-COMMANDS: tuple[str, ...] = ("tune", "max", "noise", "check", "report", "run", "verify")
+COMMANDS: tuple[str, ...] = ("tune", "max", "noise", "check", "estimate", "report", "run", "verify")
 
 #: Subcommands that measure, and so need a Keras backend installed (``report`` does not).
-BACKEND_COMMANDS: frozenset[str] = frozenset({"tune", "max", "noise", "check", "run", "verify"})
+BACKEND_COMMANDS: frozenset[str] = frozenset({"tune", "max", "noise", "check", "estimate", "run",
+                                              "verify"})
 
 __all__ = ["BACKEND_COMMANDS", "COMMANDS", "DEMO_MEMORY", "DEMO_MODEL", "build_parser", "main"]
 

@@ -24,6 +24,7 @@ RENDERERS: dict[str, str] = {
     "tune": "batchfit.report.tune:render_tune",
     "noise_scale": "batchfit.report.noise:render_noise",
     "verify": "batchfit.report.verify:render_verify",
+    "estimate": "batchfit.report.estimate:render_estimate",
 }
 
 #: result kind -> "module:function(result, path)"
@@ -32,6 +33,7 @@ PLOTTERS: dict[str, str] = {
     "throughput": "batchfit.report.plots:plot_throughput",
     "tune": "batchfit.report.plots:plot_tune",
     "noise_scale": "batchfit.report.noise:plot_noise",
+    "estimate": "batchfit.report.estimate:plot_estimate",
 }
 
 __all__ = ["PLOTTERS", "PLOT_SUFFIXES", "RENDERERS", "ProbeLog", "check_plot_path", "plot",

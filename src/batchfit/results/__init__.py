@@ -16,6 +16,7 @@ True
 
 from ._base import SCHEMA_VERSION, check_schema_version, load_result, register_result
 from .check import CHECKS, SEVERITIES, CheckResult, Finding, LayerReport, SkippedLayer
+from .estimate import CardFit, CompiledStepMemory, EstimateResult, LinearFit
 from .maxbatch import PROBE_OUTCOMES, MaxBatchResult, MemoryModel, Probe
 from .noise import NoisePair, NoiseScaleResult
 from .tune import (
@@ -34,9 +35,13 @@ __all__ = [
                    "RUN_OUTCOMES",
                    "SCHEMA_VERSION",
                    "SEVERITIES",
+                   "CardFit",
                    "CheckResult",
+                   "CompiledStepMemory",
+                   "EstimateResult",
                    "Finding",
                    "LayerReport",
+                   "LinearFit",
                    "MaxBatchResult",
                    "MemoryModel",
                    "NoisePair",

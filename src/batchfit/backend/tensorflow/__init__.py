@@ -344,6 +344,18 @@ class TensorFlowBackend(Backend):
 
         return MultiWorkerSession(model, strategy, timeout)
 
+    # -- compile-time memory -------------------------------------------------------------------
+    def compiled_step_memory(self, model: Any, batch_size: int, *,
+                             input_shapes: Any = None) -> Any:
+        from .compiled import compiled_step_memory
+
+        return compiled_step_memory(model, batch_size, input_shapes=input_shapes)
+
+    def step_jit_compiled(self, model: Any) -> bool:
+        from .compiled import step_jit_compiled
+
+        return step_jit_compiled(model)
+
 
 def _reserve_single_region(tf: Any, budget_bytes: int) -> None:  # pragma: no cover - subprocess
     """Make the capped CPU allocator hold its whole budget as one region, as a GPU does.

@@ -25,6 +25,7 @@ __all__ = [
     "compute_loss_fn",
     "current_learning_rate_fn",
     "drop_new_nodes",
+    "hlo_proto_class",
     "inbound_nodes",
     "is_keras2_object",
     "keras_history_layer",
@@ -39,6 +40,7 @@ __all__ = [
     "set_accumulated_gradients",
     "set_current_learning_rate_fn",
     "sublayers",
+    "symbolic_build",
     "unscale_loss_for_distribution",
     "upstream_dataset",
 ]
@@ -341,3 +343,40 @@ def is_keras2_object(obj: Any) -> bool:
     mod = type(obj).__module__ or ""
     return mod.startswith(_KERAS2_MODULES) or \
         any(c.__module__.startswith("tf_keras") for c in type(obj).__mro__)
+
+
+# --- compile-time memory (batchfit estimate) ------------------------------------------------
+def symbolic_build(model: Any, data_batch: Any) -> None:
+    """Build the model, its loss, metrics and optimizer as Keras does before its first step.
+
+    Calls ``TensorFlowTrainer._maybe_symbolic_build(data_batch=(x, y, None))`` (Keras 3.15.1,
+    ``keras/src/backend/tensorflow/trainer.py``): symbolic (``compute_output_spec``), nothing
+    runs, no weight changes. ``model.build`` alone leaves the compiled metrics and the optimizer
+    unbuilt, and tracing ``train_step`` cannot create them inside an XLA function. If Keras
+    changes it, :func:`batchfit.estimate_memory` fails for a model that never trained.
+    """
+    x, y = data_batch
+    model._maybe_symbolic_build(data_batch=(x, y, None))
+
+
+def hlo_proto_class() -> Any:
+    """The ``HloProto`` message class that parses TensorFlow's serialized optimized HLO.
+
+    Imports ``tensorflow.compiler.xla.service.hlo_pb2`` (TensorFlow 2.21; XLA's protos are not
+    public API, and the module has moved between ``tensorflow.compiler.xla`` and ``xla`` /
+    ``local_xla`` across releases, so each known path is tried). If none is found,
+    :func:`batchfit.estimate_memory` cannot read the buffer assignment and says so.
+    """
+    import importlib
+
+    from ...errors import MissingBackendError
+
+    for path in ("tensorflow.compiler.xla.service.hlo_pb2", "xla.service.hlo_pb2",
+                 "local_xla.xla.service.hlo_pb2"):
+        try:
+            return importlib.import_module(path).HloProto
+        except (ImportError, AttributeError):
+            continue
+    raise MissingBackendError(
+        "this TensorFlow has no XLA HloProto module (tensorflow.compiler.xla.service.hlo_pb2): "
+        "batchfit estimate cannot read the compiled step's buffer assignment")
