@@ -16,7 +16,7 @@ True
 
 from ._base import SCHEMA_VERSION, check_schema_version, load_result, register_result
 from .check import CHECKS, SEVERITIES, CheckResult, Finding, LayerReport
-from .maxbatch import PROBE_OUTCOMES, MaxBatchResult, MemoryModel, Probe
+from .maxbatch import PROBE_OUTCOMES, Band, MaxBatchResult, MemoryModel, Probe
 from .noise import NoisePair, NoiseScaleResult
 from .tune import (
                    Recommendation,
@@ -32,6 +32,7 @@ __all__ = [
                    "PROBE_OUTCOMES",
                    "SCHEMA_VERSION",
                    "SEVERITIES",
+                   "Band",
                    "CheckResult",
                    "Finding",
                    "LayerReport",
