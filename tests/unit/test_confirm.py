@@ -149,7 +149,7 @@ def test_safe_margin_covers_the_band_width_and_the_peak_spread() -> None:
     width = 12 * PER_SAMPLE
     assert s.margin_bytes == pytest.approx(width + 6 * MiB)
     assert s.batch_size == 150 - 15    # 36 MiB / 2.5 MiB = 14.4 samples -> 135
-    assert "150" in s.reason and "162" in s.reason and "6.0 MiB" in s.reason
+    assert "150" in s.reason and "162" in s.reason and "6.00 MiB" in s.reason
     assert 0 < s.free_fraction < 1
 
 
@@ -188,3 +188,25 @@ def test_the_safe_size_is_at_least_one_granule() -> None:
     s = safe_size(band_of(trials), trials, budget_bytes=BUDGET, per_sample_bytes=200 * MiB,
                   granularity=8)
     assert s.batch_size == 8
+
+
+def test_results_saved_before_the_band_still_load() -> None:
+    import json
+
+    from batchfit.results import MaxBatchResult, load_result
+
+    old = {"result_kind": "max_batch", "schema_version": 2, "max_batch_size": 64,
+           "safe_batch_size": 57, "headroom": 0.1, "memory_budget_bytes": 48 << 20,
+           "budget_source": "user", "device": "CPU:0", "isolation": "process",
+           "strategy": "guided", "granularity": 1, "upper_bound": 1 << 20, "bracketed": True,
+           "memory_model": None,
+           "probes": [{"batch_size": 64, "fits": True, "outcome": "fits"}]}
+    r = load_result(json.dumps(old))
+    assert isinstance(r, MaxBatchResult) and r.band is None and r.probes[0].phase == "search"
+    again = load_result(r.to_json())
+    assert again == r
+    with_band = MaxBatchResult.from_dict({**old, "band": {"reliable": 64, "sometimes": [66],
+                                                          "never": 70, "confirmations": 3,
+                                                          "confirmed": True}})
+    assert with_band.band is not None and with_band.band.sometimes == [66]
+    assert load_result(with_band.to_json()) == with_band

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from ..errors import InvalidInputError
 from ..results import Band
 from .search import Trial
+from .sizes import format_bytes
 from .validate import check_fraction, check_int
 
 __all__ = [
@@ -315,22 +316,16 @@ def safe_size(band: Band, trials: Sequence[Trial], *, budget_bytes: float | None
     size = max(g, min(size, edge))
     parts = []
     if band.never is not None:
-        parts.append(f"the band from {edge} (fitted every time) to {band.never} (never "
-                     f"fitted), {_mib(width)}")
+        parts.append(f"band width {format_bytes(width)} ({edge} fitted every time, "
+                     f"{band.never} never)")
     if spread_at is not None:
-        parts.append(f"peaks at {spread_at} varying by {_mib(spread)} between processes")
-    measured = " plus ".join(parts) if parts else "no band measured"
+        parts.append(f"peak spread {format_bytes(spread)} (at {spread_at}, between processes)")
+    measured = " + ".join(parts) if parts else "no band measured"
+    reason = measured
     if margin == floor and floor > width + spread:
         which = "headroom asked for" if headroom > min_margin else "fragmentation floor"
-        reason = (f"{measured}, is less than the {which}, {max(min_margin, headroom):.0%} of "
-                  f"the budget")
-    else:
-        reason = measured
+        reason = f"{measured} < the {which}, {max(min_margin, headroom):.0%} of the budget"
     free = None
     if fixed_bytes is not None:
         free = max(0.0, 1.0 - (fixed_bytes + per_sample_bytes * size) / budget_bytes)
     return SafeSize(size, margin, free, reason)
-
-
-def _mib(n: float) -> str:
-    return f"{n / (1 << 20):.1f} MiB" if n >= (1 << 20) else f"{n:.0f} B"
