@@ -39,7 +39,7 @@ class ProbeLog:
     def __call__(self, probe: Probe) -> None:
         self.count += 1
         style = _OUTCOME_STYLE.get(probe.outcome, "")
-        kind = "confirm" if probe.phase == "confirm" else "probe  "
+        kind = "confirm" if probe.phase == "confirm" else "probe"
         line = (f"{kind} {self.count:>2}  batch {probe.batch_size:>8}  "
                 f"[{style}]{probe.outcome:<11}[/{style}] {_bytes(probe.peak_bytes):>11}  "
                 f"{probe.seconds:>5.1f} s")
