@@ -140,17 +140,21 @@ def test_band_never_reports_a_fit_above_a_failure_as_reliable() -> None:
 # ---------------------------------------------------------------------------- safe size
 
 
-def test_safe_margin_covers_the_band_width_and_the_peak_spread() -> None:
-    trials = [Trial(150, True, FIXED + PER_SAMPLE * 150),
-              Trial(150, True, FIXED + PER_SAMPLE * 150 + 6 * MiB), Trial(162, False)]
-    band = band_of(trials)
-    s = safe_size(band, trials, budget_bytes=BUDGET, per_sample_bytes=PER_SAMPLE,
-                  fixed_bytes=FIXED)
-    width = 12 * PER_SAMPLE
-    assert s.margin_bytes == pytest.approx(width + 6 * MiB)
-    assert s.batch_size == 150 - 15    # 36 MiB / 2.5 MiB = 14.4 samples -> 135
+def test_safe_margin_is_the_band_width_or_the_peak_spread_whichever_is_larger() -> None:
+    def trials(spread: float) -> list[Trial]:
+        return [Trial(150, True, FIXED + PER_SAMPLE * 150),
+                Trial(150, True, FIXED + PER_SAMPLE * 150 + spread), Trial(162, False)]
+
+    kw = {"budget_bytes": BUDGET, "per_sample_bytes": PER_SAMPLE, "fixed_bytes": FIXED}
+    width = 12 * PER_SAMPLE                                          # 30 MiB
+    s = safe_size(band_of(trials(6 * MiB)), trials(6 * MiB), **kw)
+    assert s.margin_bytes == pytest.approx(width)
+    assert s.batch_size == 150 - 12
     assert "150" in s.reason and "162" in s.reason and "6.00 MiB" in s.reason
     assert 0 < s.free_fraction < 1
+    s = safe_size(band_of(trials(40 * MiB)), trials(40 * MiB), **kw)
+    assert s.margin_bytes == pytest.approx(40 * MiB)
+    assert s.batch_size == 150 - 16                                  # 40 / 2.5 = 16 samples
 
 
 def test_a_narrow_band_keeps_the_fragmentation_floor() -> None:

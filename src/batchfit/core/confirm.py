@@ -269,11 +269,13 @@ def safe_size(band: Band, trials: Sequence[Trial], *, budget_bytes: float | None
               min_margin: float = MIN_MARGIN) -> SafeSize:
     """``safe_batch_size``: the reliable edge less a margin sized from what the run measured.
 
-    The margin, in bytes, is the band's width (from the reliable edge to the smallest size
-    that never fitted, times the memory model's bytes per sample) plus the largest spread
-    between peaks measured at one size (run-to-run variability), and at least ``min_margin``
-    of the budget (fragmentation) and ``headroom`` of it (a floor the caller asked for). The
-    safe size is the reliable edge less that many bytes' worth of samples.
+    The margin, in bytes, is the larger of the band's width (from the reliable edge to the
+    smallest size that never fitted, times the memory model's bytes per sample) and the largest
+    spread between peaks measured at one size across processes: two measures of one thing, how
+    much a size's need for memory varies between fresh processes (the band as outcomes, the
+    spread as peaks; the spread still shows it when the band looks narrow). It is at least
+    ``min_margin`` of the budget (fragmentation) and ``headroom`` of it (a floor the caller
+    asked for). The safe size is the reliable edge less that many bytes' worth of samples.
 
     Without a memory model or a budget the margin cannot be sized in memory: the safe size is
     then the reliable edge less ``max(headroom, 0.1)`` of it.
@@ -311,7 +313,7 @@ def safe_size(band: Band, trials: Sequence[Trial], *, budget_bytes: float | None
     width = (band.never - edge) * per_sample_bytes if band.never is not None else 0.0
     spread, spread_at = _peak_spread(trials)
     floor = max(min_margin, headroom) * budget_bytes
-    margin = max(width + spread, floor)
+    margin = max(width, spread, floor)
     size = (math.floor(edge - margin / per_sample_bytes) // g) * g
     size = max(g, min(size, edge))
     parts = []
@@ -320,9 +322,9 @@ def safe_size(band: Band, trials: Sequence[Trial], *, budget_bytes: float | None
                      f"{band.never} never)")
     if spread_at is not None:
         parts.append(f"peak spread {format_bytes(spread)} (at {spread_at}, between processes)")
-    measured = " + ".join(parts) if parts else "no band measured"
-    reason = measured
-    if margin == floor and floor > width + spread:
+    measured = ", ".join(parts) if parts else "no band measured"
+    reason = f"the larger of {measured}" if len(parts) > 1 else measured
+    if margin == floor and floor > max(width, spread):
         which = "headroom asked for" if headroom > min_margin else "fragmentation floor"
         reason = f"{measured} < the {which}, {max(min_margin, headroom):.0%} of the budget"
     free = None
