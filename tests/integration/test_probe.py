@@ -154,3 +154,24 @@ def test_probe_ends_with_a_validation_step_at_the_same_batch_size() -> None:
     assert runner.run(8).fits
     p = runner.run(16)
     assert p.outcome == "refused" and p.detail.startswith("in the validation step")
+
+
+def test_after_warm_up_probes_trace_nothing_new_for_training_or_validation() -> None:
+    # Probes measure the general (None-batch) train and test graphs at every size: a size
+    # never gets a graph of its own (the first traced size would, measured up to 30% apart).
+    traces: list[tuple] = []
+
+    class Count(keras.layers.Layer):
+        def call(self, x, training=None):
+            traces.append((tuple(x.shape), bool(training)))
+            return x
+
+    inp = keras.Input((32,))
+    m = keras.Model(inp, keras.layers.Dense(4)(Count()(inp)))
+    m.compile("adam", "mse")
+    runner = ProbeRunner(m, lambda b: (_batch(b)[0], np.ones((b, 4), "float32")), steps=2)
+    assert runner.warm_up() is None
+    assert ((None, 32), True) in traces and ((None, 32), False) in traces
+    traces.clear()
+    assert runner.run(16).fits and runner.run(48).fits
+    assert traces == []
