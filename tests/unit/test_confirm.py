@@ -214,3 +214,14 @@ def test_results_saved_before_the_band_still_load() -> None:
                                                           "confirmed": True}})
     assert with_band.band is not None and with_band.band.sometimes == [66]
     assert load_result(with_band.to_json()) == with_band
+
+
+def test_an_edge_set_by_the_upper_bound_keeps_the_margin_under_the_budget() -> None:
+    # 64 is the upper bound and fitted with room to spare: the safe size stays 64 as long as
+    # its predicted peak leaves the margin free; with a tight budget it comes down.
+    trials = [Trial(8, True, FIXED + PER_SAMPLE * 8), Trial(64, True, FIXED + PER_SAMPLE * 64)]
+    kw = {"per_sample_bytes": PER_SAMPLE, "fixed_bytes": FIXED}
+    assert safe_size(band_of(trials), trials, budget_bytes=BUDGET, **kw).batch_size == 64
+    tight = FIXED + PER_SAMPLE * 64 + 4 * MiB            # 264 MiB: its 3% (7.9 MiB) does not fit
+    s = safe_size(band_of(trials), trials, budget_bytes=tight, **kw)
+    assert s.batch_size == 62 and "nothing failed above 64" in s.reason     # (264-7.9-100)/2.5

@@ -277,8 +277,10 @@ def safe_size(band: Band, trials: Sequence[Trial], *, budget_bytes: float | None
     ``min_margin`` of the budget (fragmentation) and ``headroom`` of it (a floor the caller
     asked for). The safe size is the reliable edge less that many bytes' worth of samples.
 
-    Without a memory model or a budget the margin cannot be sized in memory: the safe size is
-    then the reliable edge less ``max(headroom, 0.1)`` of it.
+    When nothing failed above the edge (it is the search's upper bound, not the memory's
+    limit), the safe size is the largest up to the edge whose predicted peak leaves the margin
+    free under the budget. Without a memory model or a budget the margin cannot be sized in
+    memory: the safe size is then the reliable edge less ``max(headroom, 0.1)`` of it.
 
     Args:
         band: the band (:func:`band_of`).
@@ -314,7 +316,12 @@ def safe_size(band: Band, trials: Sequence[Trial], *, budget_bytes: float | None
     spread, spread_at = _peak_spread(trials)
     floor = max(min_margin, headroom) * budget_bytes
     margin = max(width, spread, floor)
-    size = (math.floor(edge - margin / per_sample_bytes) // g) * g
+    if band.never is None and fixed_bytes is not None:
+        # Nothing failed above the edge (it is the upper bound): memory did not set it, so the
+        # margin is kept under the budget, not under the edge's need.
+        size = (math.floor((budget_bytes - margin - fixed_bytes) / per_sample_bytes) // g) * g
+    else:
+        size = (math.floor(edge - margin / per_sample_bytes) // g) * g
     size = max(g, min(size, edge))
     parts = []
     if band.never is not None:
@@ -322,11 +329,15 @@ def safe_size(band: Band, trials: Sequence[Trial], *, budget_bytes: float | None
                      f"{band.never} never)")
     if spread_at is not None:
         parts.append(f"peak spread {format_bytes(spread)} (at {spread_at}, between processes)")
-    measured = ", ".join(parts) if parts else "no band measured"
-    reason = f"the larger of {measured}" if len(parts) > 1 else measured
-    if margin == floor and floor > max(width, spread):
-        which = "headroom asked for" if headroom > min_margin else "fragmentation floor"
-        reason = f"{measured} < the {which}, {max(min_margin, headroom):.0%} of the budget"
+    which = "headroom asked for" if headroom > min_margin else "fragmentation floor"
+    floor_text = f"the {which}, {max(min_margin, headroom):.0%} of the budget"
+    if not parts:
+        reason = f"nothing failed above {edge}: {floor_text}, kept free under the budget"
+    else:
+        measured = ", ".join(parts)
+        reason = f"the larger of {measured}" if len(parts) > 1 else measured
+        if margin == floor and floor > max(width, spread):
+            reason = f"{measured} < {floor_text}"
     free = None
     if fixed_bytes is not None:
         free = max(0.0, 1.0 - (fixed_bytes + per_sample_bytes * size) / budget_bytes)
