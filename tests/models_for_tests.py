@@ -65,3 +65,23 @@ def raising_factory():
 
 def uncompiled_model() -> keras.Model:
     return keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+
+
+class MarkerLimitLayer(keras.layers.Layer):
+    """Refuses batches above 64, or above 56 once the file ``$BATCHFIT_TEST_MARKER`` exists:
+    a device whose limit moves between processes, as near a capped allocator's limit."""
+
+    def call(self, x):
+        limit = 56 if os.path.exists(os.environ.get("BATCHFIT_TEST_MARKER", "")) else 64
+        if x.shape[0] is not None and x.shape[0] > limit:
+            raise ValueError(f"batch {x.shape[0]} exceeds this process's limit {limit}")
+        return x
+
+
+def marker_limited() -> keras.Model:
+    """A model with :class:`MarkerLimitLayer`; runs eagerly so the check sees the real batch."""
+    inp = keras.Input((8,))
+    out = keras.layers.Dense(1)(MarkerLimitLayer()(inp))
+    m = keras.Model(inp, out)
+    m.compile("sgd", "mse", run_eagerly=True)
+    return m

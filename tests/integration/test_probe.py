@@ -106,3 +106,72 @@ def test_model_error_becomes_refused_outcome_and_state_is_restored() -> None:
 def test_steps_must_be_positive() -> None:
     with pytest.raises(ValueError, match="steps"):
         ProbeRunner(_model(), _batch, steps=0)
+
+
+def test_probe_runs_fits_compiled_function_over_an_iterator_per_steps_per_execution() -> None:
+    import tensorflow as tf
+
+    m = _model()
+    m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", steps_per_execution=2)
+    runner = ProbeRunner(m, _batch, steps=4)
+    runner.warm_up()
+    calls: list[type] = []
+    compiled = m.train_function
+
+    def counting(iterator):
+        calls.append(type(iterator))
+        return compiled(iterator)
+
+    m.train_function = counting
+    assert runner.run(16).fits
+    # 4 steps, 2 per execution: two calls of the function fit calls, each with fit's iterator
+    # (a generator is what train_on_batch passes instead).
+    assert len(calls) == 2
+    assert all(issubclass(c, (tf.data.Iterator, tf.distribute.DistributedIterator))
+               for c in calls)
+
+
+class _RefusesLargeValidationBatches(keras.layers.Layer):
+    """Trains at any size; in inference (validation) refuses batches over 10."""
+
+    def call(self, x, training=None):
+        if training:
+            return x
+        import tensorflow as tf
+
+        with tf.control_dependencies([tf.debugging.assert_less(tf.shape(x)[0], 11)]):
+            return tf.identity(x)
+
+
+def test_probe_ends_with_a_validation_step_at_the_same_batch_size() -> None:
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32,))
+    h = _RefusesLargeValidationBatches()(keras.layers.Dense(8)(inp))
+    m = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(h))
+    m.compile("adam", "sparse_categorical_crossentropy")
+    runner = ProbeRunner(m, _batch, steps=2)
+    assert runner.warm_up() is None
+    assert runner.run(8).fits
+    p = runner.run(16)
+    assert p.outcome == "refused" and p.detail.startswith("in the validation step")
+
+
+def test_after_warm_up_probes_trace_nothing_new_for_training_or_validation() -> None:
+    # Probes measure the general (None-batch) train and test graphs at every size: a size
+    # never gets a graph of its own (the first traced size would, measured up to 30% apart).
+    traces: list[tuple] = []
+
+    class Count(keras.layers.Layer):
+        def call(self, x, training=None):
+            traces.append((tuple(x.shape), bool(training)))
+            return x
+
+    inp = keras.Input((32,))
+    m = keras.Model(inp, keras.layers.Dense(4)(Count()(inp)))
+    m.compile("adam", "mse")
+    runner = ProbeRunner(m, lambda b: (_batch(b)[0], np.ones((b, 4), "float32")), steps=2)
+    assert runner.warm_up() is None
+    assert ((None, 32), True) in traces and ((None, 32), False) in traces
+    traces.clear()
+    assert runner.run(16).fits and runner.run(48).fits
+    assert traces == []

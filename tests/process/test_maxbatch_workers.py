@@ -33,6 +33,9 @@ def test_a_layer_that_refuses_large_batches_sets_the_limit() -> None:
     assert refused and all(p.batch_size > 64 for p in refused)
     assert "exceeds maximum allowed 64" in refused[0].detail
     assert r.oom_count == 0
+    # confirmed in 3 fresh processes (a sharp limit: no step down)
+    assert [p.batch_size for p in r.probes if p.phase == "confirm"] == [64, 64, 64]
+    assert r.band.confirmed and r.band.reliable == 64 and r.band.sometimes == []
 
 
 def test_model_object_is_probed_and_left_untouched() -> None:
@@ -54,3 +57,38 @@ def test_nothing_fits_states_the_fixed_cost_against_the_budget() -> None:
     assert info.value.budget_bytes == 56 << 20
     assert "MiB" in str(info.value)
     assert fork_server_status().users == 0  # the failed search let go of its server
+
+
+def test_confirmation_in_fresh_processes_steps_down_when_the_answer_does_not_hold(
+        tmp_path, monkeypatch) -> None:
+    # The search's processes accept up to 64; from the moment 64 has fitted, every new process
+    # accepts only up to 56 (the marker file): the search's answer fails its confirmation.
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("BATCHFIT_TEST_MARKER", str(marker))
+
+    def on_probe(p) -> None:
+        if p.phase == "search" and p.batch_size == 64 and p.fits:
+            marker.touch()
+
+    r = batchfit.find_max_batch_size(f"{MODELS}:marker_limited", memory="256MiB", upper=200,
+                                     on_probe=on_probe)
+    search = [p for p in r.probes if p.phase == "search"]
+    confirm = [p for p in r.probes if p.phase == "confirm"]
+    assert max(p.batch_size for p in search if p.fits) == 64
+    assert confirm[0].batch_size == 64 and confirm[0].outcome == "refused"
+    band = r.band
+    assert band is not None and band.confirmed and band.step_downs >= 1
+    assert 64 in band.sometimes
+    assert 0 < r.max_batch_size == band.reliable <= 56
+    # the answer fitted in 3 fresh processes after the step down, and every time it was tried
+    assert sum(p.fits for p in confirm if p.batch_size == r.max_batch_size) == 3
+    assert all(p.fits for p in r.probes if p.batch_size == r.max_batch_size)
+    assert 0 < r.safe_batch_size <= r.max_batch_size
+    assert any("did not hold" in n for n in r.notes)
+
+
+def test_confirm_zero_skips_confirmation() -> None:
+    r = batchfit.find_max_batch_size("batchfit.examples.models:seed_memory_aware",
+                                     memory="256MiB", upper=200, confirm=0)
+    assert r.max_batch_size == 64 and all(p.phase == "search" for p in r.probes)
+    assert r.band is not None and r.band.confirmations == 0 and not r.band.confirmed

@@ -6,6 +6,7 @@ import argparse
 
 from rich.console import Console
 
+from ..core.confirm import DEFAULT_CONFIRMATIONS
 from ..core.search import DEFAULT_SEARCH, POLICY_NAMES, check_search
 from ..errors import InvalidInputError
 from ._common import (
@@ -27,15 +28,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Find the largest batch size that trains within a memory "
                                    "budget, with real training steps.")
     add_model_argument(p)
-    add_search_arguments(p)
+    add_search_arguments(p, headroom=0.0)
+    p.add_argument("--confirm", type=int, default=DEFAULT_CONFIRMATIONS, metavar="K",
+                   help=f"run the answer again in K fresh processes, stepping down on any "
+                        f"failure (default {DEFAULT_CONFIRMATIONS}; 0 skips it)")
     p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     p.add_argument("--quiet", action="store_true", help="no per-probe lines")
     add_verify_option(p)
     add_debug_argument(p)
 
 
-def add_search_arguments(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
-    """Options of the memory search, shared with ``tune`` (whose search has no ``steps=``)."""
+def add_search_arguments(p: argparse.ArgumentParser, *, steps: bool = True,
+                         headroom: float = 0.1) -> None:
+    """Options of the memory search, shared with ``tune`` (whose search has no ``steps=``;
+    ``headroom``: the default of ``--headroom``)."""
     p.add_argument("--memory", help="budget, e.g. 16GiB or 512MiB (default: the device's memory)")
     p.add_argument("--search", default=None, choices=POLICY_NAMES,
                    help=f"the memory search policy (default {DEFAULT_SEARCH})")
@@ -46,8 +52,12 @@ def add_search_arguments(p: argparse.ArgumentParser, *, steps: bool = True) -> N
                    help="guided search: stop once the answer is within this fraction below "
                         "the smallest failure (default 0.02; 0 for an exact bracket)")
     p.add_argument("--max-batch", type=int, default=None, help="never try a larger batch")
-    p.add_argument("--headroom", type=float, default=0.1,
-                   help="fraction of the budget the safe size leaves free (default 0.1)")
+    if headroom:
+        text = f"fraction of the budget the safe size leaves free (default {headroom:g})"
+    else:
+        text = ("least fraction of the budget the safe size leaves free (default 0: a margin "
+                "sized from the measured band, at least 3%%)")
+    p.add_argument("--headroom", type=float, default=headroom, help=text)
     if steps:
         p.add_argument("--steps", type=int, default=3,
                        help="training steps per probe (default 3)")
@@ -98,7 +108,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         data=args.data, input_shapes=parse_input_shapes(args.input_shape),
         upper=args.max_batch, headroom=args.headroom, steps=args.steps, isolate=args.isolate,
         device=args.device, on_probe=None if args.quiet else ProbeLog(console),
-        distribute=args.distribute, search_tolerance=args.search_tolerance)
+        distribute=args.distribute, search_tolerance=args.search_tolerance,
+        confirm=args.confirm)
     render_max(result, console, show_probes=args.quiet)
     write_outputs(result, console, json_path=args.json)
     return verify_answer(args, console, model, result.max_batch_size,

@@ -39,7 +39,8 @@ class ProbeLog:
     def __call__(self, probe: Probe) -> None:
         self.count += 1
         style = _OUTCOME_STYLE.get(probe.outcome, "")
-        line = (f"probe {self.count:>2}  batch {probe.batch_size:>8}  "
+        kind = "confirm" if probe.phase == "confirm" else "probe"
+        line = (f"{kind} {self.count:>2}  batch {probe.batch_size:>8}  "
                 f"[{style}]{probe.outcome:<11}[/{style}] {_bytes(probe.peak_bytes):>11}  "
                 f"{probe.seconds:>5.1f} s")
         if not probe.fits and probe.detail:
@@ -64,6 +65,45 @@ def _exactness(result: MaxBatchResult) -> str:
     return f"within {(hi - best) / best:.1%}: {hi} failed"
 
 
+def _confirmation(result: MaxBatchResult) -> str:
+    """", confirmed in 3 fresh processes" or ", not confirmed ..." ("" without a band)."""
+    band = result.band
+    if band is None or band.confirmations <= 0:
+        return ""
+    if band.confirmed:
+        return f", fitted in {band.confirmations} of {band.confirmations} fresh processes"
+    return ", not confirmed in fresh processes (see the notes)"
+
+
+def _band_line(result: MaxBatchResult) -> str | None:
+    """"fits every time up to 160; sometimes 162, 165; never 170"."""
+    band = result.band
+    if band is None:
+        return None
+    parts = [f"fitted every time up to {band.reliable}"]
+    if band.sometimes:
+        shown = ", ".join(map(str, band.sometimes[:6])) + (" ..." if len(band.sometimes) > 6
+                                                           else "")
+        parts.append(f"fitted only sometimes: {shown}")
+    if band.never is not None:
+        parts.append(f"never fitted from {band.never}")
+    return "; ".join(parts)
+
+
+def _safe_line(result: MaxBatchResult, per_replica: str = "") -> str:
+    """The safe size and the margin it leaves, and why."""
+    band = result.band
+    free = f"predicted to leave {result.headroom:.0%} of the budget free"
+    if band is None or band.margin_bytes is None:
+        why = f": {band.margin_reason}" if band is not None and band.margin_reason else ""
+        return f"{result.safe_batch_size}{per_replica} ({free}{why})"
+    budget = result.memory_budget_bytes
+    pct = f", {band.margin_bytes / budget:.1%} of the budget" if budget else ""
+    return (f"{result.safe_batch_size}{per_replica}: a margin of "
+            f"{format_bytes(band.margin_bytes)}{pct} below the reliable edge "
+            f"({_escape(band.margin_reason)}); {free}")
+
+
 def render_max(result: MaxBatchResult, console: Console | None = None, *,
                show_probes: bool = True) -> None:
     """Print a :class:`MaxBatchResult`: the answer, the memory model and the probes."""
@@ -76,7 +116,7 @@ def render_max(result: MaxBatchResult, console: Console | None = None, *,
     summary.add_row("model", _escape(result.model_name or "-"))
     summary.add_row("device", _escape(f"{result.device}, {result.isolation}"))
     summary.add_row("memory budget", budget)
-    exact = _exactness(result)
+    exact = _exactness(result) + _confirmation(result)
     g = f", granularity {result.granularity}" if result.granularity > 1 else ""
     r = result.replicas
     if r > 1:
@@ -86,14 +126,15 @@ def render_max(result: MaxBatchResult, console: Console | None = None, *,
                         f"[bold green]{result.global_max_batch_size}[/bold green] global = "
                         f"{result.max_batch_size} per replica x {r} ({exact}{g})")
         summary.add_row("safe batch size",
-                        f"{result.global_safe_batch_size} global = {result.safe_batch_size} per "
-                        f"replica x {r} (leaves {result.headroom:.0%} of the budget free)")
+                        f"{result.global_safe_batch_size} global = "
+                        + _safe_line(result, f" per replica x {r}"))
     else:
         summary.add_row("largest batch that fits",
                         f"[bold green]{result.max_batch_size}[/bold green] ({exact}{g})")
-        summary.add_row("safe batch size",
-                        f"{result.safe_batch_size} (leaves {result.headroom:.0%} of the budget "
-                        "free)")
+        summary.add_row("safe batch size", _safe_line(result))
+    band_line = _band_line(result)
+    if band_line is not None:
+        summary.add_row("band", band_line)
     m = result.memory_model
     if m is not None:
         r2 = f", R² {m.r_squared:.4f}" if m.r_squared is not None else ""
@@ -104,12 +145,13 @@ def render_max(result: MaxBatchResult, console: Console | None = None, *,
     console.print(summary)
     if show_probes and result.probes:
         table = Table(title="probes", title_justify="left")
-        for col, just in (("#", "right"), ("batch", "right"), ("outcome", "left"),
+        for col, just in (("#", "right"), ("phase", "left"), ("batch", "right"),
+                          ("outcome", "left"),
                           ("peak", "right"), ("step", "right"), ("seconds", "right")):
             table.add_column(col, justify=just)  # type: ignore[arg-type]
         for i, p in enumerate(result.probes, 1):
             style = _OUTCOME_STYLE.get(p.outcome, "")
-            table.add_row(str(i), str(p.batch_size), f"[{style}]{p.outcome}[/{style}]",
+            table.add_row(str(i), p.phase, str(p.batch_size), f"[{style}]{p.outcome}[/{style}]",
                           _bytes(p.peak_bytes),
                           "-" if p.step_seconds is None else f"{p.step_seconds * 1000:.1f} ms",
                           f"{p.seconds:.1f}")

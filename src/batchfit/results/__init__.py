@@ -17,7 +17,7 @@ True
 from ._base import SCHEMA_VERSION, check_schema_version, load_result, register_result
 from .check import CHECKS, SEVERITIES, CheckResult, Finding, LayerReport, SkippedLayer
 from .estimate import CardFit, CompiledStepMemory, EstimateResult, LinearFit
-from .maxbatch import PROBE_OUTCOMES, MaxBatchResult, MemoryModel, Probe
+from .maxbatch import PROBE_OUTCOMES, Band, MaxBatchResult, MemoryModel, Probe
 from .noise import NoisePair, NoiseScaleResult
 from .tune import (
                    Recommendation,
@@ -35,6 +35,7 @@ __all__ = [
                    "RUN_OUTCOMES",
                    "SCHEMA_VERSION",
                    "SEVERITIES",
+                   "Band",
                    "CardFit",
                    "CheckResult",
                    "CompiledStepMemory",

@@ -37,6 +37,9 @@ class Probe(_Serializable):
         seconds: wall time of the whole probe, tracing included.
         step_seconds: median time of one training step after the first (``None`` if unknown).
         detail: why it did not fit (the error's first line), or notes.
+        phase: ``"search"`` (a probe the search policy asked for) or ``"confirm"`` (one of the
+            confirmations in a fresh process that end the search). Files written before
+            confirmation existed load with ``"search"``.
     """
 
     batch_size: int
@@ -46,6 +49,7 @@ class Probe(_Serializable):
     seconds: float = 0.0
     step_seconds: float | None = None
     detail: str = ""
+    phase: str = "search"
 
 
 @dataclass(frozen=True)
@@ -76,16 +80,50 @@ class MemoryModel(_Serializable):
         return max(0, (b // granularity) * granularity)
 
 
+@dataclass(frozen=True)
+class Band(_Serializable):
+    """Where a size stops fitting reliably: what the search and its confirmations saw.
+
+    Near a capped allocator's limit the same size fits in one fresh process and not in the
+    next; the band says how wide that zone was in this run.
+
+    Args:
+        reliable: the largest size that fitted every time it was tried (confirmations
+            included) and lies below every size that ever failed; ``0`` when none.
+        sometimes: sizes seen both fitting and failing, in increasing order.
+        never: the smallest size that was tried and never fitted (``None``: none failed).
+        confirmations: fresh-process confirmations asked for at the answer (``k``; 0: none).
+        confirmed: whether ``reliable`` fitted in all ``confirmations`` fresh processes.
+        step_downs: how many times a failed confirmation moved the answer down.
+        margin_bytes: what ``safe_batch_size`` keeps below the reliable edge's peak, in bytes
+            (``None`` without a memory model).
+        margin_reason: how that margin was sized, in words.
+    """
+
+    reliable: int = 0
+    sometimes: list[int] = field(default_factory=list)
+    never: int | None = None
+    confirmations: int = 0
+    confirmed: bool = False
+    step_downs: int = 0
+    margin_bytes: float | None = None
+    margin_reason: str = ""
+
+
 @register_result
 @dataclass(frozen=True)
 class MaxBatchResult(_Serializable):
     """What :func:`batchfit.find_max_batch_size` found.
 
     Args:
-        max_batch_size: the largest batch size verified to fit (a real probe ran it).
-        safe_batch_size: the largest size whose predicted peak leaves ``headroom`` of the
-            budget free, for fragmentation, longer inputs and evaluation.
-        headroom: fraction of the budget kept free by ``safe_batch_size``.
+        max_batch_size: the largest batch size verified to fit: the reliable edge of the
+            :attr:`band` (it fitted every time it was tried, in ``band.confirmations`` fresh
+            processes too when confirmation ran).
+        safe_batch_size: the reliable edge less a margin sized from the band's width and the
+            spread of the measured peaks (see ``band.margin_bytes`` / ``band.margin_reason``),
+            and at least ``headroom`` of the budget when one was asked for.
+        headroom: fraction of the budget ``safe_batch_size`` is predicted to leave free (the
+            fraction asked for, in results saved before the band existed).
         memory_budget_bytes: the budget searched under (``None`` if the device's total is
             unknown and the search ran until the device refused).
         budget_source: ``"user"`` (``memory=`` given) or ``"device"``.
@@ -114,6 +152,8 @@ class MaxBatchResult(_Serializable):
         distribute: the strategy: ``"mirrored"``, ``"multiworker"``, or ``""`` for none.
         search_tolerance: the search stopped once the smallest failure was at most this
             fraction above ``max_batch_size`` (0: bracketed to the granularity).
+        band: the reliable edge, the sizes that fitted only sometimes and the smallest that
+            never fitted (:class:`Band`); results saved before it existed load with ``None``.
     """
 
     kind: ClassVar[str] = "max_batch"
@@ -138,6 +178,7 @@ class MaxBatchResult(_Serializable):
     replicas: int = 1
     distribute: str = ""
     search_tolerance: float = 0.0
+    band: Band | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backend import get_backend
+from ..core.confirm import DEFAULT_CONFIRMATIONS, check_confirm
 from ..core.search import search_argument
 from ..errors import NothingFitsError
 from ..results import MaxBatchResult, Probe
@@ -27,7 +28,7 @@ def find_max_batch_size(
     data: Any = None,
     input_shapes: Any = None,
     upper: int | None = None,
-    headroom: float = 0.1,
+    headroom: float = 0.0,
     steps: int = 3,
     isolate: str = "auto",
     device: str | None = None,
@@ -39,6 +40,7 @@ def find_max_batch_size(
     distribute: Any = None,
     search_tolerance: float = DEFAULT_SEARCH_TOLERANCE,
     strategy: str | None = None,
+    confirm: int = DEFAULT_CONFIRMATIONS,
 ) -> MaxBatchResult:
     """Find the largest batch size that trains within a memory budget.
 
@@ -63,7 +65,9 @@ def find_max_batch_size(
             model's input specs and compiled loss.
         input_shapes: lengths for non-batch ``None`` dimensions, e.g. ``{"tokens": (128,)}``.
         upper: never try a batch larger than this (default 2**20).
-        headroom: fraction of the budget ``safe_batch_size`` leaves free (default 0.1).
+        headroom: the least fraction of the budget ``safe_batch_size`` leaves free (default 0:
+            the margin is sized from the band and the memory model alone, at least 3% of the
+            budget; see :class:`~batchfit.results.Band`).
         steps: training steps per probe (default 3).
         isolate: ``"process"`` (worker process, budget enforced), ``"none"`` (this process;
             a budget is checked against measured peaks), or ``"auto"`` (process on CPU and for
@@ -89,6 +93,13 @@ def find_max_batch_size(
             so the last probes of an exact bracket cost ~10 s each and buy little.
         strategy: deprecated alias of ``search`` (it warns, with a ``FutureWarning``, and goes
             in the next release); a ``tf.distribute`` strategy goes in ``distribute=``.
+        confirm: after the search, run the answer again in this many fresh processes
+            (default 3; ``0`` skips it), stepping down to a smaller size on any failure: near
+            the limit the same size fits in one process and not in the next, and one probe
+            draws once. ``max_batch_size`` is then the largest size that fitted every time it
+            was tried; ``result.band`` also gives the sizes that fitted only sometimes and the
+            smallest that never did. Needs process isolation (in-process probes are not
+            confirmed, with a note). Under a multi-worker strategy each worker confirms its own.
 
     Returns:
         A :class:`~batchfit.results.MaxBatchResult`.
@@ -106,8 +117,8 @@ def find_max_batch_size(
     >>> import batchfit
     >>> from batchfit.examples.models import seed_mlp
     >>> r = batchfit.find_max_batch_size(seed_mlp, memory="64MiB")  # doctest: +SKIP
-    >>> r.max_batch_size, len(r.probes)                               # doctest: +SKIP
-    (1893, 5)
+    >>> r.max_batch_size, r.band.confirmed, r.band.never              # doctest: +SKIP
+    (1893, True, 1894)
     >>> r = batchfit.find_max_batch_size(seed_mlp, memory="64MiB",
     ...                                  distribute="mirrored")             # doctest: +SKIP
     >>> r.max_batch_size, r.replicas, r.global_max_batch_size               # doctest: +SKIP
@@ -115,6 +126,7 @@ def find_max_batch_size(
     """
     search = search_argument(search, strategy)
     validate_search_args(search, granularity, headroom, steps, upper, isolate, search_tolerance)
+    confirm = check_confirm(confirm)
     resolved = resolve(model, distribute)
     if resolved.multiworker:
         return _across_workers(
@@ -122,12 +134,13 @@ def find_max_batch_size(
             input_shapes=input_shapes, upper=upper, headroom=headroom, steps=steps,
             isolate=isolate, device=device, probe_timeout=probe_timeout, fresh=fresh,
             max_probes=max_probes, on_probe=on_probe, seed=seed,
-            search_tolerance=search_tolerance)
+            search_tolerance=search_tolerance, confirm=confirm)
     return search_max_batch_size(
         model, memory, search, granularity=granularity, data=data, input_shapes=input_shapes,
         upper=upper, headroom=headroom, steps=steps, isolate=isolate, device=device,
         probe_timeout=probe_timeout, fresh=fresh, max_probes=max_probes, on_probe=on_probe,
-        seed=seed, distribute=resolved.strategy, search_tolerance=search_tolerance)
+        seed=seed, distribute=resolved.strategy, search_tolerance=search_tolerance,
+        confirm=confirm)
 
 
 def _across_workers(model: Any, dist: Any, memory: Any, **kwargs: Any) -> MaxBatchResult:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,14 @@ from typing import Any
 
 from ..backend import get_backend
 from ..backend.memory import resolve_budget
+from ..core.confirm import (
+    DEFAULT_CONFIRMATIONS,
+    ConfirmPolicy,
+    band_of,
+    check_confirm,
+    run_confirmation,
+    safe_size,
+)
 from ..core.memory_model import fit_memory_model
 from ..core.search import Trial, check_search, make_policy, run_search, search_argument
 from ..core.sizes import format_bytes, parse_size
@@ -24,7 +33,7 @@ from ..errors import (
     ProbeFailedError,
     error_line,
 )
-from ..results import MaxBatchResult, MemoryModel, Probe
+from ..results import Band, MaxBatchResult, MemoryModel, Probe
 from .resolve import ResolvedModel, resolve, validate_model_arg
 
 ISOLATION_MODES = ("auto", "process", "none")
@@ -118,6 +127,10 @@ class _Prober:
             return self.worker.probe(batch_size, timeout=timeout)  # type: ignore[no-any-return]
         return self.runner.run(batch_size)  # type: ignore[no-any-return]
 
+    def probe_fresh(self, batch_size: int, timeout: float) -> Probe:
+        """A probe in a process that has run nothing before (a worker is needed)."""
+        return self.worker.probe_fresh(batch_size, timeout=timeout)  # type: ignore[no-any-return]
+
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
@@ -156,11 +169,17 @@ def _start_prober(resolved: ResolvedModel, place: _Placement, isolate: str, *, d
 
 
 def _trial_function(prober: _Prober, probes: list[Probe], probe_timeout: float,
-                    on_probe: Callable[[Probe], None] | None) -> Callable[[int], Trial]:
-    """What the search policy calls: one probe, recorded in ``probes``, as a :class:`Trial`."""
+                    on_probe: Callable[[Probe], None] | None, *,
+                    confirm: bool = False) -> Callable[[int], Trial]:
+    """What the search policy calls: one probe, recorded in ``probes``, as a :class:`Trial`
+    (``confirm``: in a fresh process, recorded with ``phase="confirm"``)."""
 
     def trial(b: int) -> Trial:
-        p = prober.probe(b, _stall_timeout(probes, b, probe_timeout))
+        timeout = _stall_timeout(probes, b, probe_timeout)
+        if confirm:
+            p = dataclasses.replace(prober.probe_fresh(b, timeout), phase="confirm")
+        else:
+            p = prober.probe(b, timeout)
         probes.append(p)
         if on_probe is not None:
             on_probe(p)
@@ -182,7 +201,7 @@ def search_max_batch_size(
     data: Any = None,
     input_shapes: Any = None,
     upper: int | None = None,
-    headroom: float = 0.1,
+    headroom: float = 0.0,
     steps: int = 3,
     isolate: str = "auto",
     device: str | None = None,
@@ -194,6 +213,7 @@ def search_max_batch_size(
     distribute: Any = None,
     search_tolerance: float = DEFAULT_SEARCH_TOLERANCE,
     strategy: str | None = None,
+    confirm: int = DEFAULT_CONFIRMATIONS,
 ) -> MaxBatchResult:
     """The search on this process's devices: :func:`batchfit.find_max_batch_size` without the
     multi-worker agreement (``distribute`` may be a single-process strategy). Arguments and
@@ -202,6 +222,7 @@ def search_max_batch_size(
     t_start = time.perf_counter()
     search = search_argument(search, strategy)
     validate_search_args(search, granularity, headroom, steps, upper, isolate, search_tolerance)
+    confirm = check_confirm(confirm)
     # NumPy numbers are accepted; the result holds plain ones (json cannot write an np.int64).
     granularity, steps, headroom = int(granularity), int(steps), float(headroom)
     resolved = resolve(model, distribute)
@@ -212,39 +233,94 @@ def search_max_batch_size(
     policy = make_policy(search, budget_bytes=place.budget, granularity=granularity, upper=upper,
                          saturation=LIMIT_MARGIN, tolerance=float(search_tolerance))
     probes: list[Probe] = []
+    notes = [*place.notes, *prober.notes]
     try:
         trials = run_search(policy, _trial_function(prober, probes, probe_timeout, on_probe),
                             max_probes=max_probes)
+        confirmed, confirm_policy = _confirm(prober, trials, probes, confirm, place.budget,
+                                             granularity, probe_timeout, on_probe, notes)
     finally:
         prober.close()
 
-    best = policy.best(trials)
+    everything = [*trials, *confirmed]
     mem_model = _fit(probes)
+    band = band_of(everything, confirmations=confirm if confirm_policy else 0,
+                   confirmed=bool(confirm_policy and confirm_policy.is_confirmed(trials,
+                                                                                 confirmed)),
+                   step_downs=len({t.batch_size for t in confirmed if not t.fits}))
+    best = band.reliable
     if best <= 0:
         raise _nothing_fits(probes, granularity, place.budget, mem_model,
                             prober.info.get("state_bytes"))
-    notes = [*place.notes, *prober.notes]
     if not any(p.peak_bytes is not None for p in probes):
         notes.append("the allocator kept no statistics, so no peaks were measured (on CPU, "
                      "set TF_CPU_ALLOCATOR_USE_BFC=true before importing TensorFlow)")
-    safe, safe_note = _safe_size(best, mem_model, place.budget, headroom, granularity,
-                                 min(p.batch_size for p in probes if p.fits))
-    if safe_note:
-        notes.append(safe_note)
+    band, safe, free = _safe(band, everything, mem_model, place.budget, headroom, granularity,
+                             notes)
     bad = [p for p in probes if p.outcome in ("crashed", "timeout")]
     if bad:
         notes.append(f"{len(bad)} probe(s) killed the worker ({bad[0].detail[:120]}); "
                      f"treated as not fitting, the search went on")
     return MaxBatchResult(
-        max_batch_size=best, safe_batch_size=safe, headroom=headroom,
+        max_batch_size=best, safe_batch_size=safe, headroom=free,
         memory_budget_bytes=place.budget, budget_source=place.budget_source, device=place.device,
         isolation="process" if prober.mode == "process" else "in-process", search=search,
-        granularity=granularity, upper_bound=upper, bracketed=policy.bracketed(trials),
+        granularity=granularity, upper_bound=upper, bracketed=policy.bracketed(everything),
         memory_model=mem_model, probes=probes, seconds=time.perf_counter() - t_start,
         model_name=str(prober.info.get("model_name", "")), notes=notes,
         environment=dict(prober.info.get("environment", {})), replicas=resolved.replicas,
         distribute=resolved.distribute,
-        search_tolerance=float(search_tolerance) if search == "guided" else 0.0)
+        search_tolerance=float(search_tolerance) if search == "guided" else 0.0, band=band)
+
+
+def _confirm(prober: _Prober, trials: list[Trial], probes: list[Probe], k: int,
+             budget: int | None, granularity: int, probe_timeout: float,
+             on_probe: Callable[[Probe], None] | None,
+             notes: list[str]) -> tuple[list[Trial], ConfirmPolicy | None]:
+    """Confirm the search's answer in ``k`` fresh processes, stepping down on any failure."""
+    if k <= 0 or not any(t.fits for t in trials):
+        return [], None
+    if prober.worker is None:
+        notes.append("not confirmed: confirmation runs the answer again in fresh processes, "
+                      "which needs process isolation (isolate='process'); the answer is the "
+                      "search's single draw")
+        return [], None
+    model = _fit(probes)
+    policy = ConfirmPolicy(k=k, granularity=granularity, budget_bytes=budget,
+                           per_sample_bytes=model.per_sample_bytes if model else None)
+    answer = band_of(trials).reliable
+    confirmed = run_confirmation(policy, trials, _trial_function(
+        prober, probes, probe_timeout, on_probe, confirm=True))
+    edge = band_of([*trials, *confirmed]).reliable
+    failed = [t for t in confirmed if not t.fits]
+    if policy.is_confirmed(trials, confirmed) and not failed:
+        notes.append(f"confirmed: {answer} fitted in {k} of {k} fresh processes")
+    elif policy.is_confirmed(trials, confirmed):
+        tried = sorted({t.batch_size for t in failed}, reverse=True)
+        notes.append(f"the search's answer {answer} did not hold: confirmation in fresh "
+                     f"processes failed at {', '.join(map(str, tried))}; stepped down to "
+                     f"{edge}, which fitted {k} of {k}")
+    else:
+        notes.append(f"not confirmed: after {len(failed)} failed confirmation(s) the answer is "
+                     f"{edge}, the largest size that fitted every time it was tried, without "
+                     f"{k} fresh-process confirmations")
+    return confirmed, policy
+
+
+def _safe(band: Band, trials: list[Trial], model: MemoryModel | None, budget: int | None,
+          headroom: float, granularity: int, notes: list[str]) -> tuple[Band, int, float]:
+    """The band with its margin, ``safe_batch_size`` and the fraction of the budget left free."""
+    s = safe_size(band, trials, budget_bytes=budget,
+                  per_sample_bytes=model.per_sample_bytes if model else None,
+                  fixed_bytes=model.fixed_bytes if model else None, granularity=granularity,
+                  headroom=headroom)
+    safe = s.batch_size
+    if s.margin_bytes is not None and budget and model is not None and (
+            model.predict(safe) > budget - s.margin_bytes):
+        notes.append(f"even safe_batch_size {safe} is predicted to come within the margin of "
+                     f"the budget: the model's fixed memory leaves little room")
+    band = dataclasses.replace(band, margin_bytes=s.margin_bytes, margin_reason=s.reason)
+    return band, safe, s.free_fraction if s.free_fraction is not None else headroom
 
 
 def _nothing_fits(probes: list[Probe], granularity: int, budget: int | None,
@@ -287,18 +363,6 @@ def _fit(probes: list[Probe]) -> MemoryModel | None:
     if len(pts) < 2:
         return None
     return fit_memory_model(sorted(pts.items()))
-
-
-def _safe_size(best: int, model: MemoryModel | None, budget: int | None, headroom: float,
-               granularity: int, smallest_fit: int) -> tuple[int, str]:
-    if model is not None and budget is not None and model.per_sample_bytes > 0:
-        safe = min(best, model.max_batch(budget * (1 - headroom), granularity))
-    else:
-        safe = (int(best * (1 - headroom)) // granularity) * granularity
-    if safe < smallest_fit:
-        return smallest_fit, (f"no batch leaves {headroom:.0%} of the budget free; "
-                              f"safe_batch_size is the smallest that fits")
-    return safe, ""
 
 
 def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: str,

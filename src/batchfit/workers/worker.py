@@ -400,6 +400,17 @@ class ProbeWorker:
                      detail=f"{_describe_exit(self._proc.returncode)}; "
                             f"log: {_tail(self.config.log_path)}".strip())
 
+    def probe_fresh(self, batch_size: int, timeout: float | None = None) -> Probe:
+        """Run one probe in a process that has run no probe before (see :meth:`probe`).
+
+        With ``fresh_each_probe`` every probe is one already; otherwise the current worker is
+        stopped first, so the probe runs in a new process (a confirmation must not inherit the
+        allocator of a process that ran other sizes: which sizes fit depends on it).
+        """
+        if not self.fresh_each_probe and self.running:
+            self._stop_current()
+        return self.probe(batch_size, timeout)
+
     def kill(self) -> None:
         """Kill the worker process at once (no-op if it is gone)."""
         if self._proc is not None and self._proc.poll() is None:

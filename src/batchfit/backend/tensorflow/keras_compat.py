@@ -25,6 +25,7 @@ __all__ = [
     "compute_loss_fn",
     "current_learning_rate_fn",
     "drop_new_nodes",
+    "fit_epoch_iterator",
     "hlo_proto_class",
     "inbound_nodes",
     "is_keras2_object",
@@ -216,6 +217,29 @@ def make_step_function(model: Any, step: Callable[[Any], Any]) -> Callable[[Any]
     :func:`batchfit.fit` cannot build its guarded step and fails at the first batch.
     """
     return model._make_function(step)
+
+
+def fit_epoch_iterator(model: Any, x: Any, y: Any, *, batch_size: int, shuffle: bool) -> Any:
+    """The epoch iterator ``model.fit`` (or, with ``shuffle=False``, ``evaluate``) builds.
+
+    Builds ``TFEpochIterator`` (Keras 3.15.1, ``keras/src/backend/tensorflow/trainer.py``) as
+    ``fit`` does: ``x``/``y`` through Keras's data adapter (for arrays: the whole arrays as one
+    tensor, a gather per batch, ``prefetch(AUTOTUNE)``), distributed by the model's strategy,
+    grouped by ``model.steps_per_execution``. Iterating it yields ``(begin, end, iterator)``;
+    ``model.train_function(iterator)`` / ``model.test_function(iterator)`` run one execution
+    (``steps_per_execution`` steps in one ``tf.while_loop``), exactly as ``fit``'s loop calls
+    them; they raise ``StopIteration`` when the data runs out (``catch_stop_iteration()``).
+    There is no public way to run ``fit``'s data path and compiled function without ``fit``'s
+    callbacks, history and progress bar. If Keras moves or changes it, memory probes fail
+    with the model's first probe (``refused``, an ``ImportError``/``TypeError`` in the
+    detail): every max search stops at its first probe, so tests/integration/test_probe.py
+    fails at once.
+    """
+    from keras.src.backend.tensorflow.trainer import TFEpochIterator
+
+    return TFEpochIterator(x=x, y=y, batch_size=batch_size, shuffle=shuffle,
+                           distribute_strategy=model.distribute_strategy,
+                           steps_per_execution=model.steps_per_execution)
 
 
 # --- the optimizer ----------------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """Run a few real training steps at one batch size and measure them, leaving the model as it was.
 
-A probe uses the user's own compiled model: its optimizer, loss, layers and train step, through
-``model.train_on_batch``. Around the steps it resets and reads the allocator's peak
+A probe runs the path ``model.fit`` runs, with the user's own compiled model: the batches come
+through Keras's own epoch iterator (the data adapter, prefetching, the model's strategy and
+``steps_per_execution``; :func:`~batchfit.backend.tensorflow.keras_compat.fit_epoch_iterator`)
+into ``model.train_function``, the compiled function ``fit`` calls, and then one batch of the
+same size goes through ``model.test_function``, as the validation pass at the end of an epoch
+does. The peak is taken over both: neither training nor validation at the answer can need
+memory the probe did not see. Around them it resets and reads the allocator's peak
 (``tf.config.experimental.reset_memory_stats`` / ``get_memory_info``), times each step, and
 afterwards assigns back every variable it may have touched (weights, non-trainable state, random
-seed state, optimizer slots and iteration count), so probing is invisible to the caller.
+seed state, optimizer slots and iteration count, metrics), so probing is invisible to the caller.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import tensorflow as tf
 from ...errors import error_line
 from ...results import Probe
 from ..oom import is_oom_error
+from .keras_compat import fit_epoch_iterator
 
 BatchFn = Callable[[int], "tuple[Any, Any]"]
 
@@ -202,6 +208,93 @@ def trace_general_step(model: Any, batch_fn: Any, state: Any,
     return None
 
 
+def _sync(logs: Any) -> Any:
+    """Wait for a step's outputs (``fit`` reads them back the same way, for its callbacks)."""
+    return {k: np.asarray(v) for k, v in logs.items()} if isinstance(logs, dict) else logs
+
+
+def train_like_fit(model: Any, x: Any, y: Any, batch_size: int) -> tuple[Any, list[float]]:
+    """Train on ``x``/``y`` in batches of ``batch_size`` the way one epoch of ``fit`` does.
+
+    Keras's epoch iterator feeds ``model.train_function`` (built by ``make_train_function``, as
+    ``fit`` builds it), one call per ``steps_per_execution`` steps, until the data runs out.
+
+    Returns:
+        The last logs (NumPy values) and the seconds of each step (an execution's time split
+        evenly over its steps).
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> m.compile("sgd", "mse", steps_per_execution=2)
+    >>> logs, times = train_like_fit(m, np.ones((12, 3)), np.ones((12, 1)), 4)
+    >>> int(m.optimizer.iterations.numpy()), len(times)
+    (3, 3)
+    """
+    epochs = fit_epoch_iterator(model, x, y, batch_size=batch_size, shuffle=True)
+    model.make_train_function()
+    model.reset_metrics()
+    logs: Any = None
+    times: list[float] = []
+    per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+    with epochs.catch_stop_iteration():
+        for begin, end, iterator in epochs:
+            s = time.perf_counter()
+            logs = _sync(model.train_function(iterator))
+            n = max(1, min(per_call, end - begin + 1, (epochs.num_batches or end + 1) - begin))
+            times.extend([(time.perf_counter() - s) / n] * n)
+    return logs, times
+
+
+def evaluate_like_fit(model: Any, x: Any, y: Any, batch_size: int) -> Any:
+    """One validation execution at ``batch_size``, as ``fit``'s end-of-epoch ``evaluate`` runs it.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> m.compile("sgd", "mse")
+    >>> sorted(evaluate_like_fit(m, np.ones((8, 3)), np.ones((8, 1)), 4))
+    ['loss']
+    """
+    epochs = fit_epoch_iterator(model, x, y, batch_size=batch_size, shuffle=False)
+    model.make_test_function()
+    model.reset_metrics()
+    logs: Any = None
+    with epochs.catch_stop_iteration():
+        for _, _, iterator in epochs:
+            logs = _sync(model.test_function(iterator))
+            break
+    return logs
+
+
+def trace_fit_path(model: Any, batch_fn: Any, state: Any, steps: int,
+                   sizes: tuple[int, ...] = (1, 2)) -> tuple[bool, str] | None:
+    """:func:`trace_general_step` for the path ``fit`` runs (training and validation).
+
+    Two tiny sizes, so that Keras's ``reduce_retracing`` has traced the train and test steps
+    with a ``None`` batch dimension before any probe measures them; the state is restored.
+
+    Returns:
+        ``None``, or ``(is_oom, message)`` for the first size that failed.
+    """
+    for b in sizes:
+        failure = None
+        try:
+            x, y = batch_fn(b * steps)
+            train_like_fit(model, x, y, b)
+            evaluate_like_fit(model, x, y, b)
+        except Exception as exc:  # noqa: BLE001 - the caller decides
+            failure = (is_oom_error(exc), failure_line(exc))
+        with contextlib.suppress(Exception):
+            model.reset_metrics()
+        state.restore()
+        if failure is not None:
+            return failure
+    return None
+
+
 class ProbeRunner:
     """Measures training steps at chosen batch sizes on one model, in this process.
 
@@ -237,9 +330,9 @@ class ProbeRunner:
         self.state = ModelState(model)
 
     def warm_up(self, sizes: tuple[int, ...] = (1, 2)) -> tuple[bool, str] | None:
-        """Trace the training step for any batch size before measuring.
+        """Trace the training and validation steps for any batch size before measuring.
 
-        See :func:`trace_general_step`. Measured: the graph specialized to the first batch
+        See :func:`trace_fit_path`. Measured: the graph specialized to the first batch
         size differs in peak memory from the general one by up to 30%, so without this a
         probe's answer depended on which sizes ran before it.
 
@@ -247,7 +340,7 @@ class ProbeRunner:
             ``None``, or ``(is_oom, message)`` for the first step that failed (warming up
             stops there).
         """
-        return trace_general_step(self.model, self.batch_fn, self.state, sizes)
+        return trace_fit_path(self.model, self.batch_fn, self.state, self.steps, sizes)
 
     def run(self, batch_size: int) -> Probe:
         """Run ``steps`` training steps at ``batch_size`` and report what happened.
@@ -256,41 +349,26 @@ class ProbeRunner:
         (``"oom"``/``"refused"``); the model's state is restored in every case.
         """
         t0 = time.perf_counter()
-        step_times: list[float] = []
         probe: Probe | None = None
+        phase = "training"
         try:
-            x, y = self.batch_fn(batch_size)
+            x, y = self.batch_fn(batch_size * self.steps)
             reset_peak(self.device)
-            for _ in range(self.steps):
-                s = time.perf_counter()
-                logs = self.model.train_on_batch(x, y, return_dict=True)
-                # train_on_batch returns numpy values: the step has finished on the device.
-                step_times.append(time.perf_counter() - s)
-            peak = read_peak(self.device)
+            logs, step_times = train_like_fit(self.model, x, y, batch_size)
+            train_peak = read_peak(self.device)
+            phase = "validation"
+            reset_peak(self.device)
+            evaluate_like_fit(self.model, x, y, batch_size)
+            eval_peak = read_peak(self.device)
             del x, y
-            loss = logs.get("loss") if isinstance(logs, dict) else None
-            detail = ""
-            if loss is not None and not np.isfinite(loss):
-                detail = "loss is not finite at this batch size (memory measured anyway)"
-            outcome = "fits"
-            if self.budget_bytes is not None and peak is not None:
-                if peak > self.budget_bytes:
-                    outcome, detail = "over_budget", "measured peak exceeds the budget"
-                elif peak >= (1.0 - self.limit_margin) * self.budget_bytes:
-                    outcome = "at_limit"
-                    detail = (f"peak within {self.limit_margin:.0%} of the budget: too close "
-                              f"to count as fitting (near the cap the same size fits in one "
-                              f"process and not in the next)")
-            probe = Probe(
-                batch_size=batch_size, fits=outcome == "fits", outcome=outcome,
-                peak_bytes=peak, seconds=time.perf_counter() - t0,
-                step_seconds=statistics.median(step_times[1:]) if len(step_times) > 1 else None,
-                detail=detail)
+            peak = None if train_peak is None else max(train_peak, eval_peak or 0)
+            probe = self._outcome(batch_size, logs, peak, eval_peak, step_times, t0)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a probe outcome
+            where = "" if phase == "training" else "in the validation step: "
             probe = Probe(batch_size=batch_size, fits=False,
                           outcome="oom" if is_oom_error(exc) else "refused", peak_bytes=None,
                           seconds=time.perf_counter() - t0, step_seconds=None,
-                          detail=failure_line(exc))
+                          detail=where + failure_line(exc))
         finally:
             # Outside the handler: the exception's traceback, which keeps the failed step's
             # tensors alive, is released before the state is assigned back. Metrics are reset
@@ -300,3 +378,27 @@ class ProbeRunner:
                 self.model.reset_metrics()
             self.state.restore()
         return probe
+
+    def _outcome(self, batch_size: int, logs: Any, peak: int | None, eval_peak: int | None,
+                 step_times: list[float], t0: float) -> Probe:
+        """The probe of steps that ran: fits, or too close to / over the budget."""
+        loss = logs.get("loss") if isinstance(logs, dict) else None
+        detail = ""
+        if loss is not None and not np.isfinite(loss):
+            detail = "loss is not finite at this batch size (memory measured anyway)"
+        outcome = "fits"
+        if self.budget_bytes is not None and peak is not None:
+            if peak > self.budget_bytes:
+                outcome, detail = "over_budget", "measured peak exceeds the budget"
+            elif peak >= (1.0 - self.limit_margin) * self.budget_bytes:
+                outcome = "at_limit"
+                detail = (f"peak within {self.limit_margin:.0%} of the budget: too close "
+                          f"to count as fitting (near the cap the same size fits in one "
+                          f"process and not in the next)")
+            if outcome != "fits" and eval_peak is not None and eval_peak >= peak:
+                detail += " (in the validation step)"
+        return Probe(
+            batch_size=batch_size, fits=outcome == "fits", outcome=outcome,
+            peak_bytes=peak, seconds=time.perf_counter() - t0,
+            step_seconds=statistics.median(step_times[1:]) if len(step_times) > 1 else None,
+            detail=detail)

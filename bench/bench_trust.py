@@ -1,0 +1,256 @@
+"""Benchmark: does the answer of ``batchfit max`` hold when the user trains?
+
+Independently of the search's own probes: for each case it runs ``find_max_batch_size`` (what
+``batchfit max`` runs) R times, then, for each run, the user's own ``model.fit`` (one epoch of 4
+batches plus a validation pass of 1 batch, ``verbose=0``) in fresh processes, k times at the
+answer (``max_batch_size``) and k times at ``safe_batch_size``, and records how many of the k
+trained. The fresh process is set up as a probe worker is (the backend's
+``worker_environment`` before TensorFlow is imported, ``configure_worker`` after: the capped
+allocator holding its budget as one region, one op at a time, a fixed address-space layout and
+hash seed): ``--settings worker``. ``--settings default`` caps the allocator only, with
+TensorFlow's default CPU behaviour otherwise (what the README's emulation told users before);
+``both`` runs each. One binsearch search per case in the same run gives the wall-time ratio.
+
+Cost per search, confirmations included: probes, out-of-memory errors, seconds. Results go to
+bench/results/trust.json; ``--markdown`` prints the docs table.
+
+    python bench/bench_trust.py                              # all cases, R=5, k=3 (hours)
+    python bench/bench_trust.py --cases cnn:512MiB --runs 2  # one case, two searches
+    python bench/bench_trust.py --markdown bench/results/trust.json
+
+Cases are ``model:memory`` with the models of bench_max.py plus two ``keras.applications``
+architectures built offline (``mobilenetv2``: MobileNetV2 at 96x96, ``resnet50``: ResNet50 at
+64x64, both 10 classes, Adam).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+MODELS = {
+    "cnn": "batchfit.examples.models:cnn",
+    "transformer": "batchfit.examples.models:transformer",
+    "lstm": "batchfit.examples.models:lstm",
+    "demo": "batchfit.examples.models:demo_model",
+    "mobilenetv2": f"{Path(__file__).resolve()}:mobilenetv2",
+    "resnet50": f"{Path(__file__).resolve()}:resnet50",
+}
+DEFAULT_CASES = ["cnn:128MiB", "cnn:256MiB", "transformer:64MiB", "transformer:128MiB",
+                 "lstm:16MiB", "lstm:32MiB", "mobilenetv2:512MiB", "resnet50:512MiB"]
+FIT_BATCHES = 4
+FIT_TIMEOUT = 600.0
+
+
+def mobilenetv2():
+    import keras
+
+    m = keras.applications.MobileNetV2(input_shape=(96, 96, 3), weights=None, classes=10)
+    m.compile("adam", "sparse_categorical_crossentropy")
+    return m
+
+
+def resnet50():
+    import keras
+
+    m = keras.applications.ResNet50(input_shape=(64, 64, 3), weights=None, classes=10)
+    m.compile("adam", "sparse_categorical_crossentropy")
+    return m
+
+
+# ------------------------------------------------------------------------- the user's fit
+
+
+def _fixed_layout() -> None:
+    """Re-exec once with address-space randomization off, as a probe worker does."""
+    if not sys.platform.startswith("linux") or os.environ.get("BATCHFIT_FIXED_LAYOUT"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        current = libc.personality(0xFFFFFFFF)
+        if current != -1 and libc.personality(current | 0x0040000) != -1:
+            os.environ["BATCHFIT_FIXED_LAYOUT"] = "1"
+            os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def child(spec: str, batch: int, budget: int, settings: str) -> None:
+    """In a fresh process: the user's fit at ``batch``; prints one JSON line."""
+    if settings == "worker":
+        _fixed_layout()
+    from batchfit.backend import get_backend
+
+    backend = get_backend()
+    if settings == "worker":
+        backend.configure_worker("CPU:0", budget)
+    out: dict = {"batch": batch}
+    try:
+        model = backend.load_model(spec)
+        batch_fn, _ = backend.make_batch_fn(model, None, None, 0)
+        x, y = batch_fn(FIT_BATCHES * batch)
+        xv, yv = batch_fn(batch)
+        t0 = time.perf_counter()
+        model.fit(x, y, batch_size=batch, epochs=1, validation_data=(xv, yv), verbose=0)
+        out.update(fits=True, seconds=round(time.perf_counter() - t0, 2))
+    except Exception as exc:  # noqa: BLE001 - recorded
+        out.update(fits=False, oom=backend.is_oom_error(exc),
+                   detail=f"{type(exc).__name__}: {str(exc)[:200]}")
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def user_fit(spec: str, batch: int, budget: int, settings: str) -> dict:
+    """The user's fit at ``batch`` in a fresh process under ``settings``."""
+    from batchfit.backend import get_backend
+
+    env = dict(os.environ)
+    if settings == "worker":
+        env.update(get_backend().worker_environment("CPU:0", budget))
+    else:
+        env.update({"TF_CPU_ALLOCATOR_USE_BFC": "true",
+                    "TF_CPU_BFC_MEM_LIMIT_IN_MB": str(budget >> 20),
+                    "TF_ENABLE_ONEDNN_OPTS": "0", "CUDA_VISIBLE_DEVICES": "-1"})
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT),
+                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec, str(batch),
+           str(budget), settings]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=FIT_TIMEOUT,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return {"batch": batch, "fits": False, "detail": "timed out (stalled on memory?)",
+                "wall": round(time.perf_counter() - t0, 1)}
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return {"batch": batch, "fits": False, "wall": round(time.perf_counter() - t0, 1),
+                "detail": f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}"}
+    return {**json.loads(line[7:]), "wall": round(time.perf_counter() - t0, 1)}
+
+
+def fit_k(spec: str, batch: int, budget: int, settings: str, k: int) -> dict:
+    runs = [user_fit(spec, batch, budget, settings) for _ in range(k)]
+    return {"batch": batch, "fitted": sum(r["fits"] for r in runs), "of": k, "runs": runs}
+
+
+# ------------------------------------------------------------------------------- a case
+
+
+def search(spec: str, memory: str, policy: str, confirm: int) -> dict:
+    from batchfit.verbs.maxbatch import find_max_batch_size
+
+    r = find_max_batch_size(spec, memory=memory, search=policy, confirm=confirm)
+    band = r.band
+    return {"search": policy, "confirm": confirm, "max_batch_size": r.max_batch_size,
+            "safe_batch_size": r.safe_batch_size, "probes": len(r.probes),
+            "ooms": r.oom_count, "seconds": round(r.seconds, 1),
+            "band": None if band is None else band.to_dict(),
+            "margin_bytes": None if band is None else band.margin_bytes}
+
+
+def run_case(case: str, runs: int, k: int, confirm: int, settings: list[str],
+             out: Path, data: dict) -> dict:
+    from batchfit.core.sizes import parse_size
+
+    name, memory = case.split(":")
+    spec, budget = MODELS[name], parse_size(memory)
+    row: dict = {"case": case, "model": name, "memory": memory, "runs": []}
+    data["cases"].append(row)
+    for i in range(runs):
+        found = search(spec, memory, "guided", confirm)
+        print(f"{case} run {i + 1}: max {found['max_batch_size']} safe "
+              f"{found['safe_batch_size']} ({found['probes']} probes, {found['ooms']} OOM, "
+              f"{found['seconds']} s)", flush=True)
+        for s in settings:
+            found[f"fit_max_{s}"] = fit_k(spec, found["max_batch_size"], budget, s, k)
+            found[f"fit_safe_{s}"] = fit_k(spec, found["safe_batch_size"], budget, s, k)
+            print(f"  {s}: max trained {found[f'fit_max_{s}']['fitted']}/{k}, safe "
+                  f"{found[f'fit_safe_{s}']['fitted']}/{k}", flush=True)
+        row["runs"].append(found)
+        out.write_text(json.dumps(data, indent=2) + "\n")
+    row["binsearch"] = search(spec, memory, "binsearch", 0)
+    guided = statistics.median(r["seconds"] for r in row["runs"])
+    row["time_ratio_vs_binsearch"] = round(guided / max(1e-9, row["binsearch"]["seconds"]), 2)
+    answers = [r["max_batch_size"] for r in row["runs"]]
+    widths = [r["band"]["never"] - r["band"]["reliable"] for r in row["runs"]
+              if r["band"] and r["band"].get("never") is not None]
+    row["answers"] = answers
+    row["answer_spread"] = max(answers) - min(answers)
+    row["widest_band"] = max(widths, default=None)
+    row["runs_agree_within_band"] = bool(widths) and row["answer_spread"] <= max(widths)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    return row
+
+
+# ------------------------------------------------------------------------------ the table
+
+
+def markdown(data: dict) -> str:
+    settings = data.get("settings", ["worker"])
+    head = ("| case | run | max | safe (margin) | " + " | ".join(
+        f"fit@max {s} | fit@safe {s}" for s in settings)
+        + " | probes | OOMs | s | binsearch s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in data["cases"]:
+        for i, r in enumerate(row["runs"], 1):
+            margin = r.get("margin_bytes")
+            m = f" ({margin / (1 << 20):.0f} MiB)" if margin else ""
+            fits = " | ".join(
+                f"{r[f'fit_max_{s}']['fitted']}/{r[f'fit_max_{s}']['of']} | "
+                f"{r[f'fit_safe_{s}']['fitted']}/{r[f'fit_safe_{s}']['of']}" for s in settings
+                if f"fit_max_{s}" in r)
+            b = row.get("binsearch", {})
+            lines.append(f"| {row['case']} | {i} | {r['max_batch_size']} | "
+                         f"{r['safe_batch_size']}{m} | {fits} | {r['probes']} | {r['ooms']} | "
+                         f"{r['seconds']} | {b.get('seconds', '-')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
+    ap.add_argument("--runs", type=int, default=5, help="searches per case (R, default 5)")
+    ap.add_argument("--k", type=int, default=3, help="user fits per size (default 3)")
+    ap.add_argument("--confirm", type=int, default=3, help="the search's confirm= (default 3)")
+    ap.add_argument("--settings", choices=["worker", "default", "both"], default="both")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "trust.json"))
+    ap.add_argument("--label", default="", help="a note saved with the results")
+    ap.add_argument("--markdown", metavar="JSON", help="print the table of a saved run")
+    args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
+    settings = ["worker", "default"] if args.settings == "both" else [args.settings]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = {"benchmark": "trust", "label": args.label, "command": " ".join(sys.argv),
+            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                        "platform": platform.platform()},
+            "runs": args.runs, "k": args.k, "confirm": args.confirm, "settings": settings,
+            "fit": f"{FIT_BATCHES} batches + 1 validation batch, 1 epoch, fresh process",
+            "cases": []}
+    t0 = time.perf_counter()
+    for case in args.cases:
+        run_case(case, args.runs, args.k, args.confirm, settings, out, data)
+    data["seconds"] = round(time.perf_counter() - t0, 1)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    print(markdown(data))
+
+
+if __name__ == "__main__":
+    main()
