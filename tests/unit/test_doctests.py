@@ -16,7 +16,7 @@ MODULES = [
     "batchfit.results.fit", "batchfit.results.check", "batchfit.results.noise",
     "batchfit.errors", "batchfit.core.fit_control", "batchfit.core.validate",
     "batchfit.backend", "batchfit.backend.memory", "batchfit.backend.machine", "batchfit.verbs.resolve",
-    "batchfit.workers.stall", "batchfit.workers.server",
+    "batchfit.workers.stall", "batchfit.workers.server", "batchfit.backend.keras_common.sampler",
 ]
 
 
