@@ -51,7 +51,7 @@ def test_switching_keras_backend_after_import_is_refused() -> None:
 
 
 @pytest.mark.parametrize("call", [
-    lambda b: b.check_fit_model(None),
+    lambda b: b.fit_strategy("mirrored", None),
     lambda b: b.resolve_distribute("mirrored"),
     lambda b: b.make_strategy(),
 ])

@@ -5,7 +5,8 @@ batches through :mod:`batchfit.backend.keras_common` (Keras-generic, shared with
 the model's own ``train_step`` jitted and run on a copy of its state (:mod:`.step`); probes
 (:mod:`.probe`: real steps on a GPU, compile-time memory on a CPU), compile-time memory
 (:mod:`.compiled`), throughput (:mod:`.throughput`), per-example gradient norms
-(:mod:`.noise`) and the layer checks (:mod:`.check_layer`). ``fit`` and multi-worker
+(:mod:`.noise`), the layer checks (:mod:`.check_layer`) and the resilient fit
+(:mod:`.fitting`: arrays, one device, no donated state). Distribution and multi-worker
 collectives are not implemented on JAX yet: they raise
 :class:`~batchfit.errors.MissingBackendError` saying so. ``KERAS_BACKEND`` must be ``jax``
 before Keras is imported (the CLI's ``--backend jax`` and :func:`batchfit.use_backend` set
@@ -242,20 +243,29 @@ class JaxBackend(Backend):
         return measure_throughput(model, batch_fn, sizes, plan, device=device,
                                   gpu_metrics=gpu_metrics)
 
-    # -- fit -----------------------------------------------------------------------------------
+    # -- fit: the resilient fit (arrays, one device; see .fitting) ------------------------------
     def check_fit_model(self, model: Any) -> None:
-        raise _not_yet("batchfit.fit (the resilient fit)")
+        from .fitting import check_fit_model
+
+        check_fit_model(model)
 
     def fit_strategy(self, distribute: Any, model: Any) -> Any:
-        raise _not_yet("batchfit.fit (the resilient fit)")
+        if distribute is None:
+            return None
+        raise _not_yet("batchfit.fit with distribute=")
 
     def fit_inputs(self, x: Any, batch_size: int | None) -> tuple[Any, int | None]:
-        raise _not_yet("batchfit.fit (the resilient fit)")
+        from .fitting import fit_inputs
+
+        return fit_inputs(x, batch_size)
 
     def run_fit(self, model: Any, x: Any, y: Any, *, control: Any, strategy: Any,
                 fit_batch: int | None, logger: Any, fit_kwargs: dict[str, Any]
                 ) -> tuple[Any, int]:
-        raise _not_yet("batchfit.fit (the resilient fit)")
+        from .fitting import run_fit
+
+        return run_fit(model, x, y, control=control, strategy=strategy, fit_batch=fit_batch,
+                       logger=logger, fit_kwargs=fit_kwargs)
 
     def fit_multiworker_session(self, model: Any, strategy: Any, timeout: float | None) -> Any:
         raise _not_yet("multi-worker training")
