@@ -52,7 +52,7 @@ def test_switching_keras_backend_after_import_is_refused() -> None:
 
 @pytest.mark.parametrize("call", [
     lambda b: b.fit_strategy("mirrored", None),
-    lambda b: b.resolve_distribute("mirrored"),
+    lambda b: b.upstream_fit_works(None),
     lambda b: b.make_strategy(),
 ])
 def test_what_is_not_on_jax_yet_says_so(call) -> None:

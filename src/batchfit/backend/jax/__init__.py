@@ -192,26 +192,30 @@ class JaxBackend(Backend):
             return False
         return any(isinstance(layer, keras.layers.BatchNormalization) for layer in layers)
 
-    # -- distribution: one device (keras.distribution: see docs/jax.md) -------------------------
+    # -- distribution: keras.distribution.DataParallel over this host's devices -------------
     def resolve_distribute(self, distribute: Any, model: Any = None) -> Any:
-        if distribute is None:
-            return None
-        raise _not_yet("distribute= (keras.distribution.DataParallel)")
+        from .distribute import resolve_distribution
+
+        return resolve_distribution(distribute, model)
 
     def is_multiworker(self, strategy: Any) -> bool:
         return False
 
     def num_replicas(self, strategy: Any) -> int:
-        return 1
+        from .distribute import num_replicas
+
+        return num_replicas(strategy)
 
     def distribute_name(self, strategy: Any) -> str:
-        return ""
+        return "" if strategy is None else "data_parallel"
 
     def probe_device(self, strategy: Any) -> str:
         return self.default_device()
 
     def smallest_device_memory(self, strategy: Any) -> tuple[int | None, str]:
-        return None, ""
+        from .distribute import smallest_device_memory
+
+        return smallest_device_memory(strategy)
 
     def make_strategy(self, timeout_seconds: float | None = None) -> Any:
         raise _not_yet("multi-worker training")
@@ -238,7 +242,12 @@ class JaxBackend(Backend):
 
     def measure_throughput(self, model: Any, batch_fn: BatchFn, sizes: list[int], plan: Any, *,
                            device: str, gpu_metrics: bool) -> tuple[list[Any], float]:
+        import keras
+
         from .throughput import measure_throughput
+
+        if keras.distribution.distribution() is not None:
+            raise _not_yet("tune under a keras.distribution")
 
         return measure_throughput(model, batch_fn, sizes, plan, device=device,
                                   gpu_metrics=gpu_metrics)
