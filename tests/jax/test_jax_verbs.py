@@ -99,6 +99,13 @@ def test_noise_scale_matches_the_closed_form() -> None:
     r = batchfit.estimate_noise_scale(linear_model(), (x, y), small=4, big=32, steps=128)
     assert r.b_simple == pytest.approx(truth, rel=0.15)
     assert r.low <= truth <= r.high
+    from rich.console import Console
+
+    from batchfit.report.noise import render_noise
+
+    console = Console(record=True, width=120, color_system=None)
+    render_noise(r, console)
+    assert "measured with Keras on jax" in console.export_text()  # the report says so
 
 
 def test_noise_leaves_a_stateful_model_unchanged() -> None:

@@ -17,6 +17,7 @@ MODULES = [
     "batchfit.errors", "batchfit.core.fit_control", "batchfit.core.validate",
     "batchfit.backend", "batchfit.backend.memory", "batchfit.backend.machine", "batchfit.verbs.resolve",
     "batchfit.workers.stall", "batchfit.workers.server", "batchfit.backend.keras_common.sampler",
+    "batchfit.report.backend",
 ]
 
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ..results.check import CHECKS, CheckResult, LayerReport
+from .backend import backend_line
 
 __all__ = ["render_check"]
 
@@ -53,6 +54,9 @@ def render_check(result: CheckResult, console: Console | None = None) -> None:
                                     ("  not checked: ", "dim"), skip.reason))
     for note in result.notes:
         console.print(Text.assemble(("note: ", "dim"), note))
+    line = backend_line(result.environment)
+    if line:
+        console.print(Text.assemble((line, "dim")))
     counts = result.counts()
     verdict = ("FAIL" if result.has_errors else "PASS")
     console.print(Text.assemble(

@@ -83,6 +83,10 @@ class JaxProbeRunner:
         self.model = model
         self.batch_fn = batch_fn
         self.steps = steps
+        if device:
+            from . import check_device
+
+            check_device(device)  # GPU:0 where JAX sees none: bad input
         self.kind = device_kind(device)
         self.budget_bytes = budget_bytes
         self.limit_margin = limit_margin
