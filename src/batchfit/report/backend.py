@@ -9,6 +9,8 @@ Example:
 
 >>> backend_line({"backend": "jax", "memory_source": "compile-time"})
 'measured with Keras on jax (memory: compile-time)'
+>>> backend_line({"backend": "jax", "memory_source": "compile-time"}, memory=False)
+'measured with Keras on jax'
 >>> backend_line({"tensorflow": "2.21.0"}) is None
 True
 """
@@ -18,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 
-def backend_line(environment: Mapping[str, str] | None) -> str | None:
-    """``"measured with Keras on NAME ..."`` for a non-TensorFlow backend, else ``None``."""
+def backend_line(environment: Mapping[str, str] | None, *, memory: bool = True) -> str | None:
+    """``"measured with Keras on NAME ..."`` for a non-TensorFlow backend, else ``None``;
+    ``memory=False`` leaves out where memory figures come from (a result without any)."""
     name = (environment or {}).get("backend", "tensorflow")
     if name == "tensorflow":
         return None
-    source = (environment or {}).get("memory_source")
+    source = (environment or {}).get("memory_source") if memory else None
     return f"measured with Keras on {name}" + (f" (memory: {source})" if source else "")

@@ -54,7 +54,7 @@ def render_check(result: CheckResult, console: Console | None = None) -> None:
                                     ("  not checked: ", "dim"), skip.reason))
     for note in result.notes:
         console.print(Text.assemble(("note: ", "dim"), note))
-    line = backend_line(result.environment)
+    line = backend_line(result.environment, memory=False)
     if line:
         console.print(Text.assemble((line, "dim")))
     counts = result.counts()

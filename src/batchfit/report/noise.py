@@ -66,7 +66,7 @@ def render_noise(result: NoiseScaleResult, console: Console | None = None) -> No
             "progresses, so a value measured at the start is a lower bound.", highlight=False)
     for note in result.notes:
         console.print(f"[dim]note: {_escape(note)}[/dim]", highlight=False)
-    line = backend_line(result.environment)
+    line = backend_line(result.environment, memory=False)
     if line:
         console.print(f"[dim]{_escape(line)}[/dim]", highlight=False)
 
