@@ -118,3 +118,24 @@ def test_noise_leaves_a_stateful_model_unchanged() -> None:
     r = batchfit.estimate_noise_scale(model, (x, y), small=8, big=32, steps=4)
     assert _unchanged(model, before)
     assert np.isfinite(r.b_simple) and any("BatchNormalization" in n for n in r.notes)
+
+
+def test_the_gpu_probe_path_restores_the_donated_state_even_after_a_failed_step() -> None:
+    """The GPU probe (run here on CPU, where it reads no peak) donates the model's own state
+    to the step, as Keras's training does; a step that fails while running (out-of-memory
+    injected by a real layer, tests/jax_fit_models.py) deletes those buffers, and the probe
+    puts the model back from its host copy."""
+    from jax_fit_models import data, model
+
+    from batchfit.backend.jax.probe import JaxProbeRunner
+
+    m = model(limit=8)
+    x, y = data(16)
+    before = _values(m)
+    runner = JaxProbeRunner(m, lambda b: (x[:b], y[:b]), steps=2, device="CPU:0",
+                            budget_bytes=None)
+    runner.kind = "gpu"  # the measured path
+    ok, oom = runner.run(8), runner.run(16)
+    assert ok.outcome == "fits" and ok.step_seconds is not None and ok.peak_bytes is None
+    assert oom.outcome == "oom" and "RESOURCE_EXHAUSTED" in oom.detail
+    assert _unchanged(m, before)  # readable (not deleted) and bitwise as before

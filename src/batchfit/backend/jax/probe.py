@@ -3,9 +3,11 @@
 On a GPU (written for it, **not yet run on one**: see ``docs/jax.md``), a worker process
 starts with XLA's allocator sized to the budget (``XLA_PYTHON_CLIENT_MEM_FRACTION`` of the
 device, preallocated, as JAX's default BFC pool), runs ``steps`` real training steps at the
-batch size (the model's own ``train_step`` on a copy of its state), reads the peak from
+batch size (the model's own jitted ``train_step``, its state donated as in Keras's training,
+so held once; restored from a host copy afterwards), reads the peak from
 ``device.memory_stats()["peak_bytes_in_use"]``, and takes ``RESOURCE_EXHAUSTED`` as out of
-memory.
+memory. JAX cannot reset that peak: each probe needs a fresh worker (``fresh=True``, the
+default).
 
 On a CPU, JAX has no allocator cap and ``memory_stats()`` is ``None``: nothing could measure
 a step under a budget. The probe compiles the step instead (nothing runs) and takes the
@@ -29,6 +31,8 @@ from __future__ import annotations
 import statistics
 import time
 from typing import Any
+
+import numpy as np
 
 from ...errors import error_line
 from ...results import Probe
@@ -102,7 +106,7 @@ class JaxProbeRunner:
         try:
             if self.kind == "cpu":
                 peak, step_seconds, detail = self._compiled(batch_size)
-            else:  # pragma: no cover - needs a GPU (bench/gpu_check.py)
+            else:  # a GPU (the peak); tests run it on CPU, where there is no peak
                 peak, step_seconds, detail = self._measured(batch_size)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a probe outcome
             return Probe(batch_size=batch_size, fits=False,
@@ -125,18 +129,29 @@ class JaxProbeRunner:
         memory = compiled_step_memory(self.model, b)
         return memory.total_bytes, None, CPU_DETAIL
 
-    def _measured(self, b: int) -> tuple[int | None, float | None, str]:  # pragma: no cover
-        data = self.runner.batch(b)
-        fn = self.runner.compiled(b, data)
-        state = self.runner.fresh_state()
-        times = []
-        for _ in range(self.steps):
-            s = time.perf_counter()
-            logs, state = fn(state, data)
-            from .step import block
+    def _measured(self, b: int) -> tuple[int | None, float | None, str]:
+        """``steps`` real steps as Keras runs them: the model's own state donated to the
+        step (held once on the device, as in training), restored from a host copy after,
+        whether the steps ran or failed (a failed step leaves the donated buffers deleted)."""
+        from .compiled import state_groups
+        from .step import block
 
-            block(logs)
-            times.append(time.perf_counter() - s)
-        del state, data
+        snapshot = [[np.array(v.value, copy=True) for v in g] for g in state_groups(self.model)]
+        times: list[float] = []
+        try:
+            data = self.runner.batch(b)
+            fn = self.runner.compiled(b, data)
+            state = tuple([v.value for v in g] for g in state_groups(self.model))
+            for _ in range(self.steps):
+                s = time.perf_counter()
+                logs, state = fn(state, data)
+                block(logs)
+                times.append(time.perf_counter() - s)
+            peak = read_peak()
+            del state, data
+        finally:
+            for group, values in zip(state_groups(self.model), snapshot):
+                for variable, value in zip(group, values):
+                    variable.assign(value)
         step = statistics.median(times[1:]) if len(times) > 1 else None
-        return read_peak(), step, "measured: peak_bytes_in_use of the device"
+        return peak, step, "measured: peak_bytes_in_use of the device"
