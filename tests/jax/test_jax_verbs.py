@@ -139,3 +139,26 @@ def test_the_gpu_probe_path_restores_the_donated_state_even_after_a_failed_step(
     assert ok.outcome == "fits" and ok.step_seconds is not None and ok.peak_bytes is None
     assert oom.outcome == "oom" and "RESOURCE_EXHAUSTED" in oom.detail
     assert _unchanged(m, before)  # readable (not deleted) and bitwise as before
+
+
+def _sequence_model():
+    import keras
+
+    m = keras.Sequential([keras.Input((None, 4)), keras.layers.Dense(32),
+                          keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)])
+    m.compile("adam", "mse")
+    return m
+
+
+def test_max_on_cpu_compiles_for_the_users_data_when_given() -> None:
+    """With data=, the compiled batch takes the data's shapes (a sequence length the model
+    leaves open) and dtypes as JAX receives them (float64 arrives as float32)."""
+    rng = np.random.default_rng(0)
+    results = {}
+    for steps, dtype in ((10, "float32"), (40, "float32"), (40, "float64")):
+        x = rng.normal(size=(64, steps, 4)).astype(dtype)
+        y = rng.normal(size=(64, 1)).astype(dtype)
+        results[steps, dtype] = batchfit.find_max_batch_size(
+            _sequence_model, memory=1 << 20, isolate="none", data=(x, y)).max_batch_size
+    assert results[40, "float32"] < results[10, "float32"]     # longer sequences: fewer
+    assert results[40, "float64"] == results[40, "float32"]   # float64 is float32 on JAX

@@ -66,22 +66,29 @@ def abstract(tree: Any) -> Any:
     def leaf(a: Any) -> Any:
         if a is None:
             return None
-        return jax.ShapeDtypeStruct(tuple(a.shape), np.dtype(getattr(a.dtype, "name", a.dtype)))
+        dtype = np.dtype(getattr(a.dtype, "name", a.dtype))
+        return jax.ShapeDtypeStruct(tuple(a.shape), jax.dtypes.canonicalize_dtype(dtype))
 
     return jax.tree_util.tree_map(leaf, tree)
 
 
 def batch_structs(model: Any, batch_size: int, input_shapes: Any = None,
-                  seed: int = 0) -> tuple[Any, Any, tuple[Any, Any]]:
+                  seed: int = 0, example: Any = None) -> tuple[Any, Any, tuple[Any, Any]]:
     """``(x_struct, y_struct, (x1, y1))``: the batch as shapes of ``batch_size`` examples and a
-    real batch of one (synthesized from the model's inputs and loss) to build with."""
+    real batch of one to build with: ``example`` (``(x, y)`` of the user's data) or one
+    synthesized from the model's inputs and loss."""
     import jax
 
-    x1, y1 = synthesize_batch(model, 1, input_shapes=input_shapes, seed=seed)
+    if example is not None:
+        x1, y1 = jax.tree_util.tree_map(lambda a: np.asarray(a)[:1], tuple(example))
+    else:
+        x1, y1 = synthesize_batch(model, 1, input_shapes=input_shapes, seed=seed)
 
     def grow(a: Any) -> Any:
+        # as JAX receives it: float64 is float32 unless x64 is enabled
         a = np.asarray(a)
-        return jax.ShapeDtypeStruct((batch_size, *a.shape[1:]), a.dtype)
+        return jax.ShapeDtypeStruct((batch_size, *a.shape[1:]),
+                                    jax.dtypes.canonicalize_dtype(a.dtype))
 
     return jax.tree_util.tree_map(grow, x1), jax.tree_util.tree_map(grow, y1), (x1, y1)
 
@@ -93,14 +100,16 @@ def _nbytes(structs: Any) -> int:
                    for s in jax.tree_util.tree_leaves(structs)))
 
 
-def compiled_step_memory(model: Any, batch_size: int, *, input_shapes: Any = None
-                         ) -> CompiledStepMemory:
+def compiled_step_memory(model: Any, batch_size: int, *, input_shapes: Any = None,
+                         example: Any = None) -> CompiledStepMemory:
     """Bytes of ``model``'s jitted training step at ``batch_size``, by kind, nothing run.
 
     Args:
         model: a compiled Keras model (JAX backend).
         batch_size: the batch size to compile for (a positive integer).
         input_shapes: shapes for dynamic (``None``) non-batch dimensions, as for ``max``.
+        example: ``(x, y)`` of the user's data whose per-example shapes and dtypes the batch
+            takes (default: synthesized from the model).
 
     Raises:
         InvalidInputError: the step cannot be compiled at this size (the compiler's message).
@@ -108,7 +117,7 @@ def compiled_step_memory(model: Any, batch_size: int, *, input_shapes: Any = Non
     import jax
 
     batch_size = check_int("batch_size", batch_size, minimum=1)
-    x_s, y_s, (x1, y1) = batch_structs(model, batch_size, input_shapes)
+    x_s, y_s, (x1, y1) = batch_structs(model, batch_size, input_shapes, example=example)
     build_state(model, x1, y1)
     groups = state_groups(model)
     state = tuple(abstract(g) for g in groups)

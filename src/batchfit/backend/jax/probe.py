@@ -95,6 +95,7 @@ class JaxProbeRunner:
         self.budget_bytes = budget_bytes
         self.limit_margin = limit_margin
         self.runner = StepRunner(model, batch_fn)
+        self._example: Any = None
 
     def warm_up(self, sizes: tuple[int, ...] = (1, 2)) -> tuple[bool, str] | None:
         """Nothing to warm up: JAX compiles one program per batch shape, each probe its own."""
@@ -126,7 +127,9 @@ class JaxProbeRunner:
                      step_seconds=step_seconds, detail=detail)
 
     def _compiled(self, b: int) -> tuple[int, float | None, str]:
-        memory = compiled_step_memory(self.model, b)
+        if self._example is None:
+            self._example = self.batch_fn(1)  # the batches' own shapes and dtypes (data=)
+        memory = compiled_step_memory(self.model, b, example=self._example)
         return memory.total_bytes, None, CPU_DETAIL
 
     def _measured(self, b: int) -> tuple[int | None, float | None, str]:
