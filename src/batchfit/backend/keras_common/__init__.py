@@ -12,8 +12,8 @@ The modules still live in ``backend/tensorflow/`` (``loader``, ``synth``, ``data
 ``check_targets``, ``keras_compat``, and ``check_layer``'s
 :class:`LayerProbe`, whose TensorFlow-only methods the JAX probe overrides), where other work in progress edits them; this package is
 the one place a second backend reaches them, so moving them here later changes no caller.
-``tests/jax/test_keras_common.py`` checks that using them under ``KERAS_BACKEND=jax`` never
-imports TensorFlow.
+Every test under ``tests/jax`` checks that using them under ``KERAS_BACKEND=jax`` never
+imports TensorFlow (``tests/jax/conftest.py``).
 
 Example:
 
