@@ -38,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ["KERAS_BACKEND"] = "jax"  # before anything imports Keras (it reads it once)
+# This process must not take 75% of the GPU when JAX starts: the probe workers each
+# preallocate a pool of the budget on the same device (JaxBackend sets the same default).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))

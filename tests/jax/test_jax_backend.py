@@ -77,3 +77,21 @@ def test_the_example_models_train_on_jax(name) -> None:
     model = backend.load_model(f"batchfit.examples.models:{name}")
     x, y = backend.make_batch_fn(model, None, None, seed=0)[0](3)
     assert np.isfinite(model.train_on_batch(x, y))
+
+
+def test_a_gpu_worker_gets_a_pool_of_the_budget_and_this_process_none() -> None:
+    import os
+
+    from batchfit.backend.jax import gpu_budget_environment
+
+    backend = get_backend()
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"  # set by the backend here
+    env = gpu_budget_environment(8 << 30, total_bytes=80 << 30)
+    assert env == {"XLA_PYTHON_CLIENT_PREALLOCATE": "true",
+                   "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.1000"}
+    with pytest.raises(InvalidInputError, match="exceeds the GPU"):
+        gpu_budget_environment(90 << 30, total_bytes=80 << 30)
+    # No NVML on this machine: a GPU budget cannot be sized, said instead of guessed
+    with pytest.raises(InvalidInputError, match="nvidia-ml-py"):
+        backend.worker_environment("GPU:0", 1 << 30)
+    assert backend.worker_environment("CPU:0", 1 << 30)["JAX_PLATFORMS"] == "cpu"

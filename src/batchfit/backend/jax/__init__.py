@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,12 @@ class JaxBackend(Backend):
     """Keras 3 on JAX: the model's jitted ``train_step``, XLA's compile-time memory."""
 
     name = "jax"
+
+    def __init__(self) -> None:
+        # JAX preallocates 75% of a GPU when its client starts. This process (the CLI, the
+        # user's) must not: the probe workers each preallocate a pool of the budget on the
+        # same device. The user's own setting, and a worker's (its environment), win.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
     # -- models and data ---------------------------------------------------------------------
     def is_model(self, obj: Any) -> bool:
@@ -156,8 +163,8 @@ class JaxBackend(Backend):
         if device.upper().startswith("CPU"):
             env["JAX_PLATFORMS"] = "cpu"
             return env
-        env.update(gpu_budget_environment(budget_bytes))  # pragma: no cover - needs a GPU
-        return env  # pragma: no cover
+        env.update(gpu_budget_environment(budget_bytes))
+        return env
 
     def preload(self) -> None:
         import jax  # noqa: F401
@@ -343,14 +350,33 @@ def check_device(device: str) -> str:
     return d
 
 
-def gpu_budget_environment(budget_bytes: int | None) -> dict[str, str]:  # pragma: no cover
-    """XLA's GPU pool preallocated at ``budget_bytes`` (as a fraction of the device's total)."""
+def gpu_budget_environment(budget_bytes: int | None,
+                           total_bytes: int | None = None) -> dict[str, str]:
+    """XLA's GPU pool preallocated at ``budget_bytes``: JAX takes the pool's size only as a
+    fraction of the device's total (``XLA_PYTHON_CLIENT_MEM_FRACTION``), read through NVML.
+
+    Raises:
+        InvalidInputError: a budget, and the device's total unknown (no NVML).
+
+    Example:
+
+    >>> gpu_budget_environment(8 << 30, total_bytes=80 << 30)["XLA_PYTHON_CLIENT_MEM_FRACTION"]
+    '0.1000'
+    """
     from ..memory import gpu_total_bytes
 
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
-    total, _ = gpu_total_bytes(0)
-    if budget_bytes is not None and total:
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(0.99, budget_bytes / total):.4f}"
+    if budget_bytes is None:
+        return env
+    total = total_bytes if total_bytes is not None else gpu_total_bytes(0)[0]
+    if not total:
+        raise InvalidInputError(
+            "a GPU budget on JAX is a share of the device's memory, and its total is unknown "
+            "here: install nvidia-ml-py (pip install 'batchfit[gpu]') so NVML can read it")
+    if budget_bytes > total:
+        raise InvalidInputError(f"the budget ({budget_bytes} bytes) exceeds the GPU's memory "
+                                f"({total} bytes)")
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{budget_bytes / total:.4f}"
     return env
 
 
