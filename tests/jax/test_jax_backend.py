@@ -89,6 +89,9 @@ def test_a_gpu_worker_gets_a_pool_of_the_budget_and_this_process_none() -> None:
     env = gpu_budget_environment(8 << 30, total_bytes=80 << 30)
     assert env == {"XLA_PYTHON_CLIENT_PREALLOCATE": "true",
                    "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.1000"}
+    # the whole device (memory= not given): at most 95%, the CUDA context needs the rest
+    assert gpu_budget_environment(80 << 30, total_bytes=80 << 30)[
+        "XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9500"
     with pytest.raises(InvalidInputError, match="exceeds the GPU"):
         gpu_budget_environment(90 << 30, total_bytes=80 << 30)
     # No NVML on this machine: a GPU budget cannot be sized, said instead of guessed

@@ -29,6 +29,8 @@ from ...errors import InvalidInputError, MissingBackendError
 from .. import Backend, BatchFn
 
 MiB = 1 << 20
+#: The largest share of a GPU a probe worker's pool takes (the rest: CUDA context, libraries).
+MAX_POOL_FRACTION = 0.95
 
 
 def _not_yet(what: str) -> MissingBackendError:
@@ -376,7 +378,8 @@ def gpu_budget_environment(budget_bytes: int | None,
     if budget_bytes > total:
         raise InvalidInputError(f"the budget ({budget_bytes} bytes) exceeds the GPU's memory "
                                 f"({total} bytes)")
-    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{budget_bytes / total:.4f}"
+    # At most 95%: the CUDA context and libraries take their share outside the pool.
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(MAX_POOL_FRACTION, budget_bytes / total):.4f}"
     return env
 
 
