@@ -39,7 +39,7 @@ def _command(name: str) -> ModuleType:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchfit",
-        description="Measure the batch size to train a Keras 3 / TensorFlow model with.")
+        description="Measure the batch size to train a Keras 3 model with (TensorFlow or JAX).")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--backend", default=None, metavar="NAME",
                         help="the Keras backend to measure with: tensorflow or jax (default: "
