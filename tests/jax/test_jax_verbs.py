@@ -37,6 +37,14 @@ def test_check_runs_the_neutral_checks_and_says_what_is_tensorflow_only() -> Non
     # JAX's retracing: the partial last batch compiled programs of their own, reported
     assert "one program per batch shape" in layer.details["partial_batch"]
     assert r.environment["backend"] == "jax"
+    from rich.console import Console
+
+    from batchfit.report.check import render_check
+
+    console = Console(record=True, width=200, color_system=None)
+    render_check(r, console)
+    text = console.export_text()
+    assert "fit traced the layer" in text and "measured with Keras on jax" in text
 
 
 def test_check_finds_the_memory_aware_layers_limit() -> None:

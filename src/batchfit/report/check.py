@@ -101,6 +101,9 @@ def _render_layer(result: CheckResult, report: LayerReport, console: Console) ->
     skipped = [(c, s) for c, s in report.statuses.items() if s.startswith("skipped")]
     for check, status in skipped:
         console.print(Text(f"  skip  {check}: {status.partition(': ')[2]}", style="dim"))
+    compiled = report.details.get("partial_batch", "").partition("; fit traced")[2]
+    if compiled:  # JAX: what stands for TensorFlow's retracing count
+        console.print(Text(f"  fit traced{compiled}", style="dim"))
     if report.details.get("retracing") or report.details.get("batch_limit"):
         bits = [report.details[k] for k in ("retracing",) if k in report.details]
         limit = report.details.get("batch_limit")
