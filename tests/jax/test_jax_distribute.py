@@ -54,3 +54,21 @@ def test_an_unknown_distribution_is_bad_input() -> None:
 
     with pytest.raises(InvalidInputError, match="data_parallel"):
         get_backend().resolve_distribute("parameter_server")
+
+
+def test_tune_under_a_distribution_says_it_is_not_on_jax_yet() -> None:
+    import jax
+    import keras
+
+    import batchfit
+    from batchfit.errors import MissingBackendError
+    from batchfit.examples import portable
+
+    model = portable.seed_mlp()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    try:
+        with pytest.raises(MissingBackendError, match="tune under a keras.distribution"):
+            batchfit.profile_throughput(model, [4], window_seconds=0.01, windows=2,
+                                        max_windows=2)
+    finally:
+        keras.distribution.set_distribution(None)
