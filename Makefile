@@ -11,12 +11,12 @@ STAMP  := $(VENV)/.batchfit-installed
 # no preset download); versions are pinned in constraints.txt.
 HUB_PACKAGES := keras-hub regex tokenizers
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast test-jax lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[cpu,plot,test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[cpu,jax,plot,test]"
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt $(HUB_PACKAGES)
 	touch $(STAMP)
 
@@ -26,12 +26,20 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples
 
+# tests/jax run in a pytest of their own: Keras reads KERAS_BACKEND once, at import, so one
+# process cannot hold the TensorFlow suite and the JAX one (tests/conftest.py leaves tests/jax
+# out of a run whose KERAS_BACKEND is not jax).
 test: lint
-	$(PY) -m pytest
+	KERAS_BACKEND=tensorflow $(PY) -m pytest
+	KERAS_BACKEND=jax $(PY) -m pytest tests/jax
+
+test-jax: $(STAMP)
+	KERAS_BACKEND=jax $(PY) -m pytest tests/jax
 
 # unit/ and integration/ only (tests/process/ is marked slow by folder): under 2 minutes
 test-fast: lint
-	$(PY) -m pytest -m "not slow"
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -m "not slow"
+	KERAS_BACKEND=jax $(PY) -m pytest tests/jax -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/bench_max.py

@@ -6,7 +6,8 @@
   (``get_memory_info('CPU:0')`` raises "Allocator stats not available").
 - The folders are the kinds of test: ``unit/`` (pure logic, no TensorFlow), ``integration/``
   (real Keras in this process), ``process/`` (worker processes, child processes, the CLI as a
-  command: every test there is marked ``slow``, so ``make test-fast`` leaves them out).
+  command: every test there is marked ``slow``, so ``make test-fast`` leaves them out);
+  ``jax/`` (Keras on JAX, run by ``KERAS_BACKEND=jax pytest tests/jax``, left out otherwise).
 - Fixtures: :func:`run_cli` (the ``batchfit`` command in a fresh process) and
   :func:`capped_env` (the environment of a child whose CPU allocator is capped).
 """
@@ -27,6 +28,11 @@ os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 PROCESS_TESTS = TESTS / "process"
+
+# tests/jax need Keras on JAX, chosen before Keras is imported: they run in a pytest of their
+# own (`KERAS_BACKEND=jax pytest tests/jax`, which `make test` runs after this suite), and the
+# TensorFlow suite leaves them out.
+collect_ignore = [] if os.environ.get("KERAS_BACKEND", "").strip().lower() == "jax" else ["jax"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -36,6 +36,7 @@ from .results import (
 __version__ = "0.1.0"
 
 _LAZY = {
+    "use_backend": ("batchfit.backend", "use_backend"),
     "find_max_batch_size": ("batchfit.verbs.maxbatch", "find_max_batch_size"),
     "check": ("batchfit.verbs.check", "check"),
     "CheckResult": ("batchfit.results.check", "CheckResult"),
@@ -120,6 +121,7 @@ __all__ = [
     "statistical_efficiency",
     "tune",
     "upstream_fit_works",
+    "use_backend",
     "verify_batch_size",
 ]
 

@@ -3,9 +3,13 @@
 - No import cycle between batchfit's modules, counting imports inside functions too (a lazy
   import still couples two modules: ``distribute -> maxbatch -> multiworker -> resilient ->
   distribute`` was such a circle).
-- Every package but the TensorFlow backend imports without TensorFlow or Keras, checked in a
-  fresh interpreter per package; and no source file outside ``batchfit.backend.tensorflow``
-  names TensorFlow or Keras in an import statement.
+- Every package but the TensorFlow backend imports without TensorFlow, Keras or JAX, checked
+  in a fresh interpreter per package; and no source file names a framework in an import
+  statement outside the backend allowed to: TensorFlow and Keras in
+  ``batchfit.backend.tensorflow``, JAX and Keras in ``batchfit.backend.jax``, Keras alone in
+  ``batchfit.backend.keras_common`` (what every Keras backend shares).
+- The JAX backend reaches the TensorFlow package's Keras-generic modules only through
+  ``batchfit.backend.keras_common``.
 - The pure core imports nothing of batchfit above it (only ``errors``).
 """
 
@@ -22,7 +26,12 @@ import batchfit
 
 PACKAGE = Path(batchfit.__file__).resolve().parent
 BACKEND_PKG = "batchfit.backend.tensorflow"
-FRAMEWORKS = ("tensorflow", "keras", "tf_keras")
+JAX_PKG = "batchfit.backend.jax"
+COMMON_PKG = "batchfit.backend.keras_common"
+FRAMEWORKS = ("tensorflow", "keras", "tf_keras", "jax", "jaxlib")
+#: Which frameworks each backend package may name in an import statement.
+ALLOWED = {BACKEND_PKG: ("tensorflow", "keras", "tf_keras"), JAX_PKG: ("jax", "jaxlib", "keras"),
+           COMMON_PKG: ("keras",)}
 # The built-in example models are Keras models by definition (the seed's layers are TensorFlow
 # custom layers, verbatim): they are the user's side of the seam, not batchfit's.
 USER_SIDE = ("batchfit.examples",)
@@ -113,24 +122,42 @@ def test_cycle_detector_finds_a_planted_cycle() -> None:
     assert _cycles(graph) == [["a", "b", "c"]]
 
 
-def test_only_the_tensorflow_backend_imports_a_framework() -> None:
+def _allowed(name: str) -> tuple[str, ...]:
+    for pkg, frameworks in ALLOWED.items():
+        if name == pkg or name.startswith(pkg + "."):
+            return frameworks
+    return ()
+
+
+def test_only_the_backends_import_a_framework() -> None:
     offenders = []
     for name, path in _modules().items():
-        if name.startswith((BACKEND_PKG, *USER_SIDE)):
+        if name.startswith(USER_SIDE):
             continue
+        allowed = _allowed(name)
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
                      else [])
-            offenders += [f"{name}: {n}" for n in names if n.split(".")[0] in FRAMEWORKS]
+            offenders += [f"{name}: {n}" for n in names
+                          if n.split(".")[0] in FRAMEWORKS and n.split(".")[0] not in allowed]
     assert offenders == [], "\n".join(offenders)
 
 
-def test_verbs_reach_the_backend_only_through_the_seam() -> None:
-    """A verb calls ``get_backend()``; it never imports ``batchfit.backend.tensorflow``
-    (not even lazily)."""
+def test_the_jax_backend_reaches_tensorflow_modules_only_through_keras_common() -> None:
     graph = _graph()
-    bad = {m: sorted(t for t in deps if t == BACKEND_PKG or t.startswith(BACKEND_PKG + "."))
+    bad = {m: sorted(t for t in deps if t.startswith(BACKEND_PKG))
+           for m, deps in graph.items() if m == JAX_PKG or m.startswith(JAX_PKG + ".")}
+    assert {m: d for m, d in bad.items() if d} == {}
+
+
+def test_verbs_reach_the_backend_only_through_the_seam() -> None:
+    """A verb calls ``get_backend()``; it never imports a backend package (TensorFlow, JAX or
+    their shared Keras module), not even lazily."""
+    graph = _graph()
+    backends = (BACKEND_PKG, JAX_PKG, COMMON_PKG)
+    bad = {m: sorted(t for t in deps if t in backends or t.startswith(
+               tuple(b + "." for b in backends)))
            for m, deps in graph.items()
            if m.startswith("batchfit.verbs")}
     assert {m: d for m, d in bad.items() if d} == {}
@@ -151,7 +178,8 @@ def _packages() -> list[str]:
 
 @pytest.mark.parametrize("package", _packages())
 def test_package_imports_without_tensorflow(package: str) -> None:
-    """Importing the package and each of its own modules loads neither TensorFlow nor Keras."""
+    """Importing the package and each of its own modules loads no framework (TensorFlow, Keras,
+    JAX): the JAX backend and the shared Keras module too, whose imports are lazy."""
     modules = [n for n, p in _modules().items()
                if n == package or (n.rpartition(".")[0] == package and p.name != "__init__.py"
                                    and not n.endswith("__main__"))]

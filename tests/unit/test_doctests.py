@@ -20,7 +20,8 @@ MODULES = [
     "batchfit.results.verify", "batchfit.report.verify", "batchfit.emulation",
     "batchfit.emulation.bootstrap", "batchfit.emulation.fit_job", "batchfit.core.estimate",
     "batchfit.results.estimate", "batchfit.report.estimate", "batchfit.verbs.estimate",
-    "batchfit.backend.tensorflow.compiled", "batchfit.core.confirm",
+    "batchfit.backend.tensorflow.compiled", "batchfit.core.confirm", "batchfit.backend.keras_common.sampler",
+    "batchfit.report.backend",
 ]
 
 

@@ -1,9 +1,11 @@
 """The backend seam: every operation that touches a Keras backend goes through :class:`Backend`.
 
 The verbs (:mod:`batchfit.verbs`) orchestrate; they ask :func:`get_backend` for the active
-implementation and never import TensorFlow (or another backend) themselves. One implementation
-exists today, :class:`batchfit.backend.tensorflow.TensorFlowBackend`; a JAX or PyTorch backend
-of Keras 3 is a new subpackage implementing the same methods.
+implementation and never import TensorFlow (or another backend) themselves. Two implementations
+exist, :class:`batchfit.backend.tensorflow.TensorFlowBackend` and
+:class:`batchfit.backend.jax.JaxBackend` (Keras-generic logic they share:
+:mod:`batchfit.backend.keras_common`); a PyTorch backend of Keras 3 would be a new subpackage
+implementing the same methods, named in :data:`SUPPORTED_BACKENDS` and ``_IMPLEMENTATIONS``.
 
 What a backend provides, grouped by who needs it:
 
@@ -52,13 +54,19 @@ from ..errors import MissingBackendError
 from .oom import is_oom_error
 
 #: Keras backends batchfit has an implementation for.
-SUPPORTED_BACKENDS: tuple[str, ...] = ("tensorflow",)
+SUPPORTED_BACKENDS: tuple[str, ...] = ("tensorflow", "jax")
 #: What installs each supported backend's framework.
 INSTALL_HINTS: dict[str, str] = {
     "tensorflow": "pip install 'batchfit[cpu]' (or 'batchfit[cuda]' on an NVIDIA GPU)",
+    "jax": "pip install 'batchfit[jax]' (jax[cpu]; on an NVIDIA GPU also 'jax[cuda12]')",
 }
 #: The Python module each backend's framework is imported as.
-_FRAMEWORK_MODULE: dict[str, str] = {"tensorflow": "tensorflow"}
+_FRAMEWORK_MODULE: dict[str, str] = {"tensorflow": "tensorflow", "jax": "jax"}
+#: Where each backend's implementation lives (module, class).
+_IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
+    "tensorflow": ("batchfit.backend.tensorflow", "TensorFlowBackend"),
+    "jax": ("batchfit.backend.jax", "JaxBackend"),
+}
 
 BatchFn = Callable[[int], "tuple[Any, Any]"]
 #: Seconds one collective of a multi-worker training step may wait before it fails (a worker
@@ -137,6 +145,16 @@ class Backend(abc.ABC):
     def is_oom_error(self, exc: BaseException | None) -> bool:
         """Whether ``exc`` is (or wraps) the backend's out-of-memory error."""
         return is_oom_error(exc)
+
+    def check_device(self, device: str) -> str:
+        """``device`` as the backend names it; refuses (exit 2) one it cannot use."""
+        return device
+
+    def uncapped_reason(self, device: str) -> str | None:
+        """Why a budget cannot be imposed on ``device`` (so a run there cannot run out of
+        memory and proves nothing), or ``None`` when it can. ``verify`` and ``run`` refuse such
+        a device."""
+        return None
 
     @abc.abstractmethod
     def default_device(self) -> str:
@@ -435,7 +453,9 @@ def backend_name(name: str | None = None) -> str:
         where = "" if name else " (set by KERAS_BACKEND or keras.json)"
         raise MissingBackendError(
             f"the Keras backend {chosen!r}{where} is not supported by batchfit yet: it measures "
-            f"with {', '.join(SUPPORTED_BACKENDS)}; set KERAS_BACKEND=tensorflow")
+            f"with {', '.join(SUPPORTED_BACKENDS)}; set "
+            f"{' or '.join(f'KERAS_BACKEND={n}' for n in SUPPORTED_BACKENDS)} "
+            f"(the CLI: --backend NAME)")
     return chosen
 
 
@@ -454,6 +474,38 @@ def require_backend(name: str | None = None) -> str:
     return chosen
 
 
+def use_backend(name: str) -> str:
+    """Make ``name`` the Keras backend of this process (and of the workers it starts).
+
+    Sets ``KERAS_BACKEND``, which Keras reads once, when it is first imported: call this
+    before importing ``keras`` (the CLI's ``--backend`` does).
+
+    Raises:
+        MissingBackendError: ``name`` is not supported (exit 2).
+        InvalidInputError: Keras was already imported with another backend.
+
+    Example:
+
+    >>> import os
+    >>> use_backend(os.environ.get("KERAS_BACKEND") or "tensorflow") in SUPPORTED_BACKENDS
+    True
+    """
+    import sys
+
+    chosen = backend_name(name)
+    keras = sys.modules.get("keras")
+    config = getattr(keras, "config", None)
+    active = config.backend() if config is not None else None
+    if active is not None and active != chosen:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"Keras was already imported with the {active!r} backend: set "
+            f"KERAS_BACKEND={chosen} before importing keras (or before batchfit imports it)")
+    os.environ["KERAS_BACKEND"] = chosen
+    return chosen
+
+
 _INSTANCES: dict[str, Backend] = {}
 
 
@@ -461,18 +513,18 @@ def get_backend(name: str | None = None) -> Backend:
     """The implementation of the active (or named) Keras backend.
 
     Args:
-        name: ``"tensorflow"``; default: the configured backend (:func:`configured_backend`).
+        name: ``"tensorflow"`` or ``"jax"``; default: the configured backend
+            (:func:`configured_backend`).
 
     Raises:
         MissingBackendError: the backend is unsupported or its framework is not installed.
     """
     chosen = require_backend(name)
     if chosen not in _INSTANCES:
-        from .tensorflow import TensorFlowBackend
-
-        _INSTANCES[chosen] = TensorFlowBackend()
+        module, cls = _IMPLEMENTATIONS[chosen]
+        _INSTANCES[chosen] = getattr(importlib.import_module(module), cls)()
     return _INSTANCES[chosen]
 
 
 __all__ = ["SUPPORTED_BACKENDS", "Backend", "backend_name", "configured_backend",
-           "get_backend", "is_oom_error", "require_backend"]
+           "get_backend", "is_oom_error", "require_backend", "use_backend"]

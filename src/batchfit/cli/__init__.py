@@ -40,8 +40,11 @@ def _command(name: str) -> ModuleType:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchfit",
-        description="Measure the batch size to train a Keras 3 / TensorFlow model with.")
+        description="Measure the batch size to train a Keras 3 model with (TensorFlow or JAX).")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--backend", default=None, metavar="NAME",
+                        help="the Keras backend to measure with: tensorflow or jax (default: "
+                             "KERAS_BACKEND, then keras.json, then tensorflow)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         _command(name).add_parser(sub)
@@ -70,10 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
+        if args.backend is not None:
+            _choose_backend(args.backend)
         if args.command in BACKEND_COMMANDS:
-            from ..backend import require_backend
+            from ..backend import get_backend, require_backend
 
             require_backend()  # a missing TensorFlow is bad input with its install command
+            if getattr(args, "device", None):
+                get_backend().check_device(args.device)  # e.g. GPU:0 where none is
         return _command(args.command).run(args, console)
     except InvalidInputError as exc:
         if getattr(args, "debug", False):
@@ -94,6 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(err, "internal error", f"{type(exc).__name__}: {exc} "
                                             f"(rerun with --debug for the traceback)")
         return EXIT_FAIL
+
+
+def _choose_backend(name: str) -> None:
+    """``--backend NAME``: checked, then set as ``KERAS_BACKEND`` before anything imports
+    Keras (which reads it once, at import); worker processes inherit it."""
+    from ..backend import backend_name, use_backend
+
+    use_backend(backend_name(name))
 
 
 if __name__ == "__main__":  # pragma: no cover

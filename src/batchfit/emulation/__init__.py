@@ -88,6 +88,9 @@ def emulation_environment(memory: str | int, device: str = "CPU:0",
 
     budget, device = _check(memory, device)
     backend = get_backend()
+    if (reason := backend.uncapped_reason(device)) is not None:
+        raise InvalidInputError(f"cannot emulate {device} with {memory} on this backend: "
+                                f"{reason}")
     env = dict(backend.worker_environment(device, budget))
     env[ENV_VAR] = encode(backend.framework_module(), device, budget)
     source = os.environ if base is None else base

@@ -5,7 +5,9 @@ also a CLI spec, e.g. ``batchfit max batchfit.examples.models:demo_model``. The 
 models and :func:`demo_model` use the origin document's layers (:mod:`batchfit.examples.seed`);
 :func:`transformer` uses batchfit's own :class:`MultiHeadSelfAttention`, a custom layer that
 reads the batch size with ``tf.shape(x)[0]`` as the seed document recommends. Each model trains
-one step at batch 32 in well under 100 ms on a 2-core CPU.
+one step at batch 32 in well under 100 ms on a 2-core CPU. On another Keras backend (JAX) the
+factories are :mod:`batchfit.examples.portable`'s, the same models with the ``tf.*`` calls
+rewritten with ``keras.ops``.
 
 Example:
 
@@ -22,10 +24,14 @@ import math
 from typing import Any
 
 import keras
-import tensorflow as tf
 from keras import ops
 
-from .seed import MemoryAwareLayer, MyCustomLayer, MyVariableBatchLayer
+if keras.config.backend() == "tensorflow":
+    import tensorflow as tf
+
+    from .seed import MemoryAwareLayer, MyCustomLayer, MyVariableBatchLayer
+else:  # another Keras backend (JAX): the seed's layers rewritten with keras.ops
+    from .portable import MemoryAwareLayer, MyCustomLayer, MyVariableBatchLayer
 
 __all__ = ["MultiHeadSelfAttention", "PositionEmbedding", "SeedMemoryAwareModel", "cnn",
            "demo_model", "lstm", "seed_memory_aware", "seed_mlp", "seed_sequence",
@@ -388,3 +394,17 @@ def lstm(vocab_size: int = 1000, max_length: int = 40, units: int = 32,
     model = keras.Model(tokens, outputs, name="lstm")
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     return model
+
+
+if keras.config.backend() != "tensorflow":
+    # On JAX (any backend but TensorFlow) the same factories with the keras.ops rewrite of the
+    # layers that use tf.* (batchfit.examples.portable), so every spec naming this module, the
+    # built-in demo included, builds there too; lstm is Keras only and stays as it is.
+    from .portable import (
+        cnn,
+        demo_model,
+        seed_memory_aware,
+        seed_mlp,
+        seed_sequence,
+        transformer,
+    )

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ..results.check import CHECKS, CheckResult, LayerReport
+from .backend import backend_line
 
 __all__ = ["render_check"]
 
@@ -53,6 +54,9 @@ def render_check(result: CheckResult, console: Console | None = None) -> None:
                                     ("  not checked: ", "dim"), skip.reason))
     for note in result.notes:
         console.print(Text.assemble(("note: ", "dim"), note))
+    line = backend_line(result.environment, memory=False)
+    if line:
+        console.print(Text.assemble((line, "dim")))
     counts = result.counts()
     verdict = ("FAIL" if result.has_errors else "PASS")
     console.print(Text.assemble(
@@ -97,6 +101,9 @@ def _render_layer(result: CheckResult, report: LayerReport, console: Console) ->
     skipped = [(c, s) for c, s in report.statuses.items() if s.startswith("skipped")]
     for check, status in skipped:
         console.print(Text(f"  skip  {check}: {status.partition(': ')[2]}", style="dim"))
+    compiled = report.details.get("partial_batch", "").partition("; fit traced")[2]
+    if compiled:  # JAX: what stands for TensorFlow's retracing count
+        console.print(Text(f"  fit traced{compiled}", style="dim"))
     if report.details.get("retracing") or report.details.get("batch_limit"):
         bits = [report.details[k] for k in ("retracing",) if k in report.details]
         limit = report.details.get("batch_limit")

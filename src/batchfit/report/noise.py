@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ..core.noise import noise_scale_of_means
 from ..results import NoiseScaleResult
+from .backend import backend_line
 from .plots import _pyplot
 from .terminal import _escape
 
@@ -65,6 +66,9 @@ def render_noise(result: NoiseScaleResult, console: Console | None = None) -> No
             "progresses, so a value measured at the start is a lower bound.", highlight=False)
     for note in result.notes:
         console.print(f"[dim]note: {_escape(note)}[/dim]", highlight=False)
+    line = backend_line(result.environment, memory=False)
+    if line:
+        console.print(f"[dim]{_escape(line)}[/dim]", highlight=False)
 
 
 def running_estimates(result: NoiseScaleResult) -> tuple[np.ndarray, np.ndarray]:

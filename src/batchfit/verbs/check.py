@@ -522,8 +522,12 @@ def check_partial_batch(ctx: LayerContext, wrapper: Any, limit: int | None,
                 f"batch of {n % b}): {type(exc).__name__}: {error_line(exc)}",
                 _dynamic_fix(exc, static_uses))])
     traces, _ = ctx.probe.traces_since(snap)
-    return Outcome(traces, details={
-        "partial_batch": "; ".join(f"{n} samples / batch {b}" for b, n in plan)})
+    detail = "; ".join(f"{n} samples / batch {b}" for b, n in plan)
+    compiled = getattr(ctx.probe, "fit_traces", None)  # JAX: one program per batch shape
+    if compiled is not None:
+        detail += (f"; fit traced the layer {compiled} times (JAX compiles one program per "
+                   f"batch shape: each partial last batch is a program of its own)")
+    return Outcome(traces, details={"partial_batch": detail})
 
 
 def check_export(ctx: LayerContext, wrapper: Any, limit: int | None) -> Outcome:

@@ -100,6 +100,8 @@ def verify_batch_size(model: Any, batch_size: int, memory: str | int = "512MiB",
     steps = int(check_int("steps", steps))  # type: ignore[arg-type]
     repeats = int(check_int("repeats", repeats))  # type: ignore[arg-type]
     budget = parse_size(memory)
+    if (reason := get_backend().uncapped_reason(device)) is not None:
+        raise InvalidInputError(f"cannot verify on {device}: {reason}")
     job = _job(model, batch_size, data=data, input_shapes=input_shapes, epochs=epochs,
                steps=steps, seed=seed)
     t0 = time.perf_counter()

@@ -108,8 +108,8 @@ class TensorFlowBackend(Backend):
         import tensorflow as tf
 
         return {"python": sys.version.split()[0], "platform": platform.platform(),
-                "tensorflow": tf.__version__, "keras": keras.__version__,
-                "numpy": numpy.__version__}
+                "backend": "tensorflow", "tensorflow": tf.__version__,
+                "keras": keras.__version__, "numpy": numpy.__version__}
 
     # -- worker processes ------------------------------------------------------------------------
     def worker_environment(self, device: str, budget_bytes: int | None) -> dict[str, str]:
@@ -311,8 +311,9 @@ class TensorFlowBackend(Backend):
         import keras
         import tensorflow as tf
 
-        return {"python": platform.python_version(), "tensorflow": tf.__version__,
-                "keras": keras.__version__, "platform": platform.platform()}
+        return {"python": platform.python_version(), "backend": "tensorflow",
+                "tensorflow": tf.__version__, "keras": keras.__version__,
+                "platform": platform.platform()}
 
 
     # -- fit: the resilient fit's execution (decisions: batchfit.core.fit_control) -------------
