@@ -48,7 +48,10 @@ def test_guided_finds_what_exhaustive_bisection_in_fresh_processes_finds(spec, m
     # 3 of 3 where the bisection had drawn 224 once).
     searched = [Trial(p.batch_size, p.fits) for p in result.probes if p.phase == "search"]
     answer = band_of(searched).reliable
-    assert answer <= high, (result.probes, truth_probes)
+    # Above the bisection only by a draw from the band (seed_wide's search once drew 224, which
+    # fits 1 time in 2, where the bisection stopped at 208): confirmation must then have
+    # stepped down, so the answer the user gets is not above the bisection's.
+    assert result.max_batch_size <= high, (result.probes, truth_probes)
     # The band need not be monotone: with probes on fit's path (training and validation),
     # seed_wide at 64 MiB fitted 205 2 of 2, 209 and 215 0 of 2, 224 1 of 2 (fit_rates,
     # 2026-12-06); a bisection can step over 209-215 and draw 224 once, while the search,
