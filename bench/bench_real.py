@@ -175,8 +175,8 @@ def run_check(name: str) -> dict[str, Any]:
 
 
 #: The budget of each model's ``max`` case: chosen so that steps stay short on a 2-core CPU.
-MAX_BUDGETS = {"mobilenet_v2": "256MiB", "resnet50": "512MiB", "efficientnet_b0": "256MiB",
-               "bert": "256MiB", "gpt2": "512MiB"}
+MAX_BUDGETS = {"mobilenet_v2": "256MiB", "resnet50": "768MiB", "efficientnet_b0": "256MiB",
+               "bert": "256MiB", "gpt2": "1GiB"}  # gpt2: nothing fits 512 MiB (state 186 MiB)
 
 
 def _binsearch_child(name: str, memory: str) -> None:
@@ -242,11 +242,18 @@ def _max_once(name: str, memory: str) -> dict[str, Any]:
 
     close_fork_server()  # each search pays its own server start
     _, shapes, _ = MODELS[name]
+    from batchfit.errors import BatchfitError
+
     start = time.perf_counter()
-    r = find_max_batch_size(f"{Path(__file__).resolve()}:{name}", memory=memory,
-                            input_shapes=shapes)
+    try:
+        r = find_max_batch_size(f"{Path(__file__).resolve()}:{name}", memory=memory,
+                                input_shapes=shapes)
+    except BatchfitError as exc:
+        return {"failed": True, "error": str(exc)[:400],
+                "wall_s": round(time.perf_counter() - start, 1)}
+    finally:
+        close_fork_server()
     wall = time.perf_counter() - start
-    close_fork_server()
     probe_s = sum(p.seconds for p in r.probes)
     band = r.band
     return {"answer": r.max_batch_size, "safe": r.safe_batch_size,
@@ -260,7 +267,10 @@ def _max_once(name: str, memory: str) -> dict[str, Any]:
             "outside_probes": round(1 - probe_s / wall, 2) if wall else None,
             "probe_list": [{"batch_size": p.batch_size, "outcome": p.outcome,
                             "phase": p.phase, "reused": bool(getattr(p, "reused", False)),
-                            "seconds": round(p.seconds, 2)} for p in r.probes]}
+                            "seconds": round(p.seconds, 2),
+                            **({"detail": p.detail[:200]} if not p.fits else {})}
+                           for p in r.probes],
+            "notes": list(r.notes)}
 
 
 def run_max(name: str) -> dict[str, Any]:
@@ -278,7 +288,7 @@ def run_max(name: str) -> dict[str, Any]:
         finally:
             os.environ.pop("BATCHFIT_REUSE_WORKER", None)
     b = out["binsearch_one_process"]
-    if not b.get("failed"):
+    if not b.get("failed") and not out["max"].get("failed"):
         out["ratio_vs_binsearch"] = round(out["max"]["wall_s"] / max(1e-9, b["search_s"]), 2)
     out["max_s"] = out["max"]["wall_s"]
     out["binsearch_s"] = b.get("search_s")
@@ -363,18 +373,22 @@ def markdown_check(data: dict[str, Any]) -> str:
 
 def markdown_max(data: dict[str, Any]) -> str:
     rows = [("| model | budget | max: answer (band) | probes (confirm, reused) | OOMs | wall | "
-            "outside probes | binsearch 1 process: answer | probes | OOMs | s | ratio | "
+            "outside probes | binsearch 1 process: answer | probes | OOMs | s (of which OOM probes) | ratio | "
             "fresh each probe: answer, probes, s |"),
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     saved = data.get("models", {})
     for name in [n for n in MODELS if n in saved]:
         r = saved[name]
         m, b = r["max"], r["binsearch_one_process"]
+        if m.get("failed"):
+            rows.append(f"| {name} | {r['memory']} | failed: {m['error'][:80]} |")
+            continue
         band = m.get("band") or {}
         f = r.get("max_fresh_each_probe")
         fresh = f"{f['answer']}, {f['probes']}, {f['wall_s']:.0f} s" if f else "-"
+        oom_s = sum(p["seconds"] for p in b.get("probe_list", []) if p["outcome"] == "oom")
         bs = ("failed", "-", "-", "-") if b.get("failed") else (
-            b["answer"], b["probes"], b["ooms"], f"{b['search_s']:.0f}")
+            b["answer"], b["probes"], b["ooms"], f"{b['search_s']:.0f} ({oom_s:.0f} in OOMs)")
         rows.append(f"| {name} | {r['memory']} | {m['answer']} ({band.get('reliable')}-"
                     f"{band.get('never')}) | {m['probes']} ({m['confirm_probes']}, "
                     f"{m['reused_probes']}) | {m['ooms']} | {m['wall_s']:.0f} s | "

@@ -155,9 +155,10 @@ class ProbeWorker:
             every probe that process ran fitted and the next size is larger than all of them
             (default ``False``): the model is built and traced once for an ascending run of
             fits. A process that ran out of memory (or came near the limit) is never reused,
-            and :meth:`probe_fresh` always gets a process that has run nothing. Measured (see
-            docs/design.md, "Reusing a worker"): with the budget reserved as one region, sizes
-            fit the same after smaller ones as in a fresh process.
+            and :meth:`probe_fresh` always gets a process that has run nothing. With the
+            budget reserved as one region, what is left is the process-to-process band, and a
+            reused process errs toward failing (measured: docs/design.md, "Reusing a worker");
+            confirmations in fresh processes decide the answer.
         fork_server: fork each fresh process from a server that has imported TensorFlow
             once (see :mod:`batchfit.workers.server`) instead of starting it by ``exec``. Default: with
             ``fresh_each_probe``, on Linux, for the CPU. Measured on the built-in example
