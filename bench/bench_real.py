@@ -14,7 +14,13 @@ sections of an earlier run that this run did not redo):
 - ``check``: ``batchfit.check`` on each model: findings by severity, findings located in
   Keras's own code (must be 0), the third-party layers checked and those skipped with their
   reasons (together: every third-party layer), wall time.
-- ``max``, ``tune``, ``fit``, ``noise``: hooks, to be added (see :data:`SECTIONS`).
+- ``max``: ``batchfit max`` (defaults: guided search, 3 confirmations in fresh processes)
+  against Lightning's binsearch in ONE process (model built and traced once, every
+  out-of-memory error caught in place), run under ``batchfit run --memory`` so its allocator is
+  capped and configured as a worker's; the same budget (:data:`MAX_BUDGETS`). Wall time, probes,
+  OOMs, answer, and the share of ``max``'s wall time outside its probes. ``BENCH_NO_REUSE=1``
+  also runs ``max`` with a fresh process for every probe (``BATCHFIT_REUSE_WORKER=0``).
+- ``tune``, ``fit``, ``noise``: hooks, to be added (see :data:`SECTIONS`).
 
     python bench/bench_real.py                        # every section, every model
     python bench/bench_real.py --only check           # about 2 minutes on 2 cores
@@ -168,11 +174,134 @@ def run_check(name: str) -> dict[str, Any]:
     return out
 
 
+#: The budget of each model's ``max`` case: chosen so that steps stay short on a 2-core CPU.
+MAX_BUDGETS = {"mobilenet_v2": "256MiB", "resnet50": "768MiB", "efficientnet_b0": "256MiB",
+               "bert": "256MiB", "gpt2": "1GiB"}  # gpt2: nothing fits 512 MiB (state 186 MiB)
+
+
+def _binsearch_child(name: str, memory: str) -> None:
+    """Lightning's binsearch in ONE process (run under ``batchfit run --memory``, so the
+    allocator is capped and configured as a probe worker's): the model built and traced once,
+    sizes doubled from 2 until one does not fit, then bisected; every out-of-memory error
+    caught in the same process. Prints one JSON line."""
+    t0 = time.perf_counter()
+    import keras
+
+    from batchfit.backend import get_backend
+    from batchfit.core.search import Trial, make_policy, run_search
+    from batchfit.core.sizes import parse_size
+
+    imported = time.perf_counter()
+    backend = get_backend()
+    factory, shapes, _ = MODELS[name]
+    keras.utils.set_random_seed(0)
+    model = factory()
+    batch_fn, _ = backend.make_batch_fn(model, None, shapes, 0)
+    budget = parse_size(memory)
+    runner = backend.probe_runner(model, batch_fn, steps=3, device="CPU:0", budget_bytes=budget)
+    runner.warm_up()
+    probes: list[dict[str, Any]] = []
+
+    def trial(b: int) -> Trial:
+        p = runner.run(b)
+        probes.append({"batch_size": b, "outcome": p.outcome, "seconds": round(p.seconds, 2)})
+        print(json.dumps({"probe": probes[-1]}), file=sys.stderr, flush=True)
+        return Trial(batch_size=b, fits=p.fits, peak_bytes=p.peak_bytes)
+
+    policy = make_policy("binsearch", budget_bytes=budget, saturation=0.02)
+    trials = run_search(policy, trial)
+    end = time.perf_counter()
+    fits = [t.batch_size for t in trials if t.fits]
+    print(json.dumps({"answer": max(fits, default=0), "probes": len(probes),
+                      "ooms": sum(p["outcome"] == "oom" for p in probes),
+                      "probe_s": round(sum(p["seconds"] for p in probes), 1),
+                      "search_s": round(end - imported, 1), "wall_s": round(end - t0, 1),
+                      "probe_list": probes}))
+
+
+def _binsearch(name: str, memory: str) -> dict[str, Any]:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "batchfit", "run", "--memory", memory, "--", sys.executable,
+           str(Path(__file__).resolve()), "--binsearch-child", name, memory]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    wall = time.perf_counter() - start
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"failed": True, "rc": done.returncode, "stderr": done.stderr[-800:],
+                "process_s": round(wall, 1)}
+    out = json.loads(lines[-1])
+    out["process_s"] = round(wall, 1)  # with Python's start and TensorFlow's import
+    return out
+
+
+def _max_once(name: str, memory: str) -> dict[str, Any]:
+    from batchfit import find_max_batch_size
+    from batchfit.workers.worker import close_fork_server
+
+    close_fork_server()  # each search pays its own server start
+    _, shapes, _ = MODELS[name]
+    from batchfit.errors import BatchfitError
+
+    start = time.perf_counter()
+    try:
+        r = find_max_batch_size(f"{Path(__file__).resolve()}:{name}", memory=memory,
+                                input_shapes=shapes)
+    except BatchfitError as exc:
+        return {"failed": True, "error": str(exc)[:400],
+                "wall_s": round(time.perf_counter() - start, 1)}
+    finally:
+        close_fork_server()
+    wall = time.perf_counter() - start
+    probe_s = sum(p.seconds for p in r.probes)
+    band = r.band
+    return {"answer": r.max_batch_size, "safe": r.safe_batch_size,
+            "probes": len(r.probes), "ooms": sum(p.outcome == "oom" for p in r.probes),
+            "confirm_probes": sum(p.phase == "confirm" for p in r.probes),
+            "reused_probes": sum(bool(getattr(p, "reused", False)) for p in r.probes),
+            "step_downs": band.step_downs if band else None,
+            "confirmed": band.confirmed if band else None,
+            "band": band.to_dict() if band else None,
+            "wall_s": round(wall, 1), "probe_s": round(probe_s, 1),
+            "outside_probes": round(1 - probe_s / wall, 2) if wall else None,
+            "probe_list": [{"batch_size": p.batch_size, "outcome": p.outcome,
+                            "phase": p.phase, "reused": bool(getattr(p, "reused", False)),
+                            "seconds": round(p.seconds, 2),
+                            **({"detail": p.detail[:200]} if not p.fits else {})}
+                           for p in r.probes],
+            "notes": list(r.notes)}
+
+
+def run_max(name: str) -> dict[str, Any]:
+    """``batchfit max`` (defaults: guided, 3 confirmations) against Lightning's binsearch in
+    one process, same model and budget; with ``BATCHFIT_REUSE_WORKER=0`` also (``--no-reuse``)
+    the search with a fresh process for every probe."""
+    memory = MAX_BUDGETS[name]
+    out: dict[str, Any] = {"memory": memory}
+    out["binsearch_one_process"] = _binsearch(name, memory)
+    out["max"] = _max_once(name, memory)
+    if os.environ.get("BENCH_NO_REUSE") == "1":
+        os.environ["BATCHFIT_REUSE_WORKER"] = "0"
+        try:
+            out["max_fresh_each_probe"] = _max_once(name, memory)
+        finally:
+            os.environ.pop("BATCHFIT_REUSE_WORKER", None)
+    b = out["binsearch_one_process"]
+    if not b.get("failed") and not out["max"].get("failed"):
+        out["ratio_vs_binsearch"] = round(out["max"]["wall_s"] / max(1e-9, b["search_s"]), 2)
+    out["max_s"] = out["max"]["wall_s"]
+    out["binsearch_s"] = b.get("search_s")
+    return out
+
+
 #: section -> (function(model name) -> dict, one-line description). Other sections (max, tune,
 #: fit, noise on a shipped data set) register here with the same signature; each writes
 #: bench/results/real_<section>.json and its own --markdown table.
 SECTIONS: dict[str, tuple[Callable[[str], dict[str, Any]], str]] = {
     "check": (run_check, "batchfit.check: third-party layers checked/skipped, findings, time"),
+    "max": (run_max, ("batchfit max (defaults, confirmations included) vs Lightning's binsearch "
+                     "in one process under the same capped allocator")),
 }
 
 
@@ -216,8 +345,8 @@ def run_section(section: str, names: list[str], command: str) -> dict[str, Any]:
         models[name] = fn(name)
         print(f"  {json.dumps({k: v for k, v in models[name].items() if k.endswith('_s')})}",
               flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")  # each model's, as it ends
     print(f"wrote {path.relative_to(ROOT)}")
     return data
 
@@ -242,7 +371,33 @@ def markdown_check(data: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-MARKDOWN = {"check": markdown_check}
+def markdown_max(data: dict[str, Any]) -> str:
+    rows = [("| model | budget | max: answer (band) | probes (confirm, reused) | OOMs | wall | "
+            "outside probes | binsearch 1 process: answer | probes | OOMs | s (of which OOM probes) | ratio | "
+            "fresh each probe: answer, probes, s |"),
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    saved = data.get("models", {})
+    for name in [n for n in MODELS if n in saved]:
+        r = saved[name]
+        m, b = r["max"], r["binsearch_one_process"]
+        if m.get("failed"):
+            rows.append(f"| {name} | {r['memory']} | failed: {m['error'][:80]} |")
+            continue
+        band = m.get("band") or {}
+        f = r.get("max_fresh_each_probe")
+        fresh = f"{f['answer']}, {f['probes']}, {f['wall_s']:.0f} s" if f else "-"
+        oom_s = sum(p["seconds"] for p in b.get("probe_list", []) if p["outcome"] == "oom")
+        bs = ("failed", "-", "-", "-") if b.get("failed") else (
+            b["answer"], b["probes"], b["ooms"], f"{b['search_s']:.0f} ({oom_s:.0f} in OOMs)")
+        rows.append(f"| {name} | {r['memory']} | {m['answer']} ({band.get('reliable')}-"
+                    f"{band.get('never')}) | {m['probes']} ({m['confirm_probes']}, "
+                    f"{m['reused_probes']}) | {m['ooms']} | {m['wall_s']:.0f} s | "
+                    f"{m['outside_probes']:.0%} | {bs[0]} | {bs[1]} | {bs[2]} | {bs[3]} s | "
+                    f"{r.get('ratio_vs_binsearch', '-')}x | {fresh} |")
+    return "\n".join(rows)
+
+
+MARKDOWN = {"check": markdown_check, "max": markdown_max}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--markdown", action="store_true",
                     help="print the tables from the saved JSON, run nothing")
+    ap.add_argument("--binsearch-child", nargs=2, metavar=("MODEL", "MEMORY"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.binsearch_child:
+        _binsearch_child(*args.binsearch_child)
+        return 0
     if args.markdown:
         for section in args.only:
             if _path(section).exists() and section in MARKDOWN:

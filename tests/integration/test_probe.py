@@ -175,3 +175,24 @@ def test_after_warm_up_probes_trace_nothing_new_for_training_or_validation() -> 
     traces.clear()
     assert runner.run(16).fits and runner.run(48).fits
     assert traces == []
+
+
+def test_warm_up_traces_training_and_validation_once_each_in_the_general_form() -> None:
+    # Half the tracing of two warm-up sizes (static 1, then None, for each function): fit's
+    # own dataset re-batched with a None batch dimension is traced once per function.
+    traces: list[tuple] = []
+
+    class Count(keras.layers.Layer):
+        def call(self, x, training=None):
+            traces.append((tuple(x.shape), bool(training)))
+            return x
+
+    inp = keras.Input((32,))
+    m = keras.Model(inp, keras.layers.Dense(4)(Count()(inp)))
+    m.compile("adam", "mse", steps_per_execution=2)
+    runner = ProbeRunner(m, lambda b: (_batch(b)[0], np.ones((b, 4), "float32")), steps=3)
+    traces.clear()
+    assert runner.warm_up() is None
+    assert all(shape[0] is None for shape, _ in traces), traces
+    assert traces.count(((None, 32), True)) == 1 and traces.count(((None, 32), False)) == 1
+    assert runner.state.equals_current()

@@ -40,6 +40,8 @@ class Probe(_Serializable):
         phase: ``"search"`` (a probe the search policy asked for) or ``"confirm"`` (one of the
             confirmations in a fresh process that end the search). Files written before
             confirmation existed load with ``"search"``.
+        reused: whether it ran in a worker process that had run smaller, fitting probes
+            before (the model built and traced once for them); ``False``: a fresh process.
     """
 
     batch_size: int
@@ -50,6 +52,7 @@ class Probe(_Serializable):
     step_seconds: float | None = None
     detail: str = ""
     phase: str = "search"
+    reused: bool = False
 
 
 @dataclass(frozen=True)

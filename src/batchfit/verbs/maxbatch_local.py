@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -289,6 +290,7 @@ def _confirm(prober: _Prober, trials: list[Trial], probes: list[Probe], k: int,
     policy = ConfirmPolicy(k=k, granularity=granularity, budget_bytes=budget,
                            per_sample_bytes=model.per_sample_bytes if model else None)
     answer = band_of(trials).reliable
+    prober.worker.prefetch(_confirm_spares(k))
     confirmed = run_confirmation(policy, trials, _trial_function(
         prober, probes, probe_timeout, on_probe, confirm=True))
     edge = band_of([*trials, *confirmed]).reliable
@@ -384,7 +386,8 @@ def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: 
         payload = get_backend().data_sample(data)
     worker = ProbeWorker(WorkerConfig(source=source, data=payload, input_shapes=input_shapes,
                                       steps=steps, device=device, budget_bytes=budget, seed=seed),
-                         probe_timeout=probe_timeout, fresh_each_probe=fresh)
+                         probe_timeout=probe_timeout, fresh_each_probe=fresh,
+                         reuse_fits=fresh and _reuse_workers())
     try:
         info = worker.start()
     except BaseException as exc:
@@ -395,6 +398,17 @@ def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: 
                           "without get_config?); probed in this process instead. Pass a "
                           "module-level factory to get an enforced budget")
     return worker, info, ""
+
+
+def _reuse_workers() -> bool:
+    """Run ascending fits in one worker (``BATCHFIT_REUSE_WORKER=0``: a fresh process each)."""
+    return os.environ.get("BATCHFIT_REUSE_WORKER", "1") != "0"
+
+
+def _confirm_spares(k: int) -> int:
+    """Fresh processes to keep warming ahead during confirmation: one per spare core, at
+    most the ``k - 1`` confirmations that follow the current one, at least one."""
+    return max(1, min(k - 1, (os.cpu_count() or 2) - 1))
 
 
 def _in_process_runner(model: Any, data: Any, input_shapes: Any, steps: int, device: str,

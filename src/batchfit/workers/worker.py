@@ -151,6 +151,14 @@ class ProbeWorker:
             the model; seconds, single-threaded) overlaps the probe, and the 10 s an
             out-of-memory probe spends waiting. Each process has its own allocator, so the
             measurements do not interfere.
+        reuse_fits: with ``fresh_each_probe``, run the next probe in the same process when
+            every probe that process ran fitted and the next size is larger than all of them
+            (default ``False``): the model is built and traced once for an ascending run of
+            fits. A process that ran out of memory (or came near the limit) is never reused,
+            and :meth:`probe_fresh` always gets a process that has run nothing. With the
+            budget reserved as one region, what is left is the process-to-process band, and a
+            reused process errs toward failing (measured: docs/design.md, "Reusing a worker");
+            confirmations in fresh processes decide the answer.
         fork_server: fork each fresh process from a server that has imported TensorFlow
             once (see :mod:`batchfit.workers.server`) instead of starting it by ``exec``. Default: with
             ``fresh_each_probe``, on Linux, for the CPU. Measured on the built-in example
@@ -172,11 +180,16 @@ class ProbeWorker:
     def __init__(self, config: WorkerConfig, *, start_timeout: float = 600.0,
                  probe_timeout: float = 600.0, restart_after_oom: bool = True,
                  fresh_each_probe: bool = False, prestart: bool = True,
-                 fork_server: bool | None = None, stall_seconds: float | None = None) -> None:
+                 fork_server: bool | None = None, stall_seconds: float | None = None,
+                 reuse_fits: bool = False) -> None:
         self.config = config
         self.restart_after_oom = restart_after_oom
         self.fresh_each_probe = fresh_each_probe
         self.prestart = prestart
+        self.reuse_fits = reuse_fits
+        self.reused = 0  # probes run in a process that had run (fitting) probes before
+        self._ran: list[int] = []  # sizes the current process has run, all fitting
+        self.spares_wanted = 1  # processes kept started ahead (with prestart)
         self.start_timeout = start_timeout
         self.probe_timeout = probe_timeout
         self.info: dict[str, Any] = {}
@@ -184,7 +197,7 @@ class ProbeWorker:
         self._proc: Any = None
         self._conn: Any = None
         self._send_conn: Any = None
-        self._spare: tuple[Any, Any, Any, str] | None = None
+        self._spares: list[tuple[Any, Any, Any, str]] = []
         self._log_paths: list[str] = []
         self._closed = False  # the last _receive saw the worker's pipe close
         self._quiet = 0.0  # seconds the worker was seen waiting without running (stall watch)
@@ -226,12 +239,10 @@ class ProbeWorker:
             ModelLoadError: the worker could not load or build the model.
             ProbeFailedError: the worker died or hung while starting.
         """
-        if self._spare is not None:
-            launched, self._spare = self._spare, None
-        else:
-            launched = self._launch()
+        launched = self._spares.pop(0) if self._spares else self._launch()
         proc, self._send_conn, self._conn, self.config.log_path = launched
         self._proc = proc
+        self._ran = []
         self.starts += 1
         msg = self._receive(self.start_timeout)
         if msg is not None and msg.get("phase") == "warm_up":
@@ -349,6 +360,8 @@ class ProbeWorker:
             timeout: seconds to wait for this probe (default: ``probe_timeout``).
         """
         timeout = self.probe_timeout if timeout is None else timeout
+        if self.running and self._ran and not self._may_reuse(batch_size):
+            self._stop_current()
         if self._proc is None or self._proc.poll() is not None:
             if self.starts == 0:
                 self.start()
@@ -362,8 +375,9 @@ class ProbeWorker:
                     return Probe(batch_size=batch_size, fits=False, outcome="crashed",
                                  seconds=time.perf_counter() - t_start,
                                  detail=f"the worker failed to restart: {exc}"[:400])
-        if self.fresh_each_probe and self.prestart and self._spare is None:
-            self._spare = self._launch()  # the next probe's process warms up meanwhile
+        reused = bool(self._ran)
+        self.reused += reused
+        self._top_up_spares()  # the next probes' processes warm up meanwhile
         t0 = time.perf_counter()
         try:
             self._send_conn.send(("probe", int(batch_size)))
@@ -372,7 +386,11 @@ class ProbeWorker:
         msg = self._receive(timeout, watch=True)
         if msg is not None and "probe" in msg:
             probe = Probe.from_dict(msg["probe"])
-            if self.fresh_each_probe or (probe.outcome == "oom" and self.restart_after_oom):
+            if reused:
+                probe = dataclasses.replace(probe, reused=True)
+            if self.fresh_each_probe and self.reuse_fits and probe.fits:
+                self._ran.append(int(batch_size))  # kept: an ascending next size may run here
+            elif self.fresh_each_probe or (probe.outcome == "oom" and self.restart_after_oom):
                 self._stop_current()
             return probe
         if self._proc.poll() is None:
@@ -384,18 +402,18 @@ class ProbeWorker:
         alive = self._proc.poll() is None
         self.kill()
         if alive and self.stall_seconds is not None and self._quiet >= self.stall_seconds:
-            return Probe(batch_size=batch_size, fits=False, outcome="oom",
+            return Probe(batch_size=batch_size, fits=False, reused=reused, outcome="oom",
                          seconds=time.perf_counter() - t0,
                          detail=f"out of memory: the worker waited {self._quiet:.1f} s without "
                                 f"running (TensorFlow's allocator waits up to 10 s for memory "
                                 f"to be freed, then raises ResourceExhaustedError); worker "
                                 f"killed")
         if alive:
-            return Probe(batch_size=batch_size, fits=False, outcome="timeout",
+            return Probe(batch_size=batch_size, fits=False, reused=reused, outcome="timeout",
                          seconds=time.perf_counter() - t0,
                          detail=f"no answer within {timeout:.0f} s (stalled waiting for memory?); "
                                 f"worker killed")
-        return Probe(batch_size=batch_size, fits=False, outcome="crashed",
+        return Probe(batch_size=batch_size, fits=False, reused=reused, outcome="crashed",
                      seconds=time.perf_counter() - t0,
                      detail=f"{_describe_exit(self._proc.returncode)}; "
                             f"log: {_tail(self.config.log_path)}".strip())
@@ -407,9 +425,26 @@ class ProbeWorker:
         stopped first, so the probe runs in a new process (a confirmation must not inherit the
         allocator of a process that ran other sizes: which sizes fit depends on it).
         """
-        if not self.fresh_each_probe and self.running:
+        if self.running and (self._ran or not self.fresh_each_probe):
             self._stop_current()
         return self.probe(batch_size, timeout)
+
+    def _may_reuse(self, batch_size: int) -> bool:
+        """Whether the current process may run ``batch_size`` (it ran only fits, all smaller)."""
+        return (not self.fresh_each_probe) or (self.reuse_fits and batch_size > max(self._ran))
+
+    def prefetch(self, spares: int) -> None:
+        """Keep ``spares`` fresh processes started ahead (building and tracing the model in
+        parallel) from now on, e.g. before confirmations, each of which needs a fresh process.
+        """
+        self.spares_wanted = max(0, int(spares))
+        self._top_up_spares()
+
+    def _top_up_spares(self) -> None:
+        if not (self.fresh_each_probe and self.prestart):
+            return
+        while len(self._spares) < self.spares_wanted:
+            self._spares.append(self._launch())
 
     def kill(self) -> None:
         """Kill the worker process at once (no-op if it is gone)."""
@@ -422,6 +457,7 @@ class ProbeWorker:
                 with contextlib.suppress(OSError):
                     conn.close()
         self._conn = self._send_conn = None
+        self._ran = []
 
     def _stop_current(self) -> None:
         """Stop the current worker process (politely, then by force); keep the spare."""
@@ -436,9 +472,8 @@ class ProbeWorker:
     def close(self, *, keep_log: bool = False) -> None:
         """Stop the worker and any pre-started one, and remove their logs."""
         self._stop_current()
-        if self._spare is not None:
-            proc, send_conn, conn, _ = self._spare
-            self._spare = None
+        while self._spares:
+            proc, send_conn, conn, _ = self._spares.pop()
             if proc.poll() is None:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):

@@ -242,6 +242,16 @@ def fit_epoch_iterator(model: Any, x: Any, y: Any, *, batch_size: int, shuffle: 
                            steps_per_execution=model.steps_per_execution)
 
 
+def epoch_dataset(epochs: Any) -> Any:
+    """The ``tf.data`` dataset (or distributed dataset) behind a :func:`fit_epoch_iterator`.
+
+    Reads ``TFEpochIterator._get_iterator()`` (Keras 3.15.1, the dataset ``fit`` iterates,
+    prefetch included). If Keras changes it, the warm-up falls back to tracing at two sizes
+    (:func:`batchfit.backend.tensorflow.probe.trace_fit_path`), which costs one more trace.
+    """
+    return epochs._get_iterator()
+
+
 # --- the optimizer ----------------------------------------------------------------------------
 def optimizer_iterations(opt: Any) -> Any:
     """The optimizer's raw step counter (a variable, counting micro-steps while accumulating).

@@ -26,7 +26,7 @@ import tensorflow as tf
 from ...errors import error_line
 from ...results import Probe
 from ..oom import is_oom_error
-from .keras_compat import fit_epoch_iterator
+from .keras_compat import epoch_dataset, fit_epoch_iterator
 
 BatchFn = Callable[[int], "tuple[Any, Any]"]
 
@@ -269,16 +269,52 @@ def evaluate_like_fit(model: Any, x: Any, y: Any, batch_size: int) -> Any:
     return logs
 
 
+def trace_general_once(model: Any, batch_fn: Any, steps: int) -> None:
+    """Trace the train and test steps once each, directly with a ``None`` batch dimension.
+
+    ``fit``'s iterator over arrays has a static batch shape, so Keras's ``reduce_retracing``
+    needs two sizes to reach the ``None``-batch graph (four traces: train and test at 1, then
+    at 2). Fed once from ``fit``'s own dataset re-batched without ``drop_remainder`` (element
+    spec ``(None, ...)``), each function is traced once, in that general form, and every later
+    static-shaped batch reuses it (its shapes are subtypes of the traced ones). Measured on a
+    two-input model with ``steps_per_execution=2``: one trace each across sizes 1, 2, 5, 7.
+    Raises whatever the steps raise (the caller restores the state).
+    """
+    x, y = batch_fn(steps)
+    epochs = fit_epoch_iterator(model, x, y, batch_size=1, shuffle=False)
+    general = epoch_dataset(epochs).unbatch().batch(1)
+    model.make_train_function()
+    model.make_test_function()
+    model.reset_metrics()
+    _sync(model.train_function(iter(general)))
+    model.reset_metrics()
+    _sync(model.test_function(iter(general)))
+
+
 def trace_fit_path(model: Any, batch_fn: Any, state: Any, steps: int,
                    sizes: tuple[int, ...] = (1, 2)) -> tuple[bool, str] | None:
     """:func:`trace_general_step` for the path ``fit`` runs (training and validation).
 
-    Two tiny sizes, so that Keras's ``reduce_retracing`` has traced the train and test steps
-    with a ``None`` batch dimension before any probe measures them; the state is restored.
+    The train and test steps are traced once each with a ``None`` batch dimension
+    (:func:`trace_general_once`); if that cannot run (a Keras whose epoch iterator differs,
+    a distributed dataset), two tiny sizes, so that Keras's ``reduce_retracing`` has traced
+    them in the general form before any probe measures them. The state is restored.
 
     Returns:
         ``None``, or ``(is_oom, message)`` for the first size that failed.
     """
+    failure = None
+    try:
+        trace_general_once(model, batch_fn, steps)
+    except Exception as exc:  # noqa: BLE001 - the caller decides; other errors: two sizes
+        failure = (is_oom_error(exc), failure_line(exc))
+    with contextlib.suppress(Exception):
+        model.reset_metrics()
+    state.restore()
+    if failure is None:
+        return None
+    if failure[0]:
+        return failure
     for b in sizes:
         failure = None
         try:
