@@ -21,7 +21,7 @@ import pytest
 import batchfit
 from batchfit.core.confirm import band_of
 from batchfit.core.search import Trial
-from batchfit.verbs.verify import exhaustive_max
+from batchfit.verbs.verify import exhaustive_max, fit_rates
 
 CASES = [
     # the seed's MyVariableBatchLayer and MyCustomLayer
@@ -48,10 +48,13 @@ def test_guided_finds_what_exhaustive_bisection_in_fresh_processes_finds(spec, m
     # 3 of 3 where the bisection had drawn 224 once).
     searched = [Trial(p.batch_size, p.fits) for p in result.probes if p.phase == "search"]
     answer = band_of(searched).reliable
-    # Above the bisection only by a draw from the band (seed_wide's search once drew 224, which
-    # fits 1 time in 2, where the bisection stopped at 208): confirmation must then have
-    # stepped down, so the answer the user gets is not above the bisection's.
-    assert result.max_batch_size <= high, (result.probes, truth_probes)
+    # The bisection is one draw per size, so it may stop low in the band (the transformer's
+    # bisection once stopped at 127 where 146 fitted every time and 147 never; seed_wide's
+    # search drew 224, which fits 1 time in 2, where the bisection stopped at 208). An answer
+    # above the bisection's must then hold where it matters: in more fresh processes.
+    if result.max_batch_size > high:
+        again = fit_rates(spec, memory, [result.max_batch_size], repeats=2)
+        assert all(p.fits for p in again[result.max_batch_size]), (result.probes, truth_probes)
     # The band need not be monotone: with probes on fit's path (training and validation),
     # seed_wide at 64 MiB fitted 205 2 of 2, 209 and 215 0 of 2, 224 1 of 2 (fit_rates,
     # 2026-12-06); a bisection can step over 209-215 and draw 224 once, while the search,
