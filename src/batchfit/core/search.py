@@ -97,6 +97,20 @@ def _check_fraction(name: str, value: object, low: float, high: float) -> float:
     return check_fraction(name, value, low=low, high=high)
 
 
+def _check_prior(prior: object) -> tuple[float, float] | None:
+    """Validate a prior line ``(fixed_bytes, per_sample_bytes)``: finite, a positive slope."""
+    if prior is None:
+        return None
+    try:
+        fixed, slope = (float(v) for v in prior)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"prior must be (fixed_bytes, per_sample_bytes), got "
+                                f"{prior!r}") from None
+    if not (math.isfinite(fixed) and math.isfinite(slope) and slope > 0):
+        raise InvalidInputError(f"prior must be finite with per_sample_bytes > 0, got {prior!r}")
+    return fixed, slope
+
+
 def _check_upper(upper: int | None, granularity: int) -> int | None:
     """Validate ``upper``; return it rounded down to a multiple of ``granularity``."""
     up = _check_int("upper", upper, 1, optional=True)
@@ -449,6 +463,13 @@ class GuidedPolicy(SearchPolicy):
             Near a capped allocator's limit which sizes fit is not sharp (the same size fits
             in one process and not in the next, within 1-3%, measured), so the last few
             probes of an exact bracket buy little. Default 0.0 (exact).
+        prior: ``(fixed_bytes, per_sample_bytes)``: a line known before any probe (an XLA
+            step's compile-time memory, :mod:`batchfit.core.estimate`), used with a budget.
+            Until two fits have measured peaks, each size comes from it, its slope trusted and
+            its intercept corrected by the measured peaks
+            (:func:`batchfit.core.estimate.guided_next`); pass the predicted boundary as
+            ``init`` (:func:`batchfit.core.estimate.guided_start`). A line 1.5% off is
+            bracketed in three or four probes. Default ``None``.
 
     Example:
 
@@ -466,7 +487,8 @@ class GuidedPolicy(SearchPolicy):
                  upper: int | None = None, *, init: int | None = None, max_trials: int = 40,
                  first_jump: float = 0.6, split: float = 0.35, caution: float = 0.1,
                  trust: float = 0.5, slack: float = 0.03, span: int = 4,
-                 saturation: float = 0.0, tolerance: float = 0.0) -> None:
+                 saturation: float = 0.0, tolerance: float = 0.0,
+                 prior: tuple[float, float] | None = None) -> None:
         if budget_bytes is not None and (
                 not is_number(budget_bytes)
                 or not math.isfinite(budget_bytes) or budget_bytes <= 0):
@@ -490,6 +512,7 @@ class GuidedPolicy(SearchPolicy):
         self.span = int(_check_int("span", span, 1))  # type: ignore[arg-type]
         self.saturation = _check_fraction("saturation", saturation, -1e-12, 1.0)
         self.tolerance = _check_fraction("tolerance", tolerance, -1e-12, 0.5)
+        self.prior = _check_prior(prior)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -525,8 +548,11 @@ class GuidedPolicy(SearchPolicy):
         closing = self._closing_size(lo, hi)
         if closing is not None and (last is None or closing <= last):
             return closing
+        prior = self._prior_target(hist, lo, hi) if hist else None
         if not hist:
             target = float(self.init)
+        elif prior is not None:
+            target = float(prior)
         else:
             target = self._target(hist, lo, hi)
             if hi is not None and lo > 0 and any(
@@ -557,6 +583,41 @@ class GuidedPolicy(SearchPolicy):
         return super().bracketed(history) or self._within_tolerance(lo, hi)
 
     # -- internals --------------------------------------------------------------------------
+
+    def _prior_target(self, hist: list[Trial], lo: int, hi: int | None) -> int | None:
+        """The size the prior line gives, or ``None`` (no prior, or it no longer leads).
+
+        Used until two fits have measured peaks. The anchor is the largest fit with a peak, or
+        else the smallest failure with one; from it :func:`~batchfit.core.estimate.guided_next`
+        keeps the prior's slope and corrects its intercept. With only out-of-memory failures
+        (no peak) the search steps down from the smallest failure, 3% the first time and twice
+        as far each time after. A size outside the open bracket hands over to the line drawn
+        from the probes.
+        """
+        if self.prior is None or self.budget_bytes is None:
+            return None
+        if len({t.batch_size for t in hist if t.fits and t.peak_bytes is not None}) >= 2:
+            return None
+        from ..results.estimate import LinearFit
+        from .estimate import guided_next
+
+        g = self.granularity
+        line = LinearFit(fixed_bytes=self.prior[0], per_sample_bytes=self.prior[1])
+        fits = [t for t in hist if t.fits and t.peak_bytes is not None and t.batch_size == lo]
+        fails = [t for t in hist if not t.fits and t.peak_bytes is not None
+                 and t.batch_size == hi]
+        anchor = (fits or fails or [None])[-1]
+        if anchor is not None:
+            size = guided_next(line, self.budget_bytes, anchor.batch_size, anchor.fits,
+                               anchor.peak_bytes, margin=self.saturation, granularity=g)
+        elif lo == 0 and hi is not None:
+            misses = sum(1 for t in hist if not t.fits)
+            size = (math.floor(hi * (1.0 - min(0.5, 0.03 * 2 ** (misses - 1))) / g)) * g
+        else:
+            return None
+        if size <= lo or (hi is not None and size >= hi) or size < g:
+            return None
+        return size
 
     def _within_tolerance(self, lo: int, hi: int | None) -> bool:
         return self.tolerance > 0 and hi is not None and lo > 0 and hi - lo <= self.tolerance * lo
@@ -818,7 +879,8 @@ def search_argument(search: Any = None, strategy: Any = None, *, stacklevel: int
 
 def make_policy(name: str, *, budget_bytes: float | None = None, granularity: int = 1,
                 upper: int | None = None, init: int | None = None,
-                saturation: float = 0.0, tolerance: float = 0.0) -> SearchPolicy:
+                saturation: float = 0.0, tolerance: float = 0.0,
+                prior: tuple[float, float] | None = None) -> SearchPolicy:
     """Build a search policy by name.
 
     Args:
@@ -831,6 +893,8 @@ def make_policy(name: str, *, budget_bytes: float | None = None, granularity: in
             (see :class:`GuidedPolicy`). Default 0.0.
         tolerance: ``"guided"`` only: stop once the answer is within this fraction below the
             smallest failure (see :class:`GuidedPolicy`). Default 0.0 (exact).
+        prior: ``"guided"`` only: ``(fixed_bytes, per_sample_bytes)`` known before any probe
+            (see :class:`GuidedPolicy`). Default ``None``.
 
     Returns:
         The policy.
@@ -850,7 +914,7 @@ def make_policy(name: str, *, budget_bytes: float | None = None, granularity: in
             f"unknown search strategy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
     if key == "guided":
         return GuidedPolicy(budget_bytes, granularity, upper, init=init, saturation=saturation,
-                            tolerance=tolerance)
+                            tolerance=tolerance, prior=prior)
     cls = PowerPolicy if key == "power" else BinsearchPolicy
     return cls(2 if init is None else init, upper=upper, granularity=granularity)
 
