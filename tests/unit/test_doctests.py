@@ -20,7 +20,7 @@ MODULES = [
     "batchfit.results.verify", "batchfit.report.verify", "batchfit.emulation",
     "batchfit.emulation.bootstrap", "batchfit.emulation.fit_job", "batchfit.core.estimate",
     "batchfit.results.estimate", "batchfit.report.estimate", "batchfit.verbs.estimate",
-    "batchfit.backend.tensorflow.compiled", "batchfit.core.confirm",
+    "batchfit.backend.tensorflow.compiled", "batchfit.core.confirm", "batchfit.verbs.maxbatch_xla",
 ]
 
 

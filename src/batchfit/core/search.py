@@ -467,8 +467,9 @@ class GuidedPolicy(SearchPolicy):
             step's compile-time memory, :mod:`batchfit.core.estimate`), used with a budget.
             Until two fits have measured peaks, each size comes from it, its slope trusted and
             its intercept corrected by the measured peaks
-            (:func:`batchfit.core.estimate.guided_next`); pass the predicted boundary as
-            ``init`` (:func:`batchfit.core.estimate.guided_start`). A line 1.5% off is
+            (:func:`batchfit.core.estimate.guided_next`); one out-of-memory failure steps 3%
+            down, a second hands over to the search without it. Pass the predicted boundary
+            as ``init`` (:func:`batchfit.core.estimate.guided_start`). A line 1.5% off is
             bracketed in three or four probes. Default ``None``.
 
     Example:
@@ -589,15 +590,18 @@ class GuidedPolicy(SearchPolicy):
 
         Used until two fits have measured peaks. The anchor is the largest fit with a peak, or
         else the smallest failure with one; from it :func:`~batchfit.core.estimate.guided_next`
-        keeps the prior's slope and corrects its intercept. With only out-of-memory failures
-        (no peak) the search steps down from the smallest failure, 3% the first time and twice
-        as far each time after. A size outside the open bracket hands over to the line drawn
-        from the probes.
+        keeps the prior's slope and corrects its intercept. After one out-of-memory failure
+        (no peak) and no fit, the search steps 3% down; a second such failure, or a size
+        outside the open bracket, hands over to the search without a prior (measured: an XLA
+        step on TensorFlow's capped CPU allocator can fail far below its compile-time peak,
+        where the program's one temporaries buffer finds no contiguous room).
         """
         if self.prior is None or self.budget_bytes is None:
             return None
         if len({t.batch_size for t in hist if t.fits and t.peak_bytes is not None}) >= 2:
             return None
+        if sum(1 for t in hist if not t.fits and t.peak_bytes is None) >= 2:
+            return None                              # two misses: the line is no guide
         from ..results.estimate import LinearFit
         from .estimate import guided_next
 
@@ -610,11 +614,10 @@ class GuidedPolicy(SearchPolicy):
         if anchor is not None:
             size = guided_next(line, self.budget_bytes, anchor.batch_size, anchor.fits,
                                anchor.peak_bytes, margin=self.saturation, granularity=g)
-        elif lo == 0 and hi is not None:
-            misses = sum(1 for t in hist if not t.fits)
-            size = (math.floor(hi * (1.0 - min(0.5, 0.03 * 2 ** (misses - 1))) / g)) * g
+        elif lo == 0 and hi is not None and sum(1 for t in hist if not t.fits) == 1:
+            size = math.floor(0.97 * hi / g) * g     # a small miss of the prediction: 3% down
         else:
-            return None
+            return None                              # a second miss: the line is no guide
         if size <= lo or (hi is not None and size >= hi) or size < g:
             return None
         return size

@@ -81,6 +81,8 @@ class WorkerConfig:
     seed: int = 0
     log_path: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
+    jit_compile: bool = False       # XLA-compile the training step before probing (max --jit)
+    compile_sizes: tuple[int, ...] = ()  # an XLA step: compile these first (and the answer)
 
 
 def worker_environment(device: str, budget_bytes: int | None) -> dict[str, str]:

@@ -1,0 +1,119 @@
+"""``max`` on an XLA-compiled training step: the compile-time memory leads the search.
+
+When the step is XLA-compiled (the model's ``jit_compile=True``, or ``jit=True`` / ``--jit``),
+the first probe worker compiles the step at a few sizes before any step runs
+(:func:`batchfit.workers.child.prepare_xla`, through
+:meth:`~batchfit.backend.Backend.compiled_step_memory`): the parent imports no framework. The
+sizes give a line (:mod:`batchfit.core.estimate`); the guided search starts at the boundary it
+predicts under the probes' margin, and keeps the line's slope while the probes correct its
+intercept (:class:`~batchfit.core.search.GuidedPolicy`'s ``prior``). Real probes under the real
+budget decide the answer, and the confirmations in fresh processes follow as for any search.
+
+A step XLA cannot compile (a ``tf.py_function``, a layer with ``supports_jit=False``) leaves the
+model's own step in place, probed without a prediction; a note names the layer.
+
+Example:
+
+>>> xla_worker_config("guided", 64 << 20, jit=True)
+{'jit_compile': True, 'compile_sizes': (16, 64)}
+>>> xla_worker_config("binsearch", 64 << 20, jit=False)
+{'jit_compile': False, 'compile_sizes': ()}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..core.estimate import fit_line, guided_start
+from ..core.sizes import format_bytes
+from ..results.estimate import CompiledStepMemory
+
+#: The sizes the first worker compiles (then one more at the answer they predict).
+COMPILE_SIZES = (16, 64)
+#: What the worker compiles for a search that does not use the line: one small size, to find
+#: out whether XLA can compile the step at all before a probe fails on it.
+CHECK_SIZES = (8,)
+
+
+def xla_worker_config(search: str, budget: int | None, *, jit: bool) -> dict[str, Any]:
+    """The :class:`~batchfit.workers.worker.WorkerConfig` fields of the first probe worker."""
+    if search == "guided" and budget is not None:
+        sizes: tuple[int, ...] = COMPILE_SIZES
+    else:
+        sizes = CHECK_SIZES if jit else ()
+    return {"jit_compile": bool(jit), "compile_sizes": sizes}
+
+
+def settle_worker(worker: Any, info: dict[str, Any], *, jit: bool, stall_seconds: Any) -> None:
+    """After the first worker reported: later processes compile nothing, and XLA-compile the
+    step only where it compiled; the process that compiled is not probed in (its allocator
+    and caches would differ from a fresh training process's). The stall watch, off while the
+    first worker compiled, stays off for an XLA step (``stall_seconds`` restored otherwise):
+    measured on the CPU (demo_model, 96 MiB), an XLA step's worker sat quiet for a second in
+    its warm-up at batch 1 and at sizes that fit, so the watch reported false out-of-memory
+    failures; an XLA step's failure waits TensorFlow's 10 s instead."""
+    if worker is None:
+        return
+    if not info.get("step_jit"):
+        worker.stall_seconds = stall_seconds
+    if not worker.config.compile_sizes:
+        return
+    worker.config = dataclasses.replace(
+        worker.config, compile_sizes=(), jit_compile=bool(jit and info.get("step_jit")))
+    if info.get("step_jit") or jit:
+        worker.kill()
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaPrior:
+    """What the compile-time line gives the search."""
+
+    start: int                       # the first size to probe: the predicted boundary
+    fixed_bytes: float
+    per_sample_bytes: float
+    sizes: tuple[int, ...]
+
+
+def xla_prior(info: dict[str, Any], budget: int | None, granularity: int, upper: int,
+              margin: float, notes: list[str]) -> XlaPrior | None:
+    """The line from the first worker's compiled sizes, and where the search starts (a note
+    says so); ``None`` without two compiled sizes or a budget, or with a line that does not
+    grow."""
+    compiled = [CompiledStepMemory.from_dict(d) for d in info.get("compiled") or []]
+    if budget is None or len({m.batch_size for m in compiled}) < 2:
+        return None
+    line = fit_line([(m.batch_size, m.total_bytes) for m in compiled])
+    if not line.per_sample_bytes > 0:
+        return None
+    start = min(guided_start(line, budget, margin=margin, granularity=granularity),
+                (upper // granularity) * granularity)
+    sizes = tuple(m.batch_size for m in compiled)
+    seconds = sum(m.compile_seconds or 0.0 for m in compiled)
+    notes.append(
+        f"XLA step: its compile-time memory at {', '.join(map(str, sizes))} ({seconds:.1f} s "
+        f"of compiling, nothing run) predicted {start} under the probes' margin (fixed "
+        f"{format_bytes(max(0.0, line.fixed_bytes))}, {format_bytes(line.per_sample_bytes)} "
+        f"per sample); the search started there, real probes under the budget decided")
+    return XlaPrior(start=start, fixed_bytes=line.fixed_bytes,
+                    per_sample_bytes=line.per_sample_bytes, sizes=sizes)
+
+
+def watch_off(worker: Any, xla: dict[str, Any]) -> Any:
+    """Turn the worker's stall watch off before a start that may compile an XLA step; return
+    its setting, for :func:`settle_worker`."""
+    saved = worker.stall_seconds
+    if xla.get("jit_compile") or xla.get("compile_sizes"):
+        worker.stall_seconds = None
+    return saved
+
+
+__all__ = [
+    "CHECK_SIZES",
+    "COMPILE_SIZES",
+    "XlaPrior",
+    "settle_worker",
+    "watch_off",
+    "xla_prior",
+    "xla_worker_config",
+]
