@@ -467,10 +467,15 @@ class GuidedPolicy(SearchPolicy):
             step's compile-time memory, :mod:`batchfit.core.estimate`), used with a budget.
             Until two fits have measured peaks, each size comes from it, its slope trusted and
             its intercept corrected by the measured peaks
-            (:func:`batchfit.core.estimate.guided_next`); one out-of-memory failure steps 3%
+            (:func:`batchfit.core.estimate.guided_next`); before a fit one failure steps 3%
             down, a second hands over to the search without it. Pass the predicted boundary
             as ``init`` (:func:`batchfit.core.estimate.guided_start`). A line 1.5% off is
             bracketed in three or four probes. Default ``None``.
+        prior_peak: ``(fixed_bytes, per_sample_bytes)``: what a probe's measured peak is
+            predicted to read, where that differs from what must fit (``prior``): an XLA
+            step on TensorFlow's allocator needs room for its temporaries twice over, which
+            no peak shows (:mod:`batchfit.verbs.maxbatch_xla`). A fit's peak corrects the
+            prior by how far it read from this line. Default: ``prior``.
 
     Example:
 
@@ -489,7 +494,8 @@ class GuidedPolicy(SearchPolicy):
                  first_jump: float = 0.6, split: float = 0.35, caution: float = 0.1,
                  trust: float = 0.5, slack: float = 0.03, span: int = 4,
                  saturation: float = 0.0, tolerance: float = 0.0,
-                 prior: tuple[float, float] | None = None) -> None:
+                 prior: tuple[float, float] | None = None,
+                 prior_peak: tuple[float, float] | None = None) -> None:
         if budget_bytes is not None and (
                 not is_number(budget_bytes)
                 or not math.isfinite(budget_bytes) or budget_bytes <= 0):
@@ -514,6 +520,7 @@ class GuidedPolicy(SearchPolicy):
         self.saturation = _check_fraction("saturation", saturation, -1e-12, 1.0)
         self.tolerance = _check_fraction("tolerance", tolerance, -1e-12, 0.5)
         self.prior = _check_prior(prior)
+        self.prior_peak = _check_prior(prior_peak)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -588,36 +595,39 @@ class GuidedPolicy(SearchPolicy):
     def _prior_target(self, hist: list[Trial], lo: int, hi: int | None) -> int | None:
         """The size the prior line gives, or ``None`` (no prior, or it no longer leads).
 
-        Used until two fits have measured peaks. The anchor is the largest fit with a peak, or
-        else the smallest failure with one; from it :func:`~batchfit.core.estimate.guided_next`
-        keeps the prior's slope and corrects its intercept. After one out-of-memory failure
-        (no peak) and no fit, the search steps 3% down; a second such failure, or a size
-        outside the open bracket, hands over to the search without a prior (measured: an XLA
-        step on TensorFlow's capped CPU allocator can fail far below its compile-time peak,
-        where the program's one temporaries buffer finds no contiguous room).
+        Used until two fits have measured peaks. From the largest fit with a peak,
+        :func:`~batchfit.core.estimate.guided_next` keeps the prior's slope and corrects its
+        intercept by what the peak read above :attr:`prior_peak`'s prediction for that size.
+        Before any fit, one failure steps 3% down; a second failure (a measured peak over the
+        usable budget says nothing here: near a capped allocator's limit it reads the budget
+        itself), or a size outside the open bracket, hands over to the search without a prior
+        (measured: an XLA step on TensorFlow's capped CPU allocator failed at half of its
+        compile-time peak's limit).
         """
         if self.prior is None or self.budget_bytes is None:
             return None
         if len({t.batch_size for t in hist if t.fits and t.peak_bytes is not None}) >= 2:
             return None
-        if sum(1 for t in hist if not t.fits and t.peak_bytes is None) >= 2:
-            return None                              # two misses: the line is no guide
         from ..results.estimate import LinearFit
         from .estimate import guided_next
 
         g = self.granularity
-        line = LinearFit(fixed_bytes=self.prior[0], per_sample_bytes=self.prior[1])
-        fits = [t for t in hist if t.fits and t.peak_bytes is not None and t.batch_size == lo]
-        fails = [t for t in hist if not t.fits and t.peak_bytes is not None
-                 and t.batch_size == hi]
-        anchor = (fits or fails or [None])[-1]
-        if anchor is not None:
-            size = guided_next(line, self.budget_bytes, anchor.batch_size, anchor.fits,
-                               anchor.peak_bytes, margin=self.saturation, granularity=g)
-        elif lo == 0 and hi is not None and sum(1 for t in hist if not t.fits) == 1:
+        fixed, slope = self.prior
+        peak_fixed, peak_slope = self.prior_peak or self.prior
+        fit = next((t for t in hist if t.fits and t.peak_bytes is not None
+                    and t.batch_size == lo), None)
+        failures = sum(1 for t in hist if not t.fits)
+        if failures >= 2:
+            return None                              # two misses: the line is no guide
+        if fit is not None:
+            offset = float(fit.peak_bytes) - (peak_fixed + peak_slope * lo)  # type: ignore[arg-type]
+            size = guided_next(LinearFit(fixed_bytes=fixed + offset, per_sample_bytes=slope),
+                               self.budget_bytes, lo, True, fixed + offset + slope * lo,
+                               margin=self.saturation, granularity=g)
+        elif lo == 0 and hi is not None:
             size = math.floor(0.97 * hi / g) * g     # a small miss of the prediction: 3% down
         else:
-            return None                              # a second miss: the line is no guide
+            return None
         if size <= lo or (hi is not None and size >= hi) or size < g:
             return None
         return size
@@ -883,7 +893,8 @@ def search_argument(search: Any = None, strategy: Any = None, *, stacklevel: int
 def make_policy(name: str, *, budget_bytes: float | None = None, granularity: int = 1,
                 upper: int | None = None, init: int | None = None,
                 saturation: float = 0.0, tolerance: float = 0.0,
-                prior: tuple[float, float] | None = None) -> SearchPolicy:
+                prior: tuple[float, float] | None = None,
+                prior_peak: tuple[float, float] | None = None) -> SearchPolicy:
     """Build a search policy by name.
 
     Args:
@@ -896,8 +907,8 @@ def make_policy(name: str, *, budget_bytes: float | None = None, granularity: in
             (see :class:`GuidedPolicy`). Default 0.0.
         tolerance: ``"guided"`` only: stop once the answer is within this fraction below the
             smallest failure (see :class:`GuidedPolicy`). Default 0.0 (exact).
-        prior: ``"guided"`` only: ``(fixed_bytes, per_sample_bytes)`` known before any probe
-            (see :class:`GuidedPolicy`). Default ``None``.
+        prior, prior_peak: ``"guided"`` only: ``(fixed_bytes, per_sample_bytes)`` known before
+            any probe, and what a peak reads (see :class:`GuidedPolicy`). Default ``None``.
 
     Returns:
         The policy.
@@ -917,7 +928,7 @@ def make_policy(name: str, *, budget_bytes: float | None = None, granularity: in
             f"unknown search strategy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
     if key == "guided":
         return GuidedPolicy(budget_bytes, granularity, upper, init=init, saturation=saturation,
-                            tolerance=tolerance, prior=prior)
+                            tolerance=tolerance, prior=prior, prior_peak=prior_peak)
     cls = PowerPolicy if key == "power" else BinsearchPolicy
     return cls(2 if init is None else init, upper=upper, granularity=granularity)
 

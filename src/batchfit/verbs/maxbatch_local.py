@@ -239,12 +239,13 @@ def search_max_batch_size(
     if jit and prober.worker is None:
         notes.append("jit=True needs process isolation: the in-process probes ran the model's "
                      "step as it is")
-    prior = xla_prior(prober.info, place.budget, granularity, upper, LIMIT_MARGIN, notes) \
-        if search == "guided" else None
+    prior = xla_prior(prober.info, place.budget, granularity, upper, LIMIT_MARGIN, steps,
+                      notes) if search == "guided" else None
     policy = make_policy(search, budget_bytes=place.budget, granularity=granularity, upper=upper,
                          saturation=LIMIT_MARGIN, tolerance=float(search_tolerance),
                          init=prior.start if prior else None,
-                         prior=(prior.fixed_bytes, prior.per_sample_bytes) if prior else None)
+                         prior=prior.need if prior else None,
+                         prior_peak=prior.peak if prior else None)
     probes: list[Probe] = []
     try:
         trials = run_search(policy, _trial_function(prober, probes, probe_timeout, on_probe),

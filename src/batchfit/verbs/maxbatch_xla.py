@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..core.estimate import fit_line, guided_start
+from ..core.estimate import TEMPORARIES_ROOM, fit_line, guided_start
 from ..core.sizes import format_bytes
 from ..results.estimate import CompiledStepMemory
 
@@ -67,36 +67,50 @@ def settle_worker(worker: Any, info: dict[str, Any], *, jit: bool, stall_seconds
 
 @dataclasses.dataclass(frozen=True)
 class XlaPrior:
-    """What the compile-time line gives the search."""
+    """What the compile-time line gives the search: where it starts, what must fit, and what
+    a probe's peak will read."""
 
     start: int                       # the first size to probe: the predicted boundary
-    fixed_bytes: float
-    per_sample_bytes: float
+    need: tuple[float, float]        # (fixed, per sample): what must fit in the budget
+    peak: tuple[float, float]        # (fixed, per sample): what a probe's peak reads
     sizes: tuple[int, ...]
 
 
+
+
 def xla_prior(info: dict[str, Any], budget: int | None, granularity: int, upper: int,
-              margin: float, notes: list[str]) -> XlaPrior | None:
-    """The line from the first worker's compiled sizes, and where the search starts (a note
+              margin: float, steps: int, notes: list[str]) -> XlaPrior | None:
+    """The lines from the first worker's compiled sizes, and where the search starts (a note
     says so); ``None`` without two compiled sizes or a budget, or with a line that does not
-    grow."""
+    grow.
+
+    What a probe's peak reads: XLA's total (variables, one batch, temporaries, outputs) plus
+    the ``steps`` batches a probe holds. What must fit: that, with the temporaries counted
+    :data:`TEMPORARIES_ROOM` times.
+    """
     compiled = [CompiledStepMemory.from_dict(d) for d in info.get("compiled") or []]
     if budget is None or len({m.batch_size for m in compiled}) < 2:
         return None
-    line = fit_line([(m.batch_size, m.total_bytes) for m in compiled])
-    if not line.per_sample_bytes > 0:
+    peak = fit_line([(m.batch_size, m.total_bytes + steps * m.inputs) for m in compiled])
+    need = fit_line([(m.batch_size, m.total_bytes + steps * m.inputs
+                      + (TEMPORARIES_ROOM - 1) * m.temporaries) for m in compiled])
+    if not (peak.per_sample_bytes > 0 and need.per_sample_bytes > 0):
         return None
-    start = min(guided_start(line, budget, margin=margin, granularity=granularity),
+    start = min(guided_start(need, budget, margin=margin, granularity=granularity),
                 (upper // granularity) * granularity)
+    plain = guided_start(fit_line([(m.batch_size, m.total_bytes) for m in compiled]), budget,
+                         margin=margin, granularity=granularity)
     sizes = tuple(m.batch_size for m in compiled)
     seconds = sum(m.compile_seconds or 0.0 for m in compiled)
     notes.append(
         f"XLA step: its compile-time memory at {', '.join(map(str, sizes))} ({seconds:.1f} s "
-        f"of compiling, nothing run) predicted {start} under the probes' margin (fixed "
-        f"{format_bytes(max(0.0, line.fixed_bytes))}, {format_bytes(line.per_sample_bytes)} "
-        f"per sample); the search started there, real probes under the budget decided")
-    return XlaPrior(start=start, fixed_bytes=line.fixed_bytes,
-                    per_sample_bytes=line.per_sample_bytes, sizes=sizes)
+        f"of compiling, nothing run) predicted {start} under the probes' margin ({plain} from "
+        f"XLA's total alone; the temporaries counted {TEMPORARIES_ROOM} times, as measured on "
+        f"TensorFlow's allocator; {format_bytes(max(0.0, need.fixed_bytes))} + "
+        f"{format_bytes(need.per_sample_bytes)} per sample); the search started there, real "
+        f"probes under the budget decided")
+    return XlaPrior(start=start, need=(need.fixed_bytes, need.per_sample_bytes),
+                    peak=(peak.fixed_bytes, peak.per_sample_bytes), sizes=sizes)
 
 
 def watch_off(worker: Any, xla: dict[str, Any]) -> Any:

@@ -242,7 +242,7 @@ def prepare_xla(backend: Any, model: Any, config: Any) -> dict[str, Any]:
     compile is left as the model has it: with ``jit_compile`` asked for, the probes run the
     model's own step, and a note names the layer.
     """
-    from ..core.estimate import fit_line, largest_batch
+    from ..core.estimate import TEMPORARIES_ROOM, fit_line, largest_batch
     from ..errors import InvalidInputError
 
     forced = bool(getattr(config, "jit_compile", False))
@@ -256,7 +256,8 @@ def prepare_xla(backend: Any, model: Any, config: Any) -> dict[str, Any]:
         compiled = [backend.compiled_step_memory(model, b, input_shapes=config.input_shapes)
                     for b in sizes]
         if len(compiled) >= 2 and config.budget_bytes:
-            line = fit_line([(m.batch_size, m.total_bytes) for m in compiled])
+            line = fit_line([(m.batch_size, m.total_bytes + (TEMPORARIES_ROOM - 1)
+                              * m.temporaries) for m in compiled])
             answer = largest_batch(line, config.budget_bytes * (1.0 - _LIMIT_MARGIN))
             if answer >= 1 and answer not in sizes:
                 compiled.append(backend.compiled_step_memory(
