@@ -48,6 +48,8 @@ def _search(spec: str, memory: str, search: str) -> dict:
             "search_failures": sum(not p.fits for p in found),
             "confirm_probes": len(conf), "confirm_ooms": sum(p.outcome in FAILED for p in conf),
             "seconds": round(r.seconds, 1), "xla_step": r.xla_step,
+            "search_probe_seconds": round(sum(p.seconds for p in found), 1),
+            "confirm_probe_seconds": round(sum(p.seconds for p in conf), 1),
             "xla_prediction": r.xla_prediction, "notes": r.notes,
             "sequence": [(p.batch_size, p.phase, p.outcome, p.peak_bytes) for p in r.probes]}
 
