@@ -117,3 +117,21 @@ def test_failures_reading_the_budget_hand_over_instead_of_crawling():
     assert policy.best(history) == truth(trial, 1) and policy.bracketed(history)
     first, second, third = (t.batch_size for t in history[:3])
     assert second == int(0.97 * first) and third < 0.5 * second, history[:3]
+
+
+def test_a_prior_that_over_counts_steps_up_by_the_peak_line_not_by_granules():
+    # The need line counts the temporaries twice, but this step fits on its peak alone.
+    fixed, per_sample = 4 * MiB, 100 * 1024
+
+    def trial(b: int) -> Trial:
+        peak = fixed + per_sample * b
+        return Trial(b, peak < (1 - MARGIN) * BUDGET, float(min(peak, BUDGET)))
+
+    need = (fixed, 2 * per_sample)
+    init = guided_start(LinearFit(fixed_bytes=need[0], per_sample_bytes=need[1]), BUDGET,
+                        margin=MARGIN)
+    policy = make_policy("guided", budget_bytes=BUDGET, saturation=MARGIN, init=init,
+                         prior=need, prior_peak=(fixed, per_sample), tolerance=0.02)
+    history = run_search(policy, trial)
+    best = max(b for b in range(1, 6000) if trial(b).fits)
+    assert best * 0.98 <= policy.best(history) <= best and len(history) <= 5, history

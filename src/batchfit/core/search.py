@@ -465,7 +465,7 @@ class GuidedPolicy(SearchPolicy):
             probes of an exact bracket buy little. Default 0.0 (exact).
         prior: ``(fixed_bytes, per_sample_bytes)``: a line known before any probe (an XLA
             step's compile-time memory, :mod:`batchfit.core.estimate`), used with a budget.
-            Until two fits have measured peaks, each size comes from it, its slope trusted and
+            Until three fits have measured peaks, each size comes from it, its slope trusted and
             its intercept corrected by the measured peaks
             (:func:`batchfit.core.estimate.guided_next`); before a fit one failure steps 3%
             down, a second hands over to the search without it. Pass the predicted boundary
@@ -595,9 +595,10 @@ class GuidedPolicy(SearchPolicy):
     def _prior_target(self, hist: list[Trial], lo: int, hi: int | None) -> int | None:
         """The size the prior line gives, or ``None`` (no prior, or it no longer leads).
 
-        Used until two fits have measured peaks. From the largest fit with a peak,
+        Used until three fits have measured peaks. From the largest fit with a peak,
         :func:`~batchfit.core.estimate.guided_next` keeps the prior's slope and corrects its
-        intercept by what the peak read above :attr:`prior_peak`'s prediction for that size.
+        intercept by what the peak read above :attr:`prior_peak`'s prediction for that size;
+        once a second size fits (the prior over-counts), the peak line says how far is left.
         Before any fit, one failure steps 3% down; a second failure (a measured peak over the
         usable budget says nothing here: near a capped allocator's limit it reads the budget
         itself), or a size outside the open bracket, hands over to the search without a prior
@@ -606,7 +607,8 @@ class GuidedPolicy(SearchPolicy):
         """
         if self.prior is None or self.budget_bytes is None:
             return None
-        if len({t.batch_size for t in hist if t.fits and t.peak_bytes is not None}) >= 2:
+        fitted = len({t.batch_size for t in hist if t.fits and t.peak_bytes is not None})
+        if fitted >= 3:
             return None
         from ..results.estimate import LinearFit
         from .estimate import guided_next
@@ -620,10 +622,20 @@ class GuidedPolicy(SearchPolicy):
         if failures >= 2:
             return None                              # two misses: the line is no guide
         if fit is not None:
-            offset = float(fit.peak_bytes) - (peak_fixed + peak_slope * lo)  # type: ignore[arg-type]
-            size = guided_next(LinearFit(fixed_bytes=fixed + offset, per_sample_bytes=slope),
-                               self.budget_bytes, lo, True, fixed + offset + slope * lo,
-                               margin=self.saturation, granularity=g)
+            peak = float(fit.peak_bytes)  # type: ignore[arg-type]
+            offset = peak - (peak_fixed + peak_slope * lo)
+            need = fixed + offset + slope * lo
+            usable = (1.0 - self.saturation) * self.budget_bytes
+            if fitted < 2 and need - usable <= 0.02 * self.budget_bytes:  # room, or at it
+                size = guided_next(LinearFit(fixed_bytes=fixed + offset, per_sample_bytes=slope),
+                                   self.budget_bytes, lo, True, need, margin=self.saturation,
+                                   granularity=g)
+            else:
+                # It fitted where the prior says it is well over, or a second time (the size
+                # above the prior's boundary): the prior over-counts for this model. The peak line says how far is left; at least 1% up, so a failure
+                # there closes a bracket within the usual tolerance.
+                extra = max(0.0, usable - peak) / peak_slope
+                size = lo + max(g, math.ceil(0.01 * lo / g) * g, int(extra // g) * g)
         elif lo == 0 and hi is not None:
             size = math.floor(0.97 * hi / g) * g     # a small miss of the prediction: 3% down
         else:

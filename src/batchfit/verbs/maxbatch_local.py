@@ -34,7 +34,7 @@ from ..errors import (
     error_line,
 )
 from ..results import Band, MaxBatchResult, MemoryModel, Probe
-from .maxbatch_xla import settle_worker, watch_off, xla_prior, xla_worker_config
+from .maxbatch_xla import settle_worker, xla_prior, xla_worker_config
 from .resolve import ResolvedModel, resolve, validate_model_arg
 
 ISOLATION_MODES = ("auto", "process", "none")
@@ -233,8 +233,7 @@ def search_max_batch_size(
     prober = _start_prober(resolved, place, isolate, data=data, input_shapes=input_shapes,
                            steps=steps, seed=seed, probe_timeout=probe_timeout, fresh=fresh,
                            xla=xla_worker_config(search, place.budget, jit=jit))
-    settle_worker(prober.worker, prober.info, jit=jit,
-                  stall_seconds=prober.info.get("stall_seconds"))
+    settle_worker(prober.worker, prober.info, jit=jit)
     notes = [*place.notes, *prober.notes]
     if jit and prober.worker is None:
         notes.append("jit=True needs process isolation: the in-process probes ran the model's "
@@ -402,9 +401,8 @@ def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: 
                                       steps=steps, device=device, budget_bytes=budget, seed=seed,
                                       **(xla or {})),
                          probe_timeout=probe_timeout, fresh_each_probe=fresh)
-    stall = watch_off(worker, xla or {})
     try:
-        info = {**worker.start(), "stall_seconds": stall}
+        info = worker.start()
     except BaseException as exc:
         worker.close()  # its processes, and its hold on the process's fork server
         if not isinstance(exc, ModelLoadError) or source.kind != "pickle" or explicit:

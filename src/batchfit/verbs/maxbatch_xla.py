@@ -45,18 +45,17 @@ def xla_worker_config(search: str, budget: int | None, *, jit: bool) -> dict[str
     return {"jit_compile": bool(jit), "compile_sizes": sizes}
 
 
-def settle_worker(worker: Any, info: dict[str, Any], *, jit: bool, stall_seconds: Any) -> None:
+def settle_worker(worker: Any, info: dict[str, Any], *, jit: bool) -> None:
     """After the first worker reported: later processes compile nothing, and XLA-compile the
     step only where it compiled; the process that compiled is not probed in (its allocator
-    and caches would differ from a fresh training process's). The stall watch, off while the
-    first worker compiled, stays off for an XLA step (``stall_seconds`` restored otherwise):
-    measured on the CPU (demo_model, 96 MiB), an XLA step's worker sat quiet for a second in
-    its warm-up at batch 1 and at sizes that fit, so the watch reported false out-of-memory
-    failures; an XLA step's failure waits TensorFlow's 10 s instead."""
+    and caches would differ from a fresh training process's). The stall watch is off for an
+    XLA step: measured on the CPU (demo_model, 96 MiB), an XLA step's worker sat quiet for a
+    second in its warm-up at batch 1 and at sizes that fit, so the watch reported false
+    out-of-memory failures; an XLA step's failure waits TensorFlow's 10 s instead."""
     if worker is None:
         return
-    if not info.get("step_jit"):
-        worker.stall_seconds = stall_seconds
+    if info.get("step_jit"):
+        worker.stall_seconds = None
     if not worker.config.compile_sizes:
         return
     worker.config = dataclasses.replace(
@@ -113,21 +112,11 @@ def xla_prior(info: dict[str, Any], budget: int | None, granularity: int, upper:
                     peak=(peak.fixed_bytes, peak.per_sample_bytes), sizes=sizes)
 
 
-def watch_off(worker: Any, xla: dict[str, Any]) -> Any:
-    """Turn the worker's stall watch off before a start that may compile an XLA step; return
-    its setting, for :func:`settle_worker`."""
-    saved = worker.stall_seconds
-    if xla.get("jit_compile") or xla.get("compile_sizes"):
-        worker.stall_seconds = None
-    return saved
-
-
 __all__ = [
     "CHECK_SIZES",
     "COMPILE_SIZES",
     "XlaPrior",
     "settle_worker",
-    "watch_off",
     "xla_prior",
     "xla_worker_config",
 ]

@@ -195,7 +195,7 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
         # From here on nothing waits on I/O: the parent may watch for a wait on memory.
         # (state_bytes builds the optimizer's slots, as Keras does before a first step.)
         conn.send({"phase": "warm_up", "weights_bytes": backend.weights_bytes(model),
-                   "state_bytes": backend.state_bytes(model)})
+                   "state_bytes": backend.state_bytes(model), "step_jit": xla["step_jit"]})
         runner = backend.probe_runner(model, batch_fn, steps=config.steps, device=device,
                                       budget_bytes=config.budget_bytes)
         failure = runner.warm_up()
