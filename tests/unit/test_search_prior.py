@@ -135,3 +135,11 @@ def test_a_prior_that_over_counts_steps_up_by_the_peak_line_not_by_granules():
     history = run_search(policy, trial)
     best = max(b for b in range(1, 6000) if trial(b).fits)
     assert best * 0.98 <= policy.best(history) <= best and len(history) <= 5, history
+
+
+def test_a_failure_whose_peak_ran_just_over_corrects_the_prior():
+    line = LinearFit(fixed_bytes=10 * MiB, per_sample_bytes=1 * MiB)
+    trial = device(12 * MiB, 1 * MiB, oom_without_peak=False)  # 2 MiB more than predicted
+    _, history = search(line, trial, granularity=1)
+    assert not history[0].fits and history[0].peak_bytes < BUDGET
+    assert history[1].batch_size == truth(trial, 1) and len(history) <= 3, history

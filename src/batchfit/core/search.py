@@ -599,9 +599,9 @@ class GuidedPolicy(SearchPolicy):
         :func:`~batchfit.core.estimate.guided_next` keeps the prior's slope and corrects its
         intercept by what the peak read above :attr:`prior_peak`'s prediction for that size;
         once a second size fits (the prior over-counts), the peak line says how far is left.
-        Before any fit, one failure steps 3% down; a second failure (a measured peak over the
-        usable budget says nothing here: near a capped allocator's limit it reads the budget
-        itself), or a size outside the open bracket, hands over to the search without a prior
+        Before any fit, one failure steps down: by its peak where it ran without waiting (a
+        peak under the budget itself), else 3%; a second failure (a peak that reads the
+        budget says nothing: the capped allocator waited), or a size outside the open bracket, hands over to the search without a prior
         (measured: an XLA step on TensorFlow's capped CPU allocator failed at half of its
         compile-time peak's limit).
         """
@@ -637,7 +637,19 @@ class GuidedPolicy(SearchPolicy):
                 extra = max(0.0, usable - peak) / peak_slope
                 size = lo + max(g, math.ceil(0.01 * lo / g) * g, int(extra // g) * g)
         elif lo == 0 and hi is not None:
-            size = math.floor(0.97 * hi / g) * g     # a small miss of the prediction: 3% down
+            over = next((t for t in hist if not t.fits and t.batch_size == hi
+                         and t.peak_bytes is not None
+                         and t.peak_bytes < (1.0 - 0.005) * self.budget_bytes), None)
+            if over is not None:
+                # It ran, and its peak (not the budget's: no wait) came just over the usable
+                # budget: correct the prior by it, as after a fit.
+                measured = float(over.peak_bytes)  # type: ignore[arg-type]
+                offset = measured - (peak_fixed + peak_slope * hi)
+                usable = (1.0 - self.saturation) * self.budget_bytes
+                size = (math.ceil((usable - fixed - offset) / slope / g) - 1) * g  # strictly under
+                size = min(size, hi - g)
+            else:
+                size = math.floor(0.97 * hi / g) * g  # a small miss of the prediction: 3% down
         else:
             return None
         if size <= lo or (hi is not None and size >= hi) or size < g:
