@@ -85,3 +85,38 @@ def marker_limited() -> keras.Model:
     m = keras.Model(inp, out)
     m.compile("sgd", "mse", run_eagerly=True)
     return m
+
+
+def jit_mlp() -> keras.Model:
+    """A small MLP whose training step Keras XLA-compiles (``jit_compile=True``)."""
+    inp = keras.Input((64,))
+    h = keras.layers.Dense(256, activation="relu")(inp)
+    h = keras.layers.Dense(256, activation="relu")(h)
+    out = keras.layers.Dense(1)(h)
+    m = keras.Model(inp, out)
+    m.compile("adam", "mse", jit_compile=True)
+    return m
+
+
+@keras.saving.register_keras_serializable(package="batchfit_tests")
+class PyFunctionLayer(keras.layers.Layer):
+    """An identity through ``tf.py_function``, which XLA cannot compile."""
+
+    def call(self, x):
+        out = tf.py_function(lambda t: t, [x], x.dtype)
+        out.set_shape(x.shape)
+        return out
+
+    def compute_output_shape(self, shape):
+        return shape
+
+
+def py_function_mlp() -> keras.Model:
+    """A small MLP with a ``tf.py_function`` layer named 'pyfn' (jit_compile left off)."""
+    inp = keras.Input((64,))
+    h = keras.layers.Dense(128, activation="relu")(inp)
+    h = PyFunctionLayer(name="pyfn")(h)
+    out = keras.layers.Dense(1)(h)
+    m = keras.Model(inp, out)
+    m.compile("sgd", "mse")
+    return m

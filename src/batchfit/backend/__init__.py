@@ -370,6 +370,11 @@ class Backend(abc.ABC):
         resolved as the framework resolves it)."""
         return False
 
+    def set_step_jit(self, model: Any) -> bool:
+        """Make ``model``'s training step XLA-compiled (``max --jit``, in a probe worker, before
+        any step); return whether it now is (a layer may refuse)."""
+        return False
+
     # -- check: the batch contract of layers (``batchfit check``) -----------------------------
     # The checks themselves (what is a finding, in which order they run) are
     # :mod:`batchfit.verbs.check`'s; a backend loads what to check and runs each operation.

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confirm", type=int, default=DEFAULT_CONFIRMATIONS, metavar="K",
                    help=f"run the answer again in K fresh processes, stepping down on any "
                         f"failure (default {DEFAULT_CONFIRMATIONS}; 0 skips it)")
+    p.add_argument("--jit", action="store_true",
+                   help="XLA-compile the training step (jit_compile=True); an XLA step's search "
+                        "starts where its compile-time memory predicts the limit")
     p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     p.add_argument("--quiet", action="store_true", help="no per-probe lines")
     add_verify_option(p)
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         upper=args.max_batch, headroom=args.headroom, steps=args.steps, isolate=args.isolate,
         device=args.device, on_probe=None if args.quiet else ProbeLog(console),
         distribute=args.distribute, search_tolerance=args.search_tolerance,
-        confirm=args.confirm)
+        confirm=args.confirm, jit=args.jit)
     render_max(result, console, show_probes=args.quiet)
     write_outputs(result, console, json_path=args.json)
     return verify_answer(args, console, model, result.max_batch_size,

@@ -35,6 +35,15 @@ CARD_RESERVE_BYTES: int = 1 << 30
 #: Share of what remains that the step may use: the allocator's fragmentation and rounding.
 USABLE_SHARE: float = 0.95
 
+#: How many times over an XLA step's temporaries must find room in TensorFlow's allocator.
+#: Measured on the CPU, in fresh processes under the cap (bench/bench_jit.py,
+#: docs/benchmarks.md): the step's peak (bytes in use) stayed near XLA's total, yet the largest
+#: size that fitted was where the total with the temporaries counted twice reaches the budget: demo_model at 96 MiB 132
+#: (total alone predicts 279, twice 135), the example CNN at 256 MiB 87 (175; 86). The
+#: program's temporaries are one allocation, which must find one free chunk while the next
+#: batch's tensors sit in the region; no peak shows it.
+TEMPORARIES_ROOM = 2
+
 
 def check_batch_sizes(sizes: Any) -> list[int]:
     """Batch sizes to compile, as a sorted list of distinct positive integers.
@@ -217,7 +226,8 @@ def card_assumption(reserve_bytes: int = CARD_RESERVE_BYTES, share: float = USAB
             f"reserve")
 
 
-__all__ = ["BEND_TOLERANCE", "CARD_RESERVE_BYTES", "COMMON_CARDS_GB", "USABLE_SHARE", "budget_batch",
+__all__ = ["BEND_TOLERANCE", "CARD_RESERVE_BYTES", "COMMON_CARDS_GB", "TEMPORARIES_ROOM",
+           "USABLE_SHARE", "budget_batch",
            "card_assumption", "card_table", "check_batch_sizes", "fit_line", "guided_next",
            "guided_start", "largest_batch",
            "usable_bytes"]

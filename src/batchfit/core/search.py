@@ -97,6 +97,20 @@ def _check_fraction(name: str, value: object, low: float, high: float) -> float:
     return check_fraction(name, value, low=low, high=high)
 
 
+def _check_prior(prior: object) -> tuple[float, float] | None:
+    """Validate a prior line ``(fixed_bytes, per_sample_bytes)``: finite, a positive slope."""
+    if prior is None:
+        return None
+    try:
+        fixed, slope = (float(v) for v in prior)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"prior must be (fixed_bytes, per_sample_bytes), got "
+                                f"{prior!r}") from None
+    if not (math.isfinite(fixed) and math.isfinite(slope) and slope > 0):
+        raise InvalidInputError(f"prior must be finite with per_sample_bytes > 0, got {prior!r}")
+    return fixed, slope
+
+
 def _check_upper(upper: int | None, granularity: int) -> int | None:
     """Validate ``upper``; return it rounded down to a multiple of ``granularity``."""
     up = _check_int("upper", upper, 1, optional=True)
@@ -449,6 +463,19 @@ class GuidedPolicy(SearchPolicy):
             Near a capped allocator's limit which sizes fit is not sharp (the same size fits
             in one process and not in the next, within 1-3%, measured), so the last few
             probes of an exact bracket buy little. Default 0.0 (exact).
+        prior: ``(fixed_bytes, per_sample_bytes)``: a line known before any probe (an XLA
+            step's compile-time memory, :mod:`batchfit.core.estimate`), used with a budget.
+            Until three fits have measured peaks, each size comes from it, its slope trusted and
+            its intercept corrected by the measured peaks
+            (:func:`batchfit.core.estimate.guided_next`); before a fit one failure steps 3%
+            down, a second hands over to the search without it. Pass the predicted boundary
+            as ``init`` (:func:`batchfit.core.estimate.guided_start`). A line 1.5% off is
+            bracketed in three or four probes. Default ``None``.
+        prior_peak: ``(fixed_bytes, per_sample_bytes)``: what a probe's measured peak is
+            predicted to read, where that differs from what must fit (``prior``): an XLA
+            step on TensorFlow's allocator needs room for its temporaries twice over, which
+            no peak shows (:mod:`batchfit.verbs.maxbatch_xla`). A fit's peak corrects the
+            prior by how far it read from this line. Default: ``prior``.
 
     Example:
 
@@ -466,7 +493,9 @@ class GuidedPolicy(SearchPolicy):
                  upper: int | None = None, *, init: int | None = None, max_trials: int = 40,
                  first_jump: float = 0.6, split: float = 0.35, caution: float = 0.1,
                  trust: float = 0.5, slack: float = 0.03, span: int = 4,
-                 saturation: float = 0.0, tolerance: float = 0.0) -> None:
+                 saturation: float = 0.0, tolerance: float = 0.0,
+                 prior: tuple[float, float] | None = None,
+                 prior_peak: tuple[float, float] | None = None) -> None:
         if budget_bytes is not None and (
                 not is_number(budget_bytes)
                 or not math.isfinite(budget_bytes) or budget_bytes <= 0):
@@ -490,6 +519,8 @@ class GuidedPolicy(SearchPolicy):
         self.span = int(_check_int("span", span, 1))  # type: ignore[arg-type]
         self.saturation = _check_fraction("saturation", saturation, -1e-12, 1.0)
         self.tolerance = _check_fraction("tolerance", tolerance, -1e-12, 0.5)
+        self.prior = _check_prior(prior)
+        self.prior_peak = _check_prior(prior_peak)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -525,8 +556,11 @@ class GuidedPolicy(SearchPolicy):
         closing = self._closing_size(lo, hi)
         if closing is not None and (last is None or closing <= last):
             return closing
+        prior = self._prior_target(hist, lo, hi) if hist else None
         if not hist:
             target = float(self.init)
+        elif prior is not None:
+            target = float(prior)
         else:
             target = self._target(hist, lo, hi)
             if hi is not None and lo > 0 and any(
@@ -557,6 +591,70 @@ class GuidedPolicy(SearchPolicy):
         return super().bracketed(history) or self._within_tolerance(lo, hi)
 
     # -- internals --------------------------------------------------------------------------
+
+    def _prior_target(self, hist: list[Trial], lo: int, hi: int | None) -> int | None:
+        """The size the prior line gives, or ``None`` (no prior, or it no longer leads).
+
+        Used until three fits have measured peaks. From the largest fit with a peak,
+        :func:`~batchfit.core.estimate.guided_next` keeps the prior's slope and corrects its
+        intercept by what the peak read above :attr:`prior_peak`'s prediction for that size;
+        once a second size fits (the prior over-counts), the peak line says how far is left.
+        Before any fit, one failure steps down: by its peak where it ran without waiting (a
+        peak under the budget itself), else 3%; a second failure (a peak that reads the
+        budget says nothing: the capped allocator waited), or a size outside the open bracket, hands over to the search without a prior
+        (measured: an XLA step on TensorFlow's capped CPU allocator failed at half of its
+        compile-time peak's limit).
+        """
+        if self.prior is None or self.budget_bytes is None:
+            return None
+        fitted = len({t.batch_size for t in hist if t.fits and t.peak_bytes is not None})
+        if fitted >= 3:
+            return None
+        from ..results.estimate import LinearFit
+        from .estimate import guided_next
+
+        g = self.granularity
+        fixed, slope = self.prior
+        peak_fixed, peak_slope = self.prior_peak or self.prior
+        fit = next((t for t in hist if t.fits and t.peak_bytes is not None
+                    and t.batch_size == lo), None)
+        failures = sum(1 for t in hist if not t.fits)
+        if failures >= 2:
+            return None                              # two misses: the line is no guide
+        if fit is not None:
+            peak = float(fit.peak_bytes)  # type: ignore[arg-type]
+            offset = peak - (peak_fixed + peak_slope * lo)
+            need = fixed + offset + slope * lo
+            usable = (1.0 - self.saturation) * self.budget_bytes
+            if fitted < 2 and need - usable <= 0.02 * self.budget_bytes:  # room, or at it
+                size = guided_next(LinearFit(fixed_bytes=fixed + offset, per_sample_bytes=slope),
+                                   self.budget_bytes, lo, True, need, margin=self.saturation,
+                                   granularity=g)
+            else:
+                # It fitted where the prior says it is well over, or a second time (the size
+                # above the prior's boundary): the prior over-counts for this model. The peak line says how far is left; at least 1% up, so a failure
+                # there closes a bracket within the usual tolerance.
+                extra = max(0.0, usable - peak) / peak_slope
+                size = lo + max(g, math.ceil(0.01 * lo / g) * g, int(extra // g) * g)
+        elif lo == 0 and hi is not None:
+            over = next((t for t in hist if not t.fits and t.batch_size == hi
+                         and t.peak_bytes is not None
+                         and t.peak_bytes < (1.0 - 0.005) * self.budget_bytes), None)
+            if over is not None:
+                # It ran, and its peak (not the budget's: no wait) came just over the usable
+                # budget: correct the prior by it, as after a fit.
+                measured = float(over.peak_bytes)  # type: ignore[arg-type]
+                offset = measured - (peak_fixed + peak_slope * hi)
+                usable = (1.0 - self.saturation) * self.budget_bytes
+                size = (math.ceil((usable - fixed - offset) / slope / g) - 1) * g  # strictly under
+                size = min(size, hi - g)
+            else:
+                size = math.floor(0.97 * hi / g) * g  # a small miss of the prediction: 3% down
+        else:
+            return None
+        if size <= lo or (hi is not None and size >= hi) or size < g:
+            return None
+        return size
 
     def _within_tolerance(self, lo: int, hi: int | None) -> bool:
         return self.tolerance > 0 and hi is not None and lo > 0 and hi - lo <= self.tolerance * lo
@@ -818,7 +916,9 @@ def search_argument(search: Any = None, strategy: Any = None, *, stacklevel: int
 
 def make_policy(name: str, *, budget_bytes: float | None = None, granularity: int = 1,
                 upper: int | None = None, init: int | None = None,
-                saturation: float = 0.0, tolerance: float = 0.0) -> SearchPolicy:
+                saturation: float = 0.0, tolerance: float = 0.0,
+                prior: tuple[float, float] | None = None,
+                prior_peak: tuple[float, float] | None = None) -> SearchPolicy:
     """Build a search policy by name.
 
     Args:
@@ -831,6 +931,8 @@ def make_policy(name: str, *, budget_bytes: float | None = None, granularity: in
             (see :class:`GuidedPolicy`). Default 0.0.
         tolerance: ``"guided"`` only: stop once the answer is within this fraction below the
             smallest failure (see :class:`GuidedPolicy`). Default 0.0 (exact).
+        prior, prior_peak: ``"guided"`` only: ``(fixed_bytes, per_sample_bytes)`` known before
+            any probe, and what a peak reads (see :class:`GuidedPolicy`). Default ``None``.
 
     Returns:
         The policy.
@@ -850,7 +952,7 @@ def make_policy(name: str, *, budget_bytes: float | None = None, granularity: in
             f"unknown search strategy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
     if key == "guided":
         return GuidedPolicy(budget_bytes, granularity, upper, init=init, saturation=saturation,
-                            tolerance=tolerance)
+                            tolerance=tolerance, prior=prior, prior_peak=prior_peak)
     cls = PowerPolicy if key == "power" else BinsearchPolicy
     return cls(2 if init is None else init, upper=upper, granularity=granularity)
 

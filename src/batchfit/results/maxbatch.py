@@ -157,6 +157,11 @@ class MaxBatchResult(_Serializable):
             fraction above ``max_batch_size`` (0: bracketed to the granularity).
         band: the reliable edge, the sizes that fitted only sometimes and the smallest that
             never fitted (:class:`Band`); results saved before it existed load with ``None``.
+        xla_step: the probes ran an XLA-compiled training step (the model's ``jit_compile``,
+            or ``jit=True``).
+        xla_prediction: the largest batch the step's compile-time memory predicted under the
+            probes' margin, where the search started (``None``: not an XLA step, no budget,
+            or the step could not be compiled).
     """
 
     kind: ClassVar[str] = "max_batch"
@@ -182,6 +187,8 @@ class MaxBatchResult(_Serializable):
     distribute: str = ""
     search_tolerance: float = 0.0
     band: Band | None = None
+    xla_step: bool = False
+    xla_prediction: int | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -9,7 +9,7 @@ from typing import Any
 from ..backend import get_backend
 from ..core.confirm import DEFAULT_CONFIRMATIONS, check_confirm
 from ..core.search import search_argument
-from ..errors import NothingFitsError
+from ..errors import InvalidInputError, NothingFitsError
 from ..results import MaxBatchResult, Probe
 from .maxbatch_local import (
     DEFAULT_SEARCH_TOLERANCE,
@@ -41,6 +41,7 @@ def find_max_batch_size(
     search_tolerance: float = DEFAULT_SEARCH_TOLERANCE,
     strategy: str | None = None,
     confirm: int = DEFAULT_CONFIRMATIONS,
+    jit: bool = False,
 ) -> MaxBatchResult:
     """Find the largest batch size that trains within a memory budget.
 
@@ -100,6 +101,12 @@ def find_max_batch_size(
             was tried; ``result.band`` also gives the sizes that fitted only sometimes and the
             smallest that never did. Needs process isolation (in-process probes are not
             confirmed, with a note). Under a multi-worker strategy each worker confirms its own.
+        jit: XLA-compile the training step in the probes (``model.jit_compile = True``, set in
+            the worker; the caller's model is unchanged). For an XLA step (this, or the model's
+            own ``jit_compile=True``) the guided search starts at the boundary the step's
+            compile-time memory predicts (:func:`batchfit.estimate_memory`'s line, compiled in
+            the first worker) and real probes under the budget confirm it; a step XLA cannot
+            compile is probed as it is, with a note naming the layer.
 
     Returns:
         A :class:`~batchfit.results.MaxBatchResult`.
@@ -129,6 +136,9 @@ def find_max_batch_size(
     confirm = check_confirm(confirm)
     resolved = resolve(model, distribute)
     if resolved.multiworker:
+        if jit:
+            raise InvalidInputError("jit=True is not supported under a multi-worker strategy "
+                                    "yet; set jit_compile=True on the model instead")
         return _across_workers(
             model, resolved.strategy, memory, search=search, granularity=granularity, data=data,
             input_shapes=input_shapes, upper=upper, headroom=headroom, steps=steps,
@@ -140,7 +150,7 @@ def find_max_batch_size(
         upper=upper, headroom=headroom, steps=steps, isolate=isolate, device=device,
         probe_timeout=probe_timeout, fresh=fresh, max_probes=max_probes, on_probe=on_probe,
         seed=seed, distribute=resolved.strategy, search_tolerance=search_tolerance,
-        confirm=confirm)
+        confirm=confirm, jit=bool(jit))
 
 
 def _across_workers(model: Any, dist: Any, memory: Any, **kwargs: Any) -> MaxBatchResult:

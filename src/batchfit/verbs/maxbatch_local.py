@@ -35,6 +35,7 @@ from ..errors import (
     error_line,
 )
 from ..results import Band, MaxBatchResult, MemoryModel, Probe
+from .maxbatch_xla import settle_worker, xla_prior, xla_worker_config
 from .resolve import ResolvedModel, resolve, validate_model_arg
 
 ISOLATION_MODES = ("auto", "process", "none")
@@ -139,7 +140,7 @@ class _Prober:
 
 def _start_prober(resolved: ResolvedModel, place: _Placement, isolate: str, *, data: Any,
                   input_shapes: Any, steps: int, seed: int, probe_timeout: float,
-                  fresh: bool) -> _Prober:
+                  fresh: bool, xla: dict[str, Any] | None = None) -> _Prober:
     """Start the worker (``isolate`` process or auto), or fall back to probing in this process."""
     dev, budget = place.device, place.budget
     mode = isolate
@@ -149,7 +150,7 @@ def _start_prober(resolved: ResolvedModel, place: _Placement, isolate: str, *, d
     if mode == "process":
         worker, info, fallback_note = _start_worker(
             resolved.source, data, input_shapes, steps, dev, budget, seed, probe_timeout, fresh,
-            explicit=isolate == "process")
+            explicit=isolate == "process", xla=xla)
         prober.worker, prober.info = worker, info
         if worker is None:
             prober.mode = "none"
@@ -215,6 +216,7 @@ def search_max_batch_size(
     search_tolerance: float = DEFAULT_SEARCH_TOLERANCE,
     strategy: str | None = None,
     confirm: int = DEFAULT_CONFIRMATIONS,
+    jit: bool = False,
 ) -> MaxBatchResult:
     """The search on this process's devices: :func:`batchfit.find_max_batch_size` without the
     multi-worker agreement (``distribute`` may be a single-process strategy). Arguments and
@@ -230,11 +232,21 @@ def search_max_batch_size(
     place = _placement(resolved, memory, device)
     upper = int(upper) if upper is not None else DEFAULT_UPPER
     prober = _start_prober(resolved, place, isolate, data=data, input_shapes=input_shapes,
-                           steps=steps, seed=seed, probe_timeout=probe_timeout, fresh=fresh)
-    policy = make_policy(search, budget_bytes=place.budget, granularity=granularity, upper=upper,
-                         saturation=LIMIT_MARGIN, tolerance=float(search_tolerance))
-    probes: list[Probe] = []
+                           steps=steps, seed=seed, probe_timeout=probe_timeout, fresh=fresh,
+                           xla=xla_worker_config(search, place.budget, jit=jit))
+    settle_worker(prober.worker, prober.info, jit=jit)
     notes = [*place.notes, *prober.notes]
+    if jit and prober.worker is None:
+        notes.append("jit=True needs process isolation: the in-process probes ran the model's "
+                     "step as it is")
+    prior = xla_prior(prober.info, place.budget, granularity, upper, LIMIT_MARGIN, steps,
+                      notes) if search == "guided" else None
+    policy = make_policy(search, budget_bytes=place.budget, granularity=granularity, upper=upper,
+                         saturation=LIMIT_MARGIN, tolerance=float(search_tolerance),
+                         init=prior.start if prior else None,
+                         prior=prior.need if prior else None,
+                         prior_peak=prior.peak if prior else None)
+    probes: list[Probe] = []
     try:
         trials = run_search(policy, _trial_function(prober, probes, probe_timeout, on_probe),
                             max_probes=max_probes)
@@ -271,7 +283,9 @@ def search_max_batch_size(
         model_name=str(prober.info.get("model_name", "")), notes=notes,
         environment=dict(prober.info.get("environment", {})), replicas=resolved.replicas,
         distribute=resolved.distribute,
-        search_tolerance=float(search_tolerance) if search == "guided" else 0.0, band=band)
+        search_tolerance=float(search_tolerance) if search == "guided" else 0.0, band=band,
+        xla_step=bool(prober.info.get("step_jit")),
+        xla_prediction=prior.start if prior else None)
 
 
 def _confirm(prober: _Prober, trials: list[Trial], probes: list[Probe], k: int,
@@ -369,7 +383,8 @@ def _fit(probes: list[Probe]) -> MemoryModel | None:
 
 def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: str,
                   budget: int | None, seed: int, probe_timeout: float, fresh: bool, *,
-                  explicit: bool) -> tuple[Any, dict[str, Any], str]:
+                  explicit: bool, xla: dict[str, Any] | None = None
+                  ) -> tuple[Any, dict[str, Any], str]:
     from ..workers.worker import ModelSource, ProbeWorker, WorkerConfig
 
     try:
@@ -385,7 +400,8 @@ def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: 
     if data is not None and not isinstance(data, str):
         payload = get_backend().data_sample(data)
     worker = ProbeWorker(WorkerConfig(source=source, data=payload, input_shapes=input_shapes,
-                                      steps=steps, device=device, budget_bytes=budget, seed=seed),
+                                      steps=steps, device=device, budget_bytes=budget, seed=seed,
+                                      **(xla or {})),
                          probe_timeout=probe_timeout, fresh_each_probe=fresh,
                          reuse_fits=fresh and _reuse_workers())
     try:

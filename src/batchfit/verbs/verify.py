@@ -20,11 +20,16 @@ from ..workers.worker import ModelSource, ProbeWorker, WorkerConfig
 
 
 def _config(model: Any, memory: str | int, *, data: Any, input_shapes: Any, steps: int,
-            device: str, seed: int) -> WorkerConfig:
+            device: str, seed: int, jit: bool = False) -> WorkerConfig:
     """The worker configuration every fresh-process probe of this module uses."""
     return WorkerConfig(source=ModelSource.from_model(model), data=data,
                         input_shapes=input_shapes, steps=steps, device=device,
-                        budget_bytes=parse_size(memory), seed=seed)
+                        budget_bytes=parse_size(memory), seed=seed, jit_compile=jit)
+
+
+def _stall(jit: bool) -> dict[str, Any]:
+    """An XLA step's probes wait out TensorFlow's 10 s (the stall watch misreads them)."""
+    return {"stall_seconds": 0.0} if jit else {}
 
 
 def fresh_probe(model: Any, batch_size: int, memory: str | int, *, steps: int = 3,
@@ -53,11 +58,14 @@ def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
                    upper: int = 1 << 20, on_probe: Callable[[Probe], None] | None = None,
                    steps: int = 3, data: Any = None, input_shapes: Any = None,
                    device: str = "CPU:0", seed: int = 0,
-                   probe_timeout: float = 600.0) -> tuple[int, list[Probe], float]:
+                   probe_timeout: float = 600.0, jit: bool = False
+                   ) -> tuple[int, list[Probe], float]:
     """The largest fitting batch by doubling then bisection, every probe in a fresh process.
 
     The search is :class:`~batchfit.core.search.BinsearchPolicy` (Lightning's algorithm)
     starting at ``granularity`` instead of 2, with no limit on the number of probes.
+
+    ``jit=True`` XLA-compiles the training step in every probe (as ``max --jit``).
 
     Returns:
         ``(largest fitting size or 0, probes, seconds)``. The bisection runs to the exact
@@ -66,12 +74,13 @@ def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
     t0 = time.perf_counter()
     probes: list[Probe] = []
     config = _config(model, memory, data=data, input_shapes=input_shapes, steps=steps,
-                     device=device, seed=seed)
+                     device=device, seed=seed, jit=jit)
     # Lightning's doubling-then-bisection from one granule, with no cap on the probes: the
     # same policy as search="binsearch" (which starts at 2), run to the exact size.
     policy = BinsearchPolicy(init=granularity, max_trials=1 << 30, upper=upper,
                              granularity=granularity)
-    with ProbeWorker(config, probe_timeout=probe_timeout, fresh_each_probe=True) as worker:
+    with ProbeWorker(config, probe_timeout=probe_timeout, fresh_each_probe=True,
+                     **_stall(jit)) as worker:
 
         def trial(b: int) -> Trial:
             p = worker.probe(b)
@@ -87,7 +96,8 @@ def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
 def fit_rates(model: Any, memory: str | int, sizes: list[int], *, repeats: int = 3,
               steps: int = 3, data: Any = None, input_shapes: Any = None,
               device: str = "CPU:0", seed: int = 0, probe_timeout: float = 600.0,
-              on_probe: Callable[[Probe], None] | None = None) -> dict[int, list[Probe]]:
+              on_probe: Callable[[Probe], None] | None = None,
+              jit: bool = False) -> dict[int, list[Probe]]:
     """Probe each size ``repeats`` times, each probe in a fresh process: how sharp is the limit?
 
     Near a capped allocator's limit whether a size fits is not a property of the size alone
@@ -107,9 +117,10 @@ def fit_rates(model: Any, memory: str | int, sizes: list[int], *, repeats: int =
     if repeats < 1 or not sizes or any(b < 1 for b in sizes):
         raise ValueError(f"need repeats >= 1 and positive sizes, got {repeats}, {sizes}")
     config = _config(model, memory, data=data, input_shapes=input_shapes, steps=steps,
-                     device=device, seed=seed)
+                     device=device, seed=seed, jit=jit)
     out: dict[int, list[Probe]] = {b: [] for b in sizes}
-    with ProbeWorker(config, probe_timeout=probe_timeout, fresh_each_probe=True) as worker:
+    with ProbeWorker(config, probe_timeout=probe_timeout, fresh_each_probe=True,
+                     **_stall(jit)) as worker:
         for _ in range(repeats):
             for b in sizes:
                 probe = worker.probe(b)

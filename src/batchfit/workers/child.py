@@ -188,12 +188,14 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
         backend.configure_worker(device, config.budget_bytes)
         model = None
         model = build_model(config.source)
+        xla = prepare_xla(backend, model, config)
         batch_fn, notes = backend.make_batch_fn(model, config.data, config.input_shapes,
                                                 config.seed)
+        notes = [*notes, *xla["notes"]]
         # From here on nothing waits on I/O: the parent may watch for a wait on memory.
         # (state_bytes builds the optimizer's slots, as Keras does before a first step.)
         conn.send({"phase": "warm_up", "weights_bytes": backend.weights_bytes(model),
-                   "state_bytes": backend.state_bytes(model)})
+                   "state_bytes": backend.state_bytes(model), "step_jit": xla["step_jit"]})
         runner = backend.probe_runner(model, batch_fn, steps=config.steps, device=device,
                                       budget_bytes=config.budget_bytes)
         failure = runner.warm_up()
@@ -205,7 +207,8 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
             return
         conn.send({"ok": True, "device": device, "model_name": model.name,
                    "state_bytes": backend.state_bytes(model), "notes": notes,
-                   "environment": backend.environment_info(), "pid": os.getpid()})
+                   "environment": backend.environment_info(), "pid": os.getpid(),
+                   "step_jit": xla["step_jit"], "compiled": xla["compiled"]})
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         conn.send({"ok": False, "error_type": type(exc).__name__,
                    "oom": backend.is_oom_error(exc),
@@ -226,4 +229,48 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
             conn.send({"probe": probe.to_dict()})
 
 
-__all__ = ["build_model"]
+#: The probes' margin (``ProbeRunner``'s ``limit_margin``): the answer compiled sits under it.
+_LIMIT_MARGIN = 0.02
+
+
+def prepare_xla(backend: Any, model: Any, config: Any) -> dict[str, Any]:
+    """Before any step: ``jit_compile`` (``config.jit_compile``) and, for an XLA step, its
+    compile-time memory at ``config.compile_sizes`` and at the answer they predict for the
+    budget (runs in the worker).
+
+    Returns ``{"step_jit", "compiled" (CompiledStepMemory dicts), "notes"}``. A step XLA cannot
+    compile is left as the model has it: with ``jit_compile`` asked for, the probes run the
+    model's own step, and a note names the layer.
+    """
+    from ..core.estimate import TEMPORARIES_ROOM, fit_line, largest_batch
+    from ..errors import InvalidInputError
+
+    forced = bool(getattr(config, "jit_compile", False))
+    sizes = [int(b) for b in getattr(config, "compile_sizes", ()) or ()]
+    if not (forced or backend.step_jit_compiled(model)):
+        return {"step_jit": False, "compiled": [], "notes": []}
+    if not sizes:  # a later process of the search: the first one compiled
+        return {"step_jit": backend.set_step_jit(model) if forced else True, "compiled": [],
+                "notes": []}
+    try:
+        compiled = [backend.compiled_step_memory(model, b, input_shapes=config.input_shapes)
+                    for b in sizes]
+        if len(compiled) >= 2 and config.budget_bytes:
+            line = fit_line([(m.batch_size, m.total_bytes + (TEMPORARIES_ROOM - 1)
+                              * m.temporaries) for m in compiled])
+            answer = largest_batch(line, config.budget_bytes * (1.0 - _LIMIT_MARGIN))
+            if answer >= 1 and answer not in sizes:
+                compiled.append(backend.compiled_step_memory(
+                    model, answer, input_shapes=config.input_shapes))
+    except InvalidInputError as exc:
+        why = str(exc).split(" There is no", 1)[0].split("; there is no", 1)[0]
+        step = "the model's own step, op by op" if forced else "its step"
+        note = (f"no compile-time prediction: {why.rstrip('.:; ')}; the search probed {step}, "
+                f"without a prediction")
+        return {"step_jit": False if forced else backend.step_jit_compiled(model),
+                "compiled": [], "notes": [note]}
+    step_jit = backend.set_step_jit(model) if forced else True
+    return {"step_jit": step_jit, "compiled": [m.to_dict() for m in compiled], "notes": []}
+
+
+__all__ = ["build_model", "prepare_xla"]

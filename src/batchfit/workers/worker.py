@@ -81,6 +81,8 @@ class WorkerConfig:
     seed: int = 0
     log_path: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
+    jit_compile: bool = False       # XLA-compile the training step before probing (max --jit)
+    compile_sizes: tuple[int, ...] = ()  # an XLA step: compile these first (and the answer)
 
 
 def worker_environment(device: str, budget_bytes: int | None) -> dict[str, str]:
@@ -251,7 +253,8 @@ class ProbeWorker:
             # sits still now is waiting in the capped allocator, as a probe's would (measured:
             # a model whose optimizer state alone fills the budget waited 10 s at batch 1).
             sizes = {k: msg.get(k) for k in ("weights_bytes", "state_bytes")}
-            msg = self._receive(self.start_timeout, watch=True)
+            # (not for an XLA step: its warm-up sat quiet for a second at batch 1, measured)
+            msg = self._receive(self.start_timeout, watch=not msg.get("step_jit"))
             if (msg is None and self.stall_seconds is not None
                     and self._quiet >= self.stall_seconds):
                 self.kill()

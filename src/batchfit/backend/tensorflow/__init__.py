@@ -357,6 +357,12 @@ class TensorFlowBackend(Backend):
 
         return step_jit_compiled(model)
 
+    def set_step_jit(self, model: Any) -> bool:
+        from .compiled import step_jit_compiled
+
+        model.jit_compile = True  # Keras resets its train function; a refusing layer warns
+        return step_jit_compiled(model)
+
 
 def _reserve_single_region(tf: Any, budget_bytes: int) -> None:  # pragma: no cover - subprocess
     """Make the capped CPU allocator hold its whole budget as one region, as a GPU does.

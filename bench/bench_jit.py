@@ -1,0 +1,124 @@
+"""Benchmark: ``max`` on XLA-compiled (``jit_compile=True``) models, guided with the compile-time
+prediction against Lightning's binsearch, in the same run, against an exhaustive bisection in
+fresh processes; and whether the XLA step's limit is a number or a band.
+
+For each ``model:budget`` case: the exhaustive bisection (every probe a fresh process, the step
+XLA-compiled), then ``max --jit`` guided (the prediction leads) and binsearch, each as a user
+runs it (the answer confirmed in 3 fresh processes; search and confirmation probes counted
+apart), then the truth and the size above it probed ``--repeats`` times more in fresh
+processes. Results go to bench/results/max_jit.json; ``--markdown`` prints the table.
+
+    python bench/bench_jit.py                                   # demo:96MiB cnn:128MiB
+    python bench/bench_jit.py --cases demo:96MiB --repeats 3
+    python bench/bench_jit.py --markdown bench/results/max_jit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from batchfit.verbs.maxbatch import find_max_batch_size
+from batchfit.verbs.verify import exhaustive_max, fit_rates
+
+MODELS = {
+    "cnn": "batchfit.examples.models:cnn",
+    "transformer": "batchfit.examples.models:transformer",
+    "demo": "batchfit.examples.models:demo_model",
+}
+DEFAULT_CASES = ["demo:96MiB", "cnn:128MiB"]
+FAILED = ("oom", "crashed", "timeout")
+
+
+def _search(spec: str, memory: str, search: str) -> dict:
+    r = find_max_batch_size(spec, memory=memory, search=search, jit=True)
+    found = [p for p in r.probes if p.phase != "confirm"]
+    conf = [p for p in r.probes if p.phase == "confirm"]
+    return {"max_batch_size": r.max_batch_size, "search_probes": len(found),
+            "search_ooms": sum(p.outcome in FAILED for p in found),
+            "search_failures": sum(not p.fits for p in found),
+            "confirm_probes": len(conf), "confirm_ooms": sum(p.outcome in FAILED for p in conf),
+            "seconds": round(r.seconds, 1), "xla_step": r.xla_step,
+            "search_probe_seconds": round(sum(p.seconds for p in found), 1),
+            "confirm_probe_seconds": round(sum(p.seconds for p in conf), 1),
+            "xla_prediction": r.xla_prediction, "notes": r.notes,
+            "sequence": [(p.batch_size, p.phase, p.outcome, p.peak_bytes) for p in r.probes]}
+
+
+def run_case(case: str, repeats: int) -> dict:
+    name, memory = case.split(":")
+    spec = MODELS[name]
+    row: dict = {"case": case, "model": name, "memory": memory, "searches": {}}
+    best, probes, secs = exhaustive_max(spec, memory, jit=True)
+    row["true_max"] = best
+    row["truth"] = {"probes": len(probes), "ooms": sum(p.outcome in FAILED for p in probes),
+                    "seconds": round(secs, 1),
+                    "sequence": [(p.batch_size, p.outcome, p.peak_bytes) for p in probes]}
+    print(f"{case:14s} truth     max={best:5d} probes={len(probes):3d} {secs:6.1f}s", flush=True)
+    for search in ("guided", "binsearch"):
+        s = row["searches"][search] = _search(spec, memory, search)
+        print(f"{case:14s} {search:9s} max={s['max_batch_size']:5d} "
+              f"search={s['search_probes']:2d} ({s['search_ooms']} oom) "
+              f"confirm={s['confirm_probes']} {s['seconds']:6.1f}s predicted="
+              f"{s['xla_prediction']}", flush=True)
+    rates = fit_rates(spec, memory, [best, best + 1], repeats=repeats, jit=True)
+    row["band"] = {str(b): [p.outcome for p in ps] for b, ps in rates.items()}
+    print(f"{case:14s} band      {row['band']}", flush=True)
+    return row
+
+
+def markdown(path: str) -> str:
+    data = json.loads(Path(path).read_text())
+    head = ("| case | truth (probes, s) | XLA prediction | search | answer | search probes "
+            "(OOM) | confirm probes (OOM) | wall s | x binsearch | fits at truth / truth+1 |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        b = row["searches"]["binsearch"]["seconds"]
+        t = row["true_max"]
+        band = row["band"]
+        rate = " / ".join(f"{sum(o == 'fits' for o in band[k])} of {len(band[k])}"
+                          for k in (str(t), str(t + 1)))
+        for name, s in row["searches"].items():
+            lines.append(
+                f"| {row['case']} | {t} ({row['truth']['probes']}, {row['truth']['seconds']}) "
+                f"| {s['xla_prediction'] if s['xla_prediction'] is not None else '-'} | {name} "
+                f"| {s['max_batch_size']} | {s['search_probes']} ({s['search_ooms']}) "
+                f"| {s['confirm_probes']} ({s['confirm_ooms']}) | {s['seconds']} "
+                f"| {s['seconds'] / b:.2f} | {rate} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/max_jit.json"))
+    ap.add_argument("--markdown", metavar="JSON")
+    args = ap.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return
+    t0 = time.time()
+    rows = [run_case(c, args.repeats) for c in args.cases]
+    import tensorflow as tf
+
+    out = {"cases": args.cases, "repeats": args.repeats, "rows": rows,
+           "seconds": round(time.time() - t0, 1),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                       "tensorflow": tf.__version__},
+           "command": "python bench/bench_jit.py " + " ".join(sys.argv[1:])}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out} ({out['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""``max`` on an XLA-compiled training step: the compile-time prediction leads the search, real
+probes under a real allocator cap decide; a step XLA cannot compile falls back to probes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import batchfit
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def test_a_jit_model_is_searched_from_its_prediction_and_the_answer_fits() -> None:
+    r = batchfit.find_max_batch_size("tests/models_for_tests.py:jit_mlp", memory="32MiB",
+                                     confirm=1)
+    assert r.xla_step and r.xla_prediction is not None and r.xla_prediction > 0
+    search = [p for p in r.probes if p.phase == "search"]
+    assert search[0].batch_size == r.xla_prediction          # it started at the prediction
+    assert len(search) <= 6, [(p.batch_size, p.outcome) for p in search]
+    assert any("XLA step" in n and "predicted" in n for n in r.notes)
+    confirms = [p for p in r.probes if p.phase == "confirm"]
+    assert confirms and any(p.fits and p.batch_size == r.max_batch_size for p in confirms)
+    assert r.band is not None and r.band.never is not None   # a failure above bounds it
+
+
+def test_a_step_xla_cannot_compile_falls_back_to_probes_naming_the_layer(run_cli,
+                                                                         tmp_path) -> None:
+    out = tmp_path / "r.json"
+    proc = run_cli("max", "tests/models_for_tests.py:py_function_mlp", "--memory", "32MiB",
+                   "--jit", "--confirm", "0", "--quiet", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert not r["xla_step"] and r["xla_prediction"] is None and r["max_batch_size"] > 0
+    note = next(n for n in r["notes"] if "no compile-time prediction" in n)
+    assert "'pyfn'" in note and "py_function" in note, note
