@@ -41,6 +41,9 @@ def test_line_is_linear_and_per_sample_positive(estimated):
     # the largest batch for 8 MiB is where the line crosses it
     assert r.fit.predict(r.max_batch_size) <= 8 << 20 < r.fit.predict(r.max_batch_size + 1)
     assert r.max_batch_size > 256
+    # and the result says it is an upper bound on what trains under a capped allocator
+    assert any(n.startswith(f"{r.max_batch_size} is where the step's peak reaches the budget")
+               for n in r.notes)
     assert [c.name for c in r.cards][-1] == "141 GB"
     assert r.step_jit is False and any("not XLA-compiled" in n for n in r.notes)
     assert load_result(r.to_json()) == r

@@ -18,6 +18,7 @@ from ..core.estimate import (
     BEND_TOLERANCE,
     CARD_RESERVE_BYTES,
     COMMON_CARDS_GB,
+    TEMPORARIES_ROOM,
     USABLE_SHARE,
     budget_batch,
     card_assumption,
@@ -123,7 +124,13 @@ def estimate_memory(model: Any, batch_sizes: Sequence[int] | str = (32, 64, 128)
         raise
     from dataclasses import replace
 
-    return replace(result, max_batch_size=best)
+    note = (f"{best} is where the step's peak reaches the budget, an upper bound on what "
+            f"trains: under TensorFlow's capped CPU allocator what fitted was about where the "
+            f"total with the temporaries counted {TEMPORARIES_ROOM}x reaches it (demo model at "
+            f"96 MiB: 135 trained where this line says 279; the program's temporaries need one "
+            f"free chunk); `batchfit max --jit` starts from this line and confirms with real "
+            f"steps")
+    return replace(result, max_batch_size=best, notes=[*result.notes, note])
 
 
 def _budget(memory: int | str | None) -> int | None:
