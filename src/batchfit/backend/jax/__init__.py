@@ -89,16 +89,9 @@ class JaxBackend(Backend):
 
     def make_batch_fn(self, model: Any, data: Any, input_shapes: Any,
                       seed: int) -> tuple[BatchFn, list[str]]:
-        from ..keras_common import DataSample, describe_synthesis, synthesize_batch
+        from ..keras_common import batch_fn_for
 
-        if data is None:
-            notes = list(describe_synthesis(model, input_shapes=input_shapes))
-            return ((lambda b: synthesize_batch(model, b, input_shapes=input_shapes, seed=seed)),
-                    notes)
-        if isinstance(data, str):
-            data = self.load_data(data)
-        sample = data if isinstance(data, DataSample) else DataSample.from_data(data)
-        return sample.batch, list(sample.notes)
+        return batch_fn_for(model, data, input_shapes, seed, self.load_data)
 
     def data_sample(self, data: Any) -> Any:
         from ..keras_common import DataSample

@@ -36,9 +36,25 @@ from ..tensorflow.check_targets import (
 from ..tensorflow.data import DataSample
 from ..tensorflow.keras_compat import drop_new_nodes, node_counts, sublayers
 from ..tensorflow.loader import check_model, load_data, load_model, model_from_factory
-from ..tensorflow.synth import describe_synthesis, synthesize_batch
+from ..tensorflow.synth import batch_fn_for, describe_synthesis, synthesize_batch
 
-__all__ = ["DataSample", "LayerInput", "LayerProbe", "check_model", "check_targets", "custom_layers",
-           "describe_synthesis", "drop_new_nodes", "is_custom_layer", "is_custom_layer_class",
-           "load_checkable", "load_data", "load_model", "model_from_factory", "node_counts",
-           "sublayers", "synthesize_batch"]
+__all__ = [
+    "DataSample",
+    "LayerInput",
+    "LayerProbe",
+    "batch_fn_for",
+    "check_model",
+    "check_targets",
+    "custom_layers",
+    "describe_synthesis",
+    "drop_new_nodes",
+    "is_custom_layer",
+    "is_custom_layer_class",
+    "load_checkable",
+    "load_data",
+    "load_model",
+    "model_from_factory",
+    "node_counts",
+    "sublayers",
+    "synthesize_batch",
+]

@@ -35,7 +35,7 @@ import numpy as np
 
 from ...core.validate import check_int
 from ...errors import InvalidInputError, error_line
-from .data import flatten_structure, pack_structure
+from .data import DataSample, flatten_structure, pack_structure
 from .keras_compat import build_shapes, inbound_nodes, keras_history_layer, sublayers
 
 # Target kinds, by normalized loss name.
@@ -327,6 +327,21 @@ def describe_synthesis(model: Any, input_shapes: Any = None) -> list[str]:
 _PLAN_CACHE: weakref.WeakKeyDictionary[Any, tuple[Any, SynthesisPlan]] = \
     weakref.WeakKeyDictionary()
 
+
+
+def batch_fn_for(model: Any, data: Any, input_shapes: Any, seed: int,
+                 load_data: Any) -> tuple[Any, list[str]]:
+    """Every backend's ``make_batch_fn``: batches synthesized from ``model``'s inputs and loss
+    when ``data`` is ``None``, else drawn from the user's sample (a ``'file.py:function'`` spec
+    is read with ``load_data``); returns ``(batch_fn, notes)``."""
+    if data is None:
+        notes = list(describe_synthesis(model, input_shapes=input_shapes))
+        return ((lambda b: synthesize_batch(model, b, input_shapes=input_shapes, seed=seed)),
+                notes)
+    if isinstance(data, str):
+        data = load_data(data)
+    sample = data if isinstance(data, DataSample) else DataSample.from_data(data)
+    return sample.batch, list(sample.notes)
 
 def _cache_key(model: Any, input_shapes: Any) -> tuple[Any, ...]:
     return (repr(input_shapes), id(getattr(model, "loss", None)),
