@@ -11,6 +11,7 @@ MODULES = [
     "batchfit.backend.jax", "batchfit.backend.jax.compiled", "batchfit.backend.jax.step",
     "batchfit.backend.jax.probe", "batchfit.backend.jax.noise", "batchfit.backend.keras_common",
     "batchfit.backend.keras_common.sampler", "batchfit.examples.portable",
+    "batchfit.backend.jax.fit_data", "batchfit.backend.jax.distribute",
 ]
 
 

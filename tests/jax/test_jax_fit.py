@@ -68,7 +68,7 @@ def test_validation_history_and_callbacks() -> None:
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"steps_per_epoch": 2}, "does not support steps_per_epoch"),
+    ({"class_weight": {0: 1.0}}, "does not support class_weight"),
     ({"batch_size": None}, "needs batch_size"),
 ])
 def test_what_the_jax_loop_does_not_take_is_refused(kwargs, words) -> None:

@@ -6,7 +6,8 @@ the model's own ``train_step`` jitted and run on a copy of its state (:mod:`.ste
 (:mod:`.probe`: real steps on a GPU, compile-time memory on a CPU), compile-time memory
 (:mod:`.compiled`), throughput (:mod:`.throughput`), per-example gradient norms
 (:mod:`.noise`), the layer checks (:mod:`.check_layer`) and the resilient fit
-(:mod:`.fitting`: arrays, one device, no donated state). Distribution and multi-worker
+(:mod:`.fitting`: no donated state; arrays or datasets, one device or a
+``DataParallel``). Distribution and multi-worker
 collectives are not implemented on JAX yet: they raise
 :class:`~batchfit.errors.MissingBackendError` saying so. ``KERAS_BACKEND`` must be ``jax``
 before Keras is imported (the CLI's ``--backend jax`` and :func:`batchfit.use_backend` set
@@ -272,16 +273,16 @@ class JaxBackend(Backend):
         return measure_throughput(model, batch_fn, sizes, plan, device=device,
                                   gpu_metrics=gpu_metrics)
 
-    # -- fit: the resilient fit (arrays, one device; see .fitting) ------------------------------
+    # -- fit: the resilient fit (see .fitting) --------------------------------------------------
     def check_fit_model(self, model: Any) -> None:
         from .fitting import check_fit_model
 
         check_fit_model(model)
 
     def fit_strategy(self, distribute: Any, model: Any) -> Any:
-        if distribute is None:
-            return None
-        raise _not_yet("batchfit.fit with distribute=")
+        from .distribute import resolve_distribution
+
+        return resolve_distribution(distribute, model)
 
     def fit_inputs(self, x: Any, batch_size: int | None) -> tuple[Any, int | None]:
         from .fitting import fit_inputs

@@ -5,36 +5,47 @@ given to the step. When the step fails while it runs (``RESOURCE_EXHAUSTED``), t
 measured with Keras 3.15.1 / JAX 0.10.2, every weight of the model then reads "Array has been
 deleted" (``tests/jax/test_jax_fit.py`` shows it). So this loop never donates: it keeps the
 state (trainable, non-trainable, optimizer and metric variables) as arrays of its own,
-computes each micro-batch's gradient with a jitted ``value_and_grad`` of the model's loss
-(``stateless_call`` + ``stateless_compute_loss``, training mode) and applies the (accumulated)
-gradient with ``optimizer.stateless_apply``. A step that fails leaves the state exactly as it
-was, the decisions are :class:`batchfit.core.fit_control.FitController`'s (shrink, plan, grow),
-and the failed batch is replayed as micro-batches whose gradients, weighted by their sizes,
-sum to the whole batch's: one optimizer update per batch, the effective batch kept. The cost
-of not donating: the step's inputs and outputs hold the state twice (docs/jax.md).
+computes each micro-batch's loss, gradient and metric updates with one jitted function
+(``value_and_grad`` of the model's own ``compute_loss_and_updates``, then its metric update,
+as Keras's ``train_step`` does) and applies the (accumulated) gradient with
+``optimizer.stateless_apply``. A step that fails leaves the state exactly as it was, the
+decisions are :class:`batchfit.core.fit_control.FitController`'s (shrink, plan, grow), and the
+failed batch is replayed as micro-batches whose gradients, weighted by their sizes, sum to the
+whole batch's: one optimizer update per batch, the effective batch kept. The cost of not
+donating: the step's inputs and outputs hold the state twice (docs/jax.md).
 
-Scope on JAX (each refused with a clear error otherwise): arrays (or dicts/lists of arrays)
-with ``batch_size``; ``epochs``, ``shuffle``, ``verbose``, ``callbacks``, ``initial_epoch``,
-``validation_data`` (evaluated by ``model.evaluate`` at each epoch's end, without
-shrinking); one device. History holds ``loss`` (and ``val_*``); compiled metrics other than
-the loss are not computed by this loop; callbacks see the model's variables synced at each
-epoch's end.
+Under a ``keras.distribution.DataParallel`` (given, or set globally) the state is replicated
+over the mesh and each micro-batch is sharded along its batch axis (XLA sums the gradients
+across devices): ``batch_size`` is global, each replica's share is split into the same number
+of micro-batches (:meth:`FitController.plan_replicas`) and the policy reasons per replica, as
+under TensorFlow's ``MirroredStrategy``. A micro-batch whose size the devices do not divide
+runs replicated (every device the whole of it): same result, no parallelism.
+
+Data (:mod:`.fit_data`): arrays with ``batch_size``, a ``keras.utils.PyDataset`` or a generator
+of ``(x, y[, sample_weight])`` batches. History holds the loss and the compiled metrics (and
+``val_*``: ``validation_data`` is evaluated by ``model.evaluate`` at each epoch's end, without
+shrinking); callbacks see running metrics at each batch's end and the model's variables synced
+at each epoch's end; ``model.stop_training`` (``EarlyStopping``) ends the fit.
 """
 
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
 
+from ...core.fit_control import split_counts
 from ...errors import InvalidInputError
 from ..oom import is_oom_error
 from .compiled import build_state, state_groups
+from .fit_data import batch_size_of, batch_source, check_inputs, take
 from .probe import failure_line
 
 SUPPORTED_KWARGS = ("epochs", "shuffle", "verbose", "callbacks", "initial_epoch",
-                    "validation_data")
+                    "validation_data", "steps_per_epoch", "sample_weight")
+GROUPS = ("tv", "ntv", "ov", "mv")
 
 
 def check_fit_model(model: Any) -> None:
@@ -54,100 +65,152 @@ def check_fit_model(model: Any) -> None:
 
 
 def fit_inputs(x: Any, batch_size: int | None) -> tuple[Any, int | None]:
-    """Arrays (or dicts/lists of arrays) with a ``batch_size``: what this loop slices."""
-    import jax
-
-    leaves = jax.tree_util.tree_leaves(x)
-    if not leaves or not all(hasattr(a, "shape") and len(a.shape) >= 1 for a in leaves):
-        raise InvalidInputError(
-            f"batchfit.fit on JAX takes NumPy arrays (or a dict or list of them) for x, got "
-            f"{type(x).__name__}; a tf.data.Dataset or a generator is not supported on JAX yet")
-    if batch_size is None:
-        raise InvalidInputError("batchfit.fit on JAX needs batch_size= with array data")
+    """Arrays (or dicts/lists of arrays) with a ``batch_size``, or a dataset's own batches."""
+    check_inputs(x, batch_size)
     return x, batch_size
 
 
 class _Steps:
-    """The jitted gradient and update functions of one model (no buffer donated)."""
+    """The jitted step (loss, gradients, metric updates) and update of one model (no buffer
+    donated)."""
 
     def __init__(self, model: Any) -> None:
         import jax
 
-        kwargs = {"training": True} if model._call_has_training_arg else {}
+        grad_fn = jax.value_and_grad(model.compute_loss_and_updates, has_aux=True)
 
-        def loss(tv: Any, ntv: Any, mv: Any, x: Any, y: Any) -> Any:
-            y_pred, ntv2, losses = model.stateless_call(tv, ntv, x, return_losses=True,
-                                                        **kwargs)
-            if losses:
-                model._losses_override.clear()
-                model._losses_override = losses
-            value, _ = model.stateless_compute_loss(tv, ntv2, mv, x=x, y=y, y_pred=y_pred,
-                                                    sample_weight=None, training=True)
-            if losses:
-                model._losses_override.clear()
-            return value, ntv2
+        def step(tv: Any, ntv: Any, mv: Any, ov: Any, x: Any, y: Any, sw: Any) -> Any:
+            (_, (loss, y_pred, ntv, mv)), grads = grad_fn(tv, ntv, mv, x, y, sw, training=True,
+                                                          optimizer_variables=ov)
+            _, mv = model._update_metrics_variables(mv, loss, x, y, y_pred, sw)
+            return loss, grads, ntv, mv
 
-        self.grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        self.step = jax.jit(step)
         self.apply = jax.jit(lambda ov, grads, tv: model.optimizer.stateless_apply(ov, grads,
                                                                                    tv))
+
+
+class _Placement:
+    """Where the state and the batches live: one device, or a ``DataParallel``'s mesh."""
+
+    def __init__(self, distribution: Any) -> None:
+        self.replicas = 1
+        self.data = self.replicated = None
+        if distribution is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            mesh = distribution.device_mesh.backend_mesh
+            self.replicas = int(distribution.device_mesh.devices.size)
+            self.data = NamedSharding(mesh, PartitionSpec(distribution.batch_dim_name))
+            self.replicated = NamedSharding(mesh, PartitionSpec())
+
+    def state(self, arrays: list[Any]) -> list[Any]:
+        import jax
+
+        if self.replicated is None:
+            return arrays
+        return [jax.device_put(a, self.replicated) for a in arrays]
+
+    def batch(self, tree: Any, n: int) -> Any:
+        """``tree`` sharded along its batch axis (replicated when the devices do not divide
+        ``n``)."""
+        import jax
+
+        if self.data is None or tree is None:
+            return tree
+        sharding = self.data if n % self.replicas == 0 else self.replicated
+        return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
 
 
 class JaxFitLoop:
     """One ``batchfit.fit`` run on JAX (see the module's docstring)."""
 
-    def __init__(self, model: Any, x: Any, y: Any, *, control: Any, batch_size: int,
-                 logger: Any) -> None:
-        import jax
-
-        self.model, self.x, self.y = model, x, y
-        self.control, self.batch_size, self.logger = control, int(batch_size), logger
-        self.n = int(jax.tree_util.tree_leaves(x)[0].shape[0])
-        build_state(model, _take(x, np.arange(1)), _take(y, np.arange(1)))
-        self.steps = _Steps(model)
-        tv, ntv, ov, mv = state_groups(model)
-        self.state = {"tv": _copy(tv), "ntv": _copy(ntv), "ov": _copy(ov), "mv": _copy(mv)}
+    def __init__(self, model: Any, *, control: Any, distribution: Any = None) -> None:
+        self.model, self.control = model, control
+        self.place = _Placement(distribution)
+        self.distributed = distribution is not None
+        self.state: dict[str, list[Any]] = {}
         self.updates = 0
+        self.steps: _Steps | None = None
+        self._shardings: list[list[Any]] = []
 
-    def batch(self, idx: np.ndarray) -> float:
-        """Train on the examples ``idx`` (one batch): replanned after each out-of-memory."""
-        n = len(idx)
+    def start(self, x: Any, y: Any) -> None:
+        """Build the model (from one example of the first batch) and copy its state."""
+        import jax.numpy as jnp
+
+        one = np.arange(1)
+        build_state(self.model, take(x, one), take(y, one))
+        self.steps = _Steps(self.model)
+        groups = state_groups(self.model)
+        self._shardings = [[v.value.sharding for v in g] for g in groups]
+        self.state = {k: self.place.state([jnp.array(v.value, copy=True) for v in g])
+                      for k, g in zip(GROUPS, groups)}
+
+    def reset_metrics(self) -> None:
+        """An epoch starts: the metrics count from their initial values again."""
+        import jax.numpy as jnp
+
+        if not self.state:
+            return
+        self.model.reset_metrics()
+        self.state["mv"] = self.place.state([jnp.array(v.value, copy=True)
+                                             for v in self.model.metrics_variables])
+
+    def plan(self, n: int) -> tuple[list[np.ndarray], int]:
+        """The batch's examples as micro-batches (index arrays), and the (per-replica) size
+        that must fit. Under replicas, micro-batch ``i`` holds part ``i`` of every share."""
+        if not self.distributed:
+            plan = self.control.plan("train", n)
+            bounds = np.cumsum((0, *plan.sizes))
+            return [np.arange(a, b) for a, b in pairwise(bounds)], max(plan.sizes)
+        shares = split_counts(n, self.place.replicas)
+        rp = self.control.plan_replicas("train", shares)
+        offsets = np.cumsum((0, *shares))[:-1]
+        parts = []
+        for i in range(rp.steps):
+            parts.append(np.concatenate([
+                np.arange(o + sum(p[:i]), o + sum(p[:i + 1]))
+                for o, p in zip(offsets, rp.pieces)]))
+        return [p for p in parts if len(p)], rp.micro
+
+    def batch(self, x: Any, y: Any, sw: Any = None) -> dict[str, float]:
+        """Train on one batch, replanned after each out-of-memory; the running metrics."""
+        if not self.state:
+            self.start(x, y)
+        n = batch_size_of(x)
         self.control.see_batch("train", n)
         while True:
-            plan = self.control.plan("train", n)
+            parts, micro = self.plan(n)
             t0 = time.perf_counter()
             try:
-                loss = self._run(idx, plan.sizes)
+                self._run(x, y, sw, parts)
             except Exception as exc:
                 if not is_oom_error(exc):
                     raise
-                failed = max(plan.sizes)
-                self.control.failed("train", failed)
-                self.control.shrink("train", failed, n, failure_line(exc),
+                self.control.failed("train", micro)
+                self.control.shrink("train", micro, n, failure_line(exc),
                                     time.perf_counter() - t0, optimizer_step=self.updates,
                                     fixed_bytes=self._state_bytes)
                 continue
             if self.control.measuring("train"):
-                self.control.measured("train", max(plan.sizes), None)
+                self.control.measured("train", micro, None)
             self.control.advance("train")
-            return loss
+            return self.logs()
 
-    def _run(self, idx: np.ndarray, sizes: tuple[int, ...]) -> float:
-        """The micro-batches of ``sizes``; the state changes only when all of them ran."""
+    def _run(self, x: Any, y: Any, sw: Any, parts: list[np.ndarray]) -> None:
+        """The micro-batches ``parts``; the state changes only when all of them ran."""
         import jax
 
-        s = self.state
-        accumulate = self.control.accumulates("train", len(sizes))
-        tv, ntv, ov = s["tv"], s["ntv"], s["ov"]
-        total, loss_sum, start = None, 0.0, 0
-        for size in sizes:
-            part = idx[start:start + size]
-            start += size
-            (loss, ntv), grads = self.steps.grad(tv, ntv, s["mv"], _take(self.x, part),
-                                                 _take(self.y, part))
-            loss_sum += float(loss) * size
+        s, n = self.state, sum(len(p) for p in parts)
+        accumulate = self.control.accumulates("train", len(parts))
+        tv, ntv, ov, mv = s["tv"], s["ntv"], s["ov"], s["mv"]
+        total = None
+        for part in parts:
+            size = len(part)
+            xb, yb, swb = (self.place.batch(take(d, part), size) for d in (x, y, sw))
+            _, grads, ntv, mv = self.steps.step(tv, ntv, mv, ov, xb, yb, swb)
             if accumulate:
-                w = size / len(idx)
-                scaled = jax.tree_util.tree_map(lambda g, w=w: g * w, grads)
+                scaled = jax.tree_util.tree_map(lambda g, w=size / n: g * w, grads)
                 total = scaled if total is None else jax.tree_util.tree_map(
                     lambda a, b: a + b, total, scaled)
             else:
@@ -155,27 +218,47 @@ class JaxFitLoop:
                 jax.block_until_ready(tv)
         if accumulate:
             tv, ov = self.steps.apply(ov, total, tv)
-        jax.block_until_ready((tv, ov, ntv))  # an error of the step surfaces here, not later
-        s["tv"], s["ntv"], s["ov"] = tv, ntv, ov
-        self.updates += 1 if accumulate else len(sizes)
-        return loss_sum / len(idx)
+        jax.block_until_ready((tv, ov, ntv, mv))  # an error of the step surfaces here
+        s["tv"], s["ntv"], s["ov"], s["mv"] = tv, ntv, ov, mv
+        self.updates += 1 if accumulate else len(parts)
+
+    def logs(self) -> dict[str, float]:
+        """The metrics (loss included) so far this epoch, from the loop's own state."""
+        import keras
+
+        mapping = list(zip(self.model.metrics_variables, self.state["mv"]))
+        with keras.StatelessScope(state_mapping=mapping):
+            results = self.model.get_metrics_result()
+        return {k: float(v) for k, v in results.items()}
 
     def sync(self) -> None:
-        """Write the loop's state into the model's variables (fresh copies: the model's
-        own steps may donate them)."""
+        """Write the loop's state into the model's variables (fresh copies, placed as the
+        model's own were: the model's own steps may donate them)."""
+        import jax
         import jax.numpy as jnp
 
-        tv, ntv, ov, mv = state_groups(self.model)
-        for group, values in ((tv, self.state["tv"]), (ntv, self.state["ntv"]),
-                              (ov, self.state["ov"]), (mv, self.state["mv"])):
-            for variable, value in zip(group, values):
-                # a copy: assign keeps the array itself, and a donating step would delete it
-                variable.assign(jnp.array(value, copy=True))
+        if not self.state:
+            return
+        for group, key, shardings in zip(state_groups(self.model), GROUPS, self._shardings):
+            for variable, value, sharding in zip(group, self.state[key], shardings):
+                variable.assign(jax.device_put(jnp.array(value, copy=True), sharding))
 
     def _state_bytes(self) -> float:
         import jax
 
         return float(sum(a.nbytes for a in jax.tree_util.tree_leaves(self.state)))
+
+
+def _validate(model: Any, validation: Any, batch_size: int | None) -> dict[str, float]:
+    """``model.evaluate`` on ``validation_data`` (a tuple of arrays, or a dataset)."""
+    if isinstance(validation, tuple | list):
+        xv, yv = validation[0], validation[1]
+        swv = validation[2] if len(validation) > 2 else None
+        val = model.evaluate(xv, yv, sample_weight=swv, batch_size=batch_size, verbose=0,
+                             return_dict=True)
+    else:
+        val = model.evaluate(validation, verbose=0, return_dict=True)
+    return {f"val_{k}": float(v) for k, v in val.items()}
 
 
 def run_fit(model: Any, x: Any, y: Any, *, control: Any, strategy: Any,
@@ -189,51 +272,35 @@ def run_fit(model: Any, x: Any, y: Any, *, control: Any, strategy: Any,
         raise InvalidInputError(
             f"batchfit.fit on JAX does not support {', '.join(unknown)} yet (it takes "
             f"{', '.join(SUPPORTED_KWARGS)}); use KERAS_BACKEND=tensorflow for the others")
-    if y is None:
-        raise InvalidInputError("batchfit.fit on JAX needs y (targets) with array x")
-    loop = JaxFitLoop(model, x, y, control=control, batch_size=int(fit_batch or 0),
-                      logger=logger)
+    source = batch_source(x, y, fit_batch, fit_kwargs)
+    loop = JaxFitLoop(model, control=control, distribution=strategy)
     epochs = int(fit_kwargs.get("epochs", 1))
-    first = int(fit_kwargs.get("initial_epoch", 0))
-    shuffle = bool(fit_kwargs.get("shuffle", True))
     callbacks = keras.callbacks.CallbackList(
         fit_kwargs.get("callbacks"), add_history=True, add_progbar=False, model=model,
-        epochs=epochs, steps=-(-loop.n // loop.batch_size), verbose=0)
+        epochs=epochs, steps=source.steps, verbose=0)
     rng = np.random.default_rng(0)
+    model.stop_training = False
     callbacks.on_train_begin()
-    for epoch in range(first, epochs):
+    for epoch in range(int(fit_kwargs.get("initial_epoch", 0)), epochs):
         control.epoch_begin(epoch)
         callbacks.on_epoch_begin(epoch)
-        order = rng.permutation(loop.n) if shuffle else np.arange(loop.n)
-        losses, counts = [], []
-        for step, start in enumerate(range(0, loop.n, loop.batch_size)):
-            idx = order[start:start + loop.batch_size]
+        loop.reset_metrics()
+        logs: dict[str, float] = {}
+        for step, (xb, yb, swb) in enumerate(source.epoch(rng)):
             callbacks.on_train_batch_begin(step)
-            losses.append(loop.batch(idx))
-            counts.append(len(idx))
-            callbacks.on_train_batch_end(step, {"loss": losses[-1]})
+            logs = loop.batch(xb, yb, swb)
+            callbacks.on_train_batch_end(step, logs)
+        if not logs:
+            raise InvalidInputError(f"the training data gave no batch in epoch {epoch} (a "
+                                    f"generator that ran out: pass steps_per_epoch=)")
         loop.sync()
-        logs = {"loss": float(np.average(losses, weights=counts))}
         validation = fit_kwargs.get("validation_data")
         if validation is not None:
-            xv, yv = validation[0], validation[1]
-            val = model.evaluate(xv, yv, batch_size=loop.batch_size, verbose=0,
-                                 return_dict=True)
+            logs = {**logs, **_validate(model, validation, fit_batch)}
             loop.sync()  # evaluate's own step may have donated the variables' buffers
-            logs.update({f"val_{k}": float(v) for k, v in val.items()})
         control.epoch_end(optimizer_step=lambda: loop.updates)
         callbacks.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
     callbacks.on_train_end()
     return model.history, 0
-
-
-def _copy(variables: Any) -> list[Any]:
-    import jax.numpy as jnp
-
-    return [jnp.array(v.value, copy=True) for v in variables]
-
-
-def _take(data: Any, idx: np.ndarray) -> Any:
-    import jax
-
-    return jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], data)
