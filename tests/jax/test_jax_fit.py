@@ -76,3 +76,67 @@ def test_what_the_jax_loop_does_not_take_is_refused(kwargs, words) -> None:
     args = {"batch_size": 8, **kwargs}
     with pytest.raises(InvalidInputError, match=words):
         batchfit.fit(model(), x, y, **args)
+
+
+def _batches_of(x, y, size):
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return len(x) // size
+
+        def __getitem__(self, i):
+            return x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]
+
+    return Batches()
+
+
+def _keras_own(x, y, epochs):
+    """Keras's own fit (no limit, no failure) at 32, unshuffled: what batchfit must match."""
+    ref = model(metrics=["mae"])
+    h = ref.fit(x, y, batch_size=32, epochs=epochs, shuffle=False, verbose=0)
+    return ref, h.history
+
+
+@pytest.mark.parametrize("kind", ["pydataset", "generator"])
+def test_datasets_train_their_own_batches_with_compiled_metrics(kind) -> None:
+    x, y = data(64)
+    ref, want = _keras_own(x, y, epochs=2)
+    m = model(limit=8, metrics=["mae"])
+    if kind == "pydataset":
+        h = batchfit.fit(m, _batches_of(x, y, 32), epochs=2, verbose=0,
+                         shrink_policy=HalvingShrink())
+    else:
+        def forever():
+            while True:
+                for i in range(0, 64, 32):
+                    yield x[i:i + 32], y[i:i + 32]
+        h = batchfit.fit(m, forever(), steps_per_epoch=2, epochs=2, verbose=0,
+                         shrink_policy=HalvingShrink())
+    assert [(a.from_micro_batch, a.to_micro_batch) for a in h.adjustments] == [(32, 16), (16, 8)]
+    assert int(m.optimizer.iterations.numpy()) == 4 and h.per_replica_batch_size == 32
+    # The compiled metric is in History, with Keras's own values for the same training:
+    assert sorted(h.history) == ["loss", "mae"]
+    for key in ("loss", "mae"):
+        np.testing.assert_allclose(h.history[key], want[key], rtol=2e-4)
+    for got, ref_w in zip(_weights(m), _weights(ref)):
+        np.testing.assert_allclose(got, ref_w, rtol=2e-4, atol=1e-6)
+
+
+def test_a_dataset_with_batch_size_or_a_generator_that_runs_out_is_refused() -> None:
+    x, y = data(32)
+    with pytest.raises(InvalidInputError, match="batch_size=None"):
+        batchfit.fit(model(), _batches_of(x, y, 16), batch_size=16)
+    with pytest.raises(InvalidInputError, match="steps_per_epoch"):
+        batchfit.fit(model(), iter([(x, y)]), epochs=2, verbose=0)
+
+
+def test_early_stopping_ends_the_fit() -> None:
+    import keras
+
+    x, y = data(32)
+    stop = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda e, logs: setattr(m, "stop_training", e >= 1))
+    m = model()
+    h = batchfit.fit(m, x, y, batch_size=16, epochs=5, verbose=0, callbacks=[stop])
+    assert len(h.history["loss"]) == 2
