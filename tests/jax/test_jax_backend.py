@@ -51,7 +51,6 @@ def test_switching_keras_backend_after_import_is_refused() -> None:
 
 
 @pytest.mark.parametrize("call", [
-    lambda b: b.fit_strategy("mirrored", None),
     lambda b: b.upstream_fit_works(None),
     lambda b: b.make_strategy(),
 ])

@@ -56,19 +56,51 @@ def test_an_unknown_distribution_is_bad_input() -> None:
         get_backend().resolve_distribute("parameter_server")
 
 
-def test_tune_under_a_distribution_says_it_is_not_on_jax_yet() -> None:
-    import jax
-    import keras
+TUNE_CHILD = """
+import json, jax, keras, numpy as np, batchfit
+from jax.sharding import PartitionSpec
+from batchfit.backend.jax.step import StepRunner
+from batchfit.examples import portable
+dp = keras.distribution.DataParallel(devices=jax.devices())
+timing = dict(window_seconds=0.02, windows=2, max_windows=2)
+t = batchfit.tune("batchfit.examples.models:seed_mlp", memory="64MiB", isolate="none",
+                  distribute="data_parallel", batch_sizes=[8, 32], **timing)
+with dp.scope():                      # a model object built under the distribution
+    m = portable.seed_mlp()
+p = batchfit.profile_throughput(m, [8, 32], warmup_steps=1, **timing)
+from batchfit.backend import get_backend
+runner = StepRunner(m, get_backend().make_batch_fn(m, None, None, 0)[0], dp)
+x, _ = runner.batch(8)
+fn = runner.compiled(8, runner.batch(8))
+print(json.dumps({
+    "tune": {"replicas": t.replicas, "batch": t.batch_size, "per": t.per_replica_batch_size,
+             "distribute": t.distribute, "notes": t.notes, "max_replicas": t.max_batch.replicas,
+             "timed": [q.batch_size for q in t.throughput.measured()]},
+    "profile": {"ok": [q.batch_size for q in p.points if q.outcome == "ok"],
+                "notes": p.notes, "first": [q.first_step_seconds for q in p.points]},
+    "batch_spec": str(x.sharding.spec), "batch_devices": len(x.sharding.device_set),
+    "state_devices": len(runner.fresh_state()[0][0].sharding.device_set),
+    "compiled_input": str(fn.input_shardings[0][1][0])}))
+"""
 
-    import batchfit
-    from batchfit.errors import MissingBackendError
-    from batchfit.examples import portable
 
-    model = portable.seed_mlp()
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
-    try:
-        with pytest.raises(MissingBackendError, match="tune under a keras.distribution"):
-            batchfit.profile_throughput(model, [4], window_seconds=0.01, windows=2,
-                                        max_windows=2)
-    finally:
-        keras.distribution.set_distribution(None)
+def test_tune_under_data_parallel_times_the_global_step_sharded_over_the_devices() -> None:
+    env = dict(os.environ, KERAS_BACKEND="jax",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
+    proc = subprocess.run([sys.executable, "-c", TUNE_CHILD], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    tune = r["tune"]
+    # Global sizes, each replica's share reported, memory searched per replica:
+    assert tune["replicas"] == 2 and tune["max_replicas"] == 2
+    assert tune["distribute"] == "data_parallel" and tune["timed"] == [8, 32]
+    assert tune["per"] * 2 == tune["batch"] and tune["batch"] in (8, 32)
+    assert any("2 replicas" in n for n in tune["notes"])
+    # A model built in the distribution's scope carries it: timed as Keras's fit runs it,
+    assert r["profile"]["ok"] == [8, 32] and all(f > 0 for f in r["profile"]["first"])
+    assert any("2 replicas" in n for n in r["profile"]["notes"])
+    # ... each global batch sharded along its batch axis, the state on both devices.
+    assert r["batch_spec"] == "P('batch',)" and r["batch_devices"] == 2
+    assert r["state_devices"] == 2 and "batch" in r["compiled_input"]

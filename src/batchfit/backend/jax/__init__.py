@@ -7,8 +7,7 @@ the model's own ``train_step`` jitted and run on a copy of its state (:mod:`.ste
 (:mod:`.compiled`), throughput (:mod:`.throughput`), per-example gradient norms
 (:mod:`.noise`), the layer checks (:mod:`.check_layer`) and the resilient fit
 (:mod:`.fitting`: no donated state; arrays or datasets, one device or a
-``DataParallel``). Distribution and multi-worker
-collectives are not implemented on JAX yet: they raise
+``DataParallel``). Multi-worker collectives are not implemented on JAX yet: they raise
 :class:`~batchfit.errors.MissingBackendError` saying so. ``KERAS_BACKEND`` must be ``jax``
 before Keras is imported (the CLI's ``--backend jax`` and :func:`batchfit.use_backend` set
 it); :meth:`JaxBackend.worker_environment` passes it to worker processes.
@@ -263,15 +262,12 @@ class JaxBackend(Backend):
 
     def measure_throughput(self, model: Any, batch_fn: BatchFn, sizes: list[int], plan: Any, *,
                            device: str, gpu_metrics: bool) -> tuple[list[Any], float]:
-        import keras
-
+        from .distribute import resolve_distribution
         from .throughput import measure_throughput
 
-        if keras.distribution.distribution() is not None:
-            raise _not_yet("tune under a keras.distribution")
-
         return measure_throughput(model, batch_fn, sizes, plan, device=device,
-                                  gpu_metrics=gpu_metrics)
+                                  gpu_metrics=gpu_metrics,
+                                  distribution=resolve_distribution(None, model))
 
     # -- fit: the resilient fit (see .fitting) --------------------------------------------------
     def check_fit_model(self, model: Any) -> None:

@@ -40,6 +40,7 @@ from ...core.fit_control import split_counts
 from ...errors import InvalidInputError
 from ..oom import is_oom_error
 from .compiled import build_state, state_groups
+from .distribute import Placement
 from .fit_data import batch_size_of, batch_source, check_inputs, take
 from .probe import failure_line
 
@@ -90,44 +91,12 @@ class _Steps:
                                                                                    tv))
 
 
-class _Placement:
-    """Where the state and the batches live: one device, or a ``DataParallel``'s mesh."""
-
-    def __init__(self, distribution: Any) -> None:
-        self.replicas = 1
-        self.data = self.replicated = None
-        if distribution is not None:
-            from jax.sharding import NamedSharding, PartitionSpec
-
-            mesh = distribution.device_mesh.backend_mesh
-            self.replicas = int(distribution.device_mesh.devices.size)
-            self.data = NamedSharding(mesh, PartitionSpec(distribution.batch_dim_name))
-            self.replicated = NamedSharding(mesh, PartitionSpec())
-
-    def state(self, arrays: list[Any]) -> list[Any]:
-        import jax
-
-        if self.replicated is None:
-            return arrays
-        return [jax.device_put(a, self.replicated) for a in arrays]
-
-    def batch(self, tree: Any, n: int) -> Any:
-        """``tree`` sharded along its batch axis (replicated when the devices do not divide
-        ``n``)."""
-        import jax
-
-        if self.data is None or tree is None:
-            return tree
-        sharding = self.data if n % self.replicas == 0 else self.replicated
-        return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
-
-
 class JaxFitLoop:
     """One ``batchfit.fit`` run on JAX (see the module's docstring)."""
 
     def __init__(self, model: Any, *, control: Any, distribution: Any = None) -> None:
         self.model, self.control = model, control
-        self.place = _Placement(distribution)
+        self.place = Placement(distribution)
         self.distributed = distribution is not None
         self.state: dict[str, list[Any]] = {}
         self.updates = 0

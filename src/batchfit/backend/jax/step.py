@@ -43,11 +43,17 @@ class StepRunner:
     Args:
         model: a compiled Keras model (JAX backend).
         batch_fn: ``batch_fn(b) -> (x, y)``.
+        distribution: a ``keras.distribution.DataParallel``: the state copies replicated over
+            its devices, each batch (global) sharded along its batch axis, as Keras's own
+            ``fit`` runs under it (default ``None``: one device).
     """
 
-    def __init__(self, model: Any, batch_fn: BatchFn) -> None:
+    def __init__(self, model: Any, batch_fn: BatchFn, distribution: Any = None) -> None:
+        from .distribute import Placement
+
         self.model = model
         self.batch_fn = batch_fn
+        self.place = Placement(distribution)
         x1, y1 = batch_fn(1)
         build_state(model, x1, y1)
         self.jitted = bool(getattr(model, "jit_compile", True)) and not model.run_eagerly
@@ -59,7 +65,7 @@ class StepRunner:
         """A copy of the model's current state (new buffers: donating them is harmless)."""
         import jax.numpy as jnp
 
-        return tuple([jnp.array(v.value, copy=True) for v in group]
+        return tuple(self.place.state([jnp.array(v.value, copy=True) for v in group])
                      for group in state_groups(self.model))
 
     def compiled(self, b: int, data: Any) -> Callable[..., Any]:
@@ -71,19 +77,24 @@ class StepRunner:
         key = jax.tree_util.tree_structure(data), tuple(
             (tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(data))
         if key not in self._compiled:
-            state = tuple(abstract(g) for g in state_groups(self.model))
+            state, args = tuple(abstract(g) for g in state_groups(self.model)), abstract(data)
+            if self.place.replicas > 1:  # lowered with the arrays' own shardings
+                state, args = self.fresh_state(), data
             t0 = time.perf_counter()
             self._compiled[key] = (jax.jit(self.model.train_step, donate_argnums=0)
-                                   .lower(state, abstract(data)).compile())
+                                   .lower(state, args).compile())
             self.compile_seconds[b] = time.perf_counter() - t0
         return self._compiled[key]  # type: ignore[no-any-return]
 
     def batch(self, b: int) -> Any:
-        """``(x, y)`` of ``b`` examples as JAX arrays (on the default device)."""
+        """``(x, y)`` of ``b`` examples as JAX arrays (on the default device, or sharded over
+        the distribution's devices)."""
         import jax
         import jax.numpy as jnp
 
         x, y = self.batch_fn(b)
+        if self.place.replicas > 1:
+            return self.place.batch((x, y), b)
         return jax.tree_util.tree_map(jnp.asarray, (x, y))
 
     def steps(self, b: int, n: int, state: Any = None) -> Any:

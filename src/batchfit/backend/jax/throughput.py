@@ -7,6 +7,10 @@ then the timed windows run in interleaved rounds as on TensorFlow
 ``jax.block_until_ready`` (JAX dispatches asynchronously: without it a window would time the
 dispatch, not the steps). The steps run on a copy of the model's state
 (:class:`~batchfit.backend.jax.step.StepRunner`): the model is left as it was.
+
+Under a ``keras.distribution.DataParallel`` (set globally, or the one the model's variables
+live under) each size is a global batch sharded over the devices and the state is replicated,
+as Keras's own ``fit`` runs: the throughput is the global step's.
 """
 
 from __future__ import annotations
@@ -33,17 +37,21 @@ class _Prepared:
         self.util: list[float] = []
         self.mem: list[int] = []
         self.failure: tuple[str, str] | None = None
+        #: Several CPU devices (XLA's host platform split): wait for each step. With steps in
+        #: flight its in-process all-reduce deadlocked (aborted after 40 s, JAX 0.10.2).
+        self.sync_each_step = False
 
 
 def measure_throughput(model: Any, batch_fn: Any, sizes: list[int], plan: TimingPlan, *,
-                       device: str, gpu_metrics: bool) -> tuple[list[ThroughputPoint], float]:
+                       device: str, gpu_metrics: bool, distribution: Any = None
+                       ) -> tuple[list[ThroughputPoint], float]:
     """Time ``model`` at each of ``sizes`` (see
     :meth:`batchfit.backend.Backend.measure_throughput`); the model is unchanged.
 
     Returns ``(points, compile_seconds)``: the second is the total compile time of every
     size's program, excluded from every measurement.
     """
-    runner = StepRunner(model, batch_fn)
+    runner = StepRunner(model, batch_fn, distribution)
     points: dict[int, ThroughputPoint] = {}
     ready: list[_Prepared] = []
     for b in sizes:
@@ -88,7 +96,9 @@ def _prepare(runner: StepRunner, b: int, plan: TimingPlan) -> _Prepared:
     block(logs)
     calib = time.perf_counter() - s
     calls = steps_per_window(min(calib, last) if last > 0 else calib, plan.window_seconds)
-    return _Prepared(b, fn, data, state, calls, first, time.perf_counter() - t0, read_peak())
+    ready = _Prepared(b, fn, data, state, calls, first, time.perf_counter() - t0, read_peak())
+    ready.sync_each_step = runner.place.replicas > 1 and runner.place.platform == "cpu"
+    return ready
 
 
 def _time_window(r: _Prepared, gpu: bool) -> None:
@@ -98,6 +108,8 @@ def _time_window(r: _Prepared, gpu: bool) -> None:
             logs, state = None, r.state
             for _ in range(r.steps):
                 logs, state = r.fn(state, r.data)
+                if r.sync_each_step:
+                    block(logs)
             block((logs, state))
             r.times.append(time.perf_counter() - t0)
             r.state = state
