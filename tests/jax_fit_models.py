@@ -49,7 +49,8 @@ class OutOfMemoryAbove(keras.layers.Layer):
             return np.zeros((1,), np.float32)
 
         def check(a: Any) -> Any:
-            return jax.pure_callback(host, jax.ShapeDtypeStruct((1,), jnp.float32), a)
+            return jax.pure_callback(host, jax.ShapeDtypeStruct((1,), jnp.float32), a,
+                                     vmap_method="sequential")
 
         if self.mesh is not None and x.shape[0] and x.shape[0] % self.mesh.size == 0:
             from jax.sharding import PartitionSpec

@@ -12,6 +12,7 @@ MODULES = [
     "batchfit.backend.jax.probe", "batchfit.backend.jax.noise", "batchfit.backend.keras_common",
     "batchfit.backend.keras_common.sampler", "batchfit.examples.portable",
     "batchfit.backend.jax.fit_data", "batchfit.backend.jax.distribute",
+    "batchfit.backend.jax.noise_monitor", "batchfit.backend.keras_common.noise_monitor",
 ]
 
 

@@ -514,6 +514,17 @@ def use_backend(name: str) -> str:
 _INSTANCES: dict[str, Backend] = {}
 
 
+#: Where each backend's ``NoiseScaleMonitor`` (a Keras callback) lives.
+_NOISE_MONITORS = {"tensorflow": "batchfit.backend.tensorflow.noise",
+                   "jax": "batchfit.backend.jax.noise_monitor"}
+
+
+def noise_monitor_class() -> type:
+    """The active backend's ``NoiseScaleMonitor`` (public as ``batchfit.NoiseScaleMonitor``)."""
+    return importlib.import_module(  # type: ignore[no-any-return]
+        _NOISE_MONITORS[require_backend(None)]).NoiseScaleMonitor
+
+
 def get_backend(name: str | None = None) -> Backend:
     """The implementation of the active (or named) Keras backend.
 

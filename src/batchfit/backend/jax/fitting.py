@@ -24,8 +24,9 @@ runs replicated (every device the whole of it): same result, no parallelism.
 Data (:mod:`.fit_data`): arrays with ``batch_size``, a ``keras.utils.PyDataset`` or a generator
 of ``(x, y[, sample_weight])`` batches. History holds the loss and the compiled metrics (and
 ``val_*``: ``validation_data`` is evaluated by ``model.evaluate`` at each epoch's end, without
-shrinking); callbacks see running metrics at each batch's end and the model's variables synced
-at each epoch's end; ``model.stop_training`` (``EarlyStopping``) ends the fit.
+shrinking); callbacks see running metrics at each batch's end, and the current variables when they
+read ``self.model`` (synced as Keras's JAX ``fit`` syncs them: :meth:`JaxFitLoop.offer`);
+``model.stop_training`` (``EarlyStopping``) ends the fit.
 """
 
 from __future__ import annotations
@@ -200,12 +201,24 @@ class JaxFitLoop:
             results = self.model.get_metrics_result()
         return {k: float(v) for k, v in results.items()}
 
+    def offer(self) -> None:
+        """Offer the state to callbacks as Keras's JAX ``fit`` does: a callback reading
+        ``self.model`` syncs it into the variables (``model.jax_state_sync``, Keras 3.15's
+        ``_jax_state`` / ``_jax_state_synced``; private). The variables then share the loop's
+        arrays, which it never donates; :meth:`sync` copies before any Keras step runs."""
+        s = self.state
+        self.model._jax_state = {"trainable_variables": s["tv"],
+                                 "non_trainable_variables": s["ntv"],
+                                 "optimizer_variables": s["ov"], "metrics_variables": s["mv"]}
+        self.model._jax_state_synced = False
+
     def sync(self) -> None:
         """Write the loop's state into the model's variables (fresh copies, placed as the
         model's own were: the model's own steps may donate them)."""
         import jax
         import jax.numpy as jnp
 
+        self.model._jax_state, self.model._jax_state_synced = None, True
         if not self.state:
             return
         for group, key, shardings in zip(state_groups(self.model), GROUPS, self._shardings):
@@ -258,6 +271,7 @@ def run_fit(model: Any, x: Any, y: Any, *, control: Any, strategy: Any,
         for step, (xb, yb, swb) in enumerate(source.epoch(rng)):
             callbacks.on_train_batch_begin(step)
             logs = loop.batch(xb, yb, swb)
+            loop.offer()
             callbacks.on_train_batch_end(step, logs)
         if not logs:
             raise InvalidInputError(f"the training data gave no batch in epoch {epoch} (a "

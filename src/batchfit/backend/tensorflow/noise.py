@@ -30,17 +30,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ...core.noise import (
-    MAX_EXAMPLES,
-    check_pair_sizes,
-    estimate_from_pairs,
-    noise_scale_of_means,
-    pair_estimates,
-)
-from ...core.validate import check_int
+from ...core.noise import MAX_EXAMPLES, check_pair_sizes
 from ...errors import InvalidInputError
 
 # Framework-free: shared with the JAX backend; re-exported here for existing imports.
+from ..keras_common.noise_monitor import MonitorBase
 from ..keras_common.sampler import ExampleSampler
 from .keras_compat import call_has_training_arg, compute_loss_fn, sublayers
 from .probe import ModelState, metric_variable_groups, unique_variables
@@ -158,7 +152,7 @@ def _write_scalar(name: str, value: float, step: int) -> None:
                      metadata=metadata)
 
 
-class NoiseScaleMonitor(keras.callbacks.Callback):
+class NoiseScaleMonitor(MonitorBase, keras.callbacks.Callback):
     """Callback that tracks the gradient noise scale while a model trains.
 
     Keras callbacks never see the training batch, so every ``every`` training steps the
@@ -221,93 +215,41 @@ class NoiseScaleMonitor(keras.callbacks.Callback):
                  pairs_per_measurement: int = 1, window: int = 16,
                  log_dir: str | None = None, seed: int = 0,
                  max_examples: int = MAX_EXAMPLES) -> None:
-        super().__init__()
-        check_pair_sizes(small, big)
-        for name, v in (("every", every), ("pairs_per_measurement", pairs_per_measurement),
-                        ("window", window)):
-            check_int(name, v, minimum=1)
-        self.sampler = ExampleSampler(data, max_examples=max_examples, seed=seed)
-        self.small, self.big = int(small), int(big)
-        self.every = int(every)
-        self.pairs_per_measurement = int(pairs_per_measurement)
-        self.window = int(window)
-        self.log_dir = log_dir
-        self.seed = seed
-        self.records: list[dict[str, float]] = []
+        super().__init__(data, small=small, big=big, every=every,
+                         pairs_per_measurement=pairs_per_measurement, window=window,
+                         log_dir=log_dir, seed=seed, max_examples=max_examples)
         self._meter: GradientNormMeter | None = None
         self._writer: Any = None
-        self._small_sq: list[float] = []
-        self._big_sq: list[float] = []
-        self._step = 0
-        self._measured_this_epoch = False
-
-    # -- Keras hooks --------------------------------------------------------------------------
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._meter = GradientNormMeter(self.model, self.small, self.big)
         if self.log_dir is not None and self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
 
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self._measured_this_epoch = False
-
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        self._step += 1
-        if self._step % self.every == 0:
-            self._measure()
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if not self._measured_this_epoch:
-            self._measure()
-        values = self._summarize(bootstrap=True)
-        if logs is not None:
-            logs.update(values)
-        self.records.append({"epoch": float(epoch), "step": float(self._step),
-                             "pairs": float(len(self._small_sq)), **values})
-        if self._writer is not None:
-            with self._writer.as_default():
-                for key, value in values.items():
-                    if math.isfinite(value):
-                        _write_scalar(key, value, epoch)
-            self._writer.flush()
-
-    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self._writer is not None:  # closed (its event file released); the next fit reopens
-            self._writer.close()
-            self._writer = None
-
-    # -- internals -----------------------------------------------------------------------------
-
-    def _measure(self) -> None:
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
         if self._meter is None:
             self._meter = GradientNormMeter(self.model, self.small, self.big)
         saved = [(v, np.array(v.numpy(), copy=True)) for v in _state_variables(self.model)]
         try:
-            s, b = self._meter.pairs(self.sampler, self.pairs_per_measurement)
+            return self._meter.pairs(self.sampler, self.pairs_per_measurement)
         finally:
             for v, value in saved:
                 v.assign(value)
-        self._measured_this_epoch = True
-        self._small_sq = (self._small_sq + s.tolist())[-self.window:]
-        self._big_sq = (self._big_sq + b.tolist())[-self.window:]
-        if self._writer is not None:
-            running = self._summarize(bootstrap=False)
-            if math.isfinite(running["noise_scale"]):
-                with self._writer.as_default():
-                    _write_scalar("noise_scale_step", running["noise_scale"], self._step)
 
-    def _summarize(self, *, bootstrap: bool) -> dict[str, float]:
-        small, big = self._small_sq, self._big_sq
-        if bootstrap and len(small) >= 2:
-            est = estimate_from_pairs(small, big, self.small, self.big, seed=self.seed)
-            return {"noise_scale": est.b_simple, "noise_scale_low": est.low,
-                    "noise_scale_high": est.high, "grad_sq_norm": est.gradient_sq_norm,
-                    "grad_trace": est.trace_sigma}
-        g2, trace = pair_estimates(small, big, self.small, self.big)
-        g2m, trm = float(np.mean(g2)), float(np.mean(trace))
-        nan = float("nan")
-        return {"noise_scale": noise_scale_of_means(g2m, trm), "noise_scale_low": nan,
-                "noise_scale_high": nan, "grad_sq_norm": g2m, "grad_trace": trm}
+    def _write(self, values: dict[str, float], step: int, *, per_step: bool) -> None:
+        if self._writer is None:
+            return
+        with self._writer.as_default():
+            for key, value in values.items():
+                if math.isfinite(value):
+                    _write_scalar(key, value, step)
+        if not per_step:
+            self._writer.flush()
+
+    def _close(self) -> None:
+        if self._writer is not None:  # closed (its event file released); the next fit reopens
+            self._writer.close()
+            self._writer = None
 
 
 __all__ = ["ExampleSampler", "GradientNormMeter", "NoiseScaleMonitor", "gradient_norm_pairs",
