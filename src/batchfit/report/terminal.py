@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..core.sizes import format_bytes
 from ..results import MaxBatchResult, Probe
+from .backend import backend_line
 
 _OUTCOME_STYLE = {"fits": "green", "oom": "red", "over_budget": "red", "at_limit": "yellow",
                   "refused": "yellow",
@@ -142,6 +143,9 @@ def render_max(result: MaxBatchResult, console: Console | None = None, *,
                                         f" x batch ({m.points} probes{r2})")
     summary.add_row("search", f"{result.search}: {len(result.probes)} probes, "
                               f"{result.oom_count} out-of-memory, {result.seconds:.1f} s")
+    line = backend_line(result.environment)
+    if line is not None:
+        summary.add_row("backend", _escape(line))
     console.print(summary)
     if show_probes and result.probes:
         table = Table(title="probes", title_justify="left")

@@ -164,8 +164,11 @@ def _start_prober(resolved: ResolvedModel, place: _Placement, isolate: str, *, d
         prober.runner, prober.info = _in_process_runner(resolved.source, data, input_shapes,
                                                         steps, dev, budget, seed)
         if budget is not None and dev.startswith("CPU"):
-            prober.notes.append("in-process probes: the budget is compared with measured peaks, "
-                                "not enforced by the allocator (fragmentation is not accounted)")
+            predicted = prober.info.get("environment", {}).get("memory_source")  # JAX on CPU
+            prober.notes.append(
+                "in-process probes: the budget is compared with predicted (compile-time) peaks"
+                if predicted else "in-process probes: the budget is compared with measured "
+                "peaks, not enforced by the allocator (fragmentation is not accounted)")
     prober.notes.extend(prober.info.get("notes", []))
     return prober
 
