@@ -87,10 +87,15 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
     (``validation_data``) shrinks the evaluation micro-batch only. Every adjustment is logged
     (logger ``"batchfit"``, level WARNING) and listed in ``history.adjustments``.
 
+    On JAX the loop is batchfit's own, without donated buffers (``docs/jax.md``): arrays, a
+    ``keras.utils.PyDataset`` or a generator of batches; under a
+    ``keras.distribution.DataParallel`` the global batch is sharded over the devices.
+
     Args:
-        model: a compiled ``keras.Model`` (TensorFlow backend), optimizer without
-            ``gradient_accumulation_steps`` (batchfit manages it).
-        x, y: the training data, as for ``model.fit`` (arrays, tensors, ``tf.data.Dataset``).
+        model: a compiled ``keras.Model``, optimizer without ``gradient_accumulation_steps``
+            (batchfit manages it).
+        x, y: the training data, as for ``model.fit`` (arrays, tensors, ``tf.data.Dataset``;
+            on JAX arrays, a ``PyDataset`` or a generator of ``(x, y)`` batches).
         batch_size: the (effective) batch size. Required for arrays; for a dataset ``None``
             uses its own batches, a different size re-batches it (keeping its cardinality).
         shrink_policy: an object with ``next_size(failed, observations)`` (see
@@ -107,7 +112,8 @@ def fit(model: Any, x: Any = None, y: Any = None, *, batch_size: int | None = No
         logger: where adjustments are logged (default ``logging.getLogger("batchfit")``).
         distribute: ``None`` (default: the strategy the model was built under, if any), a
             ``tf.distribute.MirroredStrategy`` or ``"mirrored"`` (the model must have been
-            built under that strategy's scope). Multi-worker training goes through
+            built under that strategy's scope); on JAX ``"data_parallel"`` or a
+            ``keras.distribution.DataParallel``. Multi-worker training goes through
             :func:`batchfit.fit_multiworker`.
         **fit_kwargs: everything else ``model.fit`` takes (``epochs``, ``callbacks``,
             ``validation_data``, ``shuffle``, ...).
