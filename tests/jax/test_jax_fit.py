@@ -140,3 +140,19 @@ def test_early_stopping_ends_the_fit() -> None:
     m = model()
     h = batchfit.fit(m, x, y, batch_size=16, epochs=5, verbose=0, callbacks=[stop])
     assert len(h.history["loss"]) == 2
+
+
+def test_an_oom_in_evaluation_shrinks_the_evaluation_micro_batch_only() -> None:
+    x, y = data(64)
+    m = model(limit=8, metrics=["mae"])
+    h = batchfit.fit(m, x, y, batch_size=32, micro_batch_size=8, epochs=2, shuffle=False,
+                     verbose=0, validation_data=(x[:32], y[:32]),
+                     shrink_policy=HalvingShrink())
+    assert [(a.phase, a.from_micro_batch, a.to_micro_batch) for a in h.adjustments] == [
+        ("eval", 32, 16), ("eval", 16, 8)]
+    assert h.micro_batch_size == 8 and int(m.optimizer.iterations.numpy()) == 4
+    # The validation metrics are those of the trained model on the same examples:
+    want = m.evaluate(x[:32], y[:32], batch_size=8, verbose=0, return_dict=True)
+    assert sorted(h.history) == ["loss", "mae", "val_loss", "val_mae"]
+    for key in ("loss", "mae"):
+        assert h.history[f"val_{key}"][-1] == pytest.approx(want[key], rel=1e-5)

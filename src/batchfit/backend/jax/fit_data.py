@@ -142,3 +142,23 @@ def batch_source(x: Any, y: Any, batch_size: int | None, fit_kwargs: dict[str, A
         return DatasetBatches(x, steps)
     return ArrayBatches(x, y, fit_kwargs.get("sample_weight"), int(batch_size or 0),
                         bool(fit_kwargs.get("shuffle", True)), steps)
+
+
+def validation_source(fit_kwargs: dict[str, Any], batch_size: int | None) -> Any:
+    """``validation_data``'s batches (``None`` without): a tuple of arrays in batches of
+    ``validation_batch_size`` (default ``batch_size``, else 32), or a dataset's own."""
+    data = fit_kwargs.get("validation_data")
+    if data is None:
+        return None
+    steps = fit_kwargs.get("validation_steps")
+    steps = int(steps) if steps else None
+    if is_dataset(data):
+        return DatasetBatches(data, steps)
+    if not isinstance(data, tuple | list) or len(data) not in (2, 3):
+        raise InvalidInputError(
+            f"validation_data must be (x, y), (x, y, sample_weight), a PyDataset or a "
+            f"generator; got {type(data).__name__}")
+    size = fit_kwargs.get("validation_batch_size") or batch_size or 32
+    return ArrayBatches(data[0], data[1], data[2] if len(data) == 3 else None, int(size),
+                        False, steps)
+

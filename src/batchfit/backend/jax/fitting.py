@@ -23,8 +23,9 @@ runs replicated (every device the whole of it): same result, no parallelism.
 
 Data (:mod:`.fit_data`): arrays with ``batch_size``, a ``keras.utils.PyDataset`` or a generator
 of ``(x, y[, sample_weight])`` batches. History holds the loss and the compiled metrics (and
-``val_*``: ``validation_data`` is evaluated by ``model.evaluate`` at each epoch's end, without
-shrinking); callbacks see running metrics at each batch's end, and the current variables when they
+``val_*``: ``validation_data`` is evaluated at each epoch's end by the same loop, the model's
+own ``compute_loss_and_updates`` in inference mode, shrinking its own micro-batch on
+out-of-memory); callbacks see running metrics at each batch's end, and the current variables when they
 read ``self.model`` (synced as Keras's JAX ``fit`` syncs them: :meth:`JaxFitLoop.offer`);
 ``model.stop_training`` (``EarlyStopping``) ends the fit.
 """
@@ -42,11 +43,12 @@ from ...errors import InvalidInputError
 from ..oom import is_oom_error
 from .compiled import build_state, state_groups
 from .distribute import Placement
-from .fit_data import batch_size_of, batch_source, check_inputs, take
+from .fit_data import batch_size_of, batch_source, check_inputs, take, validation_source
 from .probe import failure_line
 
 SUPPORTED_KWARGS = ("epochs", "shuffle", "verbose", "callbacks", "initial_epoch",
-                    "validation_data", "steps_per_epoch", "sample_weight")
+                    "validation_data", "validation_batch_size", "validation_steps",
+                    "steps_per_epoch", "sample_weight")
 GROUPS = ("tv", "ntv", "ov", "mv")
 
 
@@ -87,7 +89,14 @@ class _Steps:
             _, mv = model._update_metrics_variables(mv, loss, x, y, y_pred, sw)
             return loss, grads, ntv, mv
 
+        def evaluate(tv: Any, ntv: Any, mv: Any, x: Any, y: Any, sw: Any) -> Any:
+            _, (loss, y_pred, _, mv) = model.compute_loss_and_updates(tv, ntv, mv, x, y, sw,
+                                                                    training=False)
+            _, mv = model._update_metrics_variables(mv, loss, x, y, y_pred, sw)
+            return mv
+
         self.step = jax.jit(step)
+        self.evaluate = jax.jit(evaluate)
         self.apply = jax.jit(lambda ov, grads, tv: model.optimizer.stateless_apply(ov, grads,
                                                                                    tv))
 
@@ -118,23 +127,25 @@ class JaxFitLoop:
 
     def reset_metrics(self) -> None:
         """An epoch starts: the metrics count from their initial values again."""
+        if self.state:
+            self.state["mv"] = self._fresh_metrics()
+
+    def _fresh_metrics(self) -> list[Any]:
         import jax.numpy as jnp
 
-        if not self.state:
-            return
         self.model.reset_metrics()
-        self.state["mv"] = self.place.state([jnp.array(v.value, copy=True)
-                                             for v in self.model.metrics_variables])
+        return self.place.state([jnp.array(v.value, copy=True)
+                                 for v in self.model.metrics_variables])
 
-    def plan(self, n: int) -> tuple[list[np.ndarray], int]:
+    def plan(self, n: int, phase: str = "train") -> tuple[list[np.ndarray], int]:
         """The batch's examples as micro-batches (index arrays), and the (per-replica) size
         that must fit. Under replicas, micro-batch ``i`` holds part ``i`` of every share."""
         if not self.distributed:
-            plan = self.control.plan("train", n)
+            plan = self.control.plan(phase, n)
             bounds = np.cumsum((0, *plan.sizes))
             return [np.arange(a, b) for a, b in pairwise(bounds)], max(plan.sizes)
         shares = split_counts(n, self.place.replicas)
-        rp = self.control.plan_replicas("train", shares)
+        rp = self.control.plan_replicas(phase, shares)
         offsets = np.cumsum((0, *shares))[:-1]
         parts = []
         for i in range(rp.steps):
@@ -192,11 +203,49 @@ class JaxFitLoop:
         s["tv"], s["ntv"], s["ov"], s["mv"] = tv, ntv, ov, mv
         self.updates += 1 if accumulate else len(parts)
 
-    def logs(self) -> dict[str, float]:
-        """The metrics (loss included) so far this epoch, from the loop's own state."""
+    def evaluate(self, batches: Any) -> dict[str, float]:
+        """The metrics over ``batches`` at the current weights (``val_`` names), each batch
+        replayed as smaller micro-batches after an out-of-memory (the evaluation's own)."""
+        self.control.eval_begin()
+        mv = self._fresh_metrics()
+        for x, y, sw in batches:
+            mv = self._eval_batch(x, y, sw, mv)
+        return {f"val_{k}": v for k, v in self.logs(mv).items()}
+
+    def _eval_batch(self, x: Any, y: Any, sw: Any, mv: list[Any]) -> list[Any]:
+        import jax
+
+        n = batch_size_of(x)
+        self.control.see_batch("eval", n)
+        while True:
+            parts, micro = self.plan(n, "eval")
+            t0 = time.perf_counter()
+            try:
+                new = mv
+                for part in parts:
+                    xb, yb, swb = (self.place.batch(take(d, part), len(part)) for d in (x, y, sw))
+                    new = self.steps.evaluate(self.state["tv"], self.state["ntv"], new, xb, yb,
+                                              swb)
+                jax.block_until_ready(new)
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+                self.control.failed("eval", micro)
+                self.control.shrink("eval", micro, n, failure_line(exc),
+                                    time.perf_counter() - t0, optimizer_step=self.updates,
+                                    fixed_bytes=self._state_bytes)
+                continue
+            if self.control.measuring("eval"):
+                self.control.measured("eval", micro, None)
+            self.control.advance("eval")
+            return new  # type: ignore[no-any-return]
+
+    def logs(self, mv: list[Any] | None = None) -> dict[str, float]:
+        """The metrics (loss included) of ``mv`` (default: so far this epoch)."""
         import keras
 
-        mapping = list(zip(self.model.metrics_variables, self.state["mv"]))
+        mapping = list(zip(self.model.metrics_variables,
+                           self.state["mv"] if mv is None else mv))
         with keras.StatelessScope(state_mapping=mapping):
             results = self.model.get_metrics_result()
         return {k: float(v) for k, v in results.items()}
@@ -231,18 +280,6 @@ class JaxFitLoop:
         return float(sum(a.nbytes for a in jax.tree_util.tree_leaves(self.state)))
 
 
-def _validate(model: Any, validation: Any, batch_size: int | None) -> dict[str, float]:
-    """``model.evaluate`` on ``validation_data`` (a tuple of arrays, or a dataset)."""
-    if isinstance(validation, tuple | list):
-        xv, yv = validation[0], validation[1]
-        swv = validation[2] if len(validation) > 2 else None
-        val = model.evaluate(xv, yv, sample_weight=swv, batch_size=batch_size, verbose=0,
-                             return_dict=True)
-    else:
-        val = model.evaluate(validation, verbose=0, return_dict=True)
-    return {f"val_{k}": float(v) for k, v in val.items()}
-
-
 def run_fit(model: Any, x: Any, y: Any, *, control: Any, strategy: Any,
             fit_batch: int | None, logger: Any, fit_kwargs: dict[str, Any]
             ) -> tuple[Any, int]:
@@ -255,6 +292,7 @@ def run_fit(model: Any, x: Any, y: Any, *, control: Any, strategy: Any,
             f"batchfit.fit on JAX does not support {', '.join(unknown)} yet (it takes "
             f"{', '.join(SUPPORTED_KWARGS)}); use KERAS_BACKEND=tensorflow for the others")
     source = batch_source(x, y, fit_batch, fit_kwargs)
+    validation = validation_source(fit_kwargs, fit_batch)
     loop = JaxFitLoop(model, control=control, distribution=strategy)
     epochs = int(fit_kwargs.get("epochs", 1))
     callbacks = keras.callbacks.CallbackList(
@@ -276,11 +314,9 @@ def run_fit(model: Any, x: Any, y: Any, *, control: Any, strategy: Any,
         if not logs:
             raise InvalidInputError(f"the training data gave no batch in epoch {epoch} (a "
                                     f"generator that ran out: pass steps_per_epoch=)")
-        loop.sync()
-        validation = fit_kwargs.get("validation_data")
         if validation is not None:
-            logs = {**logs, **_validate(model, validation, fit_batch)}
-            loop.sync()  # evaluate's own step may have donated the variables' buffers
+            logs = {**logs, **loop.evaluate(validation.epoch(rng))}
+        loop.sync()
         control.epoch_end(optimizer_step=lambda: loop.updates)
         callbacks.on_epoch_end(epoch, logs)
         if model.stop_training:
