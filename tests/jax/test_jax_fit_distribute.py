@@ -40,6 +40,12 @@ batchfit.fit(ref, x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
 runs = {"plain": {"weights": weights(ref)},
         "named": fit(model(limit=4, mesh=mesh), distribute="data_parallel"),
         "given": fit(model(limit=4, mesh=mesh), distribute=dp)}
+# 63 examples: the last batch of 31 is not divided by the devices and runs replicated
+x63, y63 = data(63)
+uneven, single = model(), model()
+batchfit.fit(uneven, x63, y63, batch_size=32, shuffle=False, verbose=0, distribute=dp)
+batchfit.fit(single, x63, y63, batch_size=32, shuffle=False, verbose=0)
+runs["uneven"] = {"weights": weights(uneven), "single": weights(single)}
 keras.distribution.set_distribution(dp)
 m = model(limit=4, mesh=mesh)   # built under the distribution: its variables replicated
 runs["global"] = fit(m)
@@ -72,3 +78,5 @@ def test_fit_under_data_parallel_shrinks_per_replica_and_keeps_the_global_batch(
         for got, want in zip(run["weights"], plain):
             np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6, err_msg=how)
     assert np.isfinite(r["runs"]["global"]["evaluate"])
+    for got, want in zip(r["runs"]["uneven"]["weights"], r["runs"]["uneven"]["single"]):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6, err_msg="uneven")
