@@ -156,3 +156,16 @@ def test_an_oom_in_evaluation_shrinks_the_evaluation_micro_batch_only() -> None:
     assert sorted(h.history) == ["loss", "mae", "val_loss", "val_mae"]
     for key in ("loss", "mae"):
         assert h.history[f"val_{key}"][-1] == pytest.approx(want[key], rel=1e-5)
+
+
+def test_data_parallel_over_this_hosts_single_device_trains_as_without() -> None:
+    x, y = data(64)
+    m = model(limit=8)
+    h = batchfit.fit(m, x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+                     shrink_policy=HalvingShrink(), distribute="data_parallel")
+    assert h.replicas == 1 and h.per_replica_micro_batch_size == 8
+    assert [(a.from_micro_batch, a.to_micro_batch) for a in h.adjustments] == [(32, 16), (16, 8)]
+    ref = model()
+    batchfit.fit(ref, x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    for got, want in zip(_weights(m), _weights(ref)):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
