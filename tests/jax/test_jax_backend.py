@@ -11,7 +11,7 @@ import pytest
 from batchfit.backend import SUPPORTED_BACKENDS, get_backend, use_backend
 from batchfit.backend.jax import JaxBackend
 from batchfit.errors import InvalidInputError, MissingBackendError
-from batchfit.examples import portable
+from batchfit.examples import models, portable
 
 
 def test_the_configured_backend_is_the_jax_implementation() -> None:
@@ -62,7 +62,7 @@ def test_what_is_not_on_jax_yet_says_so(call) -> None:
 def test_the_memory_aware_seed_layer_checks_the_batch_inside_the_jitted_step() -> None:
     """The keras.ops rewrite of the seed's Python ``if``: on JAX the batch size is a Python int
     in the compiled step, so the check works there (TensorFlow needs run_eagerly)."""
-    model = portable.seed_memory_aware(limit=8)
+    model = models.seed_memory_aware(limit=8)
     assert not model.run_eagerly
     ones = np.ones((8, 16), "float32")
     assert np.isfinite(model.train_on_batch(ones, np.ones((8, 1), "float32")))

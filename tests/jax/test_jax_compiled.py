@@ -9,12 +9,12 @@ import pytest
 from batchfit.backend import get_backend
 from batchfit.backend.jax.compiled import memory_analysis
 from batchfit.errors import InvalidInputError
-from batchfit.examples import portable
+from batchfit.examples import models
 from batchfit.results.estimate import CompiledStepMemory
 
 
 def test_the_state_is_split_by_kind_and_nothing_runs() -> None:
-    model = portable.cnn()
+    model = models.cnn()
     before = [np.array(v.value, copy=True) for v in model.weights]
     m = get_backend().compiled_step_memory(model, 16)
     assert isinstance(m, CompiledStepMemory) and m.batch_size == 16 and m.device == "CPU:0"
@@ -30,7 +30,7 @@ def test_the_state_is_split_by_kind_and_nothing_runs() -> None:
 
 
 def test_temporaries_grow_linearly_with_the_batch_and_outputs_alias_the_state() -> None:
-    model = portable.cnn()
+    model = models.cnn()
     raw = {b: memory_analysis(model, b) for b in (8, 16, 32)}
     temp = {b: r["temp_size_in_bytes"] for b, r in raw.items()}
     per_sample_low, per_sample_high = (temp[16] - temp[8]) / 8, (temp[32] - temp[16]) / 16
@@ -43,6 +43,6 @@ def test_temporaries_grow_linearly_with_the_batch_and_outputs_alias_the_state() 
 
 
 def test_an_input_shape_the_model_cannot_take_is_bad_input() -> None:
-    model = portable.seed_mlp()
+    model = models.seed_mlp()
     with pytest.raises(InvalidInputError, match="batch_size"):
         get_backend().compiled_step_memory(model, 0)

@@ -60,13 +60,13 @@ TUNE_CHILD = """
 import json, jax, keras, numpy as np, batchfit
 from jax.sharding import PartitionSpec
 from batchfit.backend.jax.step import StepRunner
-from batchfit.examples import portable
+from batchfit.examples import models
 dp = keras.distribution.DataParallel(devices=jax.devices())
 timing = dict(window_seconds=0.02, windows=2, max_windows=2)
 t = batchfit.tune("batchfit.examples.models:seed_mlp", memory="64MiB", isolate="none",
                   distribute="data_parallel", batch_sizes=[8, 32], **timing)
 with dp.scope():                      # a model object built under the distribution
-    m = portable.seed_mlp()
+    m = models.seed_mlp()
 p = batchfit.profile_throughput(m, [8, 32], warmup_steps=1, **timing)
 from batchfit.backend import get_backend
 runner = StepRunner(m, get_backend().make_batch_fn(m, None, None, 0)[0], dp)

@@ -9,7 +9,7 @@ from rich.console import Console
 
 import batchfit
 from batchfit.backend import get_backend
-from batchfit.examples import portable
+from batchfit.examples import models
 from batchfit.report.terminal import render_max
 
 SPEC = "batchfit.examples.models:seed_mlp"
@@ -20,7 +20,7 @@ def test_estimate_memory_is_the_backends_compiled_step_and_its_line() -> None:
     assert [s.batch_size for s in r.sizes] == [8, 16, 32]
     assert r.environment["backend"] == "jax" and r.step_jit
     # Each size is JAX's compile-time memory of the model's own step (nothing run) ...
-    want = get_backend().compiled_step_memory(portable.seed_mlp(), 16)
+    want = get_backend().compiled_step_memory(models.seed_mlp(), 16)
     got = r.sizes[1]
     assert (got.weights, got.optimizer_state, got.inputs, got.temporaries) == (
         want.weights, want.optimizer_state, want.inputs, want.temporaries)

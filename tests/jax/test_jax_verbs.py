@@ -12,7 +12,7 @@ import batchfit
 from batchfit.backend import get_backend
 from batchfit.backend.jax.noise import gradient_norm_pairs
 from batchfit.backend.keras_common.sampler import ExampleSampler
-from batchfit.examples import portable
+from batchfit.examples import models
 
 NA = "skipped: not applicable on the jax backend"
 
@@ -48,15 +48,15 @@ def test_check_runs_the_neutral_checks_and_says_what_is_tensorflow_only() -> Non
 
 
 def test_check_finds_the_memory_aware_layers_limit() -> None:
-    r = batchfit.check(portable.seed_memory_aware(limit=24))
+    r = batchfit.check(models.seed_memory_aware(limit=24))
     (layer,) = r.layers
     assert layer.details["batch_limit"].startswith("24"), layer.details
 
 
 def test_max_on_cpu_is_the_largest_batch_whose_compiled_step_fits() -> None:
     budget = 4 << 20
-    r = batchfit.find_max_batch_size(portable.seed_sequence, memory=budget, isolate="none")
-    backend, model = get_backend(), portable.seed_sequence()
+    r = batchfit.find_max_batch_size(models.seed_sequence, memory=budget, isolate="none")
+    backend, model = get_backend(), models.seed_sequence()
     limit = 0.98 * budget  # the runner's limit margin: a peak within 2% does not count
     at = backend.compiled_step_memory(model, r.max_batch_size).total_bytes
     above = backend.compiled_step_memory(model, r.max_batch_size + 1).total_bytes
@@ -67,7 +67,7 @@ def test_max_on_cpu_is_the_largest_batch_whose_compiled_step_fits() -> None:
 
 
 def test_tune_times_the_step_with_compile_time_excluded_and_leaves_the_model() -> None:
-    model = portable.seed_mlp()
+    model = models.seed_mlp()
     before = _values(model)
     r = batchfit.profile_throughput(model, [8, 64], window_seconds=0.05, windows=3,
                                     max_windows=3)

@@ -6,8 +6,8 @@ models and :func:`demo_model` use the origin document's layers (:mod:`batchfit.e
 :func:`transformer` uses batchfit's own :class:`MultiHeadSelfAttention`, a custom layer that
 reads the batch size with ``tf.shape(x)[0]`` as the seed document recommends. Each model trains
 one step at batch 32 in well under 100 ms on a 2-core CPU. On another Keras backend (JAX) the
-factories are :mod:`batchfit.examples.portable`'s, the same models with the ``tf.*`` calls
-rewritten with ``keras.ops``.
+factories build with :mod:`batchfit.examples.portable`'s layers, the seed's with the ``tf.*``
+calls rewritten with ``keras.ops`` (and the transformer is the portable one).
 
 Example:
 
@@ -241,9 +241,10 @@ def seed_sequence(timesteps: int = 32, features: int = 16, num_classes: int = 5)
 def seed_memory_aware(limit: int = 64, features: int = 16) -> keras.Model:
     """A model with the seed's ``MemoryAwareLayer``: batches above ``limit`` raise ValueError.
 
-    Compiled with ``run_eagerly=True`` because the layer's Python ``if`` on a tensor only runs
-    eagerly (in a graph-mode step it raises ``OperatorNotAllowedInGraphError`` at trace time,
-    for every batch size). It is a subclassed model (:class:`SeedMemoryAwareModel`) because
+    Compiled with ``run_eagerly=True`` on TensorFlow because the layer's Python ``if`` on a
+    tensor only runs eagerly there (in a graph-mode step it raises
+    ``OperatorNotAllowedInGraphError`` at trace time, for every batch size); on JAX the batch
+    size is a Python ``int`` inside the compiled step and the model compiles as usual. It is a subclassed model (:class:`SeedMemoryAwareModel`) because
     functional construction also traces the layer. It is built for ``(None, features)`` so that
     its input shape is known.
 
@@ -265,7 +266,9 @@ def seed_memory_aware(limit: int = 64, features: int = 16) -> keras.Model:
     """
     model = SeedMemoryAwareModel(limit=limit, features=features, name="seed_memory_aware")
     model.build((None, features))
-    model.compile(optimizer="adam", loss="mse", run_eagerly=True)
+    # On JAX the batch size is a Python int inside the compiled step: no eager run needed.
+    model.compile(optimizer="adam", loss="mse",
+                  run_eagerly=keras.config.backend() == "tensorflow")
     return model
 
 
@@ -397,14 +400,7 @@ def lstm(vocab_size: int = 1000, max_length: int = 40, units: int = 32,
 
 
 if keras.config.backend() != "tensorflow":
-    # On JAX (any backend but TensorFlow) the same factories with the keras.ops rewrite of the
-    # layers that use tf.* (batchfit.examples.portable), so every spec naming this module, the
-    # built-in demo included, builds there too; lstm is Keras only and stays as it is.
-    from .portable import (
-        cnn,
-        demo_model,
-        seed_memory_aware,
-        seed_mlp,
-        seed_sequence,
-        transformer,
-    )
+    # On JAX (any backend but TensorFlow) the factories above build with the keras.ops rewrite
+    # of the seed's layers (imported at the top); the transformer's own layers use tf.shape, so
+    # its portable version replaces it.
+    from .portable import transformer

@@ -1,9 +1,10 @@
-"""The seed's layers and the example models rewritten with ``keras.ops``: any Keras 3 backend.
+"""The seed's layers rewritten with ``keras.ops``: any Keras 3 backend.
 
 :mod:`batchfit.examples.seed` keeps the origin document's layers verbatim, ``tf.*`` calls
-included, so they only run on TensorFlow; :mod:`batchfit.examples.models` builds on them. This
-module is the same examples for JAX (and any Keras backend): each ``tf.*`` call replaced by its
-``keras.ops`` equivalent, nothing else changed but what the rewrite needs:
+included, so they only run on TensorFlow. This module is the same layers for JAX (and any Keras
+backend): each ``tf.*`` call replaced by its ``keras.ops`` equivalent, nothing else changed but
+what the rewrite needs. :mod:`batchfit.examples.models` builds its factories from these layers
+on any backend but TensorFlow, so every example model (the built-in demo too) builds there:
 
 - :class:`MyCustomLayer`: ``tf.shape(inputs)[0]`` -> ``ops.shape(inputs)[0]``,
   ``tf.matmul``/``tf.expand_dims`` -> ``ops.matmul``/``ops.expand_dims``.
@@ -13,6 +14,9 @@ module is the same examples for JAX (and any Keras backend): each ``tf.*`` call 
   compiled step (shapes are static there), so the seed's Python ``if`` works in a jitted
   step as well; it is ``None`` while Keras builds a functional model symbolically, when the
   check is skipped (the seed's ``if`` would fail there).
+- :class:`MultiHeadSelfAttention` and :func:`transformer`: batchfit's attention layer and
+  transformer without ``tf.shape`` (``-1`` in the reshapes; positions from an ``Embedding`` of
+  ``arange``).
 
 Importing this module imports ``keras`` only: set ``KERAS_BACKEND`` first to choose the backend.
 
@@ -33,8 +37,7 @@ import keras
 from keras import ops
 
 __all__ = ["MemoryAwareLayer", "MultiHeadSelfAttention", "MyCustomLayer",
-           "MyVariableBatchLayer", "cnn", "demo_model", "seed_memory_aware", "seed_mlp",
-           "seed_sequence", "transformer"]
+           "MyVariableBatchLayer", "transformer"]
 
 
 class MyCustomLayer(keras.layers.Layer):
@@ -111,87 +114,6 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return tuple(input_shape)
-
-
-class _SeedMemoryAwareModel(keras.Model):
-    def __init__(self, limit: int, features: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.hidden = keras.layers.Dense(32, activation="relu")
-        self.guard = MemoryAwareLayer(max_batch_size=limit)
-        self.head = keras.layers.Dense(1)
-
-    def build(self, input_shape: tuple[int | None, ...]) -> None:
-        self.hidden.build(input_shape)
-        self.head.build((*tuple(input_shape)[:-1], 32))
-
-    def call(self, inputs: Any) -> Any:
-        return self.head(self.guard(self.hidden(inputs)))
-
-
-def seed_mlp(features: int = 16, hidden: int = 64) -> keras.Model:
-    """:func:`batchfit.examples.models.seed_mlp` with the ``keras.ops`` seed layer.
-
-    Example:
-
-    >>> seed_mlp().output_shape
-    (None, 1)
-    """
-    inputs = keras.Input((features,), name="features")
-    x = keras.layers.Dense(hidden, activation="relu")(inputs)
-    x = keras.layers.Dense(hidden, activation="relu")(x)
-    model = keras.Model(inputs, MyCustomLayer(hidden)(x), name="seed_mlp")
-    model.compile(optimizer="adam", loss="mse")
-    return model
-
-
-def seed_sequence(timesteps: int = 32, features: int = 16, num_classes: int = 5) -> keras.Model:
-    """:func:`batchfit.examples.models.seed_sequence` with the ``keras.ops`` seed layer."""
-    inputs = keras.Input((timesteps, features), name="sequence")
-    x = keras.layers.Dense(32, activation="relu")(inputs)
-    x = MyVariableBatchLayer()(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
-    model = keras.Model(inputs, outputs, name="seed_sequence")
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    return model
-
-
-def seed_memory_aware(limit: int = 64, features: int = 16) -> keras.Model:
-    """A subclassed model with :class:`MemoryAwareLayer`: a batch above ``limit`` raises
-    ``ValueError``. Unlike the TensorFlow original it needs no ``run_eagerly``: on JAX the
-    batch size is a Python ``int`` inside the compiled step."""
-    model = _SeedMemoryAwareModel(limit, features, name="seed_memory_aware")
-    model.build((None, features))
-    model.compile(optimizer="adam", loss="mse")
-    return model
-
-
-def demo_model(image_size: int = 32, filters: int = 16) -> keras.Model:
-    """:func:`batchfit.examples.models.demo_model` with the ``keras.ops`` seed layers (the
-    built-in example on JAX)."""
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(inputs)
-    x = keras.layers.Conv2D(filters, 1, activation="relu")(x)
-    x = keras.layers.Reshape((image_size * image_size, filters))(x)
-    x = MyVariableBatchLayer()(x)
-    x = keras.layers.Dense(64, activation="relu")(x)
-    model = keras.Model(inputs, MyCustomLayer(64)(x), name="demo_model")
-    model.compile(optimizer="adam", loss="mse")
-    return model
-
-
-def cnn(num_classes: int = 10) -> keras.Model:
-    """:func:`batchfit.examples.models.cnn` (Keras layers only)."""
-    inputs = keras.Input((32, 32, 3), name="image")
-    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(inputs)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(x)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(64, activation="relu")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
-    model = keras.Model(inputs, outputs, name="cnn")
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    return model
 
 
 def transformer(vocab_size: int = 1000, max_length: int = 64, dim: int = 64,
