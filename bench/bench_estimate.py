@@ -99,10 +99,12 @@ def child_measure(spec: str, b: int, jit: bool, cap_mib: int) -> dict:
     model.jit_compile = jit
     model_variables(model)  # the optimizer built before the steps, as batchfit's probes do
     x, y = synthesize_batch(model, b)
-    # The batch in TensorFlow's allocator, as on a GPU: a large, aligned NumPy array converted
-    # with tf.constant can be aliased without a copy (outside the allocator's count), so it is
-    # added to zeros the allocator holds.
-    xt, yt = (tf.nest.map_structure(lambda a: tf.zeros_like(a) + tf.constant(a), v)
+    # The batch in TensorFlow's allocator, one allocation per tensor, as a GPU's copy: a NumPy
+    # array converted with tf.constant is aliased without a copy when its data happens to be
+    # 64-byte aligned (outside the allocator's count) and copied otherwise, which moved the
+    # batch between holes from one size to the next. The step's memory does not depend on
+    # the values: the batch is zeros of the synthesized shapes and dtypes.
+    xt, yt = (tf.nest.map_structure(lambda a: tf.zeros(a.shape, tf.as_dtype(a.dtype)), v)
               for v in (x, y))
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     peaks, seconds = [], []

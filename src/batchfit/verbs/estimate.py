@@ -25,6 +25,7 @@ from ..core.estimate import (
     card_table,
     check_batch_sizes,
     fit_line,
+    line_points,
 )
 from ..core.sizes import format_bytes, parse_size
 from ..core.validate import check_fraction
@@ -105,7 +106,7 @@ def estimate_memory(model: Any, batch_sizes: Sequence[int] | str = (32, 64, 128)
         compiled.append(m)
         if progress is not None:
             progress(m)
-    line = fit_line([(m.batch_size, m.total_bytes) for m in compiled])
+    line = fit_line(line_points(compiled))
     step_jit = backend.step_jit_compiled(resolved.model)
     result = EstimateResult(
         model_name=str(getattr(resolved.model, "name", "")), sizes=compiled, fit=line,
