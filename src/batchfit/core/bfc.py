@@ -219,6 +219,35 @@ def variable_events(key: str, nbytes: int, random: bool) -> list[tuple[str, str,
     return ev
 
 
+def orthogonal_events(key: str, nbytes: int, square_bytes: int, transpose: bool
+                      ) -> list[tuple[str, str, int]]:
+    """Allocations and frees of a variable made by Keras's ``Orthogonal`` initializer.
+
+    A normal draw (three buffers of the full size, as :func:`variable_events`), its QR
+    decomposition (``q`` of the full size, ``r`` of ``square_bytes``), ``q`` times the signs
+    of ``r``'s diagonal, a transpose when the matrix is wide, then the gain's product, which
+    the variable adopts. Measured: an LSTM's recurrent kernel (TensorFlow 2.21).
+    """
+    draw = variable_events(f"{key}/n", nbytes, True)[:-1]  # the draw, kept as {key}/n
+    ev = draw + [("a", f"{key}/q", nbytes), ("a", f"{key}/r", square_bytes),
+                 ("a", f"{key}/d", square_bytes // max(1, _isqrt(square_bytes // 4))),
+                 ("a", f"{key}/sign", square_bytes // max(1, _isqrt(square_bytes // 4))),
+                 ("a", f"{key}/qs", nbytes), ("f", f"{key}/q", 0)]
+    last = f"{key}/qs"
+    if transpose:
+        ev += [("a", f"{key}/t", nbytes), ("f", last, 0)]
+        last = f"{key}/t"
+    ev += [("a", key, nbytes), ("f", last, 0), ("f", f"{key}/n", 0), ("f", f"{key}/r", 0),
+           ("f", f"{key}/d", 0), ("f", f"{key}/sign", 0), ("a", f"{key}/handle", 200)]
+    return ev
+
+
+def _isqrt(n: int) -> int:
+    import math
+
+    return math.isqrt(max(0, n))
+
+
 def step_events(program: list[tuple[int, bool]], reallocated: list[int]
                 ) -> list[tuple[str, str, int]]:
     """One execution of a compiled step: its buffers, then the variables it re-allocates.

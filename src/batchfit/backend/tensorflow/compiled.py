@@ -170,14 +170,22 @@ def allocator_peak(model: Any, allocations: Any, n_args: int, shape_constants: l
     updated in place), through a model of the allocator (:class:`~batchfit.core.bfc.
     BFCModel`): the chunks it hands out, rounding and whole-chunk hand-outs included.
     """
-    from ...core.bfc import BFCModel, replay, step_events, variable_events
+    from ...core.bfc import BFCModel, orthogonal_events, replay, step_events, variable_events
 
     events: list[tuple[str, str, int]] = []
     reallocated: list[int] = []
     variables = _in_creation_order(model)
+    orthogonal = _orthogonal_variables(model)
     for i, (kind, v) in enumerate(variables):
         size = _nbytes(v)
-        events += variable_events(f"v{i}", size, _is_random(v))
+        if id(v) in orthogonal and len(v.shape) >= 2:
+            rows = int(np.prod(v.shape[:-1], dtype=np.int64))
+            cols = int(v.shape[-1])
+            k = min(rows, cols)
+            events += orthogonal_events(f"v{i}", size, k * k * (size // max(1, rows * cols)),
+                                        rows < cols)
+        else:
+            events += variable_events(f"v{i}", size, _is_random(v))
         if kind == "other_state":
             reallocated.append(size)
     program = []
@@ -237,6 +245,28 @@ def shape_constant_bytes(graph: Any) -> list[int]:
                 n = int(np.prod(t.shape.as_list() or [1], dtype=np.int64)) * t.dtype.size
                 if n > 0:
                     out.append(n)
+    return out
+
+
+def _orthogonal_variables(model: Any) -> set[int]:
+    """``id`` of each variable a layer made with Keras's ``Orthogonal`` initializer.
+
+    The layer keeps its initializers (``kernel_initializer``, ``recurrent_initializer``, ...);
+    the variable is the one named after it (``recurrent_initializer``: ``recurrent_kernel``).
+    """
+    from .keras_compat import sublayers
+
+    out: set[int] = set()
+    for layer in sublayers(model) or list(getattr(model, "layers", [])):
+        for attr, init in vars(layer).items():
+            if not attr.endswith("_initializer") or type(init).__name__ != "Orthogonal":
+                continue
+            stem = attr[: -len("_initializer")]
+            names = {stem, f"{stem}_kernel"}
+            for v in getattr(layer, "_trainable_variables", []) + \
+                    getattr(layer, "_non_trainable_variables", []):
+                if getattr(v, "name", "").split("/")[-1] in names:
+                    out.add(id(v))
     return out
 
 
