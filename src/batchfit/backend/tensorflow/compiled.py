@@ -9,11 +9,14 @@ optimizer's counter are unchanged afterwards (the model's state is built as Kera
 before its first step, symbolically).
 
 What the step allocates outside the compiled program, measured on TensorFlow 2.21's CPU
-allocator (``docs/estimate.md``): every variable of the model lives outside it (the program
-receives them as arguments and writes the updated values in place), and so does the batch;
-the program's temporaries are one allocation. The predicted peak is therefore the variables'
-bytes, the batch, the temporaries and the outputs not written in place, each allocation
-rounded up to the allocator's 256 bytes.
+allocator with allocation traces (``docs/estimate.md``): every variable of the model lives
+outside it (the program receives them as arguments and writes the updated values in place),
+and so does the batch; the program's temporaries are one allocation. The predicted peak is
+what the allocator counts in use: the process's allocations (the variables in creation order
+with their initializers' temporaries and resource handles, the batch, the constants tracing
+keeps, the step's buffers) replayed through a model of TensorFlow's BFC allocator
+(:mod:`batchfit.core.bfc`), which adds to the bytes the 256-byte rounding and the chunks it
+hands out whole (up to twice a request): ``allocator_overhead``.
 
 Example:
 
@@ -85,8 +88,13 @@ def compiled_step_memory(model: Any, batch_size: int, *,
     state = _state_bytes(model)
     counted = (sum(state.values()) + parts["captured"] + parts["inputs"] + parts["temporaries"]
                + parts["outputs"] + parts["rounding"])
-    overhead = allocator_peak(model, proto.buffer_assignment.buffer_allocations, n_args,
-                              shape_constant_bytes(concrete.graph)) - counted
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    # On a GPU the allocator holds one region and the traced constants are host memory (not
+    # measured here: no GPU with TensorFlow was lent; the CPU layout is the measured one).
+    overhead = allocator_peak(
+        model, proto.buffer_assignment.buffer_allocations, n_args,
+        [] if gpu else shape_constant_bytes(concrete.graph),
+        regions=GPU_REGIONS if gpu else CPU_WORKER_REGIONS) - counted
     return CompiledStepMemory(
         batch_size=int(batch_size), weights=state["weights"],
         optimizer_state=state["optimizer_state"],
@@ -94,7 +102,7 @@ def compiled_step_memory(model: Any, batch_size: int, *,
         inputs=parts["inputs"], temporaries=parts["temporaries"], outputs=parts["outputs"],
         constants=parts["constants"], rounding=parts["rounding"] + state["rounding"],
         compile_seconds=round(seconds, 3),
-        device="GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0",
+        device="GPU:0" if gpu else "CPU:0",
         program_arguments=parts["arguments"], allocator_overhead=int(overhead))
 
 
@@ -156,6 +164,8 @@ def classify_allocations(allocations: Any, n_args: int, captured_kinds: list[str
 #: region it made for its first tensors, then the rest of the budget as one region
 #: (``TensorFlowBackend.configure_worker``); the second is taken as unbounded here.
 CPU_WORKER_REGIONS = (2 << 20, 1 << 40)
+#: A GPU's allocator without ``allow_growth`` (TensorFlow's default): one region, its memory.
+GPU_REGIONS = (1 << 40,)
 
 
 def allocator_peak(model: Any, allocations: Any, n_args: int, shape_constants: list[int],
