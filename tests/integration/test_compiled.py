@@ -123,7 +123,7 @@ def test_variables_are_replayed_in_the_order_they_were_made():
     assert model.variables[0] is second.kernel          # the listing: graph order
     assert order[:4] == [first.kernel, first.bias, second.kernel, second.bias]
     assert {id(v) for v in order} >= {id(v) for v in model.optimizer.variables}
-    kinds = dict((id(v), k) for k, v in _in_creation_order(model))
+    kinds = {id(v): k for k, v in _in_creation_order(model)}
     assert kinds[id(model.optimizer.iterations)] == "optimizer_state"
 
 
