@@ -248,28 +248,33 @@ def _isqrt(n: int) -> int:
     return math.isqrt(max(0, n))
 
 
-def step_events(program: list[tuple[int, bool]], reallocated: list[int]
+def step_events(program: list[tuple[int, bool]], reallocated: list[tuple[str, int]]
                 ) -> list[tuple[str, str, int]]:
     """One execution of a compiled step: its buffers, then the variables it re-allocates.
 
     ``program``: the program's own allocations in the compiler's order, ``(bytes, is_output)``
-    (the batch and the variables, its parameters, are already allocated). ``reallocated``: the
-    sizes of the variables whose new value comes back in a new buffer (the old one freed after
-    the step). Temporaries are freed at the end; outputs stay with the caller.
+    (the batch and the variables, its parameters, are already allocated). ``reallocated``:
+    ``(key, bytes)`` of the variables whose new value comes back in a new buffer: the old
+    buffer is freed as the step starts and the new one allocated after the program's (the
+    metrics' scalars, measured). Temporaries are freed at the end; outputs stay with the
+    caller.
     """
-    ev: list[tuple[str, str, int]] = [("a", f"p{i}", n) for i, (n, _) in enumerate(program)]
-    ev += [("a", f"r{i}", n) for i, n in enumerate(reallocated)]
+    ev: list[tuple[str, str, int]] = [("f", key, 0) for key, _ in reallocated]
+    ev += [("a", f"p{i}", n) for i, (n, _) in enumerate(program)]
+    ev += [("a", key, n) for key, n in reallocated]
     ev += [("f", f"p{i}", 0) for i, (_, out) in enumerate(program) if not out]
     return ev
 
 
-def replay(events: list[tuple[str, str, int]], model: BFCModel) -> dict[str, int]:
+def replay(events: list[tuple[str, str, int]], model: BFCModel,
+           where: dict[str, int] | None = None) -> dict[str, int]:
     """Run ``events`` (``("a", key, bytes)`` / ``("f", key, 0)``) through ``model``.
 
+    ``where`` (key -> address) carries the allocations of an earlier replay into this one.
     Returns the chunk size each kept key occupies (``key -> bytes``) for the keys still
     allocated at the end.
     """
-    where: dict[str, int] = {}
+    where = {} if where is None else where
     for kind, key, nbytes in events:
         if kind == "a":
             where[key] = model.allocate(nbytes)

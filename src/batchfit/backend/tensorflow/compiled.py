@@ -176,14 +176,14 @@ def allocator_peak(model: Any, allocations: Any, n_args: int, shape_constants: l
     temporaries (:func:`~batchfit.core.bfc.variable_events`), the batch, the constants that
     tracing the step keeps (``shape_constants``, :func:`shape_constant_bytes`), then the
     compiled step's allocations and the metrics' variables, whose updates come back in new
-    buffers (measured: the loss tracker's two scalars at every step; the other variables are
-    updated in place), through a model of the allocator (:class:`~batchfit.core.bfc.
+    buffers (measured: the loss tracker's two scalars at every step, the old ones freed as the
+    step starts; the other variables are updated in place), through a model of the allocator (:class:`~batchfit.core.bfc.
     BFCModel`): the chunks it hands out, rounding and whole-chunk hand-outs included.
     """
     from ...core.bfc import BFCModel, orthogonal_events, replay, step_events, variable_events
 
     events: list[tuple[str, str, int]] = []
-    reallocated: list[int] = []
+    reallocated: list[tuple[str, int]] = []
     variables = _in_creation_order(model)
     orthogonal = _orthogonal_variables(model)
     for i, (kind, v) in enumerate(variables):
@@ -197,7 +197,7 @@ def allocator_peak(model: Any, allocations: Any, n_args: int, shape_constants: l
         else:
             events += variable_events(f"v{i}", size, _is_random(v))
         if kind == "other_state":
-            reallocated.append(size)
+            reallocated.append((f"v{i}", size))
     program = []
     for a in allocations:
         size = int(a.size)
@@ -213,9 +213,10 @@ def allocator_peak(model: Any, allocations: Any, n_args: int, shape_constants: l
     first = bfc.allocate(256)  # what the worker's allocator holds before the model
     bfc.allocate(256)
     bfc.free(first)
-    replay(events, bfc)
+    where: dict[str, int] = {}
+    replay(events, bfc, where)
     bfc.reset_peak()
-    replay(step_events(program, reallocated), bfc)
+    replay(step_events(program, reallocated), bfc, where)
     return int(bfc.peak)
 
 
