@@ -99,10 +99,12 @@ def child_measure(spec: str, b: int, jit: bool, cap_mib: int) -> dict:
     model.jit_compile = jit
     model_variables(model)  # the optimizer built before the steps, as batchfit's probes do
     x, y = synthesize_batch(model, b)
-    # The batch in TensorFlow's allocator, as on a GPU: a large, aligned NumPy array converted
-    # with tf.constant can be aliased without a copy (outside the allocator's count), so it is
-    # added to zeros the allocator holds.
-    xt, yt = (tf.nest.map_structure(lambda a: tf.zeros_like(a) + tf.constant(a), v)
+    # The batch in TensorFlow's allocator, one allocation per tensor, as a GPU's copy: a NumPy
+    # array converted with tf.constant is aliased without a copy when its data happens to be
+    # 64-byte aligned (outside the allocator's count) and copied otherwise, which moved the
+    # batch between holes from one size to the next. The step's memory does not depend on
+    # the values: the batch is zeros of the synthesized shapes and dtypes.
+    xt, yt = (tf.nest.map_structure(lambda a: tf.zeros(a.shape, tf.as_dtype(a.dtype)), v)
               for v in (x, y))
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     peaks, seconds = [], []
@@ -195,7 +197,8 @@ def markdown(path: str) -> str:
                     f"{', '.join(f'{c:.1f}' for c in est['compile_seconds'])} | "
                     f"{est['peak_rss_mib']:.0f} | {vs} |")
     parts = [("| model | variables MiB | in use before the step, beyond variables and batch KiB "
-              "| peak beyond it, temporaries and outputs KiB |"), "|---|---|---|---|"]
+              "| the peak beyond XLA's rounded sizes, measured KiB | modelled (allocator "
+              "layout) KiB |"), "|---|---|---|---|---|"]
     for m in doc["models"]:
         if "error" in m:
             continue
@@ -207,14 +210,21 @@ def markdown(path: str) -> str:
         state = (rows[0][1]["weights"] + rows[0][1]["optimizer_state"]
                  + rows[0][1]["other_state"])
         frag = [(r["before_step"] - state - s["inputs"]) / 1024 for r, s in rows]
-        step = [(r["peak"] - r["before_step"] - s["temporaries"] - s["outputs"]) / 1024
-                for r, s in rows]
-        parts.append(f"| {m['model']} | {state / MiB:.2f} | "
-                     f"{min(frag):.1f} .. {max(frag):.1f} | {min(step):.1f} .. {max(step):.1f} |")
+        counted = [s["weights"] + s["optimizer_state"] + s["other_state"] + s["inputs"]
+                   + s["temporaries"] + s["outputs"] + s["rounding"] for _, s in rows]
+        beyond = [(r["peak"] - c) / 1024 for (r, _), c in zip(rows, counted)]
+        model = [s.get("allocator_overhead", 0) / 1024 for _, s in rows]
+        parts.append(f"| {m['model']} | {state / MiB:.2f} | {_span(frag)} | {_span(beyond)} | "
+                     f"{_span(model)} |")
     s = doc["summary"]
     tail = (f"\n{s['measurements']} measurements: median |error| "
             f"{s['median_abs_error']:.2%}, worst {s['worst_abs_error']:.2%}.")
     return "\n\n".join(["\n".join(lines), "\n".join(cost), "\n".join(parts)]) + "\n" + tail
+
+
+def _span(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.1f}" if abs(hi - lo) < 0.05 else f"{lo:.1f} .. {hi:.1f}"
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ processes. Results go to bench/results/max_jit.json; ``--markdown`` prints the t
     python bench/bench_jit.py                                   # demo:96MiB cnn:128MiB
     python bench/bench_jit.py --cases demo:96MiB --repeats 3
     python bench/bench_jit.py --markdown bench/results/max_jit.json
+    python bench/bench_jit.py --phases cnn:128MiB     # what one XLA process spends, by phase
 """
 
 from __future__ import annotations
@@ -76,6 +77,45 @@ def run_case(case: str, repeats: int) -> dict:
     return row
 
 
+def phases(case: str, answer: int) -> dict:
+    """Seconds of each phase a ``max --jit`` process goes through, in this process (run it
+    fresh): TensorFlow's import under the worker's capped allocator, the model's build, the
+    first worker's three compilations (16, 64 and the answer), and a step at batch 1 (the
+    warm-up), then the first and second step at the answer and the first at the size above:
+    a new batch size is a new XLA compilation."""
+    name, memory = case.split(":")
+    from batchfit.backend.tensorflow import TensorFlowBackend
+    from batchfit.core.sizes import parse_size
+
+    budget = parse_size(memory)
+    t0 = time.perf_counter()
+    be = TensorFlowBackend()
+    os.environ.update(be.worker_environment("CPU:0", budget))
+    import tensorflow  # noqa: F401
+
+    out = {"import_tensorflow": time.perf_counter() - t0}
+    be.configure_worker("CPU:0", budget)
+    from batchfit.backend.tensorflow import compiled
+    from batchfit.backend.tensorflow.loader import load_model
+    from batchfit.backend.tensorflow.synth import synthesize_batch
+
+    t = time.perf_counter()
+    model = load_model(MODELS[name])
+    out["build_model"] = time.perf_counter() - t
+    for b in (16, 64, answer):
+        t = time.perf_counter()
+        compiled.compiled_step_memory(model, b)
+        out[f"compile_{b}"] = time.perf_counter() - t
+    model.jit_compile = True
+    for label, b in (("step_1", 1), ("first_step_answer", answer),
+                     ("second_step_answer", answer), ("first_step_answer_plus_1", answer + 1)):
+        x, y = synthesize_batch(model, b)
+        t = time.perf_counter()
+        model.train_on_batch(x, y)
+        out[label] = time.perf_counter() - t
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def markdown(path: str) -> str:
     data = json.loads(Path(path).read_text())
     head = ("| case | truth (probes, s) | XLA prediction | search | answer | search probes "
@@ -103,7 +143,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench/results/max_jit.json"))
     ap.add_argument("--markdown", metavar="JSON")
+    ap.add_argument("--phases", metavar="CASE", help="time one process's phases (model:budget)")
+    ap.add_argument("--answer", type=int, default=32, help="with --phases: the answer's size")
     args = ap.parse_args()
+    if args.phases:
+        print(json.dumps(phases(args.phases, args.answer)))
+        return
     if args.markdown:
         print(markdown(args.markdown))
         return

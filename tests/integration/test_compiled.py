@@ -108,3 +108,33 @@ def test_allocations_are_classified_by_kind():
     assert out["constants"] == 4
     # 1000 -> 1024, 24 -> 256, 100000 -> 100096, 8 -> 256
     assert out["rounding"] == 24 + 232 + 96 + 248
+
+
+def test_variables_are_replayed_in_the_order_they_were_made():
+    from batchfit.backend.tensorflow.compiled import _in_creation_order
+
+    second, first = keras.layers.Dense(2, name="listed_second"), keras.layers.Dense(2)
+    first.build((None, 2))  # made first, listed second
+    second.build((None, 3))
+    model = keras.Sequential([keras.Input((3,)), second, first])
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    order = [v for _, v in _in_creation_order(model)]
+    assert model.variables[0] is second.kernel          # the listing: graph order
+    assert order[:4] == [first.kernel, first.bias, second.kernel, second.bias]
+    assert {id(v) for v in order} >= {id(v) for v in model.optimizer.variables}
+    kinds = {id(v): k for k, v in _in_creation_order(model)}
+    assert kinds[id(model.optimizer.iterations)] == "optimizer_state"
+
+
+def test_orthogonal_weights_and_traced_shape_constants_are_found():
+    from batchfit.backend.tensorflow.compiled import _orthogonal_variables, shape_constant_bytes
+
+    model = keras.Sequential([keras.Input((5, 3)), keras.layers.LSTM(4),
+                              keras.layers.Reshape((2, 2)), keras.layers.Flatten()])
+    model.compile(optimizer="sgd", loss="mse")
+    lstm = model.layers[0]
+    assert _orthogonal_variables(model) == {id(lstm.cell.recurrent_kernel)}
+    fn = tf.function(lambda x: tf.reshape(tf.reduce_sum(x, axis=[1]), [-1, 3]))
+    graph = fn.get_concrete_function(tf.TensorSpec((2, 5, 3))).graph
+    assert sorted(shape_constant_bytes(graph)) == [4, 8]  # the axis (int32), the shape [-1, 3]

@@ -147,3 +147,24 @@ def test_guided_next_without_a_peak_steps_one_granule():
     assert guided_next(line, 1_000, 64, False, None, granularity=8) == 56
     assert guided_next(line, 1_000, 64, True, None, granularity=8) == 72
     assert guided_next(line, 1_000, 8, False, None, granularity=8) == 8
+
+
+def test_upper_line_drops_small_sizes_off_the_line() -> None:
+    from batchfit.core.estimate import upper_line
+
+    bent = [(16, 10_000 + 16 * 600), (32, 10_000 + 32 * 1_000), (64, 10_000 + 64 * 1_000)]
+    line = upper_line(bent)
+    assert line.points == 2 and round(line.per_sample_bytes) == 1_000
+    assert round(line.predict(256)) == 10_000 + 256 * 1_000
+    straight = [(16, 5_000 + 16 * 100), (32, 5_000 + 32 * 100), (64, 5_000 + 64 * 101)]
+    assert upper_line(straight).points == 3  # within the tolerance: every size kept
+
+
+def test_line_points_carry_the_least_allocator_overhead() -> None:
+    from batchfit.core.estimate import line_points
+    from batchfit.results.estimate import CompiledStepMemory
+
+    sizes = [CompiledStepMemory(batch_size=b, temporaries=100 * b, allocator_overhead=o)
+             for b, o in ((16, 500), (32, 500), (64, 90_500))]  # a batch landed in a hole
+    assert line_points(sizes) == [(16, 2_100), (32, 3_700), (64, 6_900)]
+    assert sizes[2].total_bytes == 6_400 + 90_500  # the compiled size keeps its own

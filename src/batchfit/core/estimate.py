@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..errors import InvalidInputError, NothingFitsError
-from ..results.estimate import CardFit, LinearFit
+from ..results.estimate import CardFit, CompiledStepMemory, LinearFit
 from .sizes import format_bytes
 from .validate import is_int
 
@@ -123,8 +123,53 @@ def fit_line(points: Sequence[tuple[float, float]]) -> LinearFit:
                      max_residual_fraction=worst, points=n)
 
 
+def line_points(sizes: Sequence[CompiledStepMemory]) -> list[tuple[int, int]]:
+    """``(batch, bytes)`` points for the line: each total, its allocator layout at its least.
+
+    The allocator's layout (:attr:`~batchfit.results.estimate.CompiledStepMemory.
+    allocator_overhead`) is mostly the build's, the same at every size; on top of it a batch
+    or a step buffer that happens to land in a hole under twice its size takes the whole hole,
+    at some sizes and not others (up to the batch's size again). That step is not linear in
+    the batch: the line carries the smallest overhead of the compiled sizes, and each compiled
+    size keeps its own in its total.
+
+    Example:
+
+    >>> a = CompiledStepMemory(batch_size=16, temporaries=1_600, allocator_overhead=100)
+    >>> b = CompiledStepMemory(batch_size=32, temporaries=3_200, allocator_overhead=900)
+    >>> line_points([a, b])
+    [(16, 1700), (32, 3300)]
+    """
+    base = min((m.allocator_overhead for m in sizes), default=0)
+    return [(m.batch_size, m.total_bytes - (m.allocator_overhead - base)) for m in sizes]
+
+
 #: A line whose largest residual exceeds this gets a note: the sizes were not on one line.
 BEND_TOLERANCE = 0.02
+
+
+def upper_line(points: Sequence[tuple[float, float]],
+               tolerance: float = BEND_TOLERANCE) -> LinearFit:
+    """:func:`fit_line` through the sizes above a bend at the small end.
+
+    XLA can choose other fusions or algorithms for small batches (``seed_sequence``: 8.4 KB
+    of temporaries per sample at 16, 12.44 KB at 32 to 256, compiled); a least-squares line
+    through all sizes then carries the small size's slope into every extrapolation (+6% at 4x
+    the largest). While the line misses a size by more than ``tolerance`` and more than two
+    sizes remain, the smallest is dropped (``points`` says how many were kept).
+
+    Example:
+
+    >>> line = upper_line([(16, 1_000 + 16 * 60), (32, 1_000 + 32 * 100), (64, 1_000 + 64 * 100)])
+    >>> round(line.per_sample_bytes), line.points
+    (100, 2)
+    """
+    pts = sorted(points)
+    line = fit_line(pts)
+    while len(pts) > 2 and line.max_residual_fraction > tolerance:
+        pts = pts[1:]
+        line = fit_line(pts)
+    return line
 
 
 def largest_batch(line: LinearFit, budget_bytes: float, granularity: int = 1) -> int:
@@ -229,5 +274,5 @@ def card_assumption(reserve_bytes: int = CARD_RESERVE_BYTES, share: float = USAB
 __all__ = ["BEND_TOLERANCE", "CARD_RESERVE_BYTES", "COMMON_CARDS_GB", "TEMPORARIES_ROOM",
            "USABLE_SHARE", "budget_batch",
            "card_assumption", "card_table", "check_batch_sizes", "fit_line", "guided_next",
-           "guided_start", "largest_batch",
+           "guided_start", "largest_batch", "line_points", "upper_line",
            "usable_bytes"]

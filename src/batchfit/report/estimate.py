@@ -64,14 +64,16 @@ def render_estimate(result: EstimateResult, console: Console | None = None) -> N
 
 def _sizes_table(result: EstimateResult) -> Table:
     t = Table(title="predicted peak of one training step, MiB (temp: activations, gradients, "
-                    "workspace)", title_justify="left")
+                    "workspace; alloc: the allocator's rounding and layout)",
+              title_justify="left")
     for col in ("batch", "total", "weights", "optim", "other", "inputs", "temp", "out",
-                "s"):
+                "alloc", "s"):
         t.add_column(col, justify="right", no_wrap=True)
     for m in result.sizes:
         t.add_row(str(m.batch_size), f"[bold]{_mib(m.total_bytes)}[/bold]", _mib(m.weights),
                   _mib(m.optimizer_state), _mib(m.other_state), _mib(m.inputs),
-                  _mib(m.temporaries), _mib(m.outputs + m.rounding), f"{m.compile_seconds:.1f}")
+                  _mib(m.temporaries), _mib(m.outputs), _mib(m.rounding + m.allocator_overhead),
+                  f"{m.compile_seconds:.1f}")
     return t
 
 

@@ -53,6 +53,10 @@ class CompiledStepMemory(_Serializable):
         device: the device the compiler targeted, e.g. ``"CPU:0"``.
         program_arguments: the arguments of the program as the compiler lists them (the
             variables the step uses and the batch): for reference.
+        allocator_overhead: what the allocator's layout adds beyond the rounded sizes: each
+            variable's resource handle, chunks handed out whole (up to twice a request) and
+            the buffers of variables the step re-allocates, from a replay of the process's
+            allocations through a model of the allocator (:mod:`batchfit.core.bfc`).
     """
 
     batch_size: int
@@ -67,6 +71,7 @@ class CompiledStepMemory(_Serializable):
     compile_seconds: float = 0.0
     device: str = "CPU:0"
     program_arguments: int = 0
+    allocator_overhead: int = 0
 
     @property
     def state_bytes(self) -> int:
@@ -75,9 +80,9 @@ class CompiledStepMemory(_Serializable):
 
     @property
     def total_bytes(self) -> int:
-        """Predicted peak of the step: state, batch, temporaries, outputs and rounding."""
+        """Predicted peak: state, batch, temporaries, outputs, rounding, allocator layout."""
         return (self.state_bytes + self.inputs + self.temporaries + self.outputs
-                + self.rounding)
+                + self.rounding + self.allocator_overhead)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from ..core.estimate import (
     card_assumption,
     card_table,
     check_batch_sizes,
-    fit_line,
+    line_points,
+    upper_line,
 )
 from ..core.sizes import format_bytes, parse_size
 from ..core.validate import check_fraction
@@ -105,7 +106,7 @@ def estimate_memory(model: Any, batch_sizes: Sequence[int] | str = (32, 64, 128)
         compiled.append(m)
         if progress is not None:
             progress(m)
-    line = fit_line([(m.batch_size, m.total_bytes) for m in compiled])
+    line = upper_line(line_points(compiled))
     step_jit = backend.step_jit_compiled(resolved.model)
     result = EstimateResult(
         model_name=str(getattr(resolved.model, "name", "")), sizes=compiled, fit=line,
@@ -152,7 +153,11 @@ def _notes(compiled: list[CompiledStepMemory], line: Any, step_jit: bool, reserv
     if len(compiled) == 1:
         notes.append("one size compiled: the per-sample figure is that size's total divided "
                      "by the batch (an upper bound); give two or more sizes for a line")
-    elif line.max_residual_fraction > BEND_TOLERANCE:
+    elif line.points < len(compiled):
+        notes.append(f"the line goes through the {line.points} largest of the {len(compiled)} "
+                     f"compiled sizes: XLA chose other algorithms or layouts at the smaller, "
+                     f"which were off the line by more than {BEND_TOLERANCE:.0%}")
+    if len(compiled) > 1 and line.max_residual_fraction > BEND_TOLERANCE:
         notes.append(f"the compiled sizes are not on one line (largest residual "
                      f"{line.max_residual_fraction:.1%}): XLA chose other algorithms or layouts "
                      f"at some sizes, so sizes far from those compiled are less sure; compile "

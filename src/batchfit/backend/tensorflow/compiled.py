@@ -9,11 +9,14 @@ optimizer's counter are unchanged afterwards (the model's state is built as Kera
 before its first step, symbolically).
 
 What the step allocates outside the compiled program, measured on TensorFlow 2.21's CPU
-allocator (``docs/estimate.md``): every variable of the model lives outside it (the program
-receives them as arguments and writes the updated values in place), and so does the batch;
-the program's temporaries are one allocation. The predicted peak is therefore the variables'
-bytes, the batch, the temporaries and the outputs not written in place, each allocation
-rounded up to the allocator's 256 bytes.
+allocator with allocation traces (``docs/estimate.md``): every variable of the model lives
+outside it (the program receives them as arguments and writes the updated values in place),
+and so does the batch; the program's temporaries are one allocation. The predicted peak is
+what the allocator counts in use: the process's allocations (the variables in creation order
+with their initializers' temporaries and resource handles, the batch, the constants tracing
+keeps, the step's buffers) replayed through a model of TensorFlow's BFC allocator
+(:mod:`batchfit.core.bfc`), which adds to the bytes the 256-byte rounding and the chunks it
+hands out whole (up to twice a request): ``allocator_overhead``.
 
 Example:
 
@@ -83,6 +86,15 @@ def compiled_step_memory(model: Any, batch_size: int, *,
     by_param = [kinds.get(id(t), "captured") for t in concrete.captured_inputs]
     parts = classify_allocations(proto.buffer_assignment.buffer_allocations, n_args, by_param)
     state = _state_bytes(model)
+    counted = (sum(state.values()) + parts["captured"] + parts["inputs"] + parts["temporaries"]
+               + parts["outputs"] + parts["rounding"])
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    # On a GPU the allocator holds one region and the traced constants are host memory (not
+    # measured here: no GPU with TensorFlow was lent; the CPU layout is the measured one).
+    overhead = allocator_peak(
+        model, proto.buffer_assignment.buffer_allocations, n_args,
+        [] if gpu else shape_constant_bytes(concrete.graph),
+        regions=GPU_REGIONS if gpu else CPU_WORKER_REGIONS) - counted
     return CompiledStepMemory(
         batch_size=int(batch_size), weights=state["weights"],
         optimizer_state=state["optimizer_state"],
@@ -90,8 +102,8 @@ def compiled_step_memory(model: Any, batch_size: int, *,
         inputs=parts["inputs"], temporaries=parts["temporaries"], outputs=parts["outputs"],
         constants=parts["constants"], rounding=parts["rounding"] + state["rounding"],
         compile_seconds=round(seconds, 3),
-        device="GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0",
-        program_arguments=parts["arguments"])
+        device="GPU:0" if gpu else "CPU:0",
+        program_arguments=parts["arguments"], allocator_overhead=int(overhead))
 
 
 def step_jit_compiled(model: Any) -> bool:
@@ -146,6 +158,170 @@ def classify_allocations(allocations: Any, n_args: int, captured_kinds: list[str
         out[key] += size
         out["rounding"] += _round_up(size) - size
     return out
+
+
+#: The regions of TensorFlow's CPU BFC allocator in batchfit's capped workers: the first 2 MiB
+#: region it made for its first tensors, then the rest of the budget as one region
+#: (``TensorFlowBackend.configure_worker``); the second is taken as unbounded here.
+CPU_WORKER_REGIONS = (2 << 20, 1 << 40)
+#: A GPU's allocator without ``allow_growth`` (TensorFlow's default): one region, its memory.
+GPU_REGIONS = (1 << 40,)
+
+
+def allocator_peak(model: Any, allocations: Any, n_args: int, shape_constants: list[int],
+                   regions: tuple[int, ...] = CPU_WORKER_REGIONS) -> int:
+    """The BFC allocator's peak of the step, replaying how the process allocated its memory.
+
+    The model's variables in the order they were created, each with its initializer's
+    temporaries (:func:`~batchfit.core.bfc.variable_events`), the batch, the constants that
+    tracing the step keeps (``shape_constants``, :func:`shape_constant_bytes`), then the
+    compiled step's allocations and the metrics' variables, whose updates come back in new
+    buffers (measured: the loss tracker's two scalars at every step, the old ones freed as the
+    step starts; the other variables are updated in place), through a model of the allocator (:class:`~batchfit.core.bfc.
+    BFCModel`): the chunks it hands out, rounding and whole-chunk hand-outs included.
+    """
+    from ...core.bfc import BFCModel, orthogonal_events, replay, step_events, variable_events
+
+    events: list[tuple[str, str, int]] = []
+    reallocated: list[tuple[str, int]] = []
+    variables = _in_creation_order(model)
+    orthogonal = _orthogonal_variables(model)
+    for i, (kind, v) in enumerate(variables):
+        size = _nbytes(v)
+        if id(v) in orthogonal and len(v.shape) >= 2:
+            rows = int(np.prod(v.shape[:-1], dtype=np.int64))
+            cols = int(v.shape[-1])
+            k = min(rows, cols)
+            events += orthogonal_events(f"v{i}", size, k * k * (size // max(1, rows * cols)),
+                                        rows < cols)
+        else:
+            events += variable_events(f"v{i}", size, _is_random(v))
+        if kind == "other_state":
+            reallocated.append((f"v{i}", size))
+    program = []
+    for a in allocations:
+        size = int(a.size)
+        if a.is_entry_computation_parameter:
+            if a.parameter_number < n_args:  # the batch: one tensor each, a copy or a fill
+                events += variable_events(f"x{a.parameter_number}", size, False)[:-1]
+            continue
+        if a.is_constant or a.is_thread_local or size == 0:
+            continue
+        program.append((size, bool(a.maybe_live_out)))
+    events += [("a", f"c{i}", n) for i, n in enumerate(shape_constants)]
+    bfc = BFCModel(*regions)
+    first = bfc.allocate(256)  # what the worker's allocator holds before the model
+    bfc.allocate(256)
+    bfc.free(first)
+    where: dict[str, int] = {}
+    replay(events, bfc, where)
+    bfc.reset_peak()
+    replay(step_events(program, reallocated), bfc, where)
+    return int(bfc.peak)
+
+
+#: For each TensorFlow op, the inputs its shape function reads as constant tensors (a reshape's
+#: shape, a reduction's axes, a slice's bounds, ...); ``-1``: the last input.
+_SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,), "Sum": (1,), "Mean": (1,), "Prod": (1,), "Max": (1,), "Min": (1,),
+    "All": (1,), "Any": (1,), "StridedSlice": (1, 2, 3), "StridedSliceGrad": (0, 1, 2, 3),
+    "Tile": (1,), "Transpose": (1,), "InvertPermutation": (0,), "Range": (0, 1, 2),
+    "ExpandDims": (1,), "BroadcastTo": (1,), "ConcatV2": (-1,), "GatherV2": (2,),
+    "Fill": (0,), "Pad": (1,), "PadV2": (1,), "MirrorPad": (1,), "Slice": (1, 2),
+    "Split": (0,), "SplitV": (1, 2), "Cumsum": (1,), "OneHot": (1,), "ArgMax": (1,),
+    "ArgMin": (1,), "UnsortedSegmentSum": (2,), "Conv2DBackpropInput": (0,),
+    "Conv2DBackpropFilter": (1,), "DepthwiseConv2dNativeBackpropInput": (0,),
+    "DepthwiseConv2dNativeBackpropFilter": (1,), "AvgPoolGrad": (0,),
+    "BroadcastGradientArgs": (0, 1), "ResizeBilinear": (1,), "ReverseV2": (1,),
+}
+
+
+def shape_constant_bytes(graph: Any) -> list[int]:
+    """Bytes of each constant that tracing the step leaves in the allocator.
+
+    Building the traced graph, TensorFlow's shape inference evaluates the constant inputs an
+    op's shape depends on (:data:`_SHAPE_INPUTS`) into host tensors in the CPU allocator, kept
+    as long as the traced function: one small chunk each. Measured by allocation traces (TF
+    2.21): 142 such tensors for the example Transformer, 1,250 for ResNet50, counted here as
+    142 and 1,242.
+    """
+    out = []
+    for op in graph.get_operations():
+        wanted = _SHAPE_INPUTS.get(op.type)
+        if not wanted:
+            continue
+        last = len(op.inputs) - 1
+        for i, t in enumerate(op.inputs):
+            if t.op.type == "Const" and (i in wanted or (i == last and -1 in wanted)):
+                n = int(np.prod(t.shape.as_list() or [1], dtype=np.int64)) * t.dtype.size
+                if n > 0:
+                    out.append(n)
+    return out
+
+
+def _orthogonal_variables(model: Any) -> set[int]:
+    """``id`` of each variable a layer made with Keras's ``Orthogonal`` initializer.
+
+    The layer keeps its initializers (``kernel_initializer``, ``recurrent_initializer``, ...);
+    the variable is the one named after it (``recurrent_initializer``: ``recurrent_kernel``).
+    """
+    from .keras_compat import sublayers
+
+    out: set[int] = set()
+    for layer in sublayers(model) or list(getattr(model, "layers", [])):
+        for attr, init in vars(layer).items():
+            if not attr.endswith("_initializer") or type(init).__name__ != "Orthogonal":
+                continue
+            stem = attr[: -len("_initializer")]
+            names = {stem, f"{stem}_kernel"}
+            for v in getattr(layer, "_trainable_variables", []) + \
+                    getattr(layer, "_non_trainable_variables", []):
+                if getattr(v, "name", "").split("/")[-1] in names:
+                    out.add(id(v))
+    return out
+
+
+def _in_creation_order(model: Any) -> list[tuple[str, Any]]:
+    """``(kind, variable)`` for every variable, in the order the process created them.
+
+    A functional model lists its layers in graph order, not in the order their weights were
+    made (ResNet50's shortcut convolution is made before the block's first); each eager
+    variable's resource handle carries TensorFlow's increasing tensor id, which gives the
+    creation order. Kinds: ``weights``, ``non_trainable``, ``optimizer_state``,
+    ``other_state``.
+    """
+    seen: set[int] = set()
+    trainable = {id(v) for v in getattr(model, "trainable_variables", [])}
+    out = []
+    for kind, group in _variable_groups(model):
+        for v in group:
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            if kind == "weights" and id(v) not in trainable:
+                kind_v = "non_trainable"
+            else:
+                kind_v = kind
+            out.append((kind_v, v))
+
+    def created(item: tuple[str, Any]) -> int:
+        handle = getattr(_tf_variable(item[1]), "handle", None)
+        return int(getattr(handle, "_id", 0))
+
+    return sorted(out, key=created)  # stable: the listed order where ids are missing
+
+
+def _nbytes(v: Any) -> int:
+    return int(np.prod(v.shape, dtype=np.int64)) * np.dtype(_np_dtype(v)).itemsize
+
+
+def _is_random(v: Any) -> bool:
+    """Whether ``v``'s initial value was drawn (not one repeated value: zeros, ones)."""
+    a = np.asarray(v).reshape(-1)
+    if a.size <= 1:
+        return False
+    head = a[:4096]  # a drawn weight differs within its first values; only constants read on
+    return bool(np.any(head != a[0])) or bool(np.any(a != a[0]))
 
 
 def _round_up(size: int) -> int:
