@@ -125,13 +125,21 @@ def estimate_memory(model: Any, batch_sizes: Sequence[int] | str = (32, 64, 128)
         raise
     from dataclasses import replace
 
-    note = (f"{best} is where the step's peak reaches the budget, an upper bound on what "
-            f"trains: under TensorFlow's capped CPU allocator what fitted was about where the "
+    return replace(result, max_batch_size=best,
+                   notes=[*result.notes, _budget_note(best, backend.name)])
+
+
+def _budget_note(best: int, backend_name: str) -> str:
+    """What the budget's batch means: an upper bound, and (on TensorFlow) by how much."""
+    head = f"{best} is where the step's peak reaches the budget, an upper bound on what trains"
+    if backend_name != "tensorflow":
+        return (f"{head}: the device's allocator needs room to spare around the program's "
+                f"buffers; `batchfit max` confirms with real steps on a GPU")
+    return (f"{head}: under TensorFlow's capped CPU allocator what fitted was about where the "
             f"total with the temporaries counted {TEMPORARIES_ROOM}x reaches it (demo model at "
             f"96 MiB: 135 trained where this line says 279; the program's temporaries need one "
             f"free chunk); `batchfit max --jit` starts from this line and confirms with real "
             f"steps")
-    return replace(result, max_batch_size=best, notes=[*result.notes, note])
 
 
 def _budget(memory: int | str | None) -> int | None:
