@@ -198,6 +198,11 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
                    "state_bytes": backend.state_bytes(model), "step_jit": xla["step_jit"]})
         runner = backend.probe_runner(model, batch_fn, steps=config.steps, device=device,
                                       budget_bytes=config.budget_bytes)
+        if hasattr(runner, "watch"):  # the parent's stall watch runs only inside steps
+            runner.watch = lambda on: conn.send({"watch": bool(on)})
+        finish = getattr(runner, "finish", None)
+        if finish is not None:  # answer first, then clean up (the parent may kill us instead)
+            runner.defer_cleanup = True
         failure = runner.warm_up()
         if failure is not None and failure[0]:
             conn.send({"ok": False, "oom": True, "error_type": "ResourceExhaustedError",
@@ -227,6 +232,8 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
         if cmd[0] == "probe":
             probe = runner.run(int(cmd[1]))
             conn.send({"probe": probe.to_dict()})
+            if finish is not None:
+                finish()
 
 
 #: The probes' margin (``ProbeRunner``'s ``limit_margin``): the answer compiled sits under it.

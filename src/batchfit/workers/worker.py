@@ -43,6 +43,7 @@ from .server import _ForkServer, acquire_fork_server, close_fork_server, release
 from .stall import QuietClock, sample_process
 
 MiB = 1 << 20
+STOP_GRACE_SECONDS = 0.5  # a stopped worker still cleaning up after its last probe is killed
 
 
 @dataclass
@@ -165,9 +166,10 @@ class ProbeWorker:
             once (see :mod:`batchfit.workers.server`) instead of starting it by ``exec``. Default: with
             ``fresh_each_probe``, on Linux, for the CPU. Measured on the built-in example
             (demo_model, 96 MiB): a probe's process ready in ~1.5 s instead of ~8 s.
-        stall_seconds: a probe whose worker has been quiet this long (no CPU used, no thread
-            running; see :mod:`batchfit.workers.stall`) is waiting in the capped allocator for
-            memory nothing can free: it is reported as out of memory and the worker killed,
+        stall_seconds: a probe whose worker has been quiet this long inside a compiled step
+            (no CPU used, no thread running; see :mod:`batchfit.workers.stall`; the worker
+            marks its steps) is waiting in the capped allocator for memory nothing can free:
+            it is reported as out of memory and the worker killed,
             instead of waiting out TensorFlow's 10 s (or, near the limit, a minute).
             Default: 1 s where the budget is TensorFlow's CPU allocator cap, on Linux
             (``BATCHFIT_STALL_WATCH=0`` turns it off); ``0`` turns it off; never on a GPU.
@@ -325,35 +327,55 @@ class ProbeWorker:
 
     def _receive(self, timeout: float, *, watch: bool = False) -> dict[str, Any] | None:
         """The worker's next message, or ``None`` (timed out, ``_closed``: pipe closed, or
-        with ``watch``, ``_quiet``: the worker waited ``stall_seconds`` on memory)."""
+        with ``watch``, ``_quiet``: the worker waited ``stall_seconds`` on memory).
+
+        The worker marks each compiled step it runs (``{"watch": True}`` as it starts,
+        ``{"watch": False}`` as it returns; see
+        :func:`batchfit.backend.tensorflow.probe.in_step`); these marks are consumed here, and
+        quiet time counts only between them. Outside a step the worker may sit still for
+        seconds without waiting on memory (deleting a ``tf.data`` iterator: measured 1-5 s
+        in ResNet50 probes that fitted), so quiet there means nothing.
+        """
         deadline = time.monotonic() + timeout
         self._closed = False
         self._quiet = 0.0
-        clock = QuietClock() if watch and self.stall_seconds is not None else None
+        watching = watch and self.stall_seconds is not None
+        clock: QuietClock | None = None  # set while the worker is inside a step
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
             try:
-                if self._conn.poll(min(remaining, 0.1 if clock is not None else 0.5)):
-                    return self._conn.recv()
+                if self._conn.poll(min(remaining, 0.1 if watching else 0.5)):
+                    msg = self._conn.recv()
+                    if isinstance(msg, dict) and msg.keys() == {"watch"}:
+                        clock = QuietClock() if watching and msg["watch"] else None
+                        self._quiet = 0.0
+                        continue
+                    return msg  # type: ignore[no-any-return]
             except (EOFError, OSError):
                 self._closed = True
                 return None
             if self._proc.poll() is not None:
                 # It may have sent its last words just before dying.
-                try:
-                    if self._conn.poll(0):
-                        return self._conn.recv()
-                except (EOFError, OSError):
-                    pass
-                return None
+                return self._last_words()
             if clock is not None:
                 sample = sample_process(self._proc.pid)
                 if sample is not None:
                     self._quiet = clock.update(time.monotonic(), *sample)
                     if self._quiet >= self.stall_seconds:  # type: ignore[operator]
                         return None
+
+    def _last_words(self) -> dict[str, Any] | None:
+        """The message a dead worker sent last before dying (step marks skipped), or ``None``."""
+        try:
+            while self._conn.poll(0):
+                msg = self._conn.recv()
+                if not (isinstance(msg, dict) and msg.keys() == {"watch"}):
+                    return msg  # type: ignore[no-any-return]
+        except (EOFError, OSError):
+            pass
+        return None
 
     def probe(self, batch_size: int, timeout: float | None = None) -> Probe:
         """Run one probe; a dead or hung worker becomes a ``crashed``/``timeout`` probe.
@@ -463,11 +485,16 @@ class ProbeWorker:
         self._ran = []
 
     def _stop_current(self) -> None:
-        """Stop the current worker process (politely, then by force); keep the spare."""
+        """Stop the current worker process (politely, then by force); keep the spare.
+
+        It gets :data:`STOP_GRACE_SECONDS`: after answering, a worker deletes its probe's
+        ``tf.data`` iterators, which can take seconds (see
+        :func:`batchfit.backend.tensorflow.probe.in_step`), and has nothing to save.
+        """
         if self._proc is not None and self._proc.poll() is None and self._send_conn is not None:
             try:
                 self._send_conn.send(("stop",))
-                self._proc.wait(10)
+                self._proc.wait(STOP_GRACE_SECONDS)
             except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()
