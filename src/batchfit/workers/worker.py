@@ -45,6 +45,19 @@ from .stall import QuietClock, sample_process
 MiB = 1 << 20
 STOP_GRACE_SECONDS = 0.5  # a stopped worker still cleaning up after its last probe is killed
 
+#: Where :class:`ProbeWorker` records what its time went to, when set to a list (benchmarks
+#: read it: bench/bench_real.py): ``{"event", "seconds", ...}`` dicts, ``event`` one of
+#: ``"launch"`` (forking or exec'ing a process, the fork server's start included), ``"start"``
+#: (waiting for a process to be ready; with the child's ``build_s`` and ``warm_up_s``, which
+#: overlap earlier probes when it was started ahead), ``"probe"`` (a probe's round trip, with
+#: the worker's own ``probe_s``), ``"stop"``. ``None`` (default): nothing is recorded.
+EVENTS: list[dict[str, Any]] | None = None
+
+
+def _record(event: str, seconds: float, **extra: Any) -> None:
+    if EVENTS is not None:
+        EVENTS.append({"event": event, "seconds": round(seconds, 3), **extra})
+
 
 @dataclass
 class ModelSource:
@@ -243,11 +256,23 @@ class ProbeWorker:
             ModelLoadError: the worker could not load or build the model.
             ProbeFailedError: the worker died or hung while starting.
         """
+        t0 = time.perf_counter()
+        spare = bool(self._spares)
         launched = self._spares.pop(0) if self._spares else self._launch()
         proc, self._send_conn, self._conn, self.config.log_path = launched
         self._proc = proc
         self._ran = []
         self.starts += 1
+        try:
+            msg = self._start_message(proc)
+        finally:
+            _record("start", time.perf_counter() - t0, spare=spare,
+                    **(self.info.get("timings", {}) if self.info.get("pid") == proc.pid
+                       else {}))
+        return msg
+
+    def _start_message(self, proc: Any) -> dict[str, Any]:
+        """Wait for the started process to be ready (see :meth:`start`)."""
         msg = self._receive(self.start_timeout)
         if msg is not None and msg.get("phase") == "warm_up":
             # Built; now two tiny training steps. Building may wait on I/O (weights to
@@ -279,6 +304,13 @@ class ProbeWorker:
 
     def _launch(self) -> tuple[Any, Any, Any, str]:
         """Start a worker process and send it the config, without waiting for it."""
+        t0 = time.perf_counter()
+        try:
+            return self._launch_now()
+        finally:
+            _record("launch", time.perf_counter() - t0)
+
+    def _launch_now(self) -> tuple[Any, Any, Any, str]:
         fd, log_path = tempfile.mkstemp(prefix="batchfit-worker-", suffix=".log")
         os.close(fd)
         self._log_paths.append(log_path)
@@ -411,6 +443,8 @@ class ProbeWorker:
         msg = self._receive(timeout, watch=True)
         if msg is not None and "probe" in msg:
             probe = Probe.from_dict(msg["probe"])
+            _record("probe", time.perf_counter() - t0, probe_s=round(probe.seconds, 3),
+                    batch_size=int(batch_size), outcome=probe.outcome, reused=reused)
             if reused:
                 probe = dataclasses.replace(probe, reused=True)
             if self.fresh_each_probe and self.reuse_fits and probe.fits:
@@ -491,6 +525,7 @@ class ProbeWorker:
         ``tf.data`` iterators, which can take seconds (see
         :func:`batchfit.backend.tensorflow.probe.in_step`), and has nothing to save.
         """
+        t0 = time.perf_counter()
         if self._proc is not None and self._proc.poll() is None and self._send_conn is not None:
             try:
                 self._send_conn.send(("stop",))
@@ -498,6 +533,7 @@ class ProbeWorker:
             except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()
+        _record("stop", time.perf_counter() - t0)
 
     def close(self, *, keep_log: bool = False) -> None:
         """Stop the worker and any pre-started one, and remove their logs."""
