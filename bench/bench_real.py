@@ -286,7 +286,7 @@ def time_breakdown(events: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     (the parent's own: resolving the model, the search's logic). ``build_s``/``warm_up_s``:
     every process's model build and warm-up (trace), overlapped with probes when prestarted."""
     def total(event: str, key: str = "seconds") -> float:
-        return round(sum(e.get(key, 0.0) for e in events if e["event"] == event), 1)
+        return round(sum(e.get(key) or 0.0 for e in events if e["event"] == event), 1)
 
     out = {"start_wait_s": total("start"), "probe_s": total("probe"),
            "probe_steps_s": total("probe", "probe_s"), "launch_s": total("launch"),

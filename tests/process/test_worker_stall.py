@@ -42,7 +42,12 @@ def pausing_model():
     return m
 
 
-def test_quiet_outside_steps_is_not_out_of_memory_and_a_real_wait_still_stops_fast() -> None:
+def test_quiet_outside_steps_is_not_out_of_memory_and_a_real_wait_still_stops_fast(
+        monkeypatch) -> None:
+    from batchfit.workers import worker as worker_module
+
+    events: list[dict] = []
+    monkeypatch.setattr(worker_module, "EVENTS", events)
     config = WorkerConfig(source=ModelSource.from_model(f"{__file__}:pausing_model"),
                           budget_bytes=64 << 20)
     # Before the fix the warm-up itself (which resets metrics between its steps) was taken for
@@ -56,3 +61,10 @@ def test_quiet_outside_steps_is_not_out_of_memory_and_a_real_wait_still_stops_fa
         assert oom.outcome == "oom" and "without running" in oom.detail, oom
         # one pause, the batch's synthesis, then 1 s of quiet; TensorFlow alone waits 10 s
         assert oom.seconds < 8.0, oom
+    # where the time went, as benchmarks read it: each process's start with the child's own
+    # build and warm-up (the warm-up paused too), each probe's round trip
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 2 and all(e["warm_up_s"] >= PAUSE_SECONDS for e in starts), events
+    probes = [e for e in events if e["event"] == "probe"]
+    assert [(e["batch_size"], e["outcome"]) for e in probes] == [(8, "fits"), (4096, "oom")]
+    assert probes[0]["seconds"] >= probes[0]["probe_s"] >= 2 * PAUSE_SECONDS, events

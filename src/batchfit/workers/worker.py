@@ -139,6 +139,30 @@ def _watch_stalls(config: WorkerConfig) -> bool:
             and os.environ.get("BATCHFIT_STALL_WATCH", "1") != "0")
 
 
+#: Host memory a spare process needs beyond its budget (TensorFlow's runtime and the model).
+SPARE_OVERHEAD_BYTES = 1 << 30
+
+
+def _available_memory() -> int | None:
+    """The host's available memory in bytes (Linux ``MemAvailable``), or ``None``."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _room_for_another(budget: int | None) -> bool:
+    """Whether the host has memory for one more prestarted process beyond the first spare:
+    a capped CPU worker reserves its whole budget at start (one region), so each holds
+    ``budget`` of host memory plus :data:`SPARE_OVERHEAD_BYTES`."""
+    free = _available_memory()
+    return free is None or free > (budget or 0) + SPARE_OVERHEAD_BYTES
+
+
 def _use_fork_server(device: str) -> bool:
     """Fork workers from a server: on Linux, for the CPU (``BATCHFIT_FORK_SERVER=0`` turns it off).
 
@@ -460,20 +484,28 @@ class ProbeWorker:
                 self._proc.wait(5.0 if self._closed else 0.0)
         alive = self._proc.poll() is None
         self.kill()
+        probe = self._failed_probe(batch_size, reused, alive, timeout, time.perf_counter() - t0)
+        _record("probe", probe.seconds, probe_s=None, batch_size=int(batch_size),
+                outcome=probe.outcome, reused=reused)
+        return probe
+
+    def _failed_probe(self, batch_size: int, reused: bool, alive: bool, timeout: float,
+                      seconds: float) -> Probe:
+        """The probe of a worker that gave no answer: stalled on memory, timed out or dead."""
         if alive and self.stall_seconds is not None and self._quiet >= self.stall_seconds:
             return Probe(batch_size=batch_size, fits=False, reused=reused, outcome="oom",
-                         seconds=time.perf_counter() - t0,
+                         seconds=seconds,
                          detail=f"out of memory: the worker waited {self._quiet:.1f} s without "
                                 f"running (TensorFlow's allocator waits up to 10 s for memory "
                                 f"to be freed, then raises ResourceExhaustedError); worker "
                                 f"killed")
         if alive:
             return Probe(batch_size=batch_size, fits=False, reused=reused, outcome="timeout",
-                         seconds=time.perf_counter() - t0,
+                         seconds=seconds,
                          detail=f"no answer within {timeout:.0f} s (stalled waiting for memory?); "
                                 f"worker killed")
         return Probe(batch_size=batch_size, fits=False, reused=reused, outcome="crashed",
-                     seconds=time.perf_counter() - t0,
+                     seconds=seconds,
                      detail=f"{_describe_exit(self._proc.returncode)}; "
                             f"log: {_tail(self.config.log_path)}".strip())
 
@@ -495,6 +527,8 @@ class ProbeWorker:
     def prefetch(self, spares: int) -> None:
         """Keep ``spares`` fresh processes started ahead (building and tracing the model in
         parallel) from now on, e.g. before confirmations, each of which needs a fresh process.
+        Beyond the first, a spare is started only while the host's available memory exceeds
+        the budget plus :data:`SPARE_OVERHEAD_BYTES` (each holds its whole budget).
         """
         self.spares_wanted = max(0, int(spares))
         self._top_up_spares()
@@ -502,7 +536,8 @@ class ProbeWorker:
     def _top_up_spares(self) -> None:
         if not (self.fresh_each_probe and self.prestart):
             return
-        while len(self._spares) < self.spares_wanted:
+        while len(self._spares) < self.spares_wanted and (
+                not self._spares or _room_for_another(self.config.budget_bytes)):
             self._spares.append(self._launch())
 
     def kill(self) -> None:
