@@ -424,7 +424,29 @@ def markdown_max(data: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-MARKDOWN = {"check": markdown_check, "max": markdown_max}
+def markdown_max_time(data: dict[str, Any]) -> str:
+    """Where each ``max`` search's wall time went (the ``time`` breakdown of its run)."""
+    rows = [("| model | wall | waiting for processes | probe round trips (steps) | fork | stop | "
+             "other | processes | their build + warm-up (overlapped or not) |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    saved = data.get("models", {})
+    for name in [n for n in MODELS if n in saved]:
+        m = saved[name]["max"]
+        t = m.get("time")
+        if not t:
+            continue
+        rows.append(f"| {name} | {m['wall_s']:.0f} s | {t['start_wait_s']:.0f} s | "
+                    f"{t['probe_s']:.0f} s ({t['probe_steps_s']:.0f} s) | {t['launch_s']:.0f} s | "
+                    f"{t['stop_s']:.0f} s | {t['other_s']:.0f} s | {t['processes']} | "
+                    f"{t['build_s']:.0f} + {t['warm_up_s']:.0f} s |")
+    return "\n".join(rows)
+
+
+def markdown_max_both(data: dict[str, Any]) -> str:
+    return markdown_max(data) + "\n\n" + markdown_max_time(data)
+
+
+MARKDOWN = {"check": markdown_check, "max": markdown_max_both}
 
 
 def main(argv: list[str] | None = None) -> int:
