@@ -172,11 +172,9 @@ def _start_prober(resolved: ResolvedModel, place: _Placement, isolate: str, *, d
 
 def _trial_function(prober: _Prober, probes: list[Probe], probe_timeout: float,
                     on_probe: Callable[[Probe], None] | None, *,
-                    confirm: bool = False, spares: int = 0) -> Callable[[int], Trial]:
+                    confirm: bool = False) -> Callable[[int], Trial]:
     """What the search policy calls: one probe, recorded in ``probes``, as a :class:`Trial`
-    (``confirm``: in a fresh process, recorded with ``phase="confirm"``; ``spares``: after
-    the first size that did not fit, keep that many fresh processes started ahead for the
-    confirmations to come)."""
+    (``confirm``: in a fresh process, recorded with ``phase="confirm"``)."""
 
     def trial(b: int) -> Trial:
         timeout = _stall_timeout(probes, b, probe_timeout)
@@ -184,10 +182,6 @@ def _trial_function(prober: _Prober, probes: list[Probe], probe_timeout: float,
             p = dataclasses.replace(prober.probe_fresh(b, timeout), phase="confirm")
         else:
             p = prober.probe(b, timeout)
-        if not p.fits and spares and prober.worker is not None:
-            # bracketed: a guided search ends within a few probes, and each confirmation
-            # needs a fresh process (built and traced: most of a search's time, measured)
-            prober.worker.prefetch(max(spares, prober.worker.spares_wanted))
         probes.append(p)
         if on_probe is not None:
             on_probe(p)
@@ -254,8 +248,7 @@ def search_max_batch_size(
                          prior_peak=prior.peak if prior else None)
     probes: list[Probe] = []
     try:
-        trials = run_search(policy, _trial_function(prober, probes, probe_timeout, on_probe,
-                                                    spares=_confirm_spares(confirm)),
+        trials = run_search(policy, _trial_function(prober, probes, probe_timeout, on_probe),
                             max_probes=max_probes)
         confirmed, confirm_policy = _confirm(prober, trials, probes, confirm, place.budget,
                                              granularity, probe_timeout, on_probe, notes)
@@ -429,13 +422,16 @@ def _reuse_workers() -> bool:
 
 
 def _confirm_spares(k: int) -> int:
-    """Fresh processes to keep started ahead for confirmation: the ``k - 1`` that follow the
-    current one, at least one (0 without confirmations). Started as the search brackets, they
-    are mostly built and idle by the time they are needed, so the machine's cores do not cap
-    them (measured, MobileNetV2 at 256 MiB on 2 cores: with one spare each confirmation waited
-    for its process's build and trace, 42.6 s of a 61.4 s search waiting for processes); the
-    host's free memory does (:meth:`batchfit.workers.worker.ProbeWorker.prefetch`)."""
-    return max(1, k - 1) if k > 0 else 0
+    """Fresh processes to keep warming ahead during confirmation: one per spare core, at
+    most the ``k - 1`` confirmations that follow the current one, at least one.
+
+    Not more on two cores: building and tracing are CPU-bound, so processes started together
+    share the cores and each takes longer. Measured (MobileNetV2 at 256 MiB, same loaded
+    machine): with ``k - 1`` spares started from the search's first failure, a search's
+    processes took 29 s each to build and trace instead of 9 s, its probes 2-3x longer, and
+    it waited 84.5 s for processes against 42.6 s with one spare.
+    """
+    return max(1, min(k - 1, (os.cpu_count() or 2) - 1))
 
 
 def _in_process_runner(model: Any, data: Any, input_shapes: Any, steps: int, device: str,

@@ -280,9 +280,9 @@ class ProbeWorker:
             ModelLoadError: the worker could not load or build the model.
             ProbeFailedError: the worker died or hung while starting.
         """
-        t0 = time.perf_counter()
         spare = bool(self._spares)
         launched = self._spares.pop(0) if self._spares else self._launch()
+        t0 = time.perf_counter()  # (a launch here is recorded as one)
         proc, self._send_conn, self._conn, self.config.log_path = launched
         self._proc = proc
         self._ran = []
