@@ -238,12 +238,15 @@ def _binsearch(name: str, memory: str) -> dict[str, Any]:
 
 def _max_once(name: str, memory: str) -> dict[str, Any]:
     from batchfit import find_max_batch_size
+    from batchfit.workers import worker as worker_module
     from batchfit.workers.worker import close_fork_server
 
     close_fork_server()  # each search pays its own server start
     _, shapes, _ = MODELS[name]
     from batchfit.errors import BatchfitError
 
+    events: list[dict[str, Any]] = []
+    worker_module.EVENTS = events
     start = time.perf_counter()
     try:
         r = find_max_batch_size(f"{Path(__file__).resolve()}:{name}", memory=memory,
@@ -252,6 +255,7 @@ def _max_once(name: str, memory: str) -> dict[str, Any]:
         return {"failed": True, "error": str(exc)[:400],
                 "wall_s": round(time.perf_counter() - start, 1)}
     finally:
+        worker_module.EVENTS = None
         close_fork_server()
     wall = time.perf_counter() - start
     probe_s = sum(p.seconds for p in r.probes)
@@ -270,7 +274,30 @@ def _max_once(name: str, memory: str) -> dict[str, Any]:
                             "seconds": round(p.seconds, 2),
                             **({"detail": p.detail[:200]} if not p.fits else {})}
                            for p in r.probes],
+            "time": time_breakdown(events, wall),
             "notes": list(r.notes)}
+
+
+def time_breakdown(events: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """Where a search's wall time went, from the worker's events (batchfit.workers.worker.EVENTS):
+    waiting for processes to start (``start_wait_s``; a spare started ahead waits less), probe
+    round trips (``probe_s``, of which the worker's own ``probe_steps_s``), forking
+    (``launch_s``, the fork server's start in the first), stopping (``stop_s``) and the rest
+    (the parent's own: resolving the model, the search's logic). ``build_s``/``warm_up_s``:
+    every process's model build and warm-up (trace), overlapped with probes when prestarted."""
+    def total(event: str, key: str = "seconds") -> float:
+        return round(sum(e.get(key) or 0.0 for e in events if e["event"] == event), 1)
+
+    out = {"start_wait_s": total("start"), "probe_s": total("probe"),
+           "probe_steps_s": total("probe", "probe_s"), "launch_s": total("launch"),
+           "stop_s": total("stop"), "build_s": total("start", "build_s"),
+           "warm_up_s": total("start", "warm_up_s"),
+           "processes": sum(e["event"] == "launch" for e in events),
+           "first_launch_s": next((e["seconds"] for e in events if e["event"] == "launch"),
+                                  None)}
+    accounted = out["start_wait_s"] + out["probe_s"] + out["launch_s"] + out["stop_s"]
+    out["other_s"] = round(wall - accounted, 1)
+    return out
 
 
 def run_max(name: str) -> dict[str, Any]:
@@ -397,7 +424,29 @@ def markdown_max(data: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-MARKDOWN = {"check": markdown_check, "max": markdown_max}
+def markdown_max_time(data: dict[str, Any]) -> str:
+    """Where each ``max`` search's wall time went (the ``time`` breakdown of its run)."""
+    rows = [("| model | wall | waiting for processes | probe round trips (steps) | fork | stop | "
+             "other | processes | their build + warm-up (overlapped or not) |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    saved = data.get("models", {})
+    for name in [n for n in MODELS if n in saved]:
+        m = saved[name]["max"]
+        t = m.get("time")
+        if not t:
+            continue
+        rows.append(f"| {name} | {m['wall_s']:.0f} s | {t['start_wait_s']:.0f} s | "
+                    f"{t['probe_s']:.0f} s ({t['probe_steps_s']:.0f} s) | {t['launch_s']:.0f} s | "
+                    f"{t['stop_s']:.0f} s | {t['other_s']:.0f} s | {t['processes']} | "
+                    f"{t['build_s']:.0f} + {t['warm_up_s']:.0f} s |")
+    return "\n".join(rows)
+
+
+def markdown_max_both(data: dict[str, Any]) -> str:
+    return markdown_max(data) + "\n\n" + markdown_max_time(data)
+
+
+MARKDOWN = {"check": markdown_check, "max": markdown_max_both}
 
 
 def main(argv: list[str] | None = None) -> int:

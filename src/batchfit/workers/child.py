@@ -180,9 +180,12 @@ def _server_entry(sock_fd: int) -> None:  # pragma: no cover - runs in the fork 
 def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cover
     import warnings
     warnings.simplefilter("ignore")
+    import time
+
     from ..backend import get_backend
 
     backend = get_backend()
+    t0 = time.perf_counter()
     try:
         device = config.device
         backend.configure_worker(device, config.budget_bytes)
@@ -194,10 +197,16 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
         notes = [*notes, *xla["notes"]]
         # From here on nothing waits on I/O: the parent may watch for a wait on memory.
         # (state_bytes builds the optimizer's slots, as Keras does before a first step.)
+        t_built = time.perf_counter()
         conn.send({"phase": "warm_up", "weights_bytes": backend.weights_bytes(model),
                    "state_bytes": backend.state_bytes(model), "step_jit": xla["step_jit"]})
         runner = backend.probe_runner(model, batch_fn, steps=config.steps, device=device,
                                       budget_bytes=config.budget_bytes)
+        if hasattr(runner, "watch"):  # the parent's stall watch runs only inside steps
+            runner.watch = lambda on: conn.send({"watch": bool(on)})
+        finish = getattr(runner, "finish", None)
+        if finish is not None:  # answer first, then clean up (the parent may kill us instead)
+            runner.defer_cleanup = True
         failure = runner.warm_up()
         if failure is not None and failure[0]:
             conn.send({"ok": False, "oom": True, "error_type": "ResourceExhaustedError",
@@ -208,7 +217,9 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
         conn.send({"ok": True, "device": device, "model_name": model.name,
                    "state_bytes": backend.state_bytes(model), "notes": notes,
                    "environment": backend.environment_info(), "pid": os.getpid(),
-                   "step_jit": xla["step_jit"], "compiled": xla["compiled"]})
+                   "step_jit": xla["step_jit"], "compiled": xla["compiled"],
+                   "timings": {"build_s": round(t_built - t0, 3),
+                               "warm_up_s": round(time.perf_counter() - t_built, 3)}})
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         conn.send({"ok": False, "error_type": type(exc).__name__,
                    "oom": backend.is_oom_error(exc),
@@ -227,6 +238,8 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
         if cmd[0] == "probe":
             probe = runner.run(int(cmd[1]))
             conn.send({"probe": probe.to_dict()})
+            if finish is not None:
+                finish()
 
 
 #: The probes' margin (``ProbeRunner``'s ``limit_margin``): the answer compiled sits under it.

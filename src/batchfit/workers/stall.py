@@ -11,7 +11,14 @@ the allocator's bytes in use did not move, while a running step keeps a core bus
 :class:`QuietClock` turns samples of a worker's CPU time and thread states (read from
 ``/proc`` by :func:`sample_process`, so a wait that holds Python's lock is seen too) into how
 long the process has been quiet: no CPU used, no thread running, runnable or in uninterruptible
-sleep. A probe whose worker is quiet for a second is waiting on memory that nothing can free.
+sleep. A worker quiet for a second *inside a compiled step* is waiting on memory that nothing
+can free; the worker marks its steps, and the parent counts quiet time only between the marks
+(:meth:`batchfit.workers.worker.ProbeWorker._receive`). Outside a step, quiet means nothing:
+deleting a ``tf.data`` iterator (``fit``'s, at the end of each epoch) joins its autotuning
+thread, which wakes only at its next optimization period (doubling from 10 ms as the iterator
+lives), and measured ResNet50 probes that fitted sat still there 1-5 s with every thread asleep
+(a stack taken in one: ``~IteratorResource`` waiting on ``Model::OptimizeLoop``). Counted, those
+were reported as out of memory (batch 5 of ResNet50 at 64x64 under 768 MiB, peak 480 MiB).
 Used for the CPU only: on a GPU the host may wait idle on a long kernel. This module imports no
 TensorFlow.
 """

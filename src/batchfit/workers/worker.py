@@ -43,6 +43,20 @@ from .server import _ForkServer, acquire_fork_server, close_fork_server, release
 from .stall import QuietClock, sample_process
 
 MiB = 1 << 20
+STOP_GRACE_SECONDS = 0.5  # a stopped worker still cleaning up after its last probe is killed
+
+#: Where :class:`ProbeWorker` records what its time went to, when set to a list (benchmarks
+#: read it: bench/bench_real.py): ``{"event", "seconds", ...}`` dicts, ``event`` one of
+#: ``"launch"`` (forking or exec'ing a process, the fork server's start included), ``"start"``
+#: (waiting for a process to be ready; with the child's ``build_s`` and ``warm_up_s``, which
+#: overlap earlier probes when it was started ahead), ``"probe"`` (a probe's round trip, with
+#: the worker's own ``probe_s``), ``"stop"``. ``None`` (default): nothing is recorded.
+EVENTS: list[dict[str, Any]] | None = None
+
+
+def _record(event: str, seconds: float, **extra: Any) -> None:
+    if EVENTS is not None:
+        EVENTS.append({"event": event, "seconds": round(seconds, 3), **extra})
 
 
 @dataclass
@@ -125,6 +139,30 @@ def _watch_stalls(config: WorkerConfig) -> bool:
             and os.environ.get("BATCHFIT_STALL_WATCH", "1") != "0")
 
 
+#: Host memory a spare process needs beyond its budget (TensorFlow's runtime and the model).
+SPARE_OVERHEAD_BYTES = 1 << 30
+
+
+def _available_memory() -> int | None:
+    """The host's available memory in bytes (Linux ``MemAvailable``), or ``None``."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _room_for_another(budget: int | None) -> bool:
+    """Whether the host has memory for one more prestarted process beyond the first spare:
+    a capped CPU worker reserves its whole budget at start (one region), so each holds
+    ``budget`` of host memory plus :data:`SPARE_OVERHEAD_BYTES`."""
+    free = _available_memory()
+    return free is None or free > (budget or 0) + SPARE_OVERHEAD_BYTES
+
+
 def _use_fork_server(device: str) -> bool:
     """Fork workers from a server: on Linux, for the CPU (``BATCHFIT_FORK_SERVER=0`` turns it off).
 
@@ -165,9 +203,10 @@ class ProbeWorker:
             once (see :mod:`batchfit.workers.server`) instead of starting it by ``exec``. Default: with
             ``fresh_each_probe``, on Linux, for the CPU. Measured on the built-in example
             (demo_model, 96 MiB): a probe's process ready in ~1.5 s instead of ~8 s.
-        stall_seconds: a probe whose worker has been quiet this long (no CPU used, no thread
-            running; see :mod:`batchfit.workers.stall`) is waiting in the capped allocator for
-            memory nothing can free: it is reported as out of memory and the worker killed,
+        stall_seconds: a probe whose worker has been quiet this long inside a compiled step
+            (no CPU used, no thread running; see :mod:`batchfit.workers.stall`; the worker
+            marks its steps) is waiting in the capped allocator for memory nothing can free:
+            it is reported as out of memory and the worker killed,
             instead of waiting out TensorFlow's 10 s (or, near the limit, a minute).
             Default: 1 s where the budget is TensorFlow's CPU allocator cap, on Linux
             (``BATCHFIT_STALL_WATCH=0`` turns it off); ``0`` turns it off; never on a GPU.
@@ -241,11 +280,23 @@ class ProbeWorker:
             ModelLoadError: the worker could not load or build the model.
             ProbeFailedError: the worker died or hung while starting.
         """
+        spare = bool(self._spares)
         launched = self._spares.pop(0) if self._spares else self._launch()
+        t0 = time.perf_counter()  # (a launch here is recorded as one)
         proc, self._send_conn, self._conn, self.config.log_path = launched
         self._proc = proc
         self._ran = []
         self.starts += 1
+        try:
+            msg = self._start_message(proc)
+        finally:
+            _record("start", time.perf_counter() - t0, spare=spare,
+                    **(self.info.get("timings", {}) if self.info.get("pid") == proc.pid
+                       else {}))
+        return msg
+
+    def _start_message(self, proc: Any) -> dict[str, Any]:
+        """Wait for the started process to be ready (see :meth:`start`)."""
         msg = self._receive(self.start_timeout)
         if msg is not None and msg.get("phase") == "warm_up":
             # Built; now two tiny training steps. Building may wait on I/O (weights to
@@ -277,6 +328,13 @@ class ProbeWorker:
 
     def _launch(self) -> tuple[Any, Any, Any, str]:
         """Start a worker process and send it the config, without waiting for it."""
+        t0 = time.perf_counter()
+        try:
+            return self._launch_now()
+        finally:
+            _record("launch", time.perf_counter() - t0)
+
+    def _launch_now(self) -> tuple[Any, Any, Any, str]:
         fd, log_path = tempfile.mkstemp(prefix="batchfit-worker-", suffix=".log")
         os.close(fd)
         self._log_paths.append(log_path)
@@ -325,35 +383,55 @@ class ProbeWorker:
 
     def _receive(self, timeout: float, *, watch: bool = False) -> dict[str, Any] | None:
         """The worker's next message, or ``None`` (timed out, ``_closed``: pipe closed, or
-        with ``watch``, ``_quiet``: the worker waited ``stall_seconds`` on memory)."""
+        with ``watch``, ``_quiet``: the worker waited ``stall_seconds`` on memory).
+
+        The worker marks each compiled step it runs (``{"watch": True}`` as it starts,
+        ``{"watch": False}`` as it returns; see
+        :func:`batchfit.backend.tensorflow.probe.in_step`); these marks are consumed here, and
+        quiet time counts only between them. Outside a step the worker may sit still for
+        seconds without waiting on memory (deleting a ``tf.data`` iterator: measured 1-5 s
+        in ResNet50 probes that fitted), so quiet there means nothing.
+        """
         deadline = time.monotonic() + timeout
         self._closed = False
         self._quiet = 0.0
-        clock = QuietClock() if watch and self.stall_seconds is not None else None
+        watching = watch and self.stall_seconds is not None
+        clock: QuietClock | None = None  # set while the worker is inside a step
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
             try:
-                if self._conn.poll(min(remaining, 0.1 if clock is not None else 0.5)):
-                    return self._conn.recv()
+                if self._conn.poll(min(remaining, 0.1 if watching else 0.5)):
+                    msg = self._conn.recv()
+                    if isinstance(msg, dict) and msg.keys() == {"watch"}:
+                        clock = QuietClock() if watching and msg["watch"] else None
+                        self._quiet = 0.0
+                        continue
+                    return msg  # type: ignore[no-any-return]
             except (EOFError, OSError):
                 self._closed = True
                 return None
             if self._proc.poll() is not None:
                 # It may have sent its last words just before dying.
-                try:
-                    if self._conn.poll(0):
-                        return self._conn.recv()
-                except (EOFError, OSError):
-                    pass
-                return None
+                return self._last_words()
             if clock is not None:
                 sample = sample_process(self._proc.pid)
                 if sample is not None:
                     self._quiet = clock.update(time.monotonic(), *sample)
                     if self._quiet >= self.stall_seconds:  # type: ignore[operator]
                         return None
+
+    def _last_words(self) -> dict[str, Any] | None:
+        """The message a dead worker sent last before dying (step marks skipped), or ``None``."""
+        try:
+            while self._conn.poll(0):
+                msg = self._conn.recv()
+                if not (isinstance(msg, dict) and msg.keys() == {"watch"}):
+                    return msg  # type: ignore[no-any-return]
+        except (EOFError, OSError):
+            pass
+        return None
 
     def probe(self, batch_size: int, timeout: float | None = None) -> Probe:
         """Run one probe; a dead or hung worker becomes a ``crashed``/``timeout`` probe.
@@ -389,6 +467,8 @@ class ProbeWorker:
         msg = self._receive(timeout, watch=True)
         if msg is not None and "probe" in msg:
             probe = Probe.from_dict(msg["probe"])
+            _record("probe", time.perf_counter() - t0, probe_s=round(probe.seconds, 3),
+                    batch_size=int(batch_size), outcome=probe.outcome, reused=reused)
             if reused:
                 probe = dataclasses.replace(probe, reused=True)
             if self.fresh_each_probe and self.reuse_fits and probe.fits:
@@ -404,20 +484,28 @@ class ProbeWorker:
                 self._proc.wait(5.0 if self._closed else 0.0)
         alive = self._proc.poll() is None
         self.kill()
+        probe = self._failed_probe(batch_size, reused, alive, timeout, time.perf_counter() - t0)
+        _record("probe", probe.seconds, probe_s=None, batch_size=int(batch_size),
+                outcome=probe.outcome, reused=reused)
+        return probe
+
+    def _failed_probe(self, batch_size: int, reused: bool, alive: bool, timeout: float,
+                      seconds: float) -> Probe:
+        """The probe of a worker that gave no answer: stalled on memory, timed out or dead."""
         if alive and self.stall_seconds is not None and self._quiet >= self.stall_seconds:
             return Probe(batch_size=batch_size, fits=False, reused=reused, outcome="oom",
-                         seconds=time.perf_counter() - t0,
+                         seconds=seconds,
                          detail=f"out of memory: the worker waited {self._quiet:.1f} s without "
                                 f"running (TensorFlow's allocator waits up to 10 s for memory "
                                 f"to be freed, then raises ResourceExhaustedError); worker "
                                 f"killed")
         if alive:
             return Probe(batch_size=batch_size, fits=False, reused=reused, outcome="timeout",
-                         seconds=time.perf_counter() - t0,
+                         seconds=seconds,
                          detail=f"no answer within {timeout:.0f} s (stalled waiting for memory?); "
                                 f"worker killed")
         return Probe(batch_size=batch_size, fits=False, reused=reused, outcome="crashed",
-                     seconds=time.perf_counter() - t0,
+                     seconds=seconds,
                      detail=f"{_describe_exit(self._proc.returncode)}; "
                             f"log: {_tail(self.config.log_path)}".strip())
 
@@ -439,6 +527,8 @@ class ProbeWorker:
     def prefetch(self, spares: int) -> None:
         """Keep ``spares`` fresh processes started ahead (building and tracing the model in
         parallel) from now on, e.g. before confirmations, each of which needs a fresh process.
+        Beyond the first, a spare is started only while the host's available memory exceeds
+        the budget plus :data:`SPARE_OVERHEAD_BYTES` (each holds its whole budget).
         """
         self.spares_wanted = max(0, int(spares))
         self._top_up_spares()
@@ -446,7 +536,8 @@ class ProbeWorker:
     def _top_up_spares(self) -> None:
         if not (self.fresh_each_probe and self.prestart):
             return
-        while len(self._spares) < self.spares_wanted:
+        while len(self._spares) < self.spares_wanted and (
+                not self._spares or _room_for_another(self.config.budget_bytes)):
             self._spares.append(self._launch())
 
     def kill(self) -> None:
@@ -463,14 +554,21 @@ class ProbeWorker:
         self._ran = []
 
     def _stop_current(self) -> None:
-        """Stop the current worker process (politely, then by force); keep the spare."""
+        """Stop the current worker process (politely, then by force); keep the spare.
+
+        It gets :data:`STOP_GRACE_SECONDS`: after answering, a worker deletes its probe's
+        ``tf.data`` iterators, which can take seconds (see
+        :func:`batchfit.backend.tensorflow.probe.in_step`), and has nothing to save.
+        """
+        t0 = time.perf_counter()
         if self._proc is not None and self._proc.poll() is None and self._send_conn is not None:
             try:
                 self._send_conn.send(("stop",))
-                self._proc.wait(10)
+                self._proc.wait(STOP_GRACE_SECONDS)
             except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()
+        _record("stop", time.perf_counter() - t0)
 
     def close(self, *, keep_log: bool = False) -> None:
         """Stop the worker and any pre-started one, and remove their logs."""

@@ -15,9 +15,10 @@ seed state, optimizer slots and iteration count, metrics), so probing is invisib
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,58 @@ from ..oom import is_oom_error
 from .keras_compat import epoch_dataset, fit_epoch_iterator
 
 BatchFn = Callable[[int], "tuple[Any, Any]"]
+#: ``watch(True)`` as a compiled step starts, ``watch(False)`` as it returns (see :func:`in_step`).
+Watch = Callable[[bool], None]
+
+
+@contextlib.contextmanager
+def in_step(watch: Watch | None) -> Iterator[None]:
+    """Tell ``watch`` that a compiled step runs now (and when it returned): the stall watch
+    (:mod:`batchfit.workers.stall`) counts a process's quiet time only inside such a section.
+    The conversion of a probe's arrays into tensors (where the budget may run out too, before
+    any step: 20,000 samples of seed_wide under 64 MiB) is watched the same way.
+
+    Outside a step a probe process can sit still for seconds without waiting on memory:
+    deleting a ``tf.data`` iterator (``fit``'s epoch iterator, at the end of every epoch) joins
+    its autotuning thread, which wakes only at its next optimization period, doubling from
+    10 ms as the iterator lives (measured, TensorFlow 2.21: ResNet50 probes sat in
+    ``~IteratorResource`` 1-5 s with every thread asleep, and were killed as out of memory).
+    Inside the call, a process with no thread running is blocked on the capped allocator.
+    Python's cyclic garbage collector is off meanwhile, so that no iterator freed as garbage
+    is deleted inside the call.
+
+    Example:
+
+    >>> seen = []
+    >>> with in_step(seen.append):
+    ...     pass
+    >>> seen
+    [True, False]
+    """
+    if watch is None:
+        yield
+        return
+    collecting = gc.isenabled()
+    gc.disable()
+    watch(True)
+    try:
+        yield
+    finally:
+        watch(False)
+        if collecting:
+            gc.enable()
+
+
+def release_epochs(held: list[Any]) -> None:
+    """Delete the epoch iterators and ``tf.data`` iterators in ``held`` now (see
+    :func:`in_step`: outside any step), instead of whenever the garbage collector reaches them
+    (an epoch iterator and its generator hold each other)."""
+    while held:
+        item = held.pop()
+        with contextlib.suppress(Exception):
+            if hasattr(item, "reset"):
+                item.reset()
+        del item
 
 
 def failure_line(exc: BaseException, limit: int = 300) -> str:
@@ -213,11 +266,15 @@ def _sync(logs: Any) -> Any:
     return {k: np.asarray(v) for k, v in logs.items()} if isinstance(logs, dict) else logs
 
 
-def train_like_fit(model: Any, x: Any, y: Any, batch_size: int) -> tuple[Any, list[float]]:
+def train_like_fit(model: Any, x: Any, y: Any, batch_size: int, *, watch: Watch | None = None,
+                   hold: list[Any] | None = None) -> tuple[Any, list[float]]:
     """Train on ``x``/``y`` in batches of ``batch_size`` the way one epoch of ``fit`` does.
 
     Keras's epoch iterator feeds ``model.train_function`` (built by ``make_train_function``, as
     ``fit`` builds it), one call per ``steps_per_execution`` steps, until the data runs out.
+    ``watch`` is told when each call starts and returns (:func:`in_step`). With ``hold``, the
+    epoch iterator is appended to it and kept alive, as ``fit`` keeps its own (with the next
+    epoch's ``tf.data`` iterator) through the validation pass; :func:`release_epochs` ends it.
 
     Returns:
         The last logs (NumPy values) and the seconds of each step (an execution's time split
@@ -232,23 +289,39 @@ def train_like_fit(model: Any, x: Any, y: Any, batch_size: int) -> tuple[Any, li
     >>> int(m.optimizer.iterations.numpy()), len(times)
     (3, 3)
     """
-    epochs = fit_epoch_iterator(model, x, y, batch_size=batch_size, shuffle=True)
+    with in_step(watch):  # the arrays become tensors here: memory the allocator may refuse
+        epochs = fit_epoch_iterator(model, x, y, batch_size=batch_size, shuffle=True)
+    held = [epochs] if hold is None else hold
+    if hold is not None:
+        hold.append(epochs)
     model.make_train_function()
     model.reset_metrics()
     logs: Any = None
     times: list[float] = []
     per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
-    with epochs.catch_stop_iteration():
-        for begin, end, iterator in epochs:
-            s = time.perf_counter()
-            logs = _sync(model.train_function(iterator))
-            n = max(1, min(per_call, end - begin + 1, (epochs.num_batches or end + 1) - begin))
-            times.extend([(time.perf_counter() - s) / n] * n)
+    try:
+        with epochs.catch_stop_iteration():
+            for begin, end, iterator in epochs:
+                if hold is not None and not any(h is iterator for h in hold):
+                    # Keras replaces this epoch's tf.data iterator as the data runs out; held,
+                    # it is deleted with the rest (its buffers are empty by then)
+                    hold.append(iterator)
+                s = time.perf_counter()
+                with in_step(watch):
+                    logs = _sync(model.train_function(iterator))
+                n = max(1, min(per_call, end - begin + 1,
+                               (epochs.num_batches or end + 1) - begin))
+                times.extend([(time.perf_counter() - s) / n] * n)
+    finally:
+        if hold is None:
+            release_epochs(held)
     return logs, times
 
 
-def evaluate_like_fit(model: Any, x: Any, y: Any, batch_size: int) -> Any:
-    """One validation execution at ``batch_size``, as ``fit``'s end-of-epoch ``evaluate`` runs it.
+def evaluate_like_fit(model: Any, x: Any, y: Any, batch_size: int, *,
+                      watch: Watch | None = None, hold: list[Any] | None = None) -> Any:
+    """One validation execution at ``batch_size``, as ``fit``'s end-of-epoch ``evaluate`` runs it
+    (``watch`` and ``hold`` as in :func:`train_like_fit`).
 
     Example:
 
@@ -258,18 +331,27 @@ def evaluate_like_fit(model: Any, x: Any, y: Any, batch_size: int) -> Any:
     >>> sorted(evaluate_like_fit(m, np.ones((8, 3)), np.ones((8, 1)), 4))
     ['loss']
     """
-    epochs = fit_epoch_iterator(model, x, y, batch_size=batch_size, shuffle=False)
+    with in_step(watch):
+        epochs = fit_epoch_iterator(model, x, y, batch_size=batch_size, shuffle=False)
+    held = [epochs] if hold is None else hold
+    if hold is not None:
+        hold.append(epochs)
     model.make_test_function()
     model.reset_metrics()
     logs: Any = None
-    with epochs.catch_stop_iteration():
-        for _, _, iterator in epochs:
-            logs = _sync(model.test_function(iterator))
-            break
+    try:
+        with epochs.catch_stop_iteration():
+            for _, _, iterator in epochs:
+                with in_step(watch):
+                    logs = _sync(model.test_function(iterator))
+                break
+    finally:
+        if hold is None:
+            release_epochs(held)
     return logs
 
 
-def trace_general_once(model: Any, batch_fn: Any, steps: int) -> None:
+def trace_general_once(model: Any, batch_fn: Any, steps: int, watch: Watch | None = None) -> None:
     """Trace the train and test steps once each, directly with a ``None`` batch dimension.
 
     ``fit``'s iterator over arrays has a static batch shape, so Keras's ``reduce_retracing``
@@ -278,34 +360,40 @@ def trace_general_once(model: Any, batch_fn: Any, steps: int) -> None:
     spec ``(None, ...)``), each function is traced once, in that general form, and every later
     static-shaped batch reuses it (its shapes are subtypes of the traced ones). Measured on a
     two-input model with ``steps_per_execution=2``: one trace each across sizes 1, 2, 5, 7.
-    Raises whatever the steps raise (the caller restores the state).
+    Raises whatever the steps raise (the caller restores the state). ``watch``: see
+    :func:`in_step` (each iterator is deleted outside the step that used it).
     """
     x, y = batch_fn(steps)
-    epochs = fit_epoch_iterator(model, x, y, batch_size=1, shuffle=False)
-    general = epoch_dataset(epochs).unbatch().batch(1)
+    with in_step(watch):
+        epochs = fit_epoch_iterator(model, x, y, batch_size=1, shuffle=False)
+        general = epoch_dataset(epochs).unbatch().batch(1)
     model.make_train_function()
     model.make_test_function()
-    model.reset_metrics()
-    _sync(model.train_function(iter(general)))
-    model.reset_metrics()
-    _sync(model.test_function(iter(general)))
+    for function in (model.train_function, model.test_function):
+        model.reset_metrics()
+        iterator = iter(general)
+        with in_step(watch):
+            _sync(function(iterator))
+        del iterator
 
 
 def trace_fit_path(model: Any, batch_fn: Any, state: Any, steps: int,
-                   sizes: tuple[int, ...] = (1, 2)) -> tuple[bool, str] | None:
+                   sizes: tuple[int, ...] = (1, 2),
+                   watch: Watch | None = None) -> tuple[bool, str] | None:
     """:func:`trace_general_step` for the path ``fit`` runs (training and validation).
 
     The train and test steps are traced once each with a ``None`` batch dimension
     (:func:`trace_general_once`); if that cannot run (a Keras whose epoch iterator differs,
     a distributed dataset), two tiny sizes, so that Keras's ``reduce_retracing`` has traced
     them in the general form before any probe measures them. The state is restored.
+    ``watch``: see :func:`in_step`.
 
     Returns:
         ``None``, or ``(is_oom, message)`` for the first size that failed.
     """
     failure = None
     try:
-        trace_general_once(model, batch_fn, steps)
+        trace_general_once(model, batch_fn, steps, watch)
     except Exception as exc:  # noqa: BLE001 - the caller decides; other errors: two sizes
         failure = (is_oom_error(exc), failure_line(exc))
     with contextlib.suppress(Exception):
@@ -319,8 +407,8 @@ def trace_fit_path(model: Any, batch_fn: Any, state: Any, steps: int,
         failure = None
         try:
             x, y = batch_fn(b * steps)
-            train_like_fit(model, x, y, b)
-            evaluate_like_fit(model, x, y, b)
+            train_like_fit(model, x, y, b, watch=watch)
+            evaluate_like_fit(model, x, y, b, watch=watch)
         except Exception as exc:  # noqa: BLE001 - the caller decides
             failure = (is_oom_error(exc), failure_line(exc))
         with contextlib.suppress(Exception):
@@ -348,6 +436,14 @@ class ProbeRunner:
             "the budget" for a band of sizes, steps slow down, and whether a size in that band
             passes depends on thread timing (the same size fitting in one fresh process and not
             in the next). Sizes in the band are not reported as fitting.
+
+    Attributes:
+        watch: told when each compiled step starts and returns (:func:`in_step`); a probe
+            worker sets it so that its parent's stall watch runs only inside steps.
+        defer_cleanup: leave deleting the probe's iterators and restoring the model to
+            :meth:`finish` (default ``False``: :meth:`run` does it). A probe worker answers
+            first: deleting ``tf.data`` iterators can sit for seconds, and a process that ran
+            its only probe is killed instead.
     """
 
     def __init__(self, model: Any, batch_fn: BatchFn, *, steps: int = 3,
@@ -364,6 +460,9 @@ class ProbeRunner:
             raise ValueError(f"limit_margin must be in [0, 1), got {limit_margin}")
         self.limit_margin = limit_margin
         self.state = ModelState(model)
+        self.watch: Watch | None = None
+        self.defer_cleanup = False
+        self._pending: list[Any] | None = None  # a deferred cleanup's held iterators
 
     def warm_up(self, sizes: tuple[int, ...] = (1, 2)) -> tuple[bool, str] | None:
         """Trace the training and validation steps for any batch size before measuring.
@@ -376,7 +475,8 @@ class ProbeRunner:
             ``None``, or ``(is_oom, message)`` for the first step that failed (warming up
             stops there).
         """
-        return trace_fit_path(self.model, self.batch_fn, self.state, self.steps, sizes)
+        return trace_fit_path(self.model, self.batch_fn, self.state, self.steps, sizes,
+                              self.watch)
 
     def run(self, batch_size: int) -> Probe:
         """Run ``steps`` training steps at ``batch_size`` and report what happened.
@@ -384,17 +484,20 @@ class ProbeRunner:
         Out-of-memory errors and errors raised by the model become the probe's outcome
         (``"oom"``/``"refused"``); the model's state is restored in every case.
         """
+        self.finish()
         t0 = time.perf_counter()
         probe: Probe | None = None
         phase = "training"
+        held: list[Any] = []  # fit keeps its epoch iterator through validation: so does this
         try:
             x, y = self.batch_fn(batch_size * self.steps)
             reset_peak(self.device)
-            logs, step_times = train_like_fit(self.model, x, y, batch_size)
+            logs, step_times = train_like_fit(self.model, x, y, batch_size, watch=self.watch,
+                                              hold=held)
             train_peak = read_peak(self.device)
             phase = "validation"
             reset_peak(self.device)
-            evaluate_like_fit(self.model, x, y, batch_size)
+            evaluate_like_fit(self.model, x, y, batch_size, watch=self.watch, hold=held)
             eval_peak = read_peak(self.device)
             del x, y
             peak = None if train_peak is None else max(train_peak, eval_peak or 0)
@@ -409,11 +512,22 @@ class ProbeRunner:
             # Outside the handler: the exception's traceback, which keeps the failed step's
             # tensors alive, is released before the state is assigned back. Metrics are reset
             # first (those built by the steps start at zero), then the snapshot is restored
-            # (the caller's metric totals included).
-            with contextlib.suppress(Exception):  # metrics without reset are harmless here
-                self.model.reset_metrics()
-            self.state.restore()
+            # (the caller's metric totals included). The epoch iterators go first, outside
+            # any step (their deletion can sit still for seconds; see in_step).
+            self._pending = held
+            if not self.defer_cleanup:
+                self.finish()
         return probe
+
+    def finish(self) -> None:
+        """The last probe's cleanup, if it was deferred (see ``defer_cleanup``); else nothing."""
+        held, self._pending = self._pending, None
+        if held is None:
+            return
+        release_epochs(held)
+        with contextlib.suppress(Exception):  # metrics without reset are harmless here
+            self.model.reset_metrics()
+        self.state.restore()
 
     def _outcome(self, batch_size: int, logs: Any, peak: int | None, eval_peak: int | None,
                  step_times: list[float], t0: float) -> Probe:
