@@ -349,7 +349,7 @@ def safe_size(band: Band, trials: Sequence[Trial], *, budget_bytes: float | None
         parts.append(f"band width {format_bytes(width)} ({edge} fitted every time, "
                      f"{band.never} never)")
     if spread_at is not None:
-        parts.append(f"peak spread {format_bytes(spread)} (at {spread_at}, between processes)")
+        parts.append(f"peak spread {format_bytes(spread)} (at {spread_at}, between probes)")
     which = "headroom asked for" if headroom > min_margin else "fragmentation floor"
     floor_text = f"the {which}, {max(min_margin, headroom):.0%} of the budget"
     if not parts:
