@@ -158,13 +158,22 @@ def search(spec: str, memory: str, policy: str, confirm: int) -> dict:
     building and tracing the model: the same for every policy), then the search's probes and
     the confirmations'."""
     from batchfit.verbs.maxbatch import find_max_batch_size
+    from batchfit.workers.server import close_fork_server
 
+    # Every search starts as `batchfit max` does, without a fork server kept from the search
+    # before it (one kept warm would give the second search of a pair a head start).
+    close_fork_server()
     t0 = time.perf_counter()
     first: list[float] = []
+    trace: list[dict] = []
 
     def on_probe(p) -> None:
+        now = time.perf_counter() - t0
         if not first:
-            first.append(time.perf_counter() - t0 - p.seconds)
+            first.append(now - p.seconds)
+        trace.append({"batch": p.batch_size, "outcome": p.outcome, "phase": p.phase,
+                      "reused": p.reused, "seconds": round(p.seconds, 2), "at": round(now, 1),
+                      **({"detail": p.detail[:90]} if not p.fits else {})})
 
     r = find_max_batch_size(spec, memory=memory, search=policy, confirm=confirm,
                             on_probe=on_probe)
@@ -179,7 +188,7 @@ def search(spec: str, memory: str, policy: str, confirm: int) -> dict:
             "after_startup_seconds": None if startup is None else round(r.seconds - startup, 1),
             "search_probes": len(searched), "confirm_probes": len(confirms),
             "confirm_failures": sum(not p.fits for p in confirms),
-            "search_tolerance": r.search_tolerance,
+            "search_tolerance": r.search_tolerance, "trace": trace,
             "band": None if band is None else band.to_dict(),
             "margin_bytes": None if band is None else band.margin_bytes}
 
