@@ -173,6 +173,7 @@ def search(spec: str, memory: str, policy: str, confirm: int) -> dict:
             first.append(now - p.seconds)
         trace.append({"batch": p.batch_size, "outcome": p.outcome, "phase": p.phase,
                       "reused": p.reused, "seconds": round(p.seconds, 2), "at": round(now, 1),
+                      "peak_mib": None if p.peak_bytes is None else round(p.peak_bytes / 2**20, 1),
                       **({"detail": p.detail[:90]} if not p.fits else {})})
 
     r = find_max_batch_size(spec, memory=memory, search=policy, confirm=confirm,
@@ -294,6 +295,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"benchmark": "trust", "label": args.label, "command": " ".join(sys.argv),
+            "stall_watch": os.environ.get("BATCHFIT_STALL_WATCH", "1") != "0",
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "platform": platform.platform()},
             "runs": args.runs, "k": args.k, "confirm": args.confirm, "settings": settings,
