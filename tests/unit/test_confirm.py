@@ -282,3 +282,37 @@ def test_an_edge_set_by_the_upper_bound_keeps_the_margin_under_the_budget() -> N
     tight = FIXED + PER_SAMPLE * 64 + 4 * MiB            # 264 MiB: its 3% (7.9 MiB) does not fit
     s = safe_size(band_of(trials), trials, budget_bytes=tight, **kw)
     assert s.batch_size == 62 and "nothing failed above 64" in s.reason     # (264-7.9-100)/2.5
+
+
+# ---------------------------------------------------------- the verb's use of the confirmation
+
+
+def test_with_confirmation_the_search_brackets_to_five_percent_unless_told() -> None:
+    from batchfit.verbs.maxbatch_local import search_tolerance_for, validate_search_args
+
+    assert search_tolerance_for(None, 3, confirmable=True) == 0.05
+    assert search_tolerance_for(None, 0, confirmable=True) == 0.02      # no confirmation
+    assert search_tolerance_for(None, 3, confirmable=False) == 0.02     # in-process probes
+    assert search_tolerance_for(0.0, 3, confirmable=True) == 0.0        # asked for: kept
+    assert search_tolerance_for(0.02, 3, confirmable=True) == 0.02
+    validate_search_args("guided", 1, 0.0, 3, None, "auto", None)      # None is the default
+    with pytest.raises(InvalidInputError, match="search_tolerance"):
+        validate_search_args("guided", 1, 0.0, 3, None, "auto", 0.7)
+
+
+def test_only_fits_in_processes_that_had_run_nothing_are_shared() -> None:
+    from types import SimpleNamespace
+
+    from batchfit.results import Probe
+    from batchfit.verbs.maxbatch_local import _fresh_search_fits
+
+    probes = [Probe(8, True, "fits", 1, 0.1), Probe(60, True, "fits", 2, 0.1, reused=True),
+              Probe(96, False, "oom", None, 1.0, reused=True), Probe(64, True, "fits", 3, 0.1),
+              Probe(64, True, "fits", 3, 0.1, phase="confirm"),
+              Probe(70, False, "oom", None, 1.0)]
+    fresh = SimpleNamespace(worker=SimpleNamespace(fresh_each_probe=True))
+    assert [t.batch_size for t in _fresh_search_fits(fresh, probes)] == [8, 64]
+    # One worker reused for every probe (fresh=False): none ran in a new process.
+    kept = SimpleNamespace(worker=SimpleNamespace(fresh_each_probe=False))
+    assert _fresh_search_fits(kept, probes) == []
+    assert _fresh_search_fits(SimpleNamespace(worker=None), probes) == []
