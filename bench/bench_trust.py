@@ -9,9 +9,13 @@ trained. The fresh process is set up as a probe worker is (the backend's
 allocator holding its budget as one region, one op at a time, a fixed address-space layout and
 hash seed): ``--settings worker``. ``--settings default`` caps the allocator only, with
 TensorFlow's default CPU behaviour otherwise (what the README's emulation told users before);
-``both`` runs each. One binsearch search per case in the same run gives the wall-time ratio.
+``both`` runs each. A binsearch search (batchfit's, no confirmation) right after each guided
+one, under the same load, gives that run's wall-time ratio; the case's ratio is their median.
 
-Cost per search, confirmations included: probes, out-of-memory errors, seconds. Results go to
+Cost per search, confirmations included: probes (the search's and the confirmations'),
+out-of-memory errors, step-downs, seconds, and of those the seconds until the first probe began
+(``startup_seconds``: the fork server and the first worker building and tracing the model, the
+same for every policy; ``time_ratio_after_startup`` compares what follows). Results go to
 bench/results/trust.json; ``--markdown`` prints the docs table.
 
     python bench/bench_trust.py                              # all cases, R=5, k=3 (hours)
@@ -149,13 +153,43 @@ def fit_k(spec: str, batch: int, budget: int, settings: str, k: int) -> dict:
 
 
 def search(spec: str, memory: str, policy: str, confirm: int) -> dict:
+    """One ``find_max_batch_size`` (what ``batchfit max`` runs), with where its time went:
+    ``startup_seconds`` until the first probe began (the fork server, the first worker
+    building and tracing the model: the same for every policy), then the search's probes and
+    the confirmations'."""
     from batchfit.verbs.maxbatch import find_max_batch_size
+    from batchfit.workers.server import close_fork_server
 
-    r = find_max_batch_size(spec, memory=memory, search=policy, confirm=confirm)
+    # Every search starts as `batchfit max` does, without a fork server kept from the search
+    # before it (one kept warm would give the second search of a pair a head start).
+    close_fork_server()
+    t0 = time.perf_counter()
+    first: list[float] = []
+    trace: list[dict] = []
+
+    def on_probe(p) -> None:
+        now = time.perf_counter() - t0
+        if not first:
+            first.append(now - p.seconds)
+        trace.append({"batch": p.batch_size, "outcome": p.outcome, "phase": p.phase,
+                      "reused": p.reused, "seconds": round(p.seconds, 2), "at": round(now, 1),
+                      "peak_mib": None if p.peak_bytes is None else round(p.peak_bytes / 2**20, 1),
+                      **({"detail": p.detail[:90]} if not p.fits else {})})
+
+    r = find_max_batch_size(spec, memory=memory, search=policy, confirm=confirm,
+                            on_probe=on_probe)
     band = r.band
+    searched = [p for p in r.probes if p.phase == "search"]
+    confirms = [p for p in r.probes if p.phase == "confirm"]
+    startup = first[0] if first else None
     return {"search": policy, "confirm": confirm, "max_batch_size": r.max_batch_size,
             "safe_batch_size": r.safe_batch_size, "probes": len(r.probes),
             "ooms": r.oom_count, "seconds": round(r.seconds, 1),
+            "startup_seconds": None if startup is None else round(startup, 1),
+            "after_startup_seconds": None if startup is None else round(r.seconds - startup, 1),
+            "search_probes": len(searched), "confirm_probes": len(confirms),
+            "confirm_failures": sum(not p.fits for p in confirms),
+            "search_tolerance": r.search_tolerance, "trace": trace,
             "band": None if band is None else band.to_dict(),
             "margin_bytes": None if band is None else band.margin_bytes}
 
@@ -168,11 +202,21 @@ def run_case(case: str, runs: int, k: int, confirm: int, settings: list[str],
     spec, budget = MODELS[name], parse_size(memory)
     row: dict = {"case": case, "model": name, "memory": memory, "runs": []}
     data["cases"].append(row)
+    row["binsearch_runs"] = []
     for i in range(runs):
         found = search(spec, memory, "guided", confirm)
         print(f"{case} run {i + 1}: max {found['max_batch_size']} safe "
               f"{found['safe_batch_size']} ({found['probes']} probes, {found['ooms']} OOM, "
               f"{found['seconds']} s)", flush=True)
+        # binsearch right after, under the same load: the wall-time ratio is per pair
+        base = search(spec, memory, "binsearch", 0)
+        found["binsearch_seconds"] = base["seconds"]
+        found["time_ratio_vs_binsearch"] = round(found["seconds"] / max(1e-9, base["seconds"]),
+                                                 2)
+        row["binsearch_runs"].append(base)
+        print(f"  binsearch: {base['max_batch_size']} ({base['probes']} probes, "
+              f"{base['ooms']} OOM, {base['seconds']} s): ratio "
+              f"{found['time_ratio_vs_binsearch']}", flush=True)
         for s in settings:
             found[f"fit_max_{s}"] = fit_k(spec, found["max_batch_size"], budget, s, k)
             found[f"fit_safe_{s}"] = fit_k(spec, found["safe_batch_size"], budget, s, k)
@@ -180,9 +224,13 @@ def run_case(case: str, runs: int, k: int, confirm: int, settings: list[str],
                   f"{found[f'fit_safe_{s}']['fitted']}/{k}", flush=True)
         row["runs"].append(found)
         out.write_text(json.dumps(data, indent=2) + "\n")
-    row["binsearch"] = search(spec, memory, "binsearch", 0)
-    guided = statistics.median(r["seconds"] for r in row["runs"])
-    row["time_ratio_vs_binsearch"] = round(guided / max(1e-9, row["binsearch"]["seconds"]), 2)
+    row["binsearch"] = row["binsearch_runs"][0]
+    row["time_ratio_vs_binsearch"] = round(statistics.median(
+        r["time_ratio_vs_binsearch"] for r in row["runs"]), 2)
+    row["time_ratio_after_startup"] = round(statistics.median(
+        r["after_startup_seconds"] / max(1e-9, b["after_startup_seconds"])
+        for r, b in zip(row["runs"], row["binsearch_runs"])
+        if r["after_startup_seconds"] is not None and b["after_startup_seconds"] is not None), 2)
     answers = [r["max_batch_size"] for r in row["runs"]]
     widths = [r["band"]["never"] - r["band"]["reliable"] for r in row["runs"]
               if r["band"] and r["band"].get("never") is not None]
@@ -201,20 +249,28 @@ def markdown(data: dict) -> str:
     settings = data.get("settings", ["worker"])
     head = ("| case | run | max | safe (margin) | " + " | ".join(
         f"fit@max {s} | fit@safe {s}" for s in settings)
-        + " | probes | OOMs | s | binsearch s |")
+        + " | probes (search + confirm) | OOMs | step-downs | s (startup) | binsearch s "
+          "(probes, OOMs) | ratio |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in data["cases"]:
-        for i, r in enumerate(row["runs"], 1):
+        bins = row.get("binsearch_runs") or [row.get("binsearch", {})] * len(row["runs"])
+        for i, (r, b) in enumerate(zip(row["runs"], bins), 1):
             margin = r.get("margin_bytes")
-            m = f" ({margin / (1 << 20):.0f} MiB)" if margin else ""
+            m = f" ({margin / (1 << 20):.1f} MiB)" if margin else ""
             fits = " | ".join(
                 f"{r[f'fit_max_{s}']['fitted']}/{r[f'fit_max_{s}']['of']} | "
                 f"{r[f'fit_safe_{s}']['fitted']}/{r[f'fit_safe_{s}']['of']}" for s in settings
                 if f"fit_max_{s}" in r)
-            b = row.get("binsearch", {})
+            split = (f" ({r['search_probes']} + {r['confirm_probes']})"
+                     if "search_probes" in r else "")
+            start = f" ({r['startup_seconds']})" if r.get("startup_seconds") is not None else ""
+            downs = (r.get("band") or {}).get("step_downs", "-")
+            ratio = r.get("time_ratio_vs_binsearch", row.get("time_ratio_vs_binsearch", "-"))
             lines.append(f"| {row['case']} | {i} | {r['max_batch_size']} | "
-                         f"{r['safe_batch_size']}{m} | {fits} | {r['probes']} | {r['ooms']} | "
-                         f"{r['seconds']} | {b.get('seconds', '-')} |")
+                         f"{r['safe_batch_size']}{m} | {fits} | {r['probes']}{split} | "
+                         f"{r['ooms']} | {downs} | {r['seconds']}{start} | "
+                         f"{b.get('seconds', '-')} ({b.get('probes', '-')}, "
+                         f"{b.get('ooms', '-')}) | {ratio} |")
     return "\n".join(lines)
 
 
@@ -239,6 +295,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"benchmark": "trust", "label": args.label, "command": " ".join(sys.argv),
+            "stall_watch": os.environ.get("BATCHFIT_STALL_WATCH", "1") != "0",
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "platform": platform.platform()},
             "runs": args.runs, "k": args.k, "confirm": args.confirm, "settings": settings,

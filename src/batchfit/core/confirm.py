@@ -23,9 +23,9 @@ Example:
 >>> device = lambda b: Trial(b, fits=b <= 96, peak_bytes=80.0 + 5.0 * b)
 >>> confirmed = run_confirmation(policy, searched, device)
 >>> [t.batch_size for t in confirmed]
-[100, 98, 95, 95, 95]
+[100, 95, 95, 95]
 >>> band = band_of(searched + confirmed); band.reliable, band.sometimes, band.never
-(95, [100], 98)
+(95, [100], 104)
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class ConfirmPolicy:
         granularity: sizes are multiples of this. Default 1.
         budget_bytes: the memory budget (``None``: unknown).
         per_sample_bytes: the memory model's slope (``None`` or <= 0: unknown).
-        step_fraction: the first step down, as a fraction of the budget. Default 0.01.
+        step_fraction: the first step down, as a fraction of the budget. Default 0.03.
         max_failures: stop after this many failed confirmations (the reliable edge so far
             stands, unconfirmed). Default 6.
 
@@ -145,7 +145,7 @@ class ConfirmPolicy:
     granularity: int = 1
     budget_bytes: float | None = None
     per_sample_bytes: float | None = None
-    step_fraction: float = 0.01
+    step_fraction: float = MIN_MARGIN
     max_failures: int = 6
 
     def __post_init__(self) -> None:
@@ -160,9 +160,9 @@ class ConfirmPolicy:
         Example:
 
         >>> ConfirmPolicy(k=3, budget_bytes=1000.0, per_sample_bytes=5.0).step(100, 1)
-        2
-        >>> ConfirmPolicy(k=3).step(100, 2)  # no memory model: 1% of the size, doubled
-        2
+        6
+        >>> ConfirmPolicy(k=3).step(100, 2)  # no memory model: 3% of the size, doubled
+        6
         """
         g = self.granularity
         scale = 2.0 ** max(0, failures - 1)
@@ -184,40 +184,61 @@ class ConfirmPolicy:
         stepped = ((lowest - self.step(lowest, len(failed))) // g) * g
         return max(reliable, stepped) if stepped >= g else reliable
 
-    def next_size(self, searched: Sequence[Trial], confirmed: Sequence[Trial]) -> int | None:
+    def next_size(self, searched: Sequence[Trial], confirmed: Sequence[Trial],
+                  shared: Sequence[Trial] = ()) -> int | None:
         """The next size to try in a fresh process, or ``None`` when done.
 
         Args:
             searched: the search's trials.
             confirmed: the confirmations made so far, in order.
+            shared: search trials that ran in a process that had run nothing before: their
+                fits count as confirmations (their failures are the search's, in ``searched``).
 
         Returns:
             The candidate while it has fitted fewer than ``k`` times in confirmation; ``None``
             once it has, when nothing is left to confirm, or after ``max_failures`` failures.
+
+        Example:
+
+        >>> p = ConfirmPolicy(k=2)
+        >>> searched = [Trial(50, True), Trial(52, False)]
+        >>> p.next_size(searched, [Trial(50, True)]), p.next_size(searched, [Trial(50, True)],
+        ...                                                        shared=[Trial(50, True)])
+        (50, None)
         """
         if sum(not t.fits for t in confirmed) >= self.max_failures:
             return None
         size = self.candidate(searched, confirmed)
         if size <= 0:
             return None
-        passed = sum(t.fits for t in confirmed if t.batch_size == size)
+        passed = self._passes(size, confirmed, shared)
         return size if passed < self.k else None
 
-    def is_confirmed(self, searched: Sequence[Trial], confirmed: Sequence[Trial]) -> bool:
-        """Whether the reliable edge fitted ``k`` times in confirmation."""
+    @staticmethod
+    def _passes(size: int, confirmed: Sequence[Trial], shared: Sequence[Trial]) -> int:
+        """Fits at ``size`` in processes that had run nothing before (confirmations, shared)."""
+        return (sum(t.fits for t in confirmed if t.batch_size == size)
+                + sum(t.fits for t in shared if t.batch_size == size))
+
+    def is_confirmed(self, searched: Sequence[Trial], confirmed: Sequence[Trial],
+                     shared: Sequence[Trial] = ()) -> bool:
+        """Whether the reliable edge fitted ``k`` times in confirmation (``shared`` as in
+        :meth:`next_size`)."""
         reliable = band_of([*searched, *confirmed]).reliable
-        return reliable > 0 and sum(t.fits for t in confirmed
-                                    if t.batch_size == reliable) >= self.k
+        return reliable > 0 and self._passes(reliable, confirmed, shared) >= self.k
 
 
 def run_confirmation(policy: ConfirmPolicy, searched: Sequence[Trial],
-                     trial: Callable[[int], Trial]) -> list[Trial]:
+                     trial: Callable[[int], Trial], *,
+                     shared: Sequence[Trial] = ()) -> list[Trial]:
     """Drive ``policy`` with ``trial`` (one fresh process each) until it stops.
 
     Args:
         policy: the confirmation policy.
         searched: the search's trials.
         trial: probes one size in a fresh process and returns its :class:`Trial`.
+        shared: the search's trials that ran in a process that had run nothing before; their
+            fits count as confirmations (see :meth:`ConfirmPolicy.next_size`).
 
     Returns:
         The confirmations made, in order.
@@ -229,7 +250,7 @@ def run_confirmation(policy: ConfirmPolicy, searched: Sequence[Trial],
     # Each call either fits (at most k per candidate) or fails (at most max_failures): bounded.
     limit = policy.k * (policy.max_failures + 1) + policy.max_failures
     while len(made) < limit:
-        size = policy.next_size(searched, made)
+        size = policy.next_size(searched, made, shared)
         if size is None:
             break
         outcome = trial(size)
@@ -328,7 +349,7 @@ def safe_size(band: Band, trials: Sequence[Trial], *, budget_bytes: float | None
         parts.append(f"band width {format_bytes(width)} ({edge} fitted every time, "
                      f"{band.never} never)")
     if spread_at is not None:
-        parts.append(f"peak spread {format_bytes(spread)} (at {spread_at}, between processes)")
+        parts.append(f"peak spread {format_bytes(spread)} (at {spread_at}, between probes)")
     which = "headroom asked for" if headroom > min_margin else "fragmentation floor"
     floor_text = f"the {which}, {max(min_margin, headroom):.0%} of the budget"
     if not parts:

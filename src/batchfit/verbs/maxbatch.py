@@ -11,11 +11,7 @@ from ..core.confirm import DEFAULT_CONFIRMATIONS, check_confirm
 from ..core.search import search_argument
 from ..errors import InvalidInputError, NothingFitsError
 from ..results import MaxBatchResult, Probe
-from .maxbatch_local import (
-    DEFAULT_SEARCH_TOLERANCE,
-    search_max_batch_size,
-    validate_search_args,
-)
+from .maxbatch_local import search_max_batch_size, validate_search_args
 from .resolve import resolve
 
 
@@ -38,7 +34,7 @@ def find_max_batch_size(
     on_probe: Callable[[Probe], None] | None = None,
     seed: int = 0,
     distribute: Any = None,
-    search_tolerance: float = DEFAULT_SEARCH_TOLERANCE,
+    search_tolerance: float | None = None,
     strategy: str | None = None,
     confirm: int = DEFAULT_CONFIRMATIONS,
     jit: bool = False,
@@ -89,9 +85,11 @@ def find_max_batch_size(
             result also gives the global sizes (``global_max_batch_size``: per replica x
             replicas), which is what ``model.fit`` takes.
         search_tolerance: ``"guided"`` stops once the largest fit is within this fraction
-            below the smallest failure (default 0.02; ``0`` brackets to the granularity).
-            Near the limit which sizes fit is not sharp (1-3% between processes, measured),
-            so the last probes of an exact bracket cost ~10 s each and buy little.
+            below the smallest failure (default ``None``: 0.05 when fresh-process
+            confirmations follow, which settle the edge, else 0.02; ``0`` brackets to the
+            granularity). Near the limit which sizes fit is not sharp (the same size fits in
+            one process and not the next across a band 4-8% of the budget wide, measured), so
+            the last probes of an exact bracket, half of them out-of-memory errors, buy little.
         strategy: deprecated alias of ``search`` (it warns, with a ``FutureWarning``, and goes
             in the next release); a ``tf.distribute`` strategy goes in ``distribute=``.
         confirm: after the search, run the answer again in this many fresh processes

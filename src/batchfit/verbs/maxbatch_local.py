@@ -42,10 +42,17 @@ ISOLATION_MODES = ("auto", "process", "none")
 DEFAULT_UPPER = 1 << 20
 LIMIT_MARGIN = 0.02  # a fitting peak stays this fraction under the budget (see ProbeRunner)
 DEFAULT_SEARCH_TOLERANCE = 0.02  # guided stops within 2% below the smallest failure
+# ... and within 5% when fresh-process confirmations follow: they settle the edge (a band 4-8%
+# of the budget wide, measured), so the search's last bracketing probes, each a draw from that
+# band and half of them out-of-memory errors, are not bought. The answer stays >= 95% of the
+# smallest failure (measured: the LSTM under 16 MiB, 272 fitting and 291 failing, took 282 at
+# the limit and 277 out of memory to end on 272, which the confirmation then kept).
+CONFIRM_SEARCH_TOLERANCE = 0.05
 STALL_GRACE_SECONDS = 20.0  # an allocator's OOM wait (10 s) plus slack
 STALL_FACTOR = 5.0
 
-__all__ = ["DEFAULT_SEARCH_TOLERANCE", "ISOLATION_MODES", "search_max_batch_size",
+__all__ = ["CONFIRM_SEARCH_TOLERANCE", "DEFAULT_SEARCH_TOLERANCE", "ISOLATION_MODES",
+           "search_max_batch_size", "search_tolerance_for",
            "validate_model_arg", "validate_search_args"]
 
 
@@ -60,8 +67,30 @@ def validate_search_args(search: str, granularity: Any, headroom: Any, steps: An
         raise InvalidInputError(f"max batch size (upper bound) must be an integer >= granularity "
                                 f"({granularity}), got {upper!r}")
     check_choice("isolate", isolate, ISOLATION_MODES)
-    check_fraction_below("search_tolerance", search_tolerance, 0.5,
-                         "e.g. 0.02 for 2% or 0 for an exact answer")
+    if search_tolerance is not None:
+        check_fraction_below("search_tolerance", search_tolerance, 0.5,
+                             "e.g. 0.02 for 2% or 0 for an exact answer")
+
+
+def search_tolerance_for(search_tolerance: float | None, confirm: int, *,
+                         confirmable: bool) -> float:
+    """The guided search's tolerance: the one given, else 2%, or 5% when ``confirm`` fresh
+    processes will settle the edge afterwards (``confirmable``: the probes run in worker
+    processes).
+
+    Example:
+
+    >>> search_tolerance_for(None, 3, confirmable=True), search_tolerance_for(None, 0,
+    ...                                                                        confirmable=True)
+    (0.05, 0.02)
+    >>> search_tolerance_for(0.0, 3, confirmable=True)
+    0.0
+    """
+    if search_tolerance is not None:
+        return float(search_tolerance)
+    if confirm > 0 and confirmable:
+        return CONFIRM_SEARCH_TOLERANCE
+    return DEFAULT_SEARCH_TOLERANCE
 
 
 def check_fraction_below(name: str, value: Any, high: float, example: str) -> None:
@@ -216,7 +245,7 @@ def search_max_batch_size(
     on_probe: Callable[[Probe], None] | None = None,
     seed: int = 0,
     distribute: Any = None,
-    search_tolerance: float = DEFAULT_SEARCH_TOLERANCE,
+    search_tolerance: float | None = None,
     strategy: str | None = None,
     confirm: int = DEFAULT_CONFIRMATIONS,
     jit: bool = False,
@@ -244,6 +273,8 @@ def search_max_batch_size(
                      "step as it is")
     prior = xla_prior(prober.info, place.budget, granularity, upper, LIMIT_MARGIN, steps,
                       notes) if search == "guided" else None
+    search_tolerance = search_tolerance_for(search_tolerance, confirm,
+                                            confirmable=prober.worker is not None)
     policy = make_policy(search, budget_bytes=place.budget, granularity=granularity, upper=upper,
                          saturation=LIMIT_MARGIN, tolerance=float(search_tolerance),
                          init=prior.start if prior else None,
@@ -253,16 +284,17 @@ def search_max_batch_size(
     try:
         trials = run_search(policy, _trial_function(prober, probes, probe_timeout, on_probe),
                             max_probes=max_probes)
-        confirmed, confirm_policy = _confirm(prober, trials, probes, confirm, place.budget,
-                                             granularity, probe_timeout, on_probe, notes)
+        confirmed, confirm_policy, shared = _confirm(prober, trials, probes, confirm,
+                                                     place.budget, granularity, probe_timeout,
+                                                     on_probe, notes)
     finally:
         prober.close()
 
     everything = [*trials, *confirmed]
     mem_model = _fit(probes)
     band = band_of(everything, confirmations=confirm if confirm_policy else 0,
-                   confirmed=bool(confirm_policy and confirm_policy.is_confirmed(trials,
-                                                                                 confirmed)),
+                   confirmed=bool(confirm_policy and confirm_policy.is_confirmed(
+                       trials, confirmed, shared)),
                    step_downs=len({t.batch_size for t in confirmed if not t.fits}))
     best = band.reliable
     if best <= 0:
@@ -294,27 +326,32 @@ def search_max_batch_size(
 def _confirm(prober: _Prober, trials: list[Trial], probes: list[Probe], k: int,
              budget: int | None, granularity: int, probe_timeout: float,
              on_probe: Callable[[Probe], None] | None,
-             notes: list[str]) -> tuple[list[Trial], ConfirmPolicy | None]:
+             notes: list[str]) -> tuple[list[Trial], ConfirmPolicy | None, list[Trial]]:
     """Confirm the search's answer in ``k`` fresh processes, stepping down on any failure."""
     if k <= 0 or not any(t.fits for t in trials):
-        return [], None
+        return [], None, []
     if prober.worker is None:
         notes.append("not confirmed: confirmation runs the answer again in fresh processes, "
                       "which needs process isolation (isolate='process'); the answer is the "
                       "search's single draw")
-        return [], None
+        return [], None, []
     model = _fit(probes)
     policy = ConfirmPolicy(k=k, granularity=granularity, budget_bytes=budget,
                            per_sample_bytes=model.per_sample_bytes if model else None)
     answer = band_of(trials).reliable
+    shared = _fresh_search_fits(prober, probes)
     prober.worker.prefetch(_confirm_spares(k))
     confirmed = run_confirmation(policy, trials, _trial_function(
-        prober, probes, probe_timeout, on_probe, confirm=True))
+        prober, probes, probe_timeout, on_probe, confirm=True), shared=shared)
     edge = band_of([*trials, *confirmed]).reliable
     failed = [t for t in confirmed if not t.fits]
-    if policy.is_confirmed(trials, confirmed) and not failed:
-        notes.append(f"confirmed: {answer} fitted in {k} of {k} fresh processes")
-    elif policy.is_confirmed(trials, confirmed):
+    ok = policy.is_confirmed(trials, confirmed, shared)
+    reused = sum(t.batch_size == edge for t in shared)
+    counted = (f" ({reused} of them the search's own probe in a fresh process)" if reused
+               else "")
+    if ok and not failed:
+        notes.append(f"confirmed: {answer} fitted in {k} of {k} fresh processes{counted}")
+    elif ok:
         tried = sorted({t.batch_size for t in failed}, reverse=True)
         notes.append(f"the search's answer {answer} did not hold: confirmation in fresh "
                      f"processes failed at {', '.join(map(str, tried))}; stepped down to "
@@ -323,7 +360,17 @@ def _confirm(prober: _Prober, trials: list[Trial], probes: list[Probe], k: int,
         notes.append(f"not confirmed: after {len(failed)} failed confirmation(s) the answer is "
                      f"{edge}, the largest size that fitted every time it was tried, without "
                      f"{k} fresh-process confirmations")
-    return confirmed, policy
+    return confirmed, policy, shared
+
+
+def _fresh_search_fits(prober: _Prober, probes: list[Probe]) -> list[Trial]:
+    """The search's fits that ran in a process that had run nothing before: confirmations
+    already (with ``fresh``: the first probe, and each after a failure)."""
+    worker = prober.worker
+    if worker is None or not getattr(worker, "fresh_each_probe", False):
+        return []
+    return [Trial(p.batch_size, True, p.peak_bytes) for p in probes
+            if p.phase == "search" and p.fits and not p.reused]
 
 
 def _safe(band: Band, trials: list[Trial], model: MemoryModel | None, budget: int | None,
