@@ -51,9 +51,10 @@ def add_search_arguments(p: argparse.ArgumentParser, *, steps: bool = True,
     p.add_argument("--strategy", default=None, metavar="{" + ",".join(POLICY_NAMES) + "}",
                    help="deprecated name of --search (goes in the next release)")
     p.add_argument("--granularity", type=int, default=1, help="search multiples of N (default 1)")
-    p.add_argument("--search-tolerance", type=float, default=0.02, metavar="FRACTION",
+    p.add_argument("--search-tolerance", type=float, default=None, metavar="FRACTION",
                    help="guided search: stop once the answer is within this fraction below "
-                        "the smallest failure (default 0.02; 0 for an exact bracket)")
+                        "the smallest failure (default 0.05 when confirmations follow, which "
+                        "settle the edge, else 0.02; 0 for an exact bracket)")
     p.add_argument("--max-batch", type=int, default=None, help="never try a larger batch")
     if headroom:
         text = f"fraction of the budget the safe size leaves free (default {headroom:g})"
