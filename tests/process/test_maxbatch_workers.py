@@ -33,8 +33,11 @@ def test_a_layer_that_refuses_large_batches_sets_the_limit() -> None:
     assert refused and all(p.batch_size > 64 for p in refused)
     assert "exceeds maximum allowed 64" in refused[0].detail
     assert r.oom_count == 0
-    # confirmed in 3 fresh processes (a sharp limit: no step down)
-    assert [p.batch_size for p in r.probes if p.phase == "confirm"] == [64, 64, 64]
+    # confirmed in 3 fresh processes (a sharp limit: no step down); a search fit at 64 in a
+    # process that had run nothing counts as one of them (shared confirmations)
+    confirm = [p.batch_size for p in r.probes if p.phase == "confirm"]
+    fresh = [p for p in r.probes if (p.phase == "confirm" or not p.reused) and p.batch_size == 64]
+    assert set(confirm) == {64} and len(confirm) <= 3 and sum(p.fits for p in fresh) >= 3
     assert r.band.confirmed and r.band.reliable == 64 and r.band.sometimes == []
 
 
