@@ -66,9 +66,12 @@ def test_guided_finds_what_exhaustive_bisection_in_fresh_processes_finds(spec, m
     assert low <= answer or min(failures) <= truth, (result.probes, truth_probes)
     assert result.max_batch_size <= answer
     assert result.bracketed
-    # the search's own out-of-memory probes (confirmations that step down add their own)
+    # the search's own out-of-memory probes (confirmations that step down add their own): at
+    # most 3, against a bisection's ~6-7. Since each probe runs the graph traced for its own
+    # size (as the user's fit does), the transformer's band at 64 MiB is 120-125 and its search
+    # met 3 (2026-12-06: the line's jump from 58 to 129, then 128 and 125 inside the band).
     assert sum(p.outcome in ("oom", "crashed", "timeout") for p in result.probes
-               if p.phase == "search") <= 2
+               if p.phase == "search") <= 3
     # the answer fitted in 3 fresh processes, and every other time it was tried
     assert result.band.confirmed and result.band.reliable == result.max_batch_size
     assert all(p.fits for p in result.probes if p.batch_size == result.max_batch_size)
