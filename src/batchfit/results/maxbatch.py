@@ -138,9 +138,11 @@ class MaxBatchResult(_Serializable):
             writes both keys for one release, so an older batchfit reads a new file).
         granularity: sizes searched are multiples of this.
         upper_bound: the largest size the search was allowed to try.
-        bracketed: ``True`` when a failing size ``max_batch_size + granularity`` (or the
-            bound) was observed, i.e. the answer is exact to the granularity, or when the
-            smallest failure is within ``search_tolerance`` above it.
+        bracketed: ``True`` when the search bracketed its edge: a failing size its answer
+            ``+ granularity`` (or the bound) was observed, i.e. exact to the granularity, or
+            the smallest failure within ``search_tolerance`` above it. Judged on the search's
+            own probes: confirmations that step down below it leave the answer at the band's
+            reliable edge (``band``), not a lower bound.
         memory_model: the linear model fitted to the probes that fit (``None`` with < 2).
         probes: every probe, in the order made.
         seconds: wall time of the whole search, worker start-up included.

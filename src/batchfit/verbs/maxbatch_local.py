@@ -313,7 +313,7 @@ def search_max_batch_size(
         max_batch_size=best, safe_batch_size=safe, headroom=free,
         memory_budget_bytes=place.budget, budget_source=place.budget_source, device=place.device,
         isolation="process" if prober.mode == "process" else "in-process", search=search,
-        granularity=granularity, upper_bound=upper, bracketed=policy.bracketed(everything),
+        granularity=granularity, upper_bound=upper, bracketed=policy.bracketed(trials),
         memory_model=mem_model, probes=probes, seconds=time.perf_counter() - t_start,
         model_name=str(prober.info.get("model_name", "")), notes=notes,
         environment=dict(prober.info.get("environment", {})), replicas=resolved.replicas,
