@@ -5,15 +5,9 @@ single-device one."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from jax_children import run_on_two_devices
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 CHILD = """
@@ -35,13 +29,7 @@ print(json.dumps({"devices": len(jax.devices()), "one": one.max_batch_size,
 
 
 def test_data_parallel_probes_one_replica_and_counts_two() -> None:
-    env = dict(os.environ, KERAS_BACKEND="jax",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
-    proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_on_two_devices(CHILD)
     assert r["devices"] == 2 and r["replicas"] == 2 and r["given"] == 2
     assert r["distribute"] == "data_parallel" and r["dp"] == r["one"] > 0
     assert any("2 replica(s)" in n for n in r["notes"])
@@ -85,13 +73,7 @@ print(json.dumps({
 
 
 def test_tune_under_data_parallel_times_the_global_step_sharded_over_the_devices() -> None:
-    env = dict(os.environ, KERAS_BACKEND="jax",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
-    proc = subprocess.run([sys.executable, "-c", TUNE_CHILD], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_on_two_devices(TUNE_CHILD)
     tune = r["tune"]
     # Global sizes, each replica's share reported, memory searched per replica:
     assert tune["replicas"] == 2 and tune["max_replicas"] == 2

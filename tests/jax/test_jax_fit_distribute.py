@@ -6,16 +6,10 @@ a real ``JaxRuntimeError`` while the step runs); JAX on CPU cannot run out of me
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from jax_children import run_on_two_devices
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 CHILD = """
@@ -55,13 +49,7 @@ print(json.dumps({"devices": len(jax.devices()), "runs": runs}))
 
 
 def test_fit_under_data_parallel_shrinks_per_replica_and_keeps_the_global_batch() -> None:
-    env = dict(os.environ, KERAS_BACKEND="jax",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
-    proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_on_two_devices(CHILD)
     assert r["devices"] == 2
     plain = r["runs"]["plain"]["weights"]
     for how in ("named", "given", "global"):
