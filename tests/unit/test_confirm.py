@@ -300,10 +300,11 @@ def test_with_confirmation_the_search_brackets_to_five_percent_unless_told() -> 
         validate_search_args("guided", 1, 0.0, 3, None, "auto", 0.7)
 
 
-def test_only_fits_in_processes_that_had_run_nothing_are_shared() -> None:
+def test_only_fits_in_processes_that_had_run_nothing_are_shared(monkeypatch) -> None:
     from types import SimpleNamespace
 
     from batchfit.results import Probe
+    from batchfit.verbs import maxbatch_local
     from batchfit.verbs.maxbatch_local import _fresh_search_fits
 
     probes = [Probe(8, True, "fits", 1, 0.1), Probe(60, True, "fits", 2, 0.1, reused=True),
@@ -311,6 +312,8 @@ def test_only_fits_in_processes_that_had_run_nothing_are_shared() -> None:
               Probe(64, True, "fits", 3, 0.1, phase="confirm"),
               Probe(70, False, "oom", None, 1.0)]
     fresh = SimpleNamespace(worker=SimpleNamespace(fresh_each_probe=True))
+    assert _fresh_search_fits(fresh, probes) == []  # off by default (SHARE_SEARCH_FITS)
+    monkeypatch.setattr(maxbatch_local, "SHARE_SEARCH_FITS", True)
     assert [t.batch_size for t in _fresh_search_fits(fresh, probes)] == [8, 64]
     # One worker reused for every probe (fresh=False): none ran in a new process.
     kept = SimpleNamespace(worker=SimpleNamespace(fresh_each_probe=False))
