@@ -207,7 +207,7 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
         finish = getattr(runner, "finish", None)
         if finish is not None:  # answer first, then clean up (the parent may kill us instead)
             runner.defer_cleanup = True
-        failure = runner.warm_up()
+        failure = runner.warm_up() if getattr(config, "warm_up", True) else None
         if failure is not None and failure[0]:
             conn.send({"ok": False, "oom": True, "error_type": "ResourceExhaustedError",
                        "weights_bytes": backend.weights_bytes(model),

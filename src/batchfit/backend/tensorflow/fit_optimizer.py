@@ -12,7 +12,6 @@ import threading
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from ...errors import InvalidInputError
@@ -28,7 +27,7 @@ from .keras_compat import (
     set_accumulated_gradients,
     set_current_learning_rate_fn,
 )
-from .probe import _assign_in_chunks
+from .probe import assign_whole
 
 __all__ = ["OptimizerPatch"]
 
@@ -207,4 +206,4 @@ class OptimizerPatch:
             return
         for acc in accumulated_gradients(self.opt) or []:
             if acc is not None:
-                _assign_in_chunks(acc, np.zeros(acc.shape, dtype=acc.dtype))
+                assign_whole(acc, tf.zeros_like(acc))
