@@ -133,10 +133,13 @@ class Backend(abc.ABC):
     # -- probing -------------------------------------------------------------------------------
     @abc.abstractmethod
     def probe_runner(self, model: Any, batch_fn: BatchFn, *, steps: int, device: str,
-                     budget_bytes: int | None, limit_margin: float = 0.02) -> Any:
+                     budget_bytes: int | None, limit_margin: float = 0.02,
+                     own_model: bool = False) -> Any:
         """A runner whose ``run(b)`` trains ``steps`` real steps at ``b`` and returns a
         :class:`~batchfit.results.Probe` (peak, timing, outcome), leaving the model unchanged.
-        A peak within ``limit_margin`` of the budget does not count as fitting."""
+        A peak within ``limit_margin`` of the budget does not count as fitting.
+        ``own_model``: the model is this process's own (a probe worker's), so nothing need be
+        built before the first step merely to be restored exactly afterwards."""
 
     @abc.abstractmethod
     def state_bytes(self, model: Any) -> int:

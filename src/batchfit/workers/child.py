@@ -196,12 +196,11 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
                                                 config.seed)
         notes = [*notes, *xla["notes"]]
         # From here on nothing waits on I/O: the parent may watch for a wait on memory.
-        # (state_bytes builds the optimizer's slots, as Keras does before a first step.)
         t_built = time.perf_counter()
         conn.send({"phase": "warm_up", "weights_bytes": backend.weights_bytes(model),
                    "state_bytes": backend.state_bytes(model), "step_jit": xla["step_jit"]})
         runner = backend.probe_runner(model, batch_fn, steps=config.steps, device=device,
-                                      budget_bytes=config.budget_bytes)
+                                      budget_bytes=config.budget_bytes, own_model=True)
         if hasattr(runner, "watch"):  # the parent's stall watch runs only inside steps
             runner.watch = lambda on: conn.send({"watch": bool(on)})
         finish = getattr(runner, "finish", None)

@@ -100,7 +100,8 @@ class JaxBackend(Backend):
 
     # -- probing -------------------------------------------------------------------------------
     def probe_runner(self, model: Any, batch_fn: BatchFn, *, steps: int, device: str,
-                     budget_bytes: int | None, limit_margin: float = 0.02) -> Any:
+                     budget_bytes: int | None, limit_margin: float = 0.02,
+                     own_model: bool = False) -> Any:
         from .probe import JaxProbeRunner
 
         return JaxProbeRunner(model, batch_fn, steps=steps, device=device,

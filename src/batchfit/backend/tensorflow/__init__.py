@@ -69,11 +69,13 @@ class TensorFlowBackend(Backend):
 
     # -- probing -------------------------------------------------------------------------------
     def probe_runner(self, model: Any, batch_fn: BatchFn, *, steps: int, device: str,
-                     budget_bytes: int | None, limit_margin: float = 0.02) -> Any:
+                     budget_bytes: int | None, limit_margin: float = 0.02,
+                     own_model: bool = False) -> Any:
         from .probe import ProbeRunner
 
         return ProbeRunner(model, batch_fn, steps=steps, device=device,
-                           budget_bytes=budget_bytes, limit_margin=limit_margin)
+                           budget_bytes=budget_bytes, limit_margin=limit_margin,
+                           own_model=own_model)
 
     def state_bytes(self, model: Any) -> int:
         from .probe import state_bytes
