@@ -113,7 +113,7 @@ def test_probe_runs_fits_compiled_function_over_an_iterator_per_steps_per_execut
 
     m = _model()
     m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", steps_per_execution=2)
-    runner = ProbeRunner(m, _batch, steps=4)
+    runner = ProbeRunner(m, _batch, steps=4, settle_epochs=1)
     runner.warm_up()
     calls: list[type] = []
     build = m.make_train_function
@@ -223,4 +223,29 @@ def test_a_restored_state_leaves_the_next_probe_measuring_what_the_first_did() -
     peaks = [runner.run(8).peak_bytes for _ in range(3)]
     assert None not in peaks, peaks
     assert max(peaks) - peaks[0] < (1 << 20), [p / 2**20 for p in peaks]
+    assert runner.state.equals_current()
+
+
+def test_a_probe_runs_epochs_over_its_batches_until_the_peak_settles() -> None:
+    # fit's own path, epoch after epoch through one epoch iterator: at least 1 + 2 quiet
+    # epochs, at most settle_epochs, each of `steps` steps; the state restored after all.
+    calls: list[int] = []
+    m = _model()
+    runner = ProbeRunner(m, _batch, steps=3, settle_epochs=5)
+    build = m.make_train_function
+
+    def make_counting(force: bool = False) -> None:
+        build(force=force)
+        compiled = m.train_function
+
+        def counting(iterator):
+            calls.append(1)
+            return compiled(iterator)
+
+        m.train_function = counting
+
+    m.make_train_function = make_counting
+    p = runner.run(16)
+    assert p.fits and p.peak_bytes is not None
+    assert len(calls) % 3 == 0 and 9 <= len(calls) <= 15, len(calls)
     assert runner.state.equals_current()

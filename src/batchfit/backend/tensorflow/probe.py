@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from ...core.settle import SettleRule
 from ...errors import error_line
 from ...results import Probe
 from ..oom import is_oom_error
@@ -289,8 +290,8 @@ def _sync(logs: Any) -> Any:
 
 
 def train_like_fit(model: Any, x: Any, y: Any, batch_size: int, *, watch: Watch | None = None,
-                   hold: list[Any] | None = None,
-                   fresh: bool = False) -> tuple[Any, list[float]]:
+                   hold: list[Any] | None = None, fresh: bool = False,
+                   again: Callable[[], bool] | None = None) -> tuple[Any, list[float]]:
     """Train on ``x``/``y`` in batches of ``batch_size`` the way one epoch of ``fit`` does.
 
     Keras's epoch iterator feeds ``model.train_function`` (built by ``make_train_function``, as
@@ -302,7 +303,9 @@ def train_like_fit(model: Any, x: Any, y: Any, batch_size: int, *, watch: Watch 
     call traces the graph specialized to this batch shape, the graph a process's first ``fit``
     at this batch size runs (a function traced before runs its ``None``-batch graph instead,
     which may need less memory: measured, a Transformer whose general graph fitted at 141
-    under 64 MiB where the user's own ``fit`` at 141 ran out of memory).
+    under 64 MiB where the user's own ``fit`` at 141 ran out of memory). ``again``: called after
+    each epoch; while it returns ``True`` another epoch runs over the same batches, through the
+    same epoch iterator, as ``fit``'s epochs do.
 
     Returns:
         The last logs (NumPy values) and the seconds of each step (an execution's time split
@@ -328,22 +331,31 @@ def train_like_fit(model: Any, x: Any, y: Any, batch_size: int, *, watch: Watch 
     times: list[float] = []
     per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
     try:
-        with epochs.catch_stop_iteration():
-            for begin, end, iterator in epochs:
-                if hold is not None and not any(h is iterator for h in hold):
-                    # Keras replaces this epoch's tf.data iterator as the data runs out; held,
-                    # it is deleted with the rest (its buffers are empty by then)
-                    hold.append(iterator)
-                s = time.perf_counter()
-                with in_step(watch):
-                    logs = _sync(model.train_function(iterator))
-                n = max(1, min(per_call, end - begin + 1,
-                               (epochs.num_batches or end + 1) - begin))
-                times.extend([(time.perf_counter() - s) / n] * n)
+        while True:
+            logs = _one_epoch(model, epochs, per_call, watch, hold, times, logs)
+            if again is None or not again():
+                break
     finally:
         if hold is None:
             release_epochs(held)
     return logs, times
+
+
+def _one_epoch(model: Any, epochs: Any, per_call: int, watch: Watch | None,
+               hold: list[Any] | None, times: list[float], logs: Any) -> Any:
+    """One epoch of :func:`train_like_fit`; appends each step's seconds to ``times``."""
+    with epochs.catch_stop_iteration():
+        for begin, end, iterator in epochs:
+            if hold is not None and not any(h is iterator for h in hold):
+                # Keras replaces this epoch's tf.data iterator as the data runs out; held,
+                # it is deleted with the rest (its buffers are empty by then)
+                hold.append(iterator)
+            s = time.perf_counter()
+            with in_step(watch):
+                logs = _sync(model.train_function(iterator))
+            n = max(1, min(per_call, end - begin + 1, (epochs.num_batches or end + 1) - begin))
+            times.extend([(time.perf_counter() - s) / n] * n)
+    return logs
 
 
 def evaluate_like_fit(model: Any, x: Any, y: Any, batch_size: int, *,
@@ -473,6 +485,10 @@ class ProbeRunner:
             fitted at 465 MiB in fresh workers that had built it, 2 of 2, and ran out of memory
             in those that had not, 2 of 2, as the user's own ``fit`` did (2 of 3). Default
             ``False``: the caller's model, restored exactly.
+        settle_epochs: run the ``steps`` as epochs over the same batches until the peak stops
+            rising, at most this many (default 8; ``1``: the steps once). A step's peak creeps
+            up for a while as the allocator's free chunks fragment; three steps saw 5-7% less
+            than training meets (see :mod:`batchfit.core.settle`).
 
     Attributes:
         watch: told when each compiled step starts and returns (:func:`in_step`); a probe
@@ -485,7 +501,8 @@ class ProbeRunner:
 
     def __init__(self, model: Any, batch_fn: BatchFn, *, steps: int = 3,
                  device: str | None = None, budget_bytes: int | None = None,
-                 limit_margin: float = 0.02, own_model: bool = False) -> None:
+                 limit_margin: float = 0.02, own_model: bool = False,
+                 settle_epochs: int = 8) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.model = model
@@ -496,6 +513,7 @@ class ProbeRunner:
         if not 0 <= limit_margin < 1:
             raise ValueError(f"limit_margin must be in [0, 1), got {limit_margin}")
         self.limit_margin = limit_margin
+        self.settle = SettleRule.for_budget(budget_bytes, max_epochs=settle_epochs)
         self.state = ModelState(model, build_optimizer=not own_model)
         self.watch: Watch | None = None
         self.defer_cleanup = False
@@ -533,7 +551,7 @@ class ProbeRunner:
             x, y = self.batch_fn(batch_size * self.steps)
             reset_peak(self.device)
             logs, step_times = train_like_fit(self.model, x, y, batch_size, watch=self.watch,
-                                              hold=held, fresh=True)
+                                              hold=held, fresh=True, again=self._settling())
             train_peak = read_peak(self.device)
             phase = "validation"
             reset_peak(self.device)
@@ -559,6 +577,19 @@ class ProbeRunner:
             if not self.defer_cleanup:
                 self.finish()
         return probe
+
+    def _settling(self) -> Callable[[], bool] | None:
+        """``again`` for :func:`train_like_fit`: epochs until the peak settles (see
+        :mod:`batchfit.core.settle`), or ``None`` where the allocator keeps no peak."""
+        if self.settle.max_epochs <= 1 or read_peak(self.device) is None:
+            return None
+        peaks: list[float] = []
+
+        def again() -> bool:
+            peaks.append(float(read_peak(self.device) or 0))
+            return not self.settle.settled(peaks)
+
+        return again
 
     def finish(self) -> None:
         """The last probe's cleanup, if it was deferred (see ``defer_cleanup``); else nothing."""
