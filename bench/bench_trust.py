@@ -2,7 +2,7 @@
 
 Independently of the search's own probes: for each case it runs ``find_max_batch_size`` (what
 ``batchfit max`` runs) R times, then, for each run, the user's own ``model.fit`` (one epoch of 4
-batches plus a validation pass of 1 batch, ``verbose=0``) in fresh processes, k times at the
+batches plus a validation pass of 1 batch, ``verbose=0``; 6 such epochs since session 13, ``--fit-epochs``) in fresh processes, k times at the
 answer (``max_batch_size``) and k times at ``safe_batch_size``, and records how many of the k
 trained. The fresh process is set up as a probe worker is (the backend's
 ``worker_environment`` before TensorFlow is imported, ``configure_worker`` after: the capped
@@ -55,6 +55,10 @@ MODELS = {
 DEFAULT_CASES = ["cnn:128MiB", "cnn:256MiB", "transformer:64MiB", "transformer:128MiB",
                  "lstm:16MiB", "lstm:32MiB", "mobilenetv2:512MiB", "resnet50:512MiB"]
 FIT_BATCHES = 4
+#: epochs of the user's fit (6 x 4 = 24 steps): a step's peak creeps up for ~15 steps before it
+#: settles (batchfit.core.settle), so a 1-epoch fit of 4 batches passed sizes that training
+#: for longer does not (set with --fit-epochs; runs before session 13 used 1)
+FIT_EPOCHS = 6
 FIT_TIMEOUT = 600.0
 
 
@@ -93,6 +97,8 @@ def _fixed_layout() -> None:
 
 def child(spec: str, batch: int, budget: int, settings: str) -> None:
     """In a fresh process: the user's fit at ``batch``; prints one JSON line."""
+    global FIT_EPOCHS
+    FIT_EPOCHS = int(os.environ.get("BENCH_FIT_EPOCHS", FIT_EPOCHS))
     if settings == "worker":
         _fixed_layout()
     from batchfit.backend import get_backend
@@ -107,7 +113,8 @@ def child(spec: str, batch: int, budget: int, settings: str) -> None:
         x, y = batch_fn(FIT_BATCHES * batch)
         xv, yv = batch_fn(batch)
         t0 = time.perf_counter()
-        model.fit(x, y, batch_size=batch, epochs=1, validation_data=(xv, yv), verbose=0)
+        model.fit(x, y, batch_size=batch, epochs=FIT_EPOCHS, validation_data=(xv, yv),
+                  verbose=0)
         out.update(fits=True, seconds=round(time.perf_counter() - t0, 2))
     except Exception as exc:  # noqa: BLE001 - recorded
         out.update(fits=False, oom=backend.is_oom_error(exc),
@@ -126,6 +133,7 @@ def user_fit(spec: str, batch: int, budget: int, settings: str) -> dict:
         env.update({"TF_CPU_ALLOCATOR_USE_BFC": "true",
                     "TF_CPU_BFC_MEM_LIMIT_IN_MB": str(budget >> 20),
                     "TF_ENABLE_ONEDNN_OPTS": "0", "CUDA_VISIBLE_DEVICES": "-1"})
+    env["BENCH_FIT_EPOCHS"] = str(FIT_EPOCHS)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT),
                                          env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec, str(batch),
@@ -275,6 +283,7 @@ def markdown(data: dict) -> str:
 
 
 def main() -> None:
+    global FIT_EPOCHS
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
         return
@@ -287,7 +296,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "trust.json"))
     ap.add_argument("--label", default="", help="a note saved with the results")
     ap.add_argument("--markdown", metavar="JSON", help="print the table of a saved run")
+    ap.add_argument("--fit-epochs", type=int, default=FIT_EPOCHS,
+                    help=f"epochs of the user's fit (default {FIT_EPOCHS})")
     args = ap.parse_args()
+    FIT_EPOCHS = args.fit_epochs
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return
@@ -299,7 +311,8 @@ def main() -> None:
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "platform": platform.platform()},
             "runs": args.runs, "k": args.k, "confirm": args.confirm, "settings": settings,
-            "fit": f"{FIT_BATCHES} batches + 1 validation batch, 1 epoch, fresh process",
+            "fit": f"{FIT_EPOCHS} epoch(s) of {FIT_BATCHES} batches, each + 1 validation "
+                   f"batch, fresh process",
             "cases": []}
     t0 = time.perf_counter()
     for case in args.cases:
