@@ -64,7 +64,8 @@ def add_search_arguments(p: argparse.ArgumentParser, *, steps: bool = True,
     p.add_argument("--headroom", type=float, default=headroom, help=text)
     if steps:
         p.add_argument("--steps", type=int, default=3,
-                       help="training steps per probe (default 3)")
+                       help="training steps per epoch of a probe (default 3; a probe runs "
+                            "epochs until its peak stops rising, at most 8)")
     p.add_argument("--data", help="path/file.py:function returning (x, y) or a tf.data.Dataset")
     p.add_argument("--input-shape", action="append", metavar="[NAME=]DIMS",
                    help="length of None dimensions, e.g. tokens=128 (repeatable)")
