@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from ..errors import InvalidInputError
+from ..verbs.verify_fit import VERIFY_EPOCHS
 from ._common import (
     DEMO_MEMORY,
     DEMO_MODEL,
@@ -41,7 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                   "(default: synthetic data, as the probes use)")
     p.add_argument("--input-shape", action="append", metavar="[NAME=]DIMS",
                    help="length of None dimensions, e.g. tokens=128 (repeatable)")
-    p.add_argument("--epochs", type=int, default=1, help="epochs per run (default 1)")
+    p.add_argument("--epochs", type=int, default=VERIFY_EPOCHS,
+                   help=f"epochs per run (default {VERIFY_EPOCHS}: a step's peak takes ~15 steps "
+                        f"to settle)")
     p.add_argument("--steps", type=int, default=4, help="batches per epoch (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes (default 3)")
     p.add_argument("--device", default="CPU:0", help="the device to emulate (default CPU:0)")
@@ -84,7 +87,8 @@ def verify_answer(args: argparse.Namespace, console: Console, model: Any, batch:
         return EXIT_OK
     console.print()
     result = _run_verify(console, model, batch, budget, data=args.data,
-                         input_shapes=parse_input_shapes(args.input_shape), epochs=1, steps=4,
+                         input_shapes=parse_input_shapes(args.input_shape), epochs=VERIFY_EPOCHS,
+                         steps=4,
                          repeats=args.verify, device=device)
     return EXIT_OK if result.all_fit else EXIT_FAIL
 

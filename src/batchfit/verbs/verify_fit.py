@@ -50,8 +50,15 @@ def _job(model: Any, batch_size: int, *, data: Any, input_shapes: Any, epochs: i
             "batch_size": batch_size, "epochs": epochs, "steps": steps, "seed": seed}
 
 
+#: epochs of 4 batches a verification trains by default (24 steps): a step's peak creeps up for
+#: ~15 steps before it settles (see :mod:`batchfit.core.settle`), so one epoch of 4 batches
+#: passed sizes that longer training does not (ResNet50 at 22 under 512 MiB: 2 of 3 with 4
+#: batches, out of memory in 2 of 2 probes of 8 steps)
+VERIFY_EPOCHS = 6
+
+
 def verify_batch_size(model: Any, batch_size: int, memory: str | int = "512MiB", *,
-                      data: Any = None, input_shapes: Any = None, epochs: int = 1,
+                      data: Any = None, input_shapes: Any = None, epochs: int = VERIFY_EPOCHS,
                       steps: int = 4, repeats: int = 3, device: str = "CPU:0", seed: int = 0,
                       timeout: float = 900.0,
                       on_run: Callable[[VerifyRun], None] | None = None) -> VerifyResult:
@@ -70,7 +77,7 @@ def verify_batch_size(model: Any, batch_size: int, memory: str | int = "512MiB",
         data: ``(x, y)``, a ``tf.data.Dataset`` or a ``"file.py:function"`` spec; ``None``
             synthesizes data from the model's inputs and loss, as the probes do.
         input_shapes: lengths of ``None`` dimensions when synthesizing (as for ``max``).
-        epochs: epochs per run.
+        epochs: epochs per run (default :data:`VERIFY_EPOCHS`, 6).
         steps: training batches per epoch.
         repeats: fresh processes.
         device: the device to emulate.
