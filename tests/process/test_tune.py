@@ -71,8 +71,12 @@ def test_batch_sizes_above_the_largest_fit_are_no_candidates() -> None:
     assert r.batch_size <= largest
     rates = {p.batch_size: p.samples_per_second for p in r.throughput.points}
     assert r.target is not None and not r.target.fits
-    assert (r.target.micro_batch, r.target.accumulation_steps) == (32, 2)
-    assert r.target.relative_to_best == pytest.approx(rates[32] / max(rates.values()))
+    # the split is judged against the safe size among the sizes that fit (seed_mlp's peaks are
+    # flat, so its safe size may be 10% below 32 (no memory model): then 16 x 4, else 32 x 2)
+    micro, steps = r.target.micro_batch, r.target.accumulation_steps
+    assert micro in rates and micro * steps == 64 and micro <= r.max_batch.safe_batch_size
+    assert (micro, steps) == ((32, 2) if r.max_batch.safe_batch_size >= 32 else (16, 4))
+    assert r.target.relative_to_best == pytest.approx(rates[micro] / max(rates.values()))
 
 
 def test_batch_sizes_may_be_any_iterable_of_integers() -> None:
