@@ -1,8 +1,9 @@
 """Benchmark: does the answer of ``batchfit max`` hold when the user trains?
 
 Independently of the search's own probes: for each case it runs ``find_max_batch_size`` (what
-``batchfit max`` runs) R times, then, for each run, the user's own ``model.fit`` (one epoch of 4
-batches plus a validation pass of 1 batch, ``verbose=0``; 6 such epochs since session 13, ``--fit-epochs``) in fresh processes, k times at the
+``batchfit max`` runs) R times, then, for each run, the user's own ``model.fit`` (6 epochs of 4
+batches, each with a validation pass of 1 batch, ``verbose=0``; ``--fit-epochs``, 1 before
+session 13) in fresh processes, k times at the
 answer (``max_batch_size``) and k times at ``safe_batch_size``, and records how many of the k
 trained. The fresh process is set up as a probe worker is (the backend's
 ``worker_environment`` before TensorFlow is imported, ``configure_worker`` after: the capped
@@ -95,10 +96,8 @@ def _fixed_layout() -> None:
             os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
-def child(spec: str, batch: int, budget: int, settings: str) -> None:
+def child(spec: str, batch: int, budget: int, settings: str, epochs: int) -> None:
     """In a fresh process: the user's fit at ``batch``; prints one JSON line."""
-    global FIT_EPOCHS
-    FIT_EPOCHS = int(os.environ.get("BENCH_FIT_EPOCHS", FIT_EPOCHS))
     if settings == "worker":
         _fixed_layout()
     from batchfit.backend import get_backend
@@ -113,8 +112,7 @@ def child(spec: str, batch: int, budget: int, settings: str) -> None:
         x, y = batch_fn(FIT_BATCHES * batch)
         xv, yv = batch_fn(batch)
         t0 = time.perf_counter()
-        model.fit(x, y, batch_size=batch, epochs=FIT_EPOCHS, validation_data=(xv, yv),
-                  verbose=0)
+        model.fit(x, y, batch_size=batch, epochs=epochs, validation_data=(xv, yv), verbose=0)
         out.update(fits=True, seconds=round(time.perf_counter() - t0, 2))
     except Exception as exc:  # noqa: BLE001 - recorded
         out.update(fits=False, oom=backend.is_oom_error(exc),
@@ -122,7 +120,7 @@ def child(spec: str, batch: int, budget: int, settings: str) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def user_fit(spec: str, batch: int, budget: int, settings: str) -> dict:
+def user_fit(spec: str, batch: int, budget: int, settings: str, epochs: int) -> dict:
     """The user's fit at ``batch`` in a fresh process under ``settings``."""
     from batchfit.backend import get_backend
 
@@ -133,11 +131,10 @@ def user_fit(spec: str, batch: int, budget: int, settings: str) -> dict:
         env.update({"TF_CPU_ALLOCATOR_USE_BFC": "true",
                     "TF_CPU_BFC_MEM_LIMIT_IN_MB": str(budget >> 20),
                     "TF_ENABLE_ONEDNN_OPTS": "0", "CUDA_VISIBLE_DEVICES": "-1"})
-    env["BENCH_FIT_EPOCHS"] = str(FIT_EPOCHS)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT),
                                          env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec, str(batch),
-           str(budget), settings]
+           str(budget), settings, str(epochs)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=FIT_TIMEOUT,
@@ -152,8 +149,8 @@ def user_fit(spec: str, batch: int, budget: int, settings: str) -> dict:
     return {**json.loads(line[7:]), "wall": round(time.perf_counter() - t0, 1)}
 
 
-def fit_k(spec: str, batch: int, budget: int, settings: str, k: int) -> dict:
-    runs = [user_fit(spec, batch, budget, settings) for _ in range(k)]
+def fit_k(spec: str, batch: int, budget: int, settings: str, k: int, epochs: int) -> dict:
+    runs = [user_fit(spec, batch, budget, settings, epochs) for _ in range(k)]
     return {"batch": batch, "fitted": sum(r["fits"] for r in runs), "of": k, "runs": runs}
 
 
@@ -203,7 +200,7 @@ def search(spec: str, memory: str, policy: str, confirm: int) -> dict:
 
 
 def run_case(case: str, runs: int, k: int, confirm: int, settings: list[str],
-             out: Path, data: dict) -> dict:
+             out: Path, data: dict, epochs: int) -> dict:
     from batchfit.core.sizes import parse_size
 
     name, memory = case.split(":")
@@ -226,8 +223,8 @@ def run_case(case: str, runs: int, k: int, confirm: int, settings: list[str],
               f"{base['ooms']} OOM, {base['seconds']} s): ratio "
               f"{found['time_ratio_vs_binsearch']}", flush=True)
         for s in settings:
-            found[f"fit_max_{s}"] = fit_k(spec, found["max_batch_size"], budget, s, k)
-            found[f"fit_safe_{s}"] = fit_k(spec, found["safe_batch_size"], budget, s, k)
+            found[f"fit_max_{s}"] = fit_k(spec, found["max_batch_size"], budget, s, k, epochs)
+            found[f"fit_safe_{s}"] = fit_k(spec, found["safe_batch_size"], budget, s, k, epochs)
             print(f"  {s}: max trained {found[f'fit_max_{s}']['fitted']}/{k}, safe "
                   f"{found[f'fit_safe_{s}']['fitted']}/{k}", flush=True)
         row["runs"].append(found)
@@ -283,9 +280,8 @@ def markdown(data: dict) -> str:
 
 
 def main() -> None:
-    global FIT_EPOCHS
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
@@ -299,7 +295,6 @@ def main() -> None:
     ap.add_argument("--fit-epochs", type=int, default=FIT_EPOCHS,
                     help=f"epochs of the user's fit (default {FIT_EPOCHS})")
     args = ap.parse_args()
-    FIT_EPOCHS = args.fit_epochs
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return
@@ -311,12 +306,12 @@ def main() -> None:
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "platform": platform.platform()},
             "runs": args.runs, "k": args.k, "confirm": args.confirm, "settings": settings,
-            "fit": f"{FIT_EPOCHS} epoch(s) of {FIT_BATCHES} batches, each + 1 validation "
+            "fit": f"{args.fit_epochs} epoch(s) of {FIT_BATCHES} batches, each + 1 validation "
                    f"batch, fresh process",
             "cases": []}
     t0 = time.perf_counter()
     for case in args.cases:
-        run_case(case, args.runs, args.k, args.confirm, settings, out, data)
+        run_case(case, args.runs, args.k, args.confirm, settings, out, data, args.fit_epochs)
     data["seconds"] = round(time.perf_counter() - t0, 1)
     out.write_text(json.dumps(data, indent=2) + "\n")
     print(markdown(data))

@@ -108,17 +108,13 @@ def test_steps_must_be_positive() -> None:
         ProbeRunner(_model(), _batch, steps=0)
 
 
-def test_probe_runs_fits_compiled_function_over_an_iterator_per_steps_per_execution() -> None:
-    import tensorflow as tf
-
-    m = _model()
-    m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", steps_per_execution=2)
-    runner = ProbeRunner(m, _batch, steps=4, settle_epochs=1)
-    runner.warm_up()
+def _count_train_calls(m: keras.Model) -> list[type]:
+    """The type of the iterator of each call of ``m.train_function``, however often a probe
+    builds it anew (each probe does)."""
     calls: list[type] = []
     build = m.make_train_function
 
-    def make_counting(force: bool = False) -> None:  # each probe builds its function anew
+    def make_counting(force: bool = False) -> None:
         build(force=force)
         compiled = m.train_function
 
@@ -129,6 +125,17 @@ def test_probe_runs_fits_compiled_function_over_an_iterator_per_steps_per_execut
         m.train_function = counting
 
     m.make_train_function = make_counting
+    return calls
+
+
+def test_probe_runs_fits_compiled_function_over_an_iterator_per_steps_per_execution() -> None:
+    import tensorflow as tf
+
+    m = _model()
+    m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", steps_per_execution=2)
+    runner = ProbeRunner(m, _batch, steps=4, settle_epochs=1)
+    runner.warm_up()
+    calls = _count_train_calls(m)
     assert runner.run(16).fits
     # 4 steps, 2 per execution: two calls of the function fit calls, each with fit's iterator
     # (a generator is what train_on_batch passes instead).
@@ -229,22 +236,9 @@ def test_a_restored_state_leaves_the_next_probe_measuring_what_the_first_did() -
 def test_a_probe_runs_epochs_over_its_batches_until_the_peak_settles() -> None:
     # fit's own path, epoch after epoch through one epoch iterator: at least 1 + 2 quiet
     # epochs, at most settle_epochs, each of `steps` steps; the state restored after all.
-    calls: list[int] = []
     m = _model()
     runner = ProbeRunner(m, _batch, steps=3, settle_epochs=5)
-    build = m.make_train_function
-
-    def make_counting(force: bool = False) -> None:
-        build(force=force)
-        compiled = m.train_function
-
-        def counting(iterator):
-            calls.append(1)
-            return compiled(iterator)
-
-        m.train_function = counting
-
-    m.make_train_function = make_counting
+    calls = _count_train_calls(m)
     p = runner.run(16)
     assert p.fits and p.peak_bytes is not None
     assert len(calls) % 3 == 0 and 9 <= len(calls) <= 15, len(calls)

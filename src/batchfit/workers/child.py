@@ -197,8 +197,9 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
         notes = [*notes, *xla["notes"]]
         # From here on nothing waits on I/O: the parent may watch for a wait on memory.
         t_built = time.perf_counter()
+        state = backend.state_bytes(model)  # counted once: building nothing, it does not change
         conn.send({"phase": "warm_up", "weights_bytes": backend.weights_bytes(model),
-                   "state_bytes": backend.state_bytes(model), "step_jit": xla["step_jit"]})
+                   "state_bytes": state, "step_jit": xla["step_jit"]})
         runner = backend.probe_runner(model, batch_fn, steps=config.steps, device=device,
                                       budget_bytes=config.budget_bytes, own_model=True)
         if hasattr(runner, "watch"):  # the parent's stall watch runs only inside steps
@@ -210,11 +211,11 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
         if failure is not None and failure[0]:
             conn.send({"ok": False, "oom": True, "error_type": "ResourceExhaustedError",
                        "weights_bytes": backend.weights_bytes(model),
-                       "state_bytes": backend.state_bytes(model),
+                       "state_bytes": state,
                        "message": failure[1]})
             return
         conn.send({"ok": True, "device": device, "model_name": model.name,
-                   "state_bytes": backend.state_bytes(model), "notes": notes,
+                   "state_bytes": state, "notes": notes,
                    "environment": backend.environment_info(), "pid": os.getpid(),
                    "step_jit": xla["step_jit"], "compiled": xla["compiled"],
                    "timings": {"build_s": round(t_built - t0, 3),

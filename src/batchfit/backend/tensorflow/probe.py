@@ -143,31 +143,30 @@ def weights_bytes(model: Any) -> int:
 def state_bytes(model: Any) -> int:
     """Bytes held by the model's and optimizer's variables: the floor of any batch's memory.
 
-    Builds nothing: an optimizer not built yet is counted from a copy of it built on one small
-    variable (its slots per variable, times the trainable bytes, plus its scalars), because
-    building the real one before the first step changes the step's own peak (see
-    ``own_model`` in :class:`ProbeRunner`).
+    Builds nothing: an optimizer not built yet adds its slots, counted from a copy of it built
+    on one small variable (slots per variable, times the trainable bytes), because building
+    the real one before the first step changes the step's own peak (see ``own_model`` in
+    :class:`ProbeRunner`).
     """
+    total = _bytes_of(model_variables(model, build=False))
     opt = getattr(model, "optimizer", None)
-    if opt is None or getattr(opt, "built", True):
-        return _bytes_of(model_variables(model, build=False))
-    return weights_bytes(model) + _bytes_of(unique_variables(
-        *metric_variable_groups(model))) + _unbuilt_optimizer_bytes(model, opt)
+    if opt is not None and not getattr(opt, "built", True):
+        total += _unbuilt_slots_per_variable(opt) * _bytes_of(model.trainable_variables)
+    return total
 
 
-def _unbuilt_optimizer_bytes(model: Any, opt: Any) -> int:
-    """What ``opt`` will hold once built for ``model`` (see :func:`state_bytes`)."""
+def _unbuilt_slots_per_variable(opt: Any) -> int:
+    """How many slots per trainable variable ``opt`` will create once built (its scalars,
+    the step counter and learning rate, exist before it is built)."""
     import keras
 
     try:
         probe_var = keras.Variable(np.zeros((8,), "float32"), name="batchfit_slot_probe")
         clone = opt.__class__.from_config(opt.get_config())
         clone.build([probe_var])
-        slots = sum(tuple(v.shape) == (8,) for v in clone.variables)
-        scalars = _bytes_of([v for v in clone.variables if tuple(v.shape) != (8,)])
+        return sum(tuple(v.shape) == (8,) for v in clone.variables)
     except Exception:  # noqa: BLE001 - a custom optimizer: count two slots, as Adam's
-        slots, scalars = 2, 16
-    return slots * _bytes_of(model.trainable_variables) + scalars
+        return 2
 
 
 def assign_whole(variable: Any, value: Any) -> None:
