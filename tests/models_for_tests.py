@@ -87,6 +87,27 @@ def marker_limited() -> keras.Model:
     return m
 
 
+class SettingsLimitLayer(keras.layers.Layer):
+    """Refuses batches above 64 in a process set up as a probe worker (one inter-op thread),
+    above 40 under TensorFlow's default settings: a model that needs more room there."""
+
+    def call(self, x):
+        worker = tf.config.threading.get_inter_op_parallelism_threads() == 1
+        limit = 64 if worker else 40
+        if x.shape[0] is not None and x.shape[0] > limit:
+            raise ValueError(f"batch {x.shape[0]} exceeds this process's limit {limit}")
+        return x
+
+
+def settings_limited() -> keras.Model:
+    """A model with :class:`SettingsLimitLayer`; runs eagerly so the check sees the real batch."""
+    inp = keras.Input((8,))
+    out = keras.layers.Dense(1)(SettingsLimitLayer()(inp))
+    m = keras.Model(inp, out)
+    m.compile("sgd", "mse", run_eagerly=True)
+    return m
+
+
 def jit_mlp() -> keras.Model:
     """A small MLP whose training step Keras XLA-compiles (``jit_compile=True``)."""
     inp = keras.Input((64,))

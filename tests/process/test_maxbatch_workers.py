@@ -85,7 +85,8 @@ def test_confirmation_in_fresh_processes_steps_down_when_the_answer_does_not_hol
     assert 0 < r.max_batch_size == band.reliable <= 56
     # the answer fitted in 3 fresh processes after the step down (a search probe that ran in a
     # process that had run nothing counts as one), and every time it was tried
-    fresh = [p for p in r.probes if p.phase == "confirm" or not p.reused]
+    fresh = [p for p in r.probes if p.phase == "confirm" or (p.phase == "search"
+                                                            and not p.reused)]
     assert sum(p.fits for p in fresh if p.batch_size == r.max_batch_size) == 3
     assert all(p.fits for p in r.probes if p.batch_size == r.max_batch_size)
     assert 0 < r.safe_batch_size <= r.max_batch_size
@@ -97,3 +98,21 @@ def test_confirm_zero_skips_confirmation() -> None:
                                      memory="256MiB", upper=200, confirm=0)
     assert r.max_batch_size == 64 and all(p.phase == "search" for p in r.probes)
     assert r.band is not None and r.band.confirmations == 0 and not r.band.confirmed
+    assert r.band.safe_checks == 0  # nor the safe size's check under the default settings
+
+
+def test_the_safe_size_steps_down_where_the_default_settings_need_more_room() -> None:
+    # 64 fits under the workers' settings, only 40 under TensorFlow's defaults (the layer reads
+    # the process's inter-op threads): max_batch_size stays the workers' answer, and the safe
+    # size, probed in fresh processes under the defaults, steps down until it fits there 3/3.
+    r = batchfit.find_max_batch_size(f"{MODELS}:settings_limited", memory="256MiB", upper=200)
+    assert r.max_batch_size == 64 and r.band.confirmed
+    safe = [p for p in r.probes if p.phase == "safe"]
+    assert safe and not safe[0].fits and safe[0].batch_size > 40
+    assert "limit 40" in safe[0].detail and not any(p.reused for p in safe)
+    assert 0 < r.safe_batch_size <= 40
+    assert sum(p.fits for p in safe if p.batch_size == r.safe_batch_size) == 3
+    assert all(p.fits == (p.batch_size <= 40) for p in safe)
+    assert r.band.safe_checks == 3 and r.band.safe_confirmed
+    assert "default CPU settings" in r.band.safe_settings
+    assert any("stepped down to" in n and "safe_batch_size" in n for n in r.notes)

@@ -281,7 +281,7 @@ def test_an_edge_set_by_the_upper_bound_keeps_the_margin_under_the_budget() -> N
     assert safe_size(band_of(trials), trials, budget_bytes=BUDGET, **kw).batch_size == 64
     tight = FIXED + PER_SAMPLE * 64 + 4 * MiB            # 264 MiB: its 3% (7.9 MiB) does not fit
     s = safe_size(band_of(trials), trials, budget_bytes=tight, **kw)
-    assert s.batch_size == 62 and "nothing failed above 64" in s.reason     # (264-7.9-100)/2.5
+    assert s.batch_size == 62 and "no size ran out of memory above 64" in s.reason     # (264-7.9-100)/2.5
 
 
 # ---------------------------------------------------------- the verb's use of the confirmation

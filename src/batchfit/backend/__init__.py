@@ -188,6 +188,20 @@ class Backend(abc.ABC):
     def configure_worker(self, device: str, budget_bytes: int | None) -> None:
         """In a fresh worker, before the model is built: make the device look like the budget."""
 
+    def default_settings(self, device: str, budget_bytes: int | None) -> str | None:
+        """How the framework runs by default on ``device`` where that differs from a
+        worker's settings (:meth:`configure_worker`), in words; ``None`` where it does not.
+
+        Where it differs, ``safe_batch_size`` is also confirmed under the defaults
+        (:mod:`batchfit.verbs.safe_check`).
+        """
+        return None
+
+    def configure_default(self, device: str, budget_bytes: int | None) -> None:
+        """In a fresh worker, before the model is built: the budget's cap only, the
+        framework's default settings otherwise (see :meth:`default_settings`)."""
+        self.configure_worker(device, budget_bytes)
+
     @abc.abstractmethod
     def own_fit(self, model: Any, batch_fn: Any, batch_size: int, *, epochs: int, steps: int,
                 device: str) -> dict[str, Any]:

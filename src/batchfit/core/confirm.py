@@ -353,7 +353,8 @@ def safe_size(band: Band, trials: Sequence[Trial], *, budget_bytes: float | None
     which = "headroom asked for" if headroom > min_margin else "fragmentation floor"
     floor_text = f"the {which}, {max(min_margin, headroom):.0%} of the budget"
     if not parts:
-        reason = f"nothing failed above {edge}: {floor_text}, kept free under the budget"
+        reason = (f"no size ran out of memory above {edge}: {floor_text}, kept free under "
+                  f"the budget")
     else:
         measured = ", ".join(parts)
         reason = f"the larger of {measured}" if len(parts) > 1 else measured

@@ -40,7 +40,7 @@ class ProbeLog:
     def __call__(self, probe: Probe) -> None:
         self.count += 1
         style = _OUTCOME_STYLE.get(probe.outcome, "")
-        kind = "confirm" if probe.phase == "confirm" else "probe"
+        kind = {"confirm": "confirm", "safe": "safe"}.get(probe.phase, "probe")
         line = (f"{kind} {self.count:>2}  batch {probe.batch_size:>8}  "
                 f"[{style}]{probe.outcome:<11}[/{style}] {_bytes(probe.peak_bytes):>11}  "
                 f"{probe.seconds:>5.1f} s")
@@ -100,9 +100,14 @@ def _safe_line(result: MaxBatchResult, per_replica: str = "") -> str:
         return f"{result.safe_batch_size}{per_replica} ({free}{why})"
     budget = result.memory_budget_bytes
     pct = f", {band.margin_bytes / budget:.1%} of the budget" if budget else ""
-    return (f"{result.safe_batch_size}{per_replica}: a margin of "
+    checked = ""
+    if band.safe_checks:
+        verdict = "fitted" if band.safe_confirmed else "not confirmed in"
+        checked = (f"; {verdict} {band.safe_checks} of {band.safe_checks} fresh processes "
+                   f"under {_escape(band.safe_settings)}")
+    return (f"{result.safe_batch_size}{per_replica}: a margin of at least "
             f"{format_bytes(band.margin_bytes)}{pct} below the reliable edge "
-            f"({_escape(band.margin_reason)}); {free}")
+            f"({_escape(band.margin_reason)}){checked}; {free}")
 
 
 def render_max(result: MaxBatchResult, console: Console | None = None, *,

@@ -37,9 +37,10 @@ class Probe(_Serializable):
         seconds: wall time of the whole probe, tracing included.
         step_seconds: median time of one training step after the first (``None`` if unknown).
         detail: why it did not fit (the error's first line), or notes.
-        phase: ``"search"`` (a probe the search policy asked for) or ``"confirm"`` (one of the
-            confirmations in a fresh process that end the search). Files written before
-            confirmation existed load with ``"search"``.
+        phase: ``"search"`` (a probe the search policy asked for), ``"confirm"`` (one of the
+            confirmations in a fresh process that end the search) or ``"safe"`` (the safe
+            size probed in a fresh process under the framework's default settings). Files
+            written before confirmation existed load with ``"search"``.
         reused: whether it ran in a worker process that had run smaller, fitting probes
             before (the model built and traced once for them); ``False``: a fresh process.
     """
@@ -101,6 +102,10 @@ class Band(_Serializable):
         margin_bytes: what ``safe_batch_size`` keeps below the reliable edge's peak, in bytes
             (``None`` without a memory model).
         margin_reason: how that margin was sized, in words.
+        safe_checks: fresh processes ``safe_batch_size`` was also probed in under the
+            framework's default settings (0: not checked; see :mod:`batchfit.verbs.safe_check`).
+        safe_confirmed: it fitted in all of them (after any step down).
+        safe_settings: those settings, in words.
     """
 
     reliable: int = 0
@@ -111,6 +116,9 @@ class Band(_Serializable):
     step_downs: int = 0
     margin_bytes: float | None = None
     margin_reason: str = ""
+    safe_checks: int = 0
+    safe_confirmed: bool = False
+    safe_settings: str = ""
 
 
 @register_result

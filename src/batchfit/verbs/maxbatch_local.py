@@ -37,6 +37,7 @@ from ..errors import (
 from ..results import Band, MaxBatchResult, MemoryModel, Probe
 from .maxbatch_xla import settle_worker, xla_prior, xla_worker_config
 from .resolve import ResolvedModel, resolve, validate_model_arg
+from .safe_check import SAFE_PHASE, check_safe_by_default
 
 ISOLATION_MODES = ("auto", "process", "none")
 DEFAULT_UPPER = 1 << 20
@@ -304,7 +305,17 @@ def search_max_batch_size(
         notes.append("the allocator kept no statistics, so no peaks were measured (on CPU, "
                      "set TF_CPU_ALLOCATOR_USE_BFC=true before importing TensorFlow)")
     band, safe, free = _safe(band, everything, mem_model, place.budget, headroom, granularity,
-                             notes)
+                             notes, memory_bound=_memory_slope(probes, mem_model) is not None)
+    if prober.worker is not None and confirm_policy is not None:
+        checked = check_safe_by_default(
+            prober.worker.config, safe, k=confirm, granularity=granularity,
+            per_sample_bytes=_memory_slope(probes, mem_model), probe_timeout=probe_timeout, probes=probes, on_probe=on_probe, notes=notes)
+        if checked.checks:
+            free = _free_at(mem_model, place.budget, checked.batch_size, free)
+            safe = checked.batch_size
+            band = dataclasses.replace(band, safe_checks=checked.checks,
+                                       safe_confirmed=checked.confirmed,
+                                       safe_settings=checked.settings)
     bad = [p for p in probes if p.outcome in ("crashed", "timeout")]
     if bad:
         notes.append(f"{len(bad)} probe(s) killed the worker ({bad[0].detail[:120]}); "
@@ -335,9 +346,8 @@ def _confirm(prober: _Prober, trials: list[Trial], probes: list[Probe], k: int,
                       "which needs process isolation (isolate='process'); the answer is the "
                       "search's single draw")
         return [], None, []
-    model = _fit(probes)
     policy = ConfirmPolicy(k=k, granularity=granularity, budget_bytes=budget,
-                           per_sample_bytes=model.per_sample_bytes if model else None)
+                           per_sample_bytes=_memory_slope(probes, _fit(probes)))
     answer = band_of(trials).reliable
     shared = _fresh_search_fits(prober, probes)
     prober.worker.prefetch(_confirm_spares(k))
@@ -384,10 +394,28 @@ def _fresh_search_fits(prober: _Prober, probes: list[Probe]) -> list[Trial]:
             if p.phase == "search" and p.fits and not p.reused]
 
 
+#: Outcomes that say memory set the limit (a refusal by the model does not).
+_MEMORY_OUTCOMES = ("oom", "over_budget", "at_limit", "crashed", "timeout")
+
+
+def _memory_slope(probes: list[Probe], model: MemoryModel | None) -> float | None:
+    """The memory model's bytes per sample where memory set the limit (some probe failed for
+    memory), to size steps and margins in samples; ``None`` otherwise: a model whose size is
+    limited by something else (a layer refusing large batches) can have a per-sample memory
+    so small that a margin of a few MiB is thousands of samples."""
+    if model is None or not any(p.outcome in _MEMORY_OUTCOMES for p in probes):
+        return None
+    return model.per_sample_bytes
+
+
 def _safe(band: Band, trials: list[Trial], model: MemoryModel | None, budget: int | None,
-          headroom: float, granularity: int, notes: list[str]) -> tuple[Band, int, float]:
-    """The band with its margin, ``safe_batch_size`` and the fraction of the budget left free."""
-    s = safe_size(band, trials, budget_bytes=budget,
+          headroom: float, granularity: int, notes: list[str], *,
+          memory_bound: bool = True) -> tuple[Band, int, float]:
+    """The band with its margin, ``safe_batch_size`` and the fraction of the budget left free
+    (``memory_bound``: a failure above the edge was memory's; if not, the margin is kept
+    under the budget, as when nothing failed)."""
+    sized = band if memory_bound else dataclasses.replace(band, never=None)
+    s = safe_size(sized, trials, budget_bytes=budget,
                   per_sample_bytes=model.per_sample_bytes if model else None,
                   fixed_bytes=model.fixed_bytes if model else None, granularity=granularity,
                   headroom=headroom)
@@ -432,10 +460,18 @@ def _stall_timeout(probes: list[Probe], batch_size: int, limit: float) -> float:
     return min(limit, STALL_GRACE_SECONDS + STALL_FACTOR * max(estimates))
 
 
+def _free_at(model: MemoryModel | None, budget: int | None, size: int, free: float) -> float:
+    """The fraction of the budget the memory model predicts free at ``size`` (else ``free``)."""
+    if model is None or not budget:
+        return free
+    return max(0.0, 1.0 - model.predict(size) / budget)
+
+
 def _fit(probes: list[Probe]) -> MemoryModel | None:
+    """The memory model of the probes that fitted under the workers' settings."""
     pts: dict[int, float] = {}
     for p in probes:
-        if p.fits and p.peak_bytes is not None:
+        if p.fits and p.peak_bytes is not None and p.phase != SAFE_PHASE:
             pts[p.batch_size] = float(p.peak_bytes)
     if len(pts) < 2:
         return None

@@ -188,7 +188,10 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
     t0 = time.perf_counter()
     try:
         device = config.device
-        backend.configure_worker(device, config.budget_bytes)
+        if getattr(config, "settings", "worker") == "default":
+            backend.configure_default(device, config.budget_bytes)
+        else:
+            backend.configure_worker(device, config.budget_bytes)
         model = None
         model = build_model(config.source)
         xla = prepare_xla(backend, model, config)

@@ -102,6 +102,10 @@ class WorkerConfig:
     #: the rest skip it: every probe traces its own steps anyway, and on real models the
     #: warm-up cost as much as a probe (ResNet50 at 64x64: 12.8 s; MobileNetV2: 9.4 s).
     warm_up: bool = True
+    #: ``"worker"``: the backend's worker settings (:meth:`~batchfit.backend.Backend.
+    #: configure_worker`); ``"default"``: the budget's cap only, the framework's defaults
+    #: otherwise (:meth:`~batchfit.backend.Backend.configure_default`)
+    settings: str = "worker"
 
 
 def worker_environment(device: str, budget_bytes: int | None) -> dict[str, str]:

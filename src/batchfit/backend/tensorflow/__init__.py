@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -159,6 +160,18 @@ class TensorFlowBackend(Backend):
         if device.upper().startswith("CPU") and budget_bytes is not None:
             tf.config.threading.set_inter_op_parallelism_threads(1)
             _reserve_single_region(tf, budget_bytes)
+
+    def default_settings(self, device: str, budget_bytes: int | None) -> str | None:
+        if not device.upper().startswith("CPU") or budget_bytes is None:
+            return None
+        return ("TensorFlow's default CPU settings (ops side by side, several threads each, "
+                "the allocator growing region by region)")
+
+    def configure_default(self, device: str, budget_bytes: int | None) -> None:
+        """The cap only (set in the environment): TensorFlow's own thread pools (the worker
+        environment's one intra-op thread is dropped before the runtime starts) and region
+        growth."""
+        os.environ.pop("TF_NUM_INTRAOP_THREADS", None)
 
     def framework_module(self) -> str:
         return "tensorflow"
