@@ -13,7 +13,8 @@ TensorFlow's default CPU behaviour otherwise (what the README's emulation told u
 ``both`` runs each. A binsearch search (batchfit's, no confirmation) right after each guided
 one, under the same load, gives that run's wall-time ratio; the case's ratio is their median.
 
-Cost per search, confirmations included: probes (the search's and the confirmations'),
+Cost per search, confirmations included: probes (the search's, the confirmations' and, from
+session 14, the safe size's under TensorFlow's default settings: ``safe_probes``),
 out-of-memory errors, step-downs, seconds, and of those the seconds until the first probe began
 (``startup_seconds``: the fork server and the first worker building and tracing the model, the
 same for every policy; ``time_ratio_after_startup`` compares what follows). Results go to
@@ -186,6 +187,7 @@ def search(spec: str, memory: str, policy: str, confirm: int) -> dict:
     band = r.band
     searched = [p for p in r.probes if p.phase == "search"]
     confirms = [p for p in r.probes if p.phase == "confirm"]
+    safes = [p for p in r.probes if p.phase == "safe"]
     startup = first[0] if first else None
     return {"search": policy, "confirm": confirm, "max_batch_size": r.max_batch_size,
             "safe_batch_size": r.safe_batch_size, "probes": len(r.probes),
@@ -194,6 +196,7 @@ def search(spec: str, memory: str, policy: str, confirm: int) -> dict:
             "after_startup_seconds": None if startup is None else round(r.seconds - startup, 1),
             "search_probes": len(searched), "confirm_probes": len(confirms),
             "confirm_failures": sum(not p.fits for p in confirms),
+            "safe_probes": len(safes), "safe_failures": sum(not p.fits for p in safes),
             "search_tolerance": r.search_tolerance, "trace": trace,
             "band": None if band is None else band.to_dict(),
             "margin_bytes": None if band is None else band.margin_bytes}
@@ -254,7 +257,7 @@ def markdown(data: dict) -> str:
     settings = data.get("settings", ["worker"])
     head = ("| case | run | max | safe (margin) | " + " | ".join(
         f"fit@max {s} | fit@safe {s}" for s in settings)
-        + " | probes (search + confirm) | OOMs | step-downs | s (startup) | binsearch s "
+        + " | probes (search + confirm [+ safe]) | OOMs | step-downs | s (startup) | binsearch s "
           "(probes, OOMs) | ratio |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in data["cases"]:
@@ -266,7 +269,8 @@ def markdown(data: dict) -> str:
                 f"{r[f'fit_max_{s}']['fitted']}/{r[f'fit_max_{s}']['of']} | "
                 f"{r[f'fit_safe_{s}']['fitted']}/{r[f'fit_safe_{s}']['of']}" for s in settings
                 if f"fit_max_{s}" in r)
-            split = (f" ({r['search_probes']} + {r['confirm_probes']})"
+            split = (f" ({r['search_probes']} + {r['confirm_probes']}"
+                     + (f" + {r['safe_probes']}" if "safe_probes" in r else "") + ")"
                      if "search_probes" in r else "")
             start = f" ({r['startup_seconds']})" if r.get("startup_seconds") is not None else ""
             downs = (r.get("band") or {}).get("step_downs", "-")
