@@ -319,3 +319,19 @@ def test_only_fits_in_processes_that_had_run_nothing_are_shared(monkeypatch) -> 
     kept = SimpleNamespace(worker=SimpleNamespace(fresh_each_probe=False))
     assert _fresh_search_fits(kept, probes) == []
     assert _fresh_search_fits(SimpleNamespace(worker=None), probes) == []
+
+
+def test_below_a_size_that_fitted_sometimes_the_step_is_not_doubled() -> None:
+    # Measured (session 14, CNN under 128 MiB, 0.31 MiB a sample in the memory model): the
+    # confirmation failed at 219 and 206, then 181 fitted twice and failed once. Doubling the
+    # step a third time went to 131 (where 172 trains); 181 is on the edge: one step below it.
+    budget, per_sample = 128 * MiB, 0.31 * MiB
+    policy = ConfirmPolicy(k=3, budget_bytes=budget, per_sample_bytes=per_sample)
+    searched = [Trial(8, True), Trial(20, True), Trial(219, True), Trial(229, False)]
+    edge = [Trial(219, False), Trial(206, False), Trial(181, True), Trial(181, True),
+            Trial(181, False)]
+    assert policy.next_size(searched, edge[:1]) == 206              # one step: 13 samples
+    assert policy.next_size(searched, edge[:2]) == 181              # doubled: 25
+    assert policy.next_size(searched, edge) == 181 - 13             # on the edge: one step
+    made = run_confirmation(policy, searched, lambda b: Trial(b, fits=b <= 172 or b == 181))
+    assert band_of(searched + made).reliable >= 160
