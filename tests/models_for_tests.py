@@ -67,45 +67,51 @@ def uncompiled_model() -> keras.Model:
     return keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
 
 
-class MarkerLimitLayer(keras.layers.Layer):
-    """Refuses batches above 64, or above 56 once the file ``$BATCHFIT_TEST_MARKER`` exists:
-    a device whose limit moves between processes, as near a capped allocator's limit."""
+class ProcessLimitLayer(keras.layers.Layer):
+    """Refuses batches above :meth:`limit`, which a subclass reads from its process: a device
+    whose limit moves between processes, as near a capped allocator's limit."""
+
+    def limit(self) -> int:
+        raise NotImplementedError
 
     def call(self, x):
-        limit = 56 if os.path.exists(os.environ.get("BATCHFIT_TEST_MARKER", "")) else 64
+        limit = self.limit()
         if x.shape[0] is not None and x.shape[0] > limit:
             raise ValueError(f"batch {x.shape[0]} exceeds this process's limit {limit}")
         return x
+
+
+class MarkerLimitLayer(ProcessLimitLayer):
+    """Above 64, or above 56 once the file ``$BATCHFIT_TEST_MARKER`` exists."""
+
+    def limit(self) -> int:
+        return 56 if os.path.exists(os.environ.get("BATCHFIT_TEST_MARKER", "")) else 64
+
+
+class SettingsLimitLayer(ProcessLimitLayer):
+    """Above 64 in a process set up as a probe worker (one inter-op thread), above 40 under
+    TensorFlow's default settings: a model that needs more room there."""
+
+    def limit(self) -> int:
+        return 64 if tf.config.threading.get_inter_op_parallelism_threads() == 1 else 40
+
+
+def _eagerly_limited(layer: keras.layers.Layer) -> keras.Model:
+    """A model with ``layer``; runs eagerly so the layer sees the real batch."""
+    inp = keras.Input((8,))
+    m = keras.Model(inp, keras.layers.Dense(1)(layer(inp)))
+    m.compile("sgd", "mse", run_eagerly=True)
+    return m
 
 
 def marker_limited() -> keras.Model:
-    """A model with :class:`MarkerLimitLayer`; runs eagerly so the check sees the real batch."""
-    inp = keras.Input((8,))
-    out = keras.layers.Dense(1)(MarkerLimitLayer()(inp))
-    m = keras.Model(inp, out)
-    m.compile("sgd", "mse", run_eagerly=True)
-    return m
-
-
-class SettingsLimitLayer(keras.layers.Layer):
-    """Refuses batches above 64 in a process set up as a probe worker (one inter-op thread),
-    above 40 under TensorFlow's default settings: a model that needs more room there."""
-
-    def call(self, x):
-        worker = tf.config.threading.get_inter_op_parallelism_threads() == 1
-        limit = 64 if worker else 40
-        if x.shape[0] is not None and x.shape[0] > limit:
-            raise ValueError(f"batch {x.shape[0]} exceeds this process's limit {limit}")
-        return x
+    """A model with :class:`MarkerLimitLayer`."""
+    return _eagerly_limited(MarkerLimitLayer())
 
 
 def settings_limited() -> keras.Model:
-    """A model with :class:`SettingsLimitLayer`; runs eagerly so the check sees the real batch."""
-    inp = keras.Input((8,))
-    out = keras.layers.Dense(1)(SettingsLimitLayer()(inp))
-    m = keras.Model(inp, out)
-    m.compile("sgd", "mse", run_eagerly=True)
-    return m
+    """A model with :class:`SettingsLimitLayer`."""
+    return _eagerly_limited(SettingsLimitLayer())
 
 
 def jit_mlp() -> keras.Model:
