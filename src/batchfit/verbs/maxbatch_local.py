@@ -304,12 +304,14 @@ def search_max_batch_size(
     if not any(p.peak_bytes is not None for p in probes):
         notes.append("the allocator kept no statistics, so no peaks were measured (on CPU, "
                      "set TF_CPU_ALLOCATOR_USE_BFC=true before importing TensorFlow)")
+    slope = _memory_slope(probes, mem_model)
     band, safe, free = _safe(band, everything, mem_model, place.budget, headroom, granularity,
-                             notes, memory_bound=_memory_slope(probes, mem_model) is not None)
+                             notes, memory_bound=slope is not None)
     if prober.worker is not None and confirm_policy is not None:
         checked = check_safe_by_default(
             prober.worker.config, safe, k=confirm, granularity=granularity,
-            per_sample_bytes=_memory_slope(probes, mem_model), probe_timeout=probe_timeout, probes=probes, on_probe=on_probe, notes=notes)
+            per_sample_bytes=slope, probe_timeout=probe_timeout, probes=probes,
+            on_probe=on_probe, notes=notes)
         if checked.checks:
             free = _free_at(mem_model, place.budget, checked.batch_size, free)
             safe = checked.batch_size
