@@ -2,10 +2,9 @@
 
 Independently of the search's own probes: for each case it runs ``find_max_batch_size`` (what
 ``batchfit max`` runs) R times, then, for each run, the user's own ``model.fit`` (6 epochs of 4
-batches, each with a validation pass of 1 batch, ``verbose=0``; ``--fit-epochs``, 1 before
-session 13) in fresh processes, k times at the
-answer (``max_batch_size``) and k times at ``safe_batch_size``, and records how many of the k
-trained. The fresh process is set up as a probe worker is (the backend's
+batches, each with a validation pass of 1 batch, ``verbose=0``; ``--fit-epochs`` and
+``--fit-batches``; 1 epoch of 4 before session 13) in fresh processes, k times at the answer
+(``max_batch_size``) and k times at ``safe_batch_size``, and records how many of the k trained. The fresh process is set up as a probe worker is (the backend's
 ``worker_environment`` before TensorFlow is imported, ``configure_worker`` after: the capped
 allocator holding its budget as one region, one op at a time, a fixed address-space layout and
 hash seed): ``--settings worker``. ``--settings default`` caps the allocator only, with
@@ -56,6 +55,11 @@ MODELS = {
 }
 DEFAULT_CASES = ["cnn:128MiB", "cnn:256MiB", "transformer:64MiB", "transformer:128MiB",
                  "lstm:16MiB", "lstm:32MiB", "mobilenetv2:512MiB", "resnet50:512MiB"]
+#: batches per epoch of the user's fit (--fit-batches). More batches exercise the steps a long
+#: epoch is made of (Keras's data pipeline fetching beside the step; batchfit.core.settle.
+#: PROBE_STEPS), but the fit is on whole arrays, and the whole array sits in the capped allocator
+#: (on a GPU it stays in host memory): 16 batches of the CNN at 140 are 26 MiB of a 128 MiB cap.
+#: trust_s15.json ran with 16 and 2 epochs; the default stays 6 epochs of 4 (sessions 13-14)
 FIT_BATCHES = 4
 #: epochs of the user's fit (6 x 4 = 24 steps): a step's peak creeps up for ~15 steps before it
 #: settles (batchfit.core.settle), so a 1-epoch fit of 4 batches passed sizes that training
@@ -110,7 +114,7 @@ def child(spec: str, batch: int, budget: int, settings: str, epochs: int) -> Non
     try:
         model = backend.load_model(spec)
         batch_fn, _ = backend.make_batch_fn(model, None, None, 0)
-        x, y = batch_fn(FIT_BATCHES * batch)
+        x, y = batch_fn(int(os.environ.get("BENCH_FIT_BATCHES", FIT_BATCHES)) * batch)
         xv, yv = batch_fn(batch)
         t0 = time.perf_counter()
         model.fit(x, y, batch_size=batch, epochs=epochs, validation_data=(xv, yv), verbose=0)
@@ -298,10 +302,13 @@ def main() -> None:
     ap.add_argument("--markdown", metavar="JSON", help="print the table of a saved run")
     ap.add_argument("--fit-epochs", type=int, default=FIT_EPOCHS,
                     help=f"epochs of the user's fit (default {FIT_EPOCHS})")
+    ap.add_argument("--fit-batches", type=int, default=FIT_BATCHES,
+                    help=f"batches per epoch of the user's fit (default {FIT_BATCHES})")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return
+    os.environ["BENCH_FIT_BATCHES"] = str(args.fit_batches)  # the fits' processes read it
     settings = ["worker", "default"] if args.settings == "both" else [args.settings]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +317,7 @@ def main() -> None:
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "platform": platform.platform()},
             "runs": args.runs, "k": args.k, "confirm": args.confirm, "settings": settings,
-            "fit": f"{args.fit_epochs} epoch(s) of {FIT_BATCHES} batches, each + 1 validation "
+            "fit": f"{args.fit_epochs} epoch(s) of {args.fit_batches} batches, each + 1 validation "
                    f"batch, fresh process",
             "cases": []}
     t0 = time.perf_counter()

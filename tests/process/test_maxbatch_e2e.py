@@ -17,6 +17,9 @@ allowed: the bisection is one draw from the band, not a sharp truth; the benchma
 
 from __future__ import annotations
 
+import sys
+import textwrap
+
 import pytest
 
 import batchfit
@@ -95,3 +98,36 @@ def test_fit_rates_probe_every_size_in_every_round() -> None:
     assert all(p.outcome in ("oom", "at_limit") for p in rates[4096])
     with pytest.raises(ValueError, match="repeats"):
         fit_rates("tests/models_for_tests.py:seed_wide", "64MiB", [8], repeats=0)
+
+
+# The user's own training script: the Transformer of the examples on NumPy arrays of BATCHES
+# batches, 2 epochs with a validation pass, as a user writes it.
+USER_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from batchfit.examples.models import transformer
+    batch, batches = int(sys.argv[1]), int(sys.argv[2])
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 1000, (batches * batch, 64)).astype("int32")
+    y = rng.integers(0, 2, (batches * batch,)).astype("int32")
+    transformer().fit(x, y, batch_size=batch, epochs=2, validation_data=(x[:batch], y[:batch]),
+                      verbose=0)
+    print("TRAINED")
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_safe_size_trains_in_the_users_script_with_epochs_of_many_batches(
+        run_cli, tmp_path) -> None:
+    """Probes of 3 steps (until session 15) answered 120 for the Transformer under 64 MiB, with
+    a safe size of 114; the user's ``fit`` on arrays of 8 batches an epoch ran out of memory
+    at both (2 of 2 each, at its second step: while an epoch has batches left to fetch, Keras's
+    pipeline runs beside the step). The user's script under ``batchfit run`` is the check."""
+    result = batchfit.find_max_batch_size("batchfit.examples.models:transformer", memory="64MiB")
+    script = tmp_path / "train.py"
+    script.write_text(USER_SCRIPT)
+    proc = run_cli("run", "--memory", "64MiB", "--", sys.executable, str(script),
+                   str(result.safe_batch_size), "8")
+    assert proc.returncode == 0 and "TRAINED" in proc.stdout, (
+        result.safe_batch_size, proc.stdout[-500:] + proc.stderr[-2000:])

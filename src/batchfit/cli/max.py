@@ -8,6 +8,7 @@ from rich.console import Console
 
 from ..core.confirm import DEFAULT_CONFIRMATIONS
 from ..core.search import DEFAULT_SEARCH, POLICY_NAMES, check_search
+from ..core.settle import PROBE_STEPS
 from ..errors import InvalidInputError
 from ._common import (
     DEMO_MEMORY,
@@ -63,9 +64,11 @@ def add_search_arguments(p: argparse.ArgumentParser, *, steps: bool = True,
                 "sized from the measured band, at least 3%%)")
     p.add_argument("--headroom", type=float, default=headroom, help=text)
     if steps:
-        p.add_argument("--steps", type=int, default=3,
-                       help="training steps per epoch of a probe (default 3; a probe runs "
-                            "epochs until its peak stops rising, at most 8)")
+        p.add_argument("--steps", type=int, default=PROBE_STEPS,
+                       help=f"training steps per epoch of a probe (default {PROBE_STEPS}: with "
+                            f"fewer, Keras's data pipeline has stopped fetching and the steps "
+                            f"need less than an epoch of many batches; a probe runs epochs "
+                            f"until its peak stops rising, at most 8)")
     p.add_argument("--data", help="path/file.py:function returning (x, y) or a tf.data.Dataset")
     p.add_argument("--input-shape", action="append", metavar="[NAME=]DIMS",
                    help="length of None dimensions, e.g. tokens=128 (repeatable)")

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from ..errors import InvalidInputError
-from ..verbs.verify_fit import VERIFY_EPOCHS
+from ..verbs.verify_fit import VERIFY_BATCHES, VERIFY_EPOCHS
 from ._common import (
     DEMO_MEMORY,
     DEMO_MODEL,
@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=VERIFY_EPOCHS,
                    help=f"epochs per run (default {VERIFY_EPOCHS}: a step's peak takes ~15 steps "
                         f"to settle)")
-    p.add_argument("--steps", type=int, default=4, help="batches per epoch (default 4)")
+    p.add_argument("--steps", type=int, default=VERIFY_BATCHES,
+                   help=f"batches per epoch (default {VERIFY_BATCHES}: a user's epoch has many)")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes (default 3)")
     p.add_argument("--device", default="CPU:0", help="the device to emulate (default CPU:0)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")
@@ -88,7 +89,7 @@ def verify_answer(args: argparse.Namespace, console: Console, model: Any, batch:
     console.print()
     result = _run_verify(console, model, batch, budget, data=args.data,
                          input_shapes=parse_input_shapes(args.input_shape), epochs=VERIFY_EPOCHS,
-                         steps=4,
+                         steps=VERIFY_BATCHES,
                          repeats=args.verify, device=device)
     return EXIT_OK if result.all_fit else EXIT_FAIL
 

@@ -37,6 +37,18 @@ from ..errors import InvalidInputError
 SETTLE_SHARE = 0.0025
 SETTLE_MIN_BYTES = 64 << 10
 
+#: training steps per epoch of a probe. Keras's pipeline for arrays (a gather per batch, run
+#: ahead of the step by ``prefetch(AUTOTUNE)``) is still producing batches while the step runs
+#: only in an epoch with batches left to fetch; the step's peak differs then. Measured (the
+#: worker's settings, fresh processes): the CNN of the examples at 166 under 128 MiB read 91-114
+#: MiB in probes of 3 steps, 102-124 with 4, 126.1 (the cap's band) with 5 and 6 (of which 4
+#: MiB are the 2 more batches of data); the Transformer at 114 under 64 MiB (its data: 29 KiB a
+#: batch) fitted in probes of 3 steps and ran out of memory in 9 of 9 of 4, 6 and 8 steps, as
+#: ``fit`` on arrays did with 8 batches an epoch (2 of 2, also with ``steps_per_epoch=3`` over 8
+#: batches: what matters is data left to fetch, not the epoch's length). Three steps (Lightning's choice, and batchfit's until session 15) probe the end of a
+#: short epoch, not the steps a user's epoch of many batches is made of.
+PROBE_STEPS = 5
+
 
 @dataclass(frozen=True)
 class SettleRule:

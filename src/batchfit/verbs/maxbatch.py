@@ -9,6 +9,7 @@ from typing import Any
 from ..backend import get_backend
 from ..core.confirm import DEFAULT_CONFIRMATIONS, check_confirm
 from ..core.search import search_argument
+from ..core.settle import PROBE_STEPS
 from ..errors import InvalidInputError, NothingFitsError
 from ..results import MaxBatchResult, Probe
 from .maxbatch_local import search_max_batch_size, validate_search_args
@@ -25,7 +26,7 @@ def find_max_batch_size(
     input_shapes: Any = None,
     upper: int | None = None,
     headroom: float = 0.0,
-    steps: int = 3,
+    steps: int = PROBE_STEPS,
     isolate: str = "auto",
     device: str | None = None,
     probe_timeout: float = 600.0,
@@ -65,7 +66,8 @@ def find_max_batch_size(
         headroom: the least fraction of the budget ``safe_batch_size`` leaves free (default 0:
             the margin is sized from the band and the memory model alone, at least 3% of the
             budget; see :class:`~batchfit.results.Band`).
-        steps: training steps per probe (default 3).
+        steps: training steps per epoch of a probe (default
+            :data:`~batchfit.core.settle.PROBE_STEPS`, 5).
         isolate: ``"process"`` (worker process, budget enforced), ``"none"`` (this process;
             a budget is checked against measured peaks), or ``"auto"`` (process on CPU and for
             spec strings; in-process for a model object on a GPU this process already holds).

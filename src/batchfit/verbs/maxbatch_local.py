@@ -25,6 +25,7 @@ from ..core.confirm import (
 )
 from ..core.memory_model import fit_memory_model
 from ..core.search import Trial, check_search, make_policy, run_search, search_argument
+from ..core.settle import PROBE_STEPS
 from ..core.sizes import format_bytes, parse_size
 from ..core.validate import check_choice, check_int, is_int, is_number
 from ..errors import (
@@ -237,7 +238,7 @@ def search_max_batch_size(
     input_shapes: Any = None,
     upper: int | None = None,
     headroom: float = 0.0,
-    steps: int = 3,
+    steps: int = PROBE_STEPS,
     isolate: str = "auto",
     device: str | None = None,
     probe_timeout: float = 600.0,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.search import BinsearchPolicy, Trial, run_search
+from ..core.settle import PROBE_STEPS
 from ..core.sizes import parse_size
 from ..results import Probe
 from ..workers.worker import ModelSource, ProbeWorker, WorkerConfig
@@ -32,7 +33,7 @@ def _stall(jit: bool) -> dict[str, Any]:
     return {"stall_seconds": 0.0} if jit else {}
 
 
-def fresh_probe(model: Any, batch_size: int, memory: str | int, *, steps: int = 3,
+def fresh_probe(model: Any, batch_size: int, memory: str | int, *, steps: int = PROBE_STEPS,
                 data: Any = None, input_shapes: Any = None, device: str = "CPU:0",
                 seed: int = 0, probe_timeout: float = 600.0) -> Probe:
     """Run one probe in a brand-new worker process under ``memory`` and return it.
@@ -56,7 +57,7 @@ def fresh_probe(model: Any, batch_size: int, memory: str | int, *, steps: int = 
 
 def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
                    upper: int = 1 << 20, on_probe: Callable[[Probe], None] | None = None,
-                   steps: int = 3, data: Any = None, input_shapes: Any = None,
+                   steps: int = PROBE_STEPS, data: Any = None, input_shapes: Any = None,
                    device: str = "CPU:0", seed: int = 0,
                    probe_timeout: float = 600.0, jit: bool = False
                    ) -> tuple[int, list[Probe], float]:
@@ -94,7 +95,7 @@ def exhaustive_max(model: Any, memory: str | int, *, granularity: int = 1,
 
 
 def fit_rates(model: Any, memory: str | int, sizes: list[int], *, repeats: int = 3,
-              steps: int = 3, data: Any = None, input_shapes: Any = None,
+              steps: int = PROBE_STEPS, data: Any = None, input_shapes: Any = None,
               device: str = "CPU:0", seed: int = 0, probe_timeout: float = 600.0,
               on_probe: Callable[[Probe], None] | None = None,
               jit: bool = False) -> dict[int, list[Probe]]:

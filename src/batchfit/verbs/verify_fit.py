@@ -50,16 +50,22 @@ def _job(model: Any, batch_size: int, *, data: Any, input_shapes: Any, epochs: i
             "batch_size": batch_size, "epochs": epochs, "steps": steps, "seed": seed}
 
 
-#: epochs of 4 batches a verification trains by default (24 steps): a step's peak creeps up for
-#: ~15 steps before it settles (see :mod:`batchfit.core.settle`), so one epoch of 4 batches
-#: passed sizes that longer training does not (ResNet50 at 22 under 512 MiB: 2 of 3 with 4
-#: batches, out of memory in 2 of 2 probes of 8 steps)
-VERIFY_EPOCHS = 6
+#: epochs a verification trains by default, of :data:`VERIFY_BATCHES` batches (32 steps): a
+#: step's peak creeps up for ~15 steps before it settles (see :mod:`batchfit.core.settle`), so
+#: one epoch of 4 batches passed sizes that longer training does not (ResNet50 at 22 under 512
+#: MiB: 2 of 3 with 4 batches, out of memory in 2 of 2 probes of 8 steps)
+VERIFY_EPOCHS = 2
+#: batches per epoch: an epoch of many batches, as users train, not 4 (6 epochs of 4 until
+#: session 15): while an epoch has batches left to fetch, Keras's data pipeline runs beside the
+#: step and the step needs more (see :data:`batchfit.core.settle.PROBE_STEPS`). Measured: the
+#: Transformer of the examples at 114 under 64 MiB trained with 2, 3 and 5 batches an epoch and
+#: ran out of memory with 6 and 8.
+VERIFY_BATCHES = 16
 
 
 def verify_batch_size(model: Any, batch_size: int, memory: str | int = "512MiB", *,
                       data: Any = None, input_shapes: Any = None, epochs: int = VERIFY_EPOCHS,
-                      steps: int = 4, repeats: int = 3, device: str = "CPU:0", seed: int = 0,
+                      steps: int = VERIFY_BATCHES, repeats: int = 3, device: str = "CPU:0", seed: int = 0,
                       timeout: float = 900.0,
                       on_run: Callable[[VerifyRun], None] | None = None) -> VerifyResult:
     """Train with the model's own ``fit`` at ``batch_size`` in ``repeats`` fresh processes.
@@ -77,8 +83,8 @@ def verify_batch_size(model: Any, batch_size: int, memory: str | int = "512MiB",
         data: ``(x, y)``, a ``tf.data.Dataset`` or a ``"file.py:function"`` spec; ``None``
             synthesizes data from the model's inputs and loss, as the probes do.
         input_shapes: lengths of ``None`` dimensions when synthesizing (as for ``max``).
-        epochs: epochs per run (default :data:`VERIFY_EPOCHS`, 6).
-        steps: training batches per epoch.
+        epochs: epochs per run (default :data:`VERIFY_EPOCHS`, 2).
+        steps: training batches per epoch (default :data:`VERIFY_BATCHES`, 16).
         repeats: fresh processes.
         device: the device to emulate.
         seed: the seed of synthesized data.

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ..core.settle import PROBE_STEPS
 from ..errors import (
     InvalidInputError,
     ModelLoadError,
@@ -89,7 +90,7 @@ class WorkerConfig:
     source: ModelSource
     data: Any = None                # a DataSample, a data spec string, or None (synthesize)
     input_shapes: Any = None
-    steps: int = 3
+    steps: int = PROBE_STEPS
     device: str = "CPU:0"           # "CPU:0" or "GPU:0"
     budget_bytes: int | None = None
     seed: int = 0

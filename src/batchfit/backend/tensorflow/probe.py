@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ...core.settle import SettleRule
+from ...core.settle import PROBE_STEPS, SettleRule
 from ...errors import error_line
 from ...results import Probe
 from ..oom import is_oom_error
@@ -465,7 +465,8 @@ class ProbeRunner:
     Args:
         model: a compiled ``keras.Model``; its state is restored after every probe.
         batch_fn: ``batch_fn(b) -> (x, y)`` builds one batch of ``b`` examples.
-        steps: training steps per probe (the first also traces; default 3, as Lightning).
+        steps: training steps per epoch of a probe (the first also traces; default
+            :data:`~batchfit.core.settle.PROBE_STEPS`, 5: see there why not Lightning's 3).
         device: allocator to read (``'CPU:0'``/``'GPU:0'``); default: the GPU if any.
         budget_bytes: the memory budget. A probe whose measured peak exceeds it is
             ``"over_budget"`` (when the budget is not enforced by the allocator itself); one
@@ -498,7 +499,7 @@ class ProbeRunner:
             its only probe is killed instead.
     """
 
-    def __init__(self, model: Any, batch_fn: BatchFn, *, steps: int = 3,
+    def __init__(self, model: Any, batch_fn: BatchFn, *, steps: int = PROBE_STEPS,
                  device: str | None = None, budget_bytes: int | None = None,
                  limit_margin: float = 0.02, own_model: bool = False,
                  settle_epochs: int = 8) -> None:
