@@ -159,6 +159,46 @@ def fit_k(spec: str, batch: int, budget: int, settings: str, k: int, epochs: int
     return {"batch": batch, "fitted": sum(r["fits"] for r in runs), "of": k, "runs": runs}
 
 
+def trains(spec: str, batch: int, budget: int, k: int, epochs: int, log: dict) -> bool:
+    """Whether the user's fit (worker settings) trains at ``batch`` k times of k; stops at the
+    first failure. ``log[batch]``: the runs."""
+    runs: list[dict] = []
+    for _ in range(k):
+        runs.append(user_fit(spec, batch, budget, "worker", epochs))
+        if not runs[-1]["fits"]:
+            break
+    log[batch] = {"fitted": sum(r["fits"] for r in runs), "tried": len(runs)}
+    return all(r["fits"] for r in runs) and len(runs) == k
+
+
+def fit_bisection(spec: str, budget: int, k: int, epochs: int, lo: int, hi: int) -> dict:
+    """The largest size at which the user's own fit trains k of k, by bisection of fit runs.
+
+    ``lo`` should train and ``hi`` should not; each is checked first (``lo`` halves until it
+    trains, ``hi`` grows by a quarter until it fails, a few times at most). Bisection stops at
+    1% of the size. Near the edge which sizes train is not monotone (the Transformer under 64
+    MiB ran out of memory at 114 and trained at 120 in one session): the result is one path
+    through the band, as a user bisecting by hand would find.
+    """
+    log: dict = {}
+    for _ in range(4):
+        if trains(spec, lo, budget, k, epochs, log):
+            break
+        hi, lo = lo, max(1, lo // 2)
+    for _ in range(4):
+        if not trains(spec, hi, budget, k, epochs, log):
+            break
+        lo, hi = hi, hi + max(1, hi // 4)
+    while hi - lo > max(1, lo // 100):
+        mid = (lo + hi) // 2
+        if trains(spec, mid, budget, k, epochs, log):
+            lo = mid
+        else:
+            hi = mid
+    return {"largest_trained": lo, "smallest_failed": hi, "k": k,
+            "sizes": {str(b): v for b, v in sorted(log.items())}}
+
+
 # ------------------------------------------------------------------------------- a case
 
 
@@ -207,7 +247,7 @@ def search(spec: str, memory: str, policy: str, confirm: int) -> dict:
 
 
 def run_case(case: str, runs: int, k: int, confirm: int, settings: list[str],
-             out: Path, data: dict, epochs: int) -> dict:
+             out: Path, data: dict, epochs: int, bisect: bool = False) -> dict:
     from batchfit.core.sizes import parse_size
 
     name, memory = case.split(":")
@@ -250,6 +290,17 @@ def run_case(case: str, runs: int, k: int, confirm: int, settings: list[str],
     row["answer_spread"] = max(answers) - min(answers)
     row["widest_band"] = max(widths, default=None)
     row["runs_agree_within_band"] = bool(widths) and row["answer_spread"] <= max(widths)
+    if bisect:
+        first = row["runs"][0]
+        never = (first.get("band") or {}).get("never")
+        hi = never if never and never > first["max_batch_size"] else (
+            first["max_batch_size"] + max(1, first["max_batch_size"] // 4))
+        truth = fit_bisection(spec, budget, k, epochs, first["safe_batch_size"], hi)
+        row["fit_bisection"] = truth
+        row["answer_vs_bisection"] = [round(a / max(1, truth["largest_trained"]), 3)
+                                      for a in answers]
+        print(f"  fit bisection: largest trained {k}/{k}: {truth['largest_trained']}, answers "
+              f"{row['answer_vs_bisection']} of it", flush=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     return row
 
@@ -284,6 +335,13 @@ def markdown(data: dict) -> str:
                          f"{r['ooms']} | {downs} | {r['seconds']}{start} | "
                          f"{b.get('seconds', '-')} ({b.get('probes', '-')}, "
                          f"{b.get('ooms', '-')}) | {ratio} |")
+    for row in data["cases"]:
+        t = row.get("fit_bisection")
+        if t:
+            lines.append(f"\n{row['case']}: the user's fit trained {t['k']}/{t['k']} up to "
+                         f"{t['largest_trained']} ({t['smallest_failed']} did not); answers "
+                         f"{', '.join(str(x) for x in row['answer_vs_bisection'])} of it "
+                         f"(sizes tried: {t['sizes']})")
     return "\n".join(lines)
 
 
@@ -302,6 +360,9 @@ def main() -> None:
     ap.add_argument("--markdown", metavar="JSON", help="print the table of a saved run")
     ap.add_argument("--fit-epochs", type=int, default=FIT_EPOCHS,
                     help=f"epochs of the user's fit (default {FIT_EPOCHS})")
+    ap.add_argument("--bisect", action="store_true",
+                    help="then bisect the user's fit (worker settings, k of k) for the largest "
+                         "size that trains, from the first run's safe size")
     ap.add_argument("--fit-batches", type=int, default=FIT_BATCHES,
                     help=f"batches per epoch of the user's fit (default {FIT_BATCHES})")
     args = ap.parse_args()
@@ -322,7 +383,8 @@ def main() -> None:
             "cases": []}
     t0 = time.perf_counter()
     for case in args.cases:
-        run_case(case, args.runs, args.k, args.confirm, settings, out, data, args.fit_epochs)
+        run_case(case, args.runs, args.k, args.confirm, settings, out, data, args.fit_epochs,
+                 args.bisect)
     data["seconds"] = round(time.perf_counter() - t0, 1)
     out.write_text(json.dumps(data, indent=2) + "\n")
     print(markdown(data))

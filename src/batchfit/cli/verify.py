@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"epochs per run (default {VERIFY_EPOCHS}: a step's peak takes ~15 steps "
                         f"to settle)")
     p.add_argument("--steps", type=int, default=VERIFY_BATCHES,
-                   help=f"batches per epoch (default {VERIFY_BATCHES}: a user's epoch has many)")
+                   help=f"batches per epoch (default {VERIFY_BATCHES}, as a probe's epoch)")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes (default 3)")
     p.add_argument("--device", default="CPU:0", help="the device to emulate (default CPU:0)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backend import get_backend
+from ..core.settle import PROBE_STEPS
 from ..core.sizes import parse_size
 from ..core.validate import check_int
 from ..errors import InvalidInputError, ModelLoadError
@@ -50,17 +51,17 @@ def _job(model: Any, batch_size: int, *, data: Any, input_shapes: Any, epochs: i
             "batch_size": batch_size, "epochs": epochs, "steps": steps, "seed": seed}
 
 
-#: epochs a verification trains by default, of :data:`VERIFY_BATCHES` batches (32 steps): a
+#: epochs a verification trains by default, of :data:`VERIFY_BATCHES` batches (30 steps): a
 #: step's peak creeps up for ~15 steps before it settles (see :mod:`batchfit.core.settle`), so
 #: one epoch of 4 batches passed sizes that longer training does not (ResNet50 at 22 under 512
 #: MiB: 2 of 3 with 4 batches, out of memory in 2 of 2 probes of 8 steps)
-VERIFY_EPOCHS = 2
-#: batches per epoch: an epoch of many batches, as users train, not 4 (6 epochs of 4 until
-#: session 15): while an epoch has batches left to fetch, Keras's data pipeline runs beside the
-#: step and the step needs more (see :data:`batchfit.core.settle.PROBE_STEPS`). Measured: the
-#: Transformer of the examples at 114 under 64 MiB trained with 2, 3 and 5 batches an epoch and
-#: ran out of memory with 6 and 8.
-VERIFY_BATCHES = 16
+VERIFY_EPOCHS = 6
+#: batches per epoch: as many as a probe's epoch (4 until session 15). The data go in as arrays,
+#: held whole in the capped allocator (see :mod:`batchfit.backend.tensorflow.own_fit`), so more
+#: batches would cost memory the probes did not count (16 batches of the CNN of the examples at
+#: 140 are 26 MiB of a 128 MiB cap); and with fewer than 5 the data pipeline stops fetching
+#: beside the step, which then needs less (see :data:`batchfit.core.settle.PROBE_STEPS`).
+VERIFY_BATCHES = PROBE_STEPS
 
 
 def verify_batch_size(model: Any, batch_size: int, memory: str | int = "512MiB", *,
@@ -83,8 +84,8 @@ def verify_batch_size(model: Any, batch_size: int, memory: str | int = "512MiB",
         data: ``(x, y)``, a ``tf.data.Dataset`` or a ``"file.py:function"`` spec; ``None``
             synthesizes data from the model's inputs and loss, as the probes do.
         input_shapes: lengths of ``None`` dimensions when synthesizing (as for ``max``).
-        epochs: epochs per run (default :data:`VERIFY_EPOCHS`, 2).
-        steps: training batches per epoch (default :data:`VERIFY_BATCHES`, 16).
+        epochs: epochs per run (default :data:`VERIFY_EPOCHS`, 6).
+        steps: training batches per epoch (default :data:`VERIFY_BATCHES`, 5).
         repeats: fresh processes.
         device: the device to emulate.
         seed: the seed of synthesized data.
