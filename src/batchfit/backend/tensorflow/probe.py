@@ -459,6 +459,28 @@ def trace_fit_path(model: Any, batch_fn: Any, state: Any, steps: int,
     return None
 
 
+def repeated_batches(batch_fn: BatchFn, batch_size: int, steps: int) -> tuple[Any, Any]:
+    """``steps`` batches of ``batch_size`` for a probe: one batch from ``batch_fn``, repeated.
+
+    A step's memory does not depend on the values; making ``steps`` distinct batches costs time
+    that grows with the batch: 100,000 synthesized samples of 64x32 took 6 s, with the stall
+    watch (which kills a probe waiting on memory after 1 s) not yet running.
+
+    Example:
+
+    >>> x, y = repeated_batches(lambda b: (np.arange(b), None), 2, 3)
+    >>> x.tolist(), y
+    ([0, 1, 0, 1, 0, 1], None)
+    """
+    xb, yb = batch_fn(batch_size)
+
+    def repeat(a: Any) -> Any:
+        return np.concatenate([np.asarray(a)] * steps) if steps > 1 else a
+
+    return (tf.nest.map_structure(repeat, xb),
+            None if yb is None else tf.nest.map_structure(repeat, yb))
+
+
 class ProbeRunner:
     """Measures training steps at chosen batch sizes on one model, in this process.
 
@@ -548,7 +570,7 @@ class ProbeRunner:
         phase = "training"
         held: list[Any] = []  # fit keeps its epoch iterator through validation: so does this
         try:
-            x, y = self.batch_fn(batch_size * self.steps)
+            x, y = repeated_batches(self.batch_fn, batch_size, self.steps)
             reset_peak(self.device)
             logs, step_times = train_like_fit(self.model, x, y, batch_size, watch=self.watch,
                                               hold=held, fresh=True, again=self._settling())
