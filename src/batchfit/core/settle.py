@@ -45,8 +45,9 @@ SETTLE_MIN_BYTES = 64 << 10
 #: MiB are the 2 more batches of data); the Transformer at 114 under 64 MiB (its data: 29 KiB a
 #: batch) fitted in probes of 3 steps and ran out of memory in 9 of 9 of 4, 6 and 8 steps, as
 #: ``fit`` on arrays did with 8 batches an epoch (2 of 2, also with ``steps_per_epoch=3`` over 8
-#: batches: what matters is data left to fetch, not the epoch's length). Three steps (Lightning's choice, and batchfit's until session 15) probe the end of a
-#: short epoch, not the steps a user's epoch of many batches is made of.
+#: batches: what matters is data left to fetch, not the epoch's length). Three steps
+#: (Lightning's choice, and batchfit's until session 15) probe the end of a short epoch, not the
+#: steps a user's epoch of many batches is made of.
 PROBE_STEPS = 5
 
 

@@ -66,8 +66,8 @@ VERIFY_BATCHES = PROBE_STEPS
 
 def verify_batch_size(model: Any, batch_size: int, memory: str | int = "512MiB", *,
                       data: Any = None, input_shapes: Any = None, epochs: int = VERIFY_EPOCHS,
-                      steps: int = VERIFY_BATCHES, repeats: int = 3, device: str = "CPU:0", seed: int = 0,
-                      timeout: float = 900.0,
+                      steps: int = VERIFY_BATCHES, repeats: int = 3, device: str = "CPU:0",
+                      seed: int = 0, timeout: float = 900.0,
                       on_run: Callable[[VerifyRun], None] | None = None) -> VerifyResult:
     """Train with the model's own ``fit`` at ``batch_size`` in ``repeats`` fresh processes.
 

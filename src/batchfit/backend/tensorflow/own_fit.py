@@ -41,18 +41,16 @@ def own_fit(model: Any, batch_fn: BatchFn, batch_size: int, *, epochs: int, step
     x, y = tf.nest.map_structure(np.asarray, batch_fn(batch_size * (steps + 1)))
     n = batch_size * steps
 
-    def part(lo: int, hi: int | None) -> Any:
-        return None if y is None else tf.nest.map_structure(lambda a: a[lo:hi], y)
+    def cut(tree: Any, lo: int, hi: int | None) -> Any:
+        return None if tree is None else tf.nest.map_structure(lambda a: a[lo:hi], tree)
 
-    x_train = tf.nest.map_structure(lambda a: a[:n], x)
-    x_val = tf.nest.map_structure(lambda a: a[n:], x)
-    val = (x_val,) if y is None else (x_val, part(n, None))
+    val = (cut(x, n, None),) if y is None else (cut(x, n, None), cut(y, n, None))
     try:
         tf.config.experimental.reset_memory_stats(device)
     except (ValueError, RuntimeError):
         pass
     try:
-        model.fit(x_train, part(0, n), batch_size=batch_size, epochs=epochs, verbose=0,
+        model.fit(cut(x, 0, n), cut(y, 0, n), batch_size=batch_size, epochs=epochs, verbose=0,
                   validation_data=val)
     except Exception as exc:  # noqa: BLE001 - reported to the parent as data
         outcome = "oom" if is_oom_error(exc) else "error"
