@@ -97,3 +97,24 @@ def test_a_gpu_worker_gets_a_pool_of_the_budget_and_this_process_none() -> None:
     with pytest.raises(InvalidInputError, match="nvidia-ml-py"):
         backend.worker_environment("GPU:0", 1 << 30)
     assert backend.worker_environment("CPU:0", 1 << 30)["JAX_PLATFORMS"] == "cpu"
+
+
+@pytest.mark.timeout(300)
+def test_fresh_probe_processes_load_the_step_an_earlier_one_compiled() -> None:
+    from pathlib import Path
+
+    from batchfit.workers.worker import ModelSource, ProbeWorker, WorkerConfig
+
+    worker = ProbeWorker(WorkerConfig(ModelSource.from_model("batchfit.examples.models:cnn")),
+                         fresh_each_probe=True)
+    try:
+        worker.start()
+        cache = Path(worker.config.compile_cache)
+        assert worker.probe(16).fits and worker.probe(16).fits
+        compiled = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()}
+        assert compiled, "no compiled program was kept"
+        assert worker.probe(16).fits  # a third fresh process loads, compiles and writes nothing
+        assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir()} == compiled
+    finally:
+        worker.close()
+    assert not cache.exists()

@@ -4,6 +4,8 @@ probes under a real allocator cap decide; a step XLA cannot compile falls back t
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +42,26 @@ def test_a_step_xla_cannot_compile_falls_back_to_probes_naming_the_layer(run_cli
     assert not r["xla_step"] and r["xla_prediction"] is None and r["max_batch_size"] > 0
     note = next(n for n in r["notes"] if "no compile-time prediction" in n)
     assert "'pyfn'" in note and "py_function" in note, note
+
+
+def test_the_processes_of_a_search_load_the_programs_an_earlier_one_compiled() -> None:
+    from batchfit.workers.worker import ModelSource, ProbeWorker, WorkerConfig
+
+    config = WorkerConfig(ModelSource.from_model("tests/models_for_tests.py:jit_mlp"),
+                          budget_bytes=64 << 20, jit_compile=True)
+    worker = ProbeWorker(config, fresh_each_probe=True)
+    try:
+        worker.start()
+        cache = worker.config.compile_cache
+
+        def entries() -> dict[str, int]:
+            return {f.name: f.stat().st_mtime_ns for f in Path(cache).iterdir()}
+
+        assert worker.probe(16).fits and worker.probe(16).fits
+        compiled = entries()
+        assert compiled, "no XLA program was kept"
+        assert worker.probe(16).fits          # a third fresh process, traced as the second
+        assert entries() == compiled          # loaded what the second compiled: nothing new
+    finally:
+        worker.close()
+    assert not os.path.exists(cache)   # the search's cache goes with it

@@ -180,6 +180,11 @@ class Backend(abc.ABC):
     def worker_environment(self, device: str, budget_bytes: int | None) -> dict[str, str]:
         """Environment variables a worker needs before the framework is imported (the cap)."""
 
+    def use_compile_cache(self, directory: str) -> None:
+        """In a fresh worker, before anything is compiled: keep compiled XLA programs in
+        ``directory`` and load them from there (the processes of one search compile the same
+        step at the same sizes). Nothing by default."""
+
     @abc.abstractmethod
     def preload(self) -> None:
         """Import what every worker needs, starting no runtime (the fork server runs this)."""

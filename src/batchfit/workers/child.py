@@ -188,6 +188,9 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
     t0 = time.perf_counter()
     try:
         device = config.device
+        cache = getattr(config, "compile_cache", "")
+        if cache and os.path.isdir(cache):
+            backend.use_compile_cache(cache)
         if getattr(config, "settings", "worker") == "default":
             backend.configure_default(device, config.budget_bytes)
         else:

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +108,10 @@ class WorkerConfig:
     #: configure_worker`); ``"default"``: the budget's cap only, the framework's defaults
     #: otherwise (:meth:`~batchfit.backend.Backend.configure_default`)
     settings: str = "worker"
+    #: a directory the worker keeps compiled XLA programs in and loads them from
+    #: (:meth:`~batchfit.backend.Backend.use_compile_cache`); a :class:`ProbeWorker` makes one
+    #: for its processes when this is empty, and removes it when closed
+    compile_cache: str = ""
 
 
 def worker_environment(device: str, budget_bytes: int | None) -> dict[str, str]:
@@ -115,6 +120,12 @@ def worker_environment(device: str, budget_bytes: int | None) -> dict[str, str]:
 
     return get_backend().worker_environment(device, budget_bytes)
 
+
+
+def _compile_cache_wanted() -> bool:
+    """Whether a worker's processes share compiled XLA programs (``BATCHFIT_COMPILE_CACHE=0``:
+    each compiles its own, as before session 16)."""
+    return os.environ.get("BATCHFIT_COMPILE_CACHE", "1") != "0"
 
 
 def _describe_exit(code: int | None) -> str:
@@ -251,6 +262,7 @@ class ProbeWorker:
         self._send_conn: Any = None
         self._spares: list[tuple[Any, Any, Any, str]] = []
         self._log_paths: list[str] = []
+        self._cache_dir = ""  # the compile cache this worker made (removed by close)
         self._closed = False  # the last _receive saw the worker's pipe close
         self._quiet = 0.0  # seconds the worker was seen waiting without running (stall watch)
         if stall_seconds is None and _watch_stalls(config):
@@ -349,6 +361,9 @@ class ProbeWorker:
         fd, log_path = tempfile.mkstemp(prefix="batchfit-worker-", suffix=".log")
         os.close(fd)
         self._log_paths.append(log_path)
+        if not self.config.compile_cache and _compile_cache_wanted():
+            self._cache_dir = tempfile.mkdtemp(prefix="batchfit-compiled-")
+            self.config.compile_cache = self._cache_dir
         env = dict(os.environ)
         env.update(worker_environment(self.config.device, self.config.budget_bytes))
         env.update(self.config.extra_env)
@@ -603,6 +618,11 @@ class ProbeWorker:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             self._log_paths.clear()
+        if self._cache_dir:
+            if self.config.compile_cache == self._cache_dir:
+                self.config.compile_cache = ""
+            shutil.rmtree(self._cache_dir, ignore_errors=True)
+            self._cache_dir = ""
 
     def __enter__(self) -> ProbeWorker:  # noqa: PYI034 - never subclassed
         try:

