@@ -12,6 +12,11 @@ processes. Results go to bench/results/max_jit.json; ``--markdown`` prints the t
     python bench/bench_jit.py --cases demo:96MiB --repeats 3
     python bench/bench_jit.py --markdown bench/results/max_jit.json
     python bench/bench_jit.py --phases cnn:128MiB     # what one XLA process spends, by phase
+    python bench/bench_jit.py --cache-ab --cases cnn:128MiB --repeats 2   # the compile cache
+
+``--cache-ab`` runs each search (guided, binsearch) with the processes' shared compile cache
+on and off (``BATCHFIT_COMPILE_CACHE``), alternating, ``--repeats`` times each, without the
+truth; results go to bench/results/jit_cache.json unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -75,6 +80,52 @@ def run_case(case: str, repeats: int) -> dict:
     row["band"] = {str(b): [p.outcome for p in ps] for b, ps in rates.items()}
     print(f"{case:14s} band      {row['band']}", flush=True)
     return row
+
+
+def cache_ab(case: str, repeats: int) -> dict:
+    """Each search with the compile cache on and off, alternating (a fresh fork server each)."""
+    from batchfit.workers.server import close_fork_server
+
+    name, memory = case.split(":")
+    row: dict = {"case": case, "runs": []}
+    for i in range(repeats):
+        for search in ("guided", "binsearch"):
+            for cache in ("1", "0") if i % 2 == 0 else ("0", "1"):
+                close_fork_server()
+                os.environ["BATCHFIT_COMPILE_CACHE"] = cache
+                s = _search(MODELS[name], memory, search)
+                s.pop("notes")
+                row["runs"].append({"search": search, "cache": cache == "1", **s})
+                print(f"{case:14s} {search:9s} cache={cache} max={s['max_batch_size']:5d} "
+                      f"search={s['search_probes']:2d} confirm={s['confirm_probes']} "
+                      f"{s['seconds']:6.1f}s", flush=True)
+    os.environ.pop("BATCHFIT_COMPILE_CACHE", None)
+    return row
+
+
+def cache_markdown(data: dict) -> str:
+    """Median wall time of each search with the cache on and off, and guided's ratio."""
+    import statistics
+
+    head = ("| case | search | answers (cache on / off) | wall s, cache on | wall s, cache off "
+            "| on / off |")
+    lines = [head, "|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        med: dict = {}
+        for search in ("guided", "binsearch"):
+            runs = {c: [r for r in row["runs"] if r["search"] == search and r["cache"] == c]
+                    for c in (True, False)}
+            med[search] = {c: statistics.median(r["seconds"] for r in rs)
+                           for c, rs in runs.items()}
+            answers = " / ".join(",".join(str(r["max_batch_size"]) for r in runs[c])
+                                 for c in (True, False))
+            lines.append(f"| {row['case']} | {search} | {answers} | {med[search][True]:.1f} "
+                         f"| {med[search][False]:.1f} "
+                         f"| {med[search][True] / med[search][False]:.2f} |")
+        lines.append(f"| {row['case']} | guided / binsearch | | "
+                     f"{med['guided'][True] / med['binsearch'][True]:.2f} | "
+                     f"{med['guided'][False] / med['binsearch'][False]:.2f} | |")
+    return "\n".join(lines)
 
 
 def phases(case: str, answer: int) -> dict:
@@ -145,18 +196,24 @@ def main() -> None:
     ap.add_argument("--markdown", metavar="JSON")
     ap.add_argument("--phases", metavar="CASE", help="time one process's phases (model:budget)")
     ap.add_argument("--answer", type=int, default=32, help="with --phases: the answer's size")
+    ap.add_argument("--cache-ab", action="store_true",
+                    help="each search with the shared compile cache on and off, no truth")
     args = ap.parse_args()
     if args.phases:
         print(json.dumps(phases(args.phases, args.answer)))
         return
     if args.markdown:
-        print(markdown(args.markdown))
+        data = json.loads(Path(args.markdown).read_text())
+        print(cache_markdown(data) if data.get("cache_ab") else markdown(args.markdown))
         return
     t0 = time.time()
-    rows = [run_case(c, args.repeats) for c in args.cases]
+    if args.cache_ab and args.out == ap.get_default("out"):
+        args.out = str(ROOT / "bench/results/jit_cache.json")
+    rows = [cache_ab(c, args.repeats) if args.cache_ab else run_case(c, args.repeats)
+            for c in args.cases]
     import tensorflow as tf
 
-    out = {"cases": args.cases, "repeats": args.repeats, "rows": rows,
+    out = {"cases": args.cases, "repeats": args.repeats, "rows": rows, "cache_ab": args.cache_ab,
            "seconds": round(time.time() - t0, 1),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "tensorflow": tf.__version__},

@@ -12,6 +12,7 @@ import batchfit
 from batchfit.backend import get_backend
 from batchfit.backend.jax.noise import gradient_norm_pairs
 from batchfit.backend.keras_common.sampler import ExampleSampler
+from batchfit.core.settle import LIMIT_MARGIN
 from batchfit.examples import models
 
 NA = "skipped: not applicable on the jax backend"
@@ -57,7 +58,7 @@ def test_max_on_cpu_is_the_largest_batch_whose_compiled_step_fits() -> None:
     budget = 4 << 20
     r = batchfit.find_max_batch_size(models.seed_sequence, memory=budget, isolate="none")
     backend, model = get_backend(), models.seed_sequence()
-    limit = 0.98 * budget  # the runner's limit margin: a peak within 2% does not count
+    limit = (1 - LIMIT_MARGIN) * budget  # the runner's margin: a peak that close is no fit
     at = backend.compiled_step_memory(model, r.max_batch_size).total_bytes
     above = backend.compiled_step_memory(model, r.max_batch_size + 1).total_bytes
     assert at < limit <= above, (r.max_batch_size, at, above)

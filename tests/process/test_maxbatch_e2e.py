@@ -25,6 +25,7 @@ import pytest
 import batchfit
 from batchfit.core.confirm import band_of
 from batchfit.core.search import Trial
+from batchfit.core.settle import LIMIT_MARGIN
 from batchfit.verbs.maxbatch_local import CONFIRM_SEARCH_TOLERANCE
 from batchfit.verbs.verify import exhaustive_max, fit_rates
 
@@ -81,7 +82,8 @@ def test_guided_finds_what_exhaustive_bisection_in_fresh_processes_finds(spec, m
     # every fitting probe ran within the budget, with the margin the answer promises
     for p in result.probes:
         if p.fits:
-            assert p.peak_bytes is not None and p.peak_bytes < 0.98 * result.memory_budget_bytes
+            assert p.peak_bytes is not None and (
+                p.peak_bytes < (1 - LIMIT_MARGIN) * result.memory_budget_bytes)
 
 
 @pytest.mark.slow

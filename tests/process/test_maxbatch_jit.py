@@ -22,8 +22,10 @@ def test_a_jit_model_is_searched_from_its_prediction_and_the_answer_fits() -> No
     assert search[0].batch_size == r.xla_prediction          # it started at the prediction
     # Fewer than a bisection's ~12 over these sizes. The benchmark holds the target (bench_jit:
     # <= 3 in the median); here 6 on its branch, 7 after the warm-up's single general trace was
-    # merged (the first failure, at_limit at the prediction, stepped down to about half).
-    assert len(search) <= 8, [(p.batch_size, p.outcome) for p in search]
+    # merged (the first failure, at_limit at the prediction, stepped down to about half). With
+    # probes of 5 steps (session 15) 8 or 9, measured in 6 runs of session 16: out of memory at
+    # the prediction (3152) and 3% under it, then up from 1070 to 2574-2702.
+    assert len(search) <= 9, [(p.batch_size, p.outcome) for p in search]
     assert any("XLA step" in n and "predicted" in n for n in r.notes)
     # confirmed in a fresh process: a confirmation, or a search fit in a process that had run
     # nothing (shared confirmations)

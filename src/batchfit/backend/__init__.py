@@ -50,6 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..core.settle import LIMIT_MARGIN
 from ..errors import MissingBackendError
 from .oom import is_oom_error
 
@@ -133,7 +134,7 @@ class Backend(abc.ABC):
     # -- probing -------------------------------------------------------------------------------
     @abc.abstractmethod
     def probe_runner(self, model: Any, batch_fn: BatchFn, *, steps: int, device: str,
-                     budget_bytes: int | None, limit_margin: float = 0.02,
+                     budget_bytes: int | None, limit_margin: float = LIMIT_MARGIN,
                      own_model: bool = False) -> Any:
         """A runner whose ``run(b)`` trains ``steps`` real steps at ``b`` and returns a
         :class:`~batchfit.results.Probe` (peak, timing, outcome), leaving the model unchanged.

@@ -44,6 +44,13 @@ USABLE_SHARE: float = 0.95
 #: batch's tensors sit in the region; no peak shows it.
 TEMPORARIES_ROOM = 2
 
+#: The margin an XLA step's predicted answer keeps under the budget (the start of a guided
+#: search, and the size the first worker compiles last): the rule the prediction was matched
+#: with (docs/benchmarks.md, "max on XLA-compiled steps"). Not the probes' ``at_limit``
+#: margin: an XLA step's peak at its limit reads about half the budget (its temporaries need
+#: one contiguous chunk), so that margin never binds it.
+XLA_MARGIN = 0.02
+
 
 def check_batch_sizes(sizes: Any) -> list[int]:
     """Batch sizes to compile, as a sorted list of distinct positive integers.
@@ -271,8 +278,22 @@ def card_assumption(reserve_bytes: int = CARD_RESERVE_BYTES, share: float = USAB
             f"reserve")
 
 
-__all__ = ["BEND_TOLERANCE", "CARD_RESERVE_BYTES", "COMMON_CARDS_GB", "TEMPORARIES_ROOM",
-           "USABLE_SHARE", "budget_batch",
-           "card_assumption", "card_table", "check_batch_sizes", "fit_line", "guided_next",
-           "guided_start", "largest_batch", "line_points", "upper_line",
-           "usable_bytes"]
+__all__ = [
+    "BEND_TOLERANCE",
+    "CARD_RESERVE_BYTES",
+    "COMMON_CARDS_GB",
+    "TEMPORARIES_ROOM",
+    "USABLE_SHARE",
+    "XLA_MARGIN",
+    "budget_batch",
+    "card_assumption",
+    "card_table",
+    "check_batch_sizes",
+    "fit_line",
+    "guided_next",
+    "guided_start",
+    "largest_batch",
+    "line_points",
+    "upper_line",
+    "usable_bytes",
+]

@@ -23,9 +23,10 @@ from ..core.confirm import (
     run_confirmation,
     safe_size,
 )
+from ..core.estimate import XLA_MARGIN
 from ..core.memory_model import fit_memory_model
 from ..core.search import Trial, check_search, make_policy, run_search, search_argument
-from ..core.settle import PROBE_STEPS
+from ..core.settle import LIMIT_MARGIN, PROBE_STEPS
 from ..core.sizes import format_bytes, parse_size
 from ..core.validate import check_choice, check_int, is_int, is_number
 from ..errors import (
@@ -42,7 +43,6 @@ from .safe_check import SAFE_PHASE, check_safe_by_default
 
 ISOLATION_MODES = ("auto", "process", "none")
 DEFAULT_UPPER = 1 << 20
-LIMIT_MARGIN = 0.02  # a fitting peak stays this fraction under the budget (see ProbeRunner)
 DEFAULT_SEARCH_TOLERANCE = 0.02  # guided stops within 2% below the smallest failure
 # ... and within 5% when fresh-process confirmations follow: they settle the edge (a band 4-8%
 # of the budget wide, measured), so the search's last bracketing probes, each a draw from that
@@ -273,7 +273,7 @@ def search_max_batch_size(
     if jit and prober.worker is None:
         notes.append("jit=True needs process isolation: the in-process probes ran the model's "
                      "step as it is")
-    prior = xla_prior(prober.info, place.budget, granularity, upper, LIMIT_MARGIN, steps,
+    prior = xla_prior(prober.info, place.budget, granularity, upper, XLA_MARGIN, steps,
                       notes) if search == "guided" else None
     search_tolerance = search_tolerance_for(search_tolerance, confirm,
                                             confirmable=prober.worker is not None)

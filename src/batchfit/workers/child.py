@@ -248,10 +248,6 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
                 finish()
 
 
-#: The probes' margin (``ProbeRunner``'s ``limit_margin``): the answer compiled sits under it.
-_LIMIT_MARGIN = 0.02
-
-
 def prepare_xla(backend: Any, model: Any, config: Any) -> dict[str, Any]:
     """Before any step: ``jit_compile`` (``config.jit_compile``) and, for an XLA step, its
     compile-time memory at ``config.compile_sizes`` and at the answer they predict for the
@@ -261,7 +257,7 @@ def prepare_xla(backend: Any, model: Any, config: Any) -> dict[str, Any]:
     compile is left as the model has it: with ``jit_compile`` asked for, the probes run the
     model's own step, and a note names the layer.
     """
-    from ..core.estimate import TEMPORARIES_ROOM, fit_line, largest_batch
+    from ..core.estimate import TEMPORARIES_ROOM, XLA_MARGIN, fit_line, largest_batch
     from ..errors import InvalidInputError
 
     forced = bool(getattr(config, "jit_compile", False))
@@ -277,7 +273,7 @@ def prepare_xla(backend: Any, model: Any, config: Any) -> dict[str, Any]:
         if len(compiled) >= 2 and config.budget_bytes:
             line = fit_line([(m.batch_size, m.total_bytes + (TEMPORARIES_ROOM - 1)
                               * m.temporaries) for m in compiled])
-            answer = largest_batch(line, config.budget_bytes * (1.0 - _LIMIT_MARGIN))
+            answer = largest_batch(line, config.budget_bytes * (1.0 - XLA_MARGIN))
             if answer >= 1 and answer not in sizes:
                 compiled.append(backend.compiled_step_memory(
                     model, answer, input_shapes=config.input_shapes))

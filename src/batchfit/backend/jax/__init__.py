@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ...core.settle import LIMIT_MARGIN
 from ...errors import InvalidInputError, MissingBackendError
 from .. import Backend, BatchFn
 
@@ -100,7 +101,7 @@ class JaxBackend(Backend):
 
     # -- probing -------------------------------------------------------------------------------
     def probe_runner(self, model: Any, batch_fn: BatchFn, *, steps: int, device: str,
-                     budget_bytes: int | None, limit_margin: float = 0.02,
+                     budget_bytes: int | None, limit_margin: float = LIMIT_MARGIN,
                      own_model: bool = False) -> Any:
         from .probe import JaxProbeRunner
 

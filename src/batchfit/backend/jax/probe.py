@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ...core.settle import LIMIT_MARGIN
 from ...errors import error_line
 from ...results import Probe
 from ..oom import is_oom_error
@@ -79,7 +80,7 @@ class JaxProbeRunner:
 
     def __init__(self, model: Any, batch_fn: BatchFn, *, steps: int = 3,
                  device: str | None = None, budget_bytes: int | None = None,
-                 limit_margin: float = 0.02) -> None:
+                 limit_margin: float = LIMIT_MARGIN) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if not 0 <= limit_margin < 1:

@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ...core.settle import LIMIT_MARGIN
 from .. import Backend, BatchFn
 
 MiB = 1 << 20
@@ -70,7 +71,7 @@ class TensorFlowBackend(Backend):
 
     # -- probing -------------------------------------------------------------------------------
     def probe_runner(self, model: Any, batch_fn: BatchFn, *, steps: int, device: str,
-                     budget_bytes: int | None, limit_margin: float = 0.02,
+                     budget_bytes: int | None, limit_margin: float = LIMIT_MARGIN,
                      own_model: bool = False) -> Any:
         from .probe import ProbeRunner
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ...core.settle import PROBE_STEPS, SettleRule
+from ...core.settle import LIMIT_MARGIN, PROBE_STEPS, SettleRule
 from ...errors import error_line
 from ...results import Probe
 from ..oom import is_oom_error
@@ -494,11 +494,12 @@ class ProbeRunner:
             ``"over_budget"`` (when the budget is not enforced by the allocator itself); one
             whose peak comes within ``limit_margin`` of it is ``"at_limit"``.
         limit_margin: fraction of the budget below which a peak must stay to count as fitting
-            (default 0.02). Measured under a capped allocator: near the cap an allocation that
-            cannot be served waits (up to 10 s) for other ops to free memory, the peak reads
-            "the budget" for a band of sizes, steps slow down, and whether a size in that band
-            passes depends on thread timing (the same size fitting in one fresh process and not
-            in the next). Sizes in the band are not reported as fitting.
+            (default :data:`~batchfit.core.settle.LIMIT_MARGIN`, 3%). Measured under a capped
+            allocator: near the cap an allocation that cannot be served waits (up to 10 s) for
+            other ops to free memory, the peak reads "the budget" for a band of sizes, steps
+            slow down, and whether a size in that band passes depends on thread timing (the
+            same size fitting in one fresh process and not in the next). Sizes in the band are
+            not reported as fitting.
         own_model: the model is this process's own (a probe worker's): an optimizer not built
             yet is left for the first probe's traced step to build, as a process's first
             ``fit`` does, and its slots are not restored between probes (their values change
@@ -523,7 +524,7 @@ class ProbeRunner:
 
     def __init__(self, model: Any, batch_fn: BatchFn, *, steps: int = PROBE_STEPS,
                  device: str | None = None, budget_bytes: int | None = None,
-                 limit_margin: float = 0.02, own_model: bool = False,
+                 limit_margin: float = LIMIT_MARGIN, own_model: bool = False,
                  settle_epochs: int = 8) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
