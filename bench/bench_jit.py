@@ -16,7 +16,8 @@ processes. Results go to bench/results/max_jit.json; ``--markdown`` prints the t
 
 ``--cache-ab`` runs each search (guided, binsearch) with the processes' shared compile cache
 on and off (``BATCHFIT_COMPILE_CACHE``), alternating, ``--repeats`` times each, without the
-truth; results go to bench/results/jit_cache.json unless ``--out`` says otherwise.
+truth; results go to bench/results/jit_cache.json unless ``--out`` says otherwise. With
+``KERAS_BACKEND=jax`` it runs on JAX (``--out bench/results/jit_cache_jax.json``).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ DEFAULT_CASES = ["demo:96MiB", "cnn:128MiB"]
 FAILED = ("oom", "crashed", "timeout")
 
 
-def _search(spec: str, memory: str, search: str) -> dict:
-    r = find_max_batch_size(spec, memory=memory, search=search, jit=True)
+def _search(spec: str, memory: str, search: str, jit: bool = True) -> dict:
+    r = find_max_batch_size(spec, memory=memory, search=search, jit=jit)
     found = [p for p in r.probes if p.phase != "confirm"]
     conf = [p for p in r.probes if p.phase == "confirm"]
     return {"max_batch_size": r.max_batch_size, "search_probes": len(found),
@@ -83,8 +84,13 @@ def run_case(case: str, repeats: int) -> dict:
 
 
 def cache_ab(case: str, repeats: int) -> dict:
-    """Each search with the compile cache on and off, alternating (a fresh fork server each)."""
+    """Each search with the compile cache on and off, alternating (a fresh fork server each).
+    On JAX (``KERAS_BACKEND=jax``: every step is XLA-compiled) the searches run without
+    ``jit=True``, which is TensorFlow's switch."""
+    from batchfit.backend import backend_name
     from batchfit.workers.server import close_fork_server
+
+    jit = backend_name() == "tensorflow"
 
     name, memory = case.split(":")
     row: dict = {"case": case, "runs": []}
@@ -93,7 +99,7 @@ def cache_ab(case: str, repeats: int) -> dict:
             for cache in ("1", "0") if i % 2 == 0 else ("0", "1"):
                 close_fork_server()
                 os.environ["BATCHFIT_COMPILE_CACHE"] = cache
-                s = _search(MODELS[name], memory, search)
+                s = _search(MODELS[name], memory, search, jit=jit)
                 s.pop("notes")
                 row["runs"].append({"search": search, "cache": cache == "1", **s})
                 print(f"{case:14s} {search:9s} cache={cache} max={s['max_batch_size']:5d} "
@@ -217,6 +223,7 @@ def main() -> None:
            "seconds": round(time.time() - t0, 1),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "tensorflow": tf.__version__},
+           "backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
            "command": "python bench/bench_jit.py " + " ".join(sys.argv[1:])}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out} ({out['seconds']} s)")
