@@ -632,10 +632,18 @@ class GuidedPolicy(SearchPolicy):
                                    granularity=g)
             else:
                 # It fitted where the prior says it is well over, or a second time (the size
-                # above the prior's boundary): the prior over-counts for this model. The peak line says how far is left; at least 1% up, so a failure
-                # there closes a bracket within the usual tolerance.
+                # above the prior's boundary): the prior over-counts for this model, by a
+                # little or by a lot. The peak line says how far is left, but an XLA step's
+                # peak reads about half the budget at its limit (the example CNN at 128 MiB,
+                # predicted 41: 41 and 42 fitted, the peak line said 77, and 77, 53, 46 and 44
+                # ran out of memory, 10 s each). So a second fit steps up by at most 2%: a
+                # failure there ends the search within tolerance, and a third fit hands over
+                # to the peak line (the plain search), where the prior was far off.
                 extra = max(0.0, usable - peak) / peak_slope
-                size = lo + max(g, math.ceil(0.01 * lo / g) * g, int(extra // g) * g)
+                step = int(extra // g) * g
+                if fitted >= 2:
+                    step = min(step, math.ceil(0.02 * lo / g) * g)
+                size = lo + max(g, math.ceil(0.01 * lo / g) * g, step)
         elif lo == 0 and hi is not None:
             over = next((t for t in hist if not t.fits and t.batch_size == hi
                          and t.peak_bytes is not None

@@ -51,11 +51,16 @@ def settle_worker(worker: Any, info: dict[str, Any], *, jit: bool) -> None:
     and caches would differ from a fresh training process's). The stall watch is off for an
     XLA step: measured on the CPU (demo_model, 96 MiB), an XLA step's worker sat quiet for a
     second in its warm-up at batch 1 and at sizes that fit, so the watch reported false
-    out-of-memory failures; an XLA step's failure waits TensorFlow's 10 s instead."""
+    out-of-memory failures; an XLA step's failure waits TensorFlow's 10 s instead. Nor does an
+    XLA step reuse a process for the next, larger fit (see :class:`~batchfit.workers.worker.
+    ProbeWorker`'s ``reuse_fits``): every size runs in a fresh process."""
     if worker is None:
         return
     if info.get("step_jit"):
         worker.stall_seconds = None
+        # Every size in a fresh process: the example CNN at 128 MiB fitted 43 in a process
+        # that had run 41 and 42, and ran out of memory at 43 in every fresh one (10 of 10).
+        worker.reuse_fits = False
     if not worker.config.compile_sizes:
         return
     worker.config = dataclasses.replace(
