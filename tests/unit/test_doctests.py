@@ -21,7 +21,7 @@ MODULES = [
     "batchfit.emulation.bootstrap", "batchfit.emulation.fit_job", "batchfit.core.estimate",
     "batchfit.results.estimate", "batchfit.report.estimate", "batchfit.verbs.estimate",
     "batchfit.backend.tensorflow.compiled", "batchfit.core.confirm", "batchfit.backend.keras_common.sampler",
-    "batchfit.report.backend", "batchfit.verbs.maxbatch_xla",
+    "batchfit.report.backend", "batchfit.verbs.maxbatch_xla", "batchfit.workers.switches",
 ]
 
 

@@ -37,6 +37,7 @@ from ..errors import (
     error_line,
 )
 from ..results import Band, MaxBatchResult, MemoryModel, Probe
+from ..workers.switches import switched_on
 from .maxbatch_xla import settle_worker, xla_prior, xla_worker_config
 from .resolve import ResolvedModel, resolve, validate_model_arg
 from .safe_check import SAFE_PHASE, check_safe_by_default
@@ -518,7 +519,7 @@ def _start_worker(model: Any, data: Any, input_shapes: Any, steps: int, device: 
 
 def _reuse_workers() -> bool:
     """Run ascending fits in one worker (``BATCHFIT_REUSE_WORKER=0``: a fresh process each)."""
-    return os.environ.get("BATCHFIT_REUSE_WORKER", "1") != "0"
+    return switched_on("BATCHFIT_REUSE_WORKER")
 
 
 def _confirm_spares(k: int) -> int:

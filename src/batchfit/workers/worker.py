@@ -43,6 +43,7 @@ from ..results import Probe
 from .child import _ENTRY
 from .server import _ForkServer, acquire_fork_server, close_fork_server, release_fork_server
 from .stall import QuietClock, sample_process
+from .switches import switched_on
 
 MiB = 1 << 20
 STOP_GRACE_SECONDS = 0.5  # a stopped worker still cleaning up after its last probe is killed
@@ -125,7 +126,7 @@ def worker_environment(device: str, budget_bytes: int | None) -> dict[str, str]:
 def _compile_cache_wanted() -> bool:
     """Whether a worker's processes share compiled XLA programs (``BATCHFIT_COMPILE_CACHE=0``:
     each compiles its own, as before session 16)."""
-    return os.environ.get("BATCHFIT_COMPILE_CACHE", "1") != "0"
+    return switched_on("BATCHFIT_COMPILE_CACHE")
 
 
 def _describe_exit(code: int | None) -> str:
@@ -157,7 +158,7 @@ def _watch_stalls(config: WorkerConfig) -> bool:
     """Watch probes for a wait on memory: where the budget is the CPU allocator's cap, on Linux."""
     return (sys.platform.startswith("linux") and config.device.upper().startswith("CPU")
             and config.budget_bytes is not None
-            and os.environ.get("BATCHFIT_STALL_WATCH", "1") != "0")
+            and switched_on("BATCHFIT_STALL_WATCH"))
 
 
 #: Host memory a spare process needs beyond its budget (TensorFlow's runtime and the model).
@@ -191,7 +192,7 @@ def _use_fork_server(device: str) -> bool:
     only the CPU path has been measured here.
     """
     return (sys.platform.startswith("linux") and device.upper().startswith("CPU")
-            and os.environ.get("BATCHFIT_FORK_SERVER", "1") != "0")
+            and switched_on("BATCHFIT_FORK_SERVER"))
 
 
 class ProbeWorker:

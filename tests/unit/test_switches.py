@@ -1,0 +1,25 @@
+"""The environment switches of the probe processes: on unless set to 0, unknown names refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchfit.errors import InvalidInputError
+from batchfit.workers.switches import SWITCHES, switched_on
+
+
+@pytest.mark.parametrize("name", SWITCHES)
+def test_a_switch_is_on_unless_it_is_zero(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(name, raising=False)
+    assert switched_on(name)
+    monkeypatch.setenv(name, "0")
+    assert not switched_on(name)
+    monkeypatch.setenv(name, " 0 ")
+    assert not switched_on(name)
+    monkeypatch.setenv(name, "1")
+    assert switched_on(name)
+
+
+def test_an_unknown_switch_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(InvalidInputError, match="BATCHFIT_STALL_WATCH"):
+        switched_on("BATCHFIT_STAL_WATCH")
