@@ -9,8 +9,11 @@ import pytest
 from batchfit.backend.tensorflow.probe import (
     ModelState,
     ProbeRunner,
+    StepPeaks,
     metric_variable_groups,
+    repeated_batches,
     state_bytes,
+    train_like_fit,
 )
 
 
@@ -246,3 +249,53 @@ def test_a_probe_runs_epochs_over_its_batches_until_the_peak_settles() -> None:
     assert p.fits and p.peak_bytes is not None
     assert len(calls) % 3 == 0 and 9 <= len(calls) <= 15, len(calls)
     assert runner.state.equals_current()
+
+
+def test_the_probes_docstring_examples_run() -> None:
+    import doctest
+
+    from batchfit.backend.tensorflow import probe
+
+    result = doctest.testmod(probe, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_probe_reads_the_peak_of_every_training_step() -> None:
+    m = _model()
+    runner = ProbeRunner(m, _batch, steps=4, device="CPU:0", budget_bytes=1 << 30,
+                         settle_epochs=1)
+    probe = runner.run(64)
+    assert probe.fits and probe.peak_bytes is not None
+    if probe.typical_peak_bytes is not None:  # the largest peak was a training step's
+        assert 0 < probe.typical_peak_bytes <= probe.peak_bytes
+    peaks = StepPeaks("CPU:0")
+    train_like_fit(m, *repeated_batches(_batch, 64, 4), 64, step_peaks=peaks)
+    assert len(peaks.steps) == 4 and all(p > 0 for p in peaks.steps)
+    assert peaks.total() >= max(peaks.steps)
+
+
+def _peaks(steps: list[int], outside: int = 0) -> StepPeaks:
+    peaks = StepPeaks("CPU:0")
+    peaks.steps, peaks.outside = steps, outside
+    return peaks
+
+
+def test_a_peak_near_the_budget_in_one_step_of_five_fits_and_says_so() -> None:
+    runner = ProbeRunner(_model(), _batch, device="CPU:0", budget_bytes=1000)
+    few = _peaks([700, 710, 990, 720, 705])
+    probe = runner._outcome(8, {"loss": 1.0}, 990, 300, [0.1] * 5, 0.0, few)
+    assert probe.fits and probe.typical_peak_bytes == 710
+    assert "some training steps only" in probe.detail and "71%" in probe.detail
+    most = _peaks([975, 980, 990, 985, 700])
+    probe = runner._outcome(8, {"loss": 1.0}, 990, 300, [0.1] * 5, 0.0, most)
+    assert probe.outcome == "at_limit" and not probe.fits
+
+
+def test_a_peak_near_the_budget_outside_the_steps_or_in_validation_is_at_limit() -> None:
+    runner = ProbeRunner(_model(), _batch, device="CPU:0", budget_bytes=1000)
+    outside = _peaks([700, 710, 720], outside=990)
+    assert runner._outcome(8, {}, 990, 300, [0.1] * 3, 0.0, outside).outcome == "at_limit"
+    steps = _peaks([700, 710, 720])
+    probe = runner._outcome(8, {}, 990, 990, [0.1] * 3, 0.0, steps)
+    assert probe.outcome == "at_limit" and "validation" in probe.detail
+    assert probe.typical_peak_bytes is None

@@ -22,6 +22,7 @@ MODULES = [
     "batchfit.results.estimate", "batchfit.report.estimate", "batchfit.verbs.estimate",
     "batchfit.backend.tensorflow.compiled", "batchfit.core.confirm", "batchfit.backend.keras_common.sampler",
     "batchfit.report.backend", "batchfit.verbs.maxbatch_xla", "batchfit.workers.switches",
+    "batchfit.core.settle",
 ]
 
 

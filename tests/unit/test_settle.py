@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchfit.core.settle import SETTLE_MIN_BYTES, SettleRule
+from batchfit.core.settle import SETTLE_MIN_BYTES, SettleRule, limit_outcome
 from batchfit.errors import InvalidInputError
 
 # ResNet50 (64x64, Adam) at 16 under 512 MiB, the peak after each epoch of 3 steps (MiB)
@@ -41,3 +41,35 @@ def test_bad_settings_are_refused_with_their_names(kwargs) -> None:
     args = {"tolerance_bytes": 1.0, **kwargs}
     with pytest.raises(InvalidInputError, match="quiet >= 1"):
         SettleRule(**args)
+
+
+# The CNN of the examples under 256 MiB, the user's fit of 40 epochs of 4 batches, the peak read
+# around every step (share of the budget): the median step and the largest.
+CNN_FITS = {340: (0.735, 0.989), 360: (0.727, 0.993), 375: (0.756, 0.993)}
+CNN_FAILS = {385: (0.965, 0.991), 395: (0.965, 0.991)}  # fit ran out of memory at steps 94, 24
+
+
+def test_a_peak_near_the_cap_in_a_few_steps_fits_and_in_the_typical_step_does_not() -> None:
+    for typical, peak in CNN_FITS.values():
+        assert limit_outcome(peak, 1.0) == "at_limit"  # the largest peak alone: too close
+        assert limit_outcome(peak, 1.0, typical=typical) == "fits"
+    for typical, peak in CNN_FAILS.values():
+        assert limit_outcome(peak, 1.0, typical=typical) == "at_limit"
+
+
+def test_the_lstm_whose_answer_failed_the_users_fit_stays_at_limit() -> None:
+    # The LSTM under 16 MiB: 293 failed the user's fit 2 of 3 (its steps 95.5-97.1% of the
+    # budget), 287 trained (95.0-96.4%)
+    assert limit_outcome(0.971, 1.0, typical=0.959) == "at_limit"
+    assert limit_outcome(0.964, 1.0, typical=0.955) == "fits"
+
+
+@pytest.mark.parametrize("typical", [None, 0.5])
+def test_a_peak_over_the_budget_never_fits(typical: float | None) -> None:
+    assert limit_outcome(1.01, 1.0, typical=typical) == "over_budget"
+
+
+def test_the_margins_are_the_callers() -> None:
+    assert limit_outcome(0.92, 1.0, margin=0.1) == "at_limit"
+    assert limit_outcome(0.92, 1.0, margin=0.1, typical=0.85, typical_margin=0.1) == "fits"
+    assert limit_outcome(0.92, 1.0, margin=0.1, typical=0.91, typical_margin=0.1) == "at_limit"

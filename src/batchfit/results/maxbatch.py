@@ -43,6 +43,9 @@ class Probe(_Serializable):
             written before confirmation existed load with ``"search"``.
         reused: whether it ran in a worker process that had run smaller, fitting probes
             before (the model built and traced once for them); ``False``: a fresh process.
+        typical_peak_bytes: the median training step's peak, where the largest peak came
+            from a training step (``None`` otherwise, or where not measured): a peak near the
+            budget in a few steps only still fits (:func:`batchfit.core.settle.limit_outcome`).
     """
 
     batch_size: int
@@ -54,6 +57,7 @@ class Probe(_Serializable):
     detail: str = ""
     phase: str = "search"
     reused: bool = False
+    typical_peak_bytes: int | None = None
 
 
 @dataclass(frozen=True)

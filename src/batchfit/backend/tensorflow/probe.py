@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ...core.settle import LIMIT_MARGIN, PROBE_STEPS, SettleRule
+from ...core.settle import LIMIT_MARGIN, PROBE_STEPS, SettleRule, limit_outcome
 from ...errors import error_line
 from ...results import Probe
 from ..oom import is_oom_error
@@ -238,6 +238,54 @@ def reset_peak(device: str) -> None:
         pass
 
 
+class StepPeaks:
+    """The allocator's peak in each compiled training call of a probe, and outside them.
+
+    ``before()`` and ``after()`` go around each call: the peak since the last reading is
+    booked outside the steps (the epoch iterator's conversion, the gathers between calls) or
+    to the step, and the statistics are reset. :func:`train_like_fit` calls them.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> m.compile("sgd", "mse")
+    >>> peaks = StepPeaks("CPU:0")
+    >>> _ = train_like_fit(m, np.ones((12, 3)), np.ones((12, 1)), 4, step_peaks=peaks)
+    >>> len(peaks.steps)
+    3
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.steps: list[int] = []
+        self.outside = 0
+        self.known = read_peak(device) is not None
+
+    def before(self) -> None:
+        self.outside = max(self.outside, read_peak(self.device) or 0)
+        reset_peak(self.device)
+
+    def after(self) -> None:
+        peak = read_peak(self.device)
+        if peak is not None:
+            self.steps.append(peak)
+        reset_peak(self.device)
+
+    def total(self) -> int | None:
+        """The largest peak so far, steps and outside them (``None``: no statistics)."""
+        if not self.known:
+            return None
+        self.outside = max(self.outside, read_peak(self.device) or 0)
+        return max([self.outside, *self.steps])
+
+    def typical(self) -> float | None:
+        """The median step's peak, where the largest peak so far came from a step."""
+        if not self.steps or self.outside >= max(self.steps):
+            return None
+        return float(statistics.median(self.steps))
+
+
 def trace_general_step(model: Any, batch_fn: Any, state: Any,
                        sizes: tuple[int, ...] = (1, 2)) -> tuple[bool, str] | None:
     """Run tiny training steps so Keras has traced the step ``fit`` runs; restore the state.
@@ -290,7 +338,8 @@ def _sync(logs: Any) -> Any:
 
 def train_like_fit(model: Any, x: Any, y: Any, batch_size: int, *, watch: Watch | None = None,
                    hold: list[Any] | None = None, fresh: bool = False,
-                   again: Callable[[], bool] | None = None) -> tuple[Any, list[float]]:
+                   again: Callable[[], bool] | None = None,
+                   step_peaks: StepPeaks | None = None) -> tuple[Any, list[float]]:
     """Train on ``x``/``y`` in batches of ``batch_size`` the way one epoch of ``fit`` does.
 
     Keras's epoch iterator feeds ``model.train_function`` (built by ``make_train_function``, as
@@ -304,7 +353,8 @@ def train_like_fit(model: Any, x: Any, y: Any, batch_size: int, *, watch: Watch 
     which may need less memory: measured, a Transformer whose general graph fitted at 141
     under 64 MiB where the user's own ``fit`` at 141 ran out of memory). ``again``: called after
     each epoch; while it returns ``True`` another epoch runs over the same batches, through the
-    same epoch iterator, as ``fit``'s epochs do.
+    same epoch iterator, as ``fit``'s epochs do. ``step_peaks``: told before and after each
+    compiled call (:class:`StepPeaks`).
 
     Returns:
         The last logs (NumPy values) and the seconds of each step (an execution's time split
@@ -331,7 +381,7 @@ def train_like_fit(model: Any, x: Any, y: Any, batch_size: int, *, watch: Watch 
     per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
     try:
         while True:
-            logs = _one_epoch(model, epochs, per_call, watch, hold, times, logs)
+            logs = _one_epoch(model, epochs, per_call, watch, hold, times, logs, step_peaks)
             if again is None or not again():
                 break
     finally:
@@ -341,7 +391,8 @@ def train_like_fit(model: Any, x: Any, y: Any, batch_size: int, *, watch: Watch 
 
 
 def _one_epoch(model: Any, epochs: Any, per_call: int, watch: Watch | None,
-               hold: list[Any] | None, times: list[float], logs: Any) -> Any:
+               hold: list[Any] | None, times: list[float], logs: Any,
+               step_peaks: StepPeaks | None = None) -> Any:
     """One epoch of :func:`train_like_fit`; appends each step's seconds to ``times``."""
     with epochs.catch_stop_iteration():
         for begin, end, iterator in epochs:
@@ -349,9 +400,13 @@ def _one_epoch(model: Any, epochs: Any, per_call: int, watch: Watch | None,
                 # Keras replaces this epoch's tf.data iterator as the data runs out; held,
                 # it is deleted with the rest (its buffers are empty by then)
                 hold.append(iterator)
+            if step_peaks is not None:
+                step_peaks.before()
             s = time.perf_counter()
             with in_step(watch):
                 logs = _sync(model.train_function(iterator))
+            if step_peaks is not None:
+                step_peaks.after()
             n = max(1, min(per_call, end - begin + 1, (epochs.num_batches or end + 1) - begin))
             times.extend([(time.perf_counter() - s) / n] * n)
     return logs
@@ -573,9 +628,11 @@ class ProbeRunner:
         try:
             x, y = repeated_batches(self.batch_fn, batch_size, self.steps)
             reset_peak(self.device)
+            peaks = StepPeaks(self.device)
             logs, step_times = train_like_fit(self.model, x, y, batch_size, watch=self.watch,
-                                              hold=held, fresh=True, again=self._settling())
-            train_peak = read_peak(self.device)
+                                              hold=held, fresh=True,
+                                              again=self._settling(peaks), step_peaks=peaks)
+            train_peak = peaks.total()
             phase = "validation"
             reset_peak(self.device)
             evaluate_like_fit(self.model, x, y, batch_size, watch=self.watch, hold=held,
@@ -583,7 +640,7 @@ class ProbeRunner:
             eval_peak = read_peak(self.device)
             del x, y
             peak = None if train_peak is None else max(train_peak, eval_peak or 0)
-            probe = self._outcome(batch_size, logs, peak, eval_peak, step_times, t0)
+            probe = self._outcome(batch_size, logs, peak, eval_peak, step_times, t0, peaks)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a probe outcome
             where = "" if phase == "training" else "in the validation step: "
             probe = Probe(batch_size=batch_size, fits=False,
@@ -601,15 +658,15 @@ class ProbeRunner:
                 self.finish()
         return probe
 
-    def _settling(self) -> Callable[[], bool] | None:
+    def _settling(self, step_peaks: StepPeaks) -> Callable[[], bool] | None:
         """``again`` for :func:`train_like_fit`: epochs until the peak settles (see
         :mod:`batchfit.core.settle`), or ``None`` where the allocator keeps no peak."""
-        if self.settle.max_epochs <= 1 or read_peak(self.device) is None:
+        if self.settle.max_epochs <= 1 or not step_peaks.known:
             return None
         peaks: list[float] = []
 
         def again() -> bool:
-            peaks.append(float(read_peak(self.device) or 0))
+            peaks.append(float(step_peaks.total() or 0))
             return not self.settle.settled(peaks)
 
         return again
@@ -625,25 +682,39 @@ class ProbeRunner:
         self.state.restore()
 
     def _outcome(self, batch_size: int, logs: Any, peak: int | None, eval_peak: int | None,
-                 step_times: list[float], t0: float) -> Probe:
-        """The probe of steps that ran: fits, or too close to / over the budget."""
+                 step_times: list[float], t0: float, step_peaks: StepPeaks) -> Probe:
+        """The probe of steps that ran: fits, or too close to / over the budget (see
+        :func:`~batchfit.core.settle.limit_outcome`: a peak near the budget in a few training
+        steps only, the typical one well under it, still fits)."""
         loss = logs.get("loss") if isinstance(logs, dict) else None
         detail = ""
         if loss is not None and not np.isfinite(loss):
             detail = "loss is not finite at this batch size (memory measured anyway)"
         outcome = "fits"
+        in_eval = eval_peak is not None and peak is not None and eval_peak >= peak
+        typical = None if in_eval else step_peaks.typical()
         if self.budget_bytes is not None and peak is not None:
-            if peak > self.budget_bytes:
-                outcome, detail = "over_budget", "measured peak exceeds the budget"
-            elif peak >= (1.0 - self.limit_margin) * self.budget_bytes:
-                outcome = "at_limit"
-                detail = (f"peak within {self.limit_margin:.0%} of the budget: too close "
-                          f"to count as fitting (near the cap the same size fits in one "
-                          f"process and not in the next)")
-            if outcome != "fits" and eval_peak is not None and eval_peak >= peak:
-                detail += " (in the validation step)"
+            outcome = limit_outcome(peak, self.budget_bytes, typical=typical,
+                                    margin=self.limit_margin)
+            detail = _limit_detail(outcome, peak, self.budget_bytes, self.limit_margin,
+                                   typical, in_eval) or detail
         return Probe(
             batch_size=batch_size, fits=outcome == "fits", outcome=outcome,
             peak_bytes=peak, seconds=time.perf_counter() - t0,
             step_seconds=statistics.median(step_times[1:]) if len(step_times) > 1 else None,
-            detail=detail)
+            detail=detail, typical_peak_bytes=None if typical is None else int(typical))
+
+
+def _limit_detail(outcome: str, peak: int, budget: int, margin: float, typical: float | None,
+                  in_eval: bool) -> str:
+    """What a probe's verdict from its peak says (empty: nothing to say)."""
+    where = " (in the validation step)" if in_eval else ""
+    if outcome == "over_budget":
+        return "measured peak exceeds the budget" + where
+    if outcome == "at_limit":
+        return (f"peak within {margin:.0%} of the budget: too close to count as fitting (near "
+                f"the cap the same size fits in one process and not in the next)" + where)
+    if peak >= (1.0 - margin) * budget and typical is not None:
+        return (f"peak within {margin:.0%} of the budget in some training steps only (the "
+                f"typical step {typical / budget:.0%} of it): counted as fitting")
+    return ""
