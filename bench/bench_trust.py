@@ -224,6 +224,8 @@ def search(spec: str, memory: str, policy: str, confirm: int) -> dict:
         trace.append({"batch": p.batch_size, "outcome": p.outcome, "phase": p.phase,
                       "reused": p.reused, "seconds": round(p.seconds, 2), "at": round(now, 1),
                       "peak_mib": None if p.peak_bytes is None else round(p.peak_bytes / 2**20, 1),
+                      **({"typical_mib": round(p.typical_peak_bytes / 2**20, 1)}
+                         if getattr(p, "typical_peak_bytes", None) else {}),
                       **({"detail": p.detail[:90]} if not p.fits else {})})
 
     r = find_max_batch_size(spec, memory=memory, search=policy, confirm=confirm,
