@@ -32,6 +32,12 @@ def test_a_jit_model_is_searched_from_its_prediction_and_the_answer_fits() -> No
     fresh = [p for p in r.probes if p.phase == "confirm" or not p.reused]
     assert any(p.fits and p.batch_size == r.max_batch_size for p in fresh)
     assert r.band is not None and r.band.never is not None   # a failure above bounds it
+    # an XLA step's limit is a number: the search's own fit at the answer, in a fresh process,
+    # is the one confirmation asked for
+    confirms = [(p.batch_size, p.outcome) for p in r.probes if p.phase == "confirm"]
+    if any(p.phase == "search" and p.fits and p.batch_size == r.max_batch_size
+           for p in r.probes):
+        assert confirms == [], confirms
 
 
 def test_a_step_xla_cannot_compile_falls_back_to_probes_naming_the_layer(run_cli,

@@ -384,15 +384,20 @@ def _confirm(prober: _Prober, trials: list[Trial], probes: list[Probe], k: int,
 # bench_trust). The pure rule (core.confirm, ``shared=``) stays tested for when it is measured
 # safe.
 SHARE_SEARCH_FITS = False
+# On for an XLA-compiled step: its memory is fixed when it compiles, and every size runs in a
+# fresh process (``settle_worker``). Measured (the example CNN under 128 MiB, ``max --jit``,
+# bench/results/jit_cache_s16.json): the answer 42 peaked at 72,262,912-72,263,680 B in 8 of 8
+# fresh processes, and 43 ran out of memory in every fresh one (10 of 10, session 16).
+SHARE_XLA_SEARCH_FITS = True
 
 
 def _fresh_search_fits(prober: _Prober, probes: list[Probe]) -> list[Trial]:
     """The search's fits that ran in a process that had run nothing before: confirmations
     already (with ``fresh``: the first probe, and each after a failure), when
-    :data:`SHARE_SEARCH_FITS`."""
+    :data:`SHARE_SEARCH_FITS` (:data:`SHARE_XLA_SEARCH_FITS` for an XLA-compiled step)."""
     worker = prober.worker
-    if (not SHARE_SEARCH_FITS or worker is None
-            or not getattr(worker, "fresh_each_probe", False)):
+    share = (SHARE_XLA_SEARCH_FITS if prober.info.get("step_jit") else SHARE_SEARCH_FITS)
+    if not share or worker is None or not getattr(worker, "fresh_each_probe", False):
         return []
     return [Trial(p.batch_size, True, p.peak_bytes) for p in probes
             if p.phase == "search" and p.fits and not p.reused]
