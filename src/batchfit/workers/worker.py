@@ -266,6 +266,8 @@ class ProbeWorker:
         self._cache_dir = ""  # the compile cache this worker made (removed by close)
         self._closed = False  # the last _receive saw the worker's pipe close
         self._quiet = 0.0  # seconds the worker was seen waiting without running (stall watch)
+        #: the longest quiet stretch inside a step during the last wait for a message (recorded)
+        self.longest_quiet = 0.0
         if stall_seconds is None and _watch_stalls(config):
             stall_seconds = 1.0
         self.stall_seconds = stall_seconds if stall_seconds and stall_seconds > 0 else None
@@ -423,7 +425,7 @@ class ProbeWorker:
         """
         deadline = time.monotonic() + timeout
         self._closed = False
-        self._quiet = 0.0
+        self._quiet = self.longest_quiet = 0.0
         watching = watch and self.stall_seconds is not None
         clock: QuietClock | None = None  # set while the worker is inside a step
         while True:
@@ -448,6 +450,7 @@ class ProbeWorker:
                 sample = sample_process(self._proc.pid)
                 if sample is not None:
                     self._quiet = clock.update(time.monotonic(), *sample)
+                    self.longest_quiet = max(self.longest_quiet, self._quiet)
                     if self._quiet >= self.stall_seconds:  # type: ignore[operator]
                         return None
 
@@ -497,7 +500,8 @@ class ProbeWorker:
         if msg is not None and "probe" in msg:
             probe = Probe.from_dict(msg["probe"])
             _record("probe", time.perf_counter() - t0, probe_s=round(probe.seconds, 3),
-                    batch_size=int(batch_size), outcome=probe.outcome, reused=reused)
+                    batch_size=int(batch_size), outcome=probe.outcome, reused=reused,
+                    longest_quiet_s=round(self.longest_quiet, 2))
             if reused:
                 probe = dataclasses.replace(probe, reused=True)
             if self.fresh_each_probe and self.reuse_fits and probe.fits:
@@ -515,7 +519,7 @@ class ProbeWorker:
         self.kill()
         probe = self._failed_probe(batch_size, reused, alive, timeout, time.perf_counter() - t0)
         _record("probe", probe.seconds, probe_s=None, batch_size=int(batch_size),
-                outcome=probe.outcome, reused=reused)
+                outcome=probe.outcome, reused=reused, longest_quiet_s=round(self.longest_quiet, 2))
         return probe
 
     def _failed_probe(self, batch_size: int, reused: bool, alive: bool, timeout: float,
