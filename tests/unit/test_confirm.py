@@ -311,14 +311,17 @@ def test_only_fits_in_processes_that_had_run_nothing_are_shared(monkeypatch) -> 
               Probe(96, False, "oom", None, 1.0, reused=True), Probe(64, True, "fits", 3, 0.1),
               Probe(64, True, "fits", 3, 0.1, phase="confirm"),
               Probe(70, False, "oom", None, 1.0)]
-    fresh = SimpleNamespace(worker=SimpleNamespace(fresh_each_probe=True))
+    fresh = SimpleNamespace(worker=SimpleNamespace(fresh_each_probe=True), info={})
     assert _fresh_search_fits(fresh, probes) == []  # off by default (SHARE_SEARCH_FITS)
+    # on for an XLA step (SHARE_XLA_SEARCH_FITS): its memory is fixed at compile time
+    xla = SimpleNamespace(worker=fresh.worker, info={"step_jit": True})
+    assert [t.batch_size for t in _fresh_search_fits(xla, probes)] == [8, 64]
     monkeypatch.setattr(maxbatch_local, "SHARE_SEARCH_FITS", True)
     assert [t.batch_size for t in _fresh_search_fits(fresh, probes)] == [8, 64]
     # One worker reused for every probe (fresh=False): none ran in a new process.
-    kept = SimpleNamespace(worker=SimpleNamespace(fresh_each_probe=False))
+    kept = SimpleNamespace(worker=SimpleNamespace(fresh_each_probe=False), info={})
     assert _fresh_search_fits(kept, probes) == []
-    assert _fresh_search_fits(SimpleNamespace(worker=None), probes) == []
+    assert _fresh_search_fits(SimpleNamespace(worker=None, info={}), probes) == []
 
 
 def test_below_a_size_that_fitted_sometimes_the_step_is_not_doubled() -> None:
@@ -335,3 +338,4 @@ def test_below_a_size_that_fitted_sometimes_the_step_is_not_doubled() -> None:
     assert policy.next_size(searched, edge) == 181 - 13             # on the edge: one step
     made = run_confirmation(policy, searched, lambda b: Trial(b, fits=b <= 172 or b == 181))
     assert band_of(searched + made).reliable >= 160
+
