@@ -46,7 +46,7 @@ def test_bad_settings_are_refused_with_their_names(kwargs) -> None:
 # The CNN of the examples under 256 MiB, the user's fit of 40 epochs of 4 batches, the peak read
 # around every step (share of the budget): the median step and the largest.
 CNN_FITS = {340: (0.735, 0.989), 360: (0.727, 0.993), 375: (0.756, 0.993)}
-CNN_FAILS = {385: (0.965, 0.991), 395: (0.965, 0.991)}  # fit ran out of memory at steps 94, 24
+CNN_FAILS = {385: (0.957, 0.992), 395: (0.964, 0.993)}  # fit ran out of memory in some runs
 
 
 def test_a_peak_near_the_cap_in_a_few_steps_fits_and_in_the_typical_step_does_not() -> None:

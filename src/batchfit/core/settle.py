@@ -64,11 +64,13 @@ LIMIT_MARGIN = 0.03
 #: allocator a step's bytes in use include chunks handed out whole (a free chunk less than twice
 #: the request), so which chunks the next batch's gather (run ahead of the step) happened to take
 #: decides how much of the cap a step appears to use. Measured (the worker's settings, the
-#: user's ``fit`` of 40 epochs of 4 batches, the peak read around every step, fresh processes):
-#: the CNN of the examples under 256 MiB at 340, 360 and 375 read 66-76% of the budget in the
-#: median step and 99% in some, and trained all 160 steps; at 380 the median step read 96%,
-#: and at 385 and 395 (median 96.5%) ``fit`` ran out of memory at steps 94 and 24. The probes'
-#: largest peak alone had put the answer at 318-332 where the user's ``fit`` trains 382 (3 of 3).
+#: user's ``fit`` of 40 epochs of 4 batches, the peak read around every step, fresh processes,
+#: ``bench/bench_step_peaks.py``): the CNN of the examples under 256 MiB at 340, 360 and 375
+#: read 73-76% of the budget in the median step and 99% in some, and trained all 160 steps; from
+#: 380 the median step read 96%, and at 385 and 395 ``fit`` ran out of memory in some processes
+#: (steps 24-95). The LSTM's steps are uniform: its 293 (which the user's ``fit`` trained 1 of
+#: 3) reads 95.9% in the median step, so 5% keeps it ``at_limit``. The probes' largest peak
+#: alone had put the CNN's answer at 318-332 where the user's ``fit`` trains 382 (3 of 3).
 TYPICAL_MARGIN = 0.05
 
 

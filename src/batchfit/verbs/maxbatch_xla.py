@@ -45,19 +45,28 @@ def xla_worker_config(search: str, budget: int | None, *, jit: bool) -> dict[str
     return {"jit_compile": bool(jit), "compile_sizes": sizes}
 
 
+#: How long an XLA step's probe may sit quiet inside a step before it counts as waiting on
+#: memory (the non-XLA steps': 1 s). Measured (session 17, the worker watching without
+#: stopping, ``max --jit`` on the example CNN under 128 MiB and the Transformer under 64 MiB):
+#: 13 of 13 probes that fitted were never quiet inside a step, the one out-of-memory probe
+#: for 9.9 s (TensorFlow's wait) before it failed.
+XLA_STALL_SECONDS = 3.0
+
+
 def settle_worker(worker: Any, info: dict[str, Any], *, jit: bool) -> None:
     """After the first worker reported: later processes compile nothing, and XLA-compile the
     step only where it compiled; the process that compiled is not probed in (its allocator
-    and caches would differ from a fresh training process's). The stall watch is off for an
-    XLA step: measured on the CPU (demo_model, 96 MiB), an XLA step's worker sat quiet for a
-    second in its warm-up at batch 1 and at sizes that fit, so the watch reported false
-    out-of-memory failures; an XLA step's failure waits TensorFlow's 10 s instead. Nor does an
-    XLA step reuse a process for the next, larger fit (see :class:`~batchfit.workers.worker.
-    ProbeWorker`'s ``reuse_fits``): every size runs in a fresh process."""
+    and caches would differ from a fresh training process's). The stall watch waits
+    :data:`XLA_STALL_SECONDS` for an XLA step (off until session 17: measured on the CPU
+    then, demo_model under 96 MiB, an XLA step's worker sat quiet for a second in its warm-up
+    at batch 1, which is not watched, and at sizes that fit). Nor does an XLA step reuse a
+    process for the next, larger fit (see :class:`~batchfit.workers.worker.ProbeWorker`'s
+    ``reuse_fits``): every size runs in a fresh process."""
     if worker is None:
         return
     if info.get("step_jit"):
-        worker.stall_seconds = None
+        if worker.stall_seconds is not None:
+            worker.stall_seconds = max(worker.stall_seconds, XLA_STALL_SECONDS)
         # Every size in a fresh process: the example CNN at 128 MiB fitted 43 in a process
         # that had run 41 and 42, and ran out of memory at 43 in every fresh one (10 of 10).
         worker.reuse_fits = False
@@ -120,6 +129,7 @@ def xla_prior(info: dict[str, Any], budget: int | None, granularity: int, upper:
 __all__ = [
     "CHECK_SIZES",
     "COMPILE_SIZES",
+    "XLA_STALL_SECONDS",
     "XlaPrior",
     "settle_worker",
     "xla_prior",
