@@ -46,10 +46,11 @@ def xla_worker_config(search: str, budget: int | None, *, jit: bool) -> dict[str
 
 
 #: How long an XLA step's probe may sit quiet inside a step before it counts as waiting on
-#: memory (the non-XLA steps': 1 s). Measured (session 17, the worker watching without
-#: stopping, ``max --jit`` on the example CNN under 128 MiB and the Transformer under 64 MiB):
-#: 13 of 13 probes that fitted were never quiet inside a step, the one out-of-memory probe
-#: for 9.9 s (TensorFlow's wait) before it failed.
+#: memory (the non-XLA steps': 1 s). Measured (session 17, ``bench/bench_xla_quiet.py``: the
+#: worker watching without stopping, ``max --jit`` on the example CNN under 128 MiB, the
+#: Transformer under 64 MiB and demo_model under 96 MiB): 21 of 21 probes that ran (20 fits, one
+#: ``at_limit``) were never quiet inside a step; the two out of memory sat quiet 9.9 s
+#: (TensorFlow's wait) before they failed.
 XLA_STALL_SECONDS = 3.0
 
 
