@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from batchfit.core.confirm import (
+    MAX_DOUBLINGS,
     ConfirmPolicy,
     band_of,
     check_confirm,
@@ -339,3 +340,22 @@ def test_below_a_size_that_fitted_sometimes_the_step_is_not_doubled() -> None:
     made = run_confirmation(policy, searched, lambda b: Trial(b, fits=b <= 172 or b == 181))
     assert band_of(searched + made).reliable >= 160
 
+
+def test_a_reused_search_far_above_the_fresh_edge_does_not_drop_the_answer_to_a_small_fit() -> None:
+    # Measured (bench_trust, the Transformer under 128 MiB, session 17): a reused process
+    # fitted 224-260, fresh ones ran out of memory from 224 on (the user's fit trains 219); the
+    # search's other fits were 8 and 111. Unbounded doubling took the answer to 111.
+    budget, per_sample = 128 * MiB, 0.5 * MiB
+    policy = ConfirmPolicy(k=3, budget_bytes=budget, per_sample_bytes=per_sample)
+    searched = [Trial(8, True), Trial(111, True), Trial(224, True), Trial(230, True),
+                Trial(236, True), Trial(260, True), Trial(270, False)]
+    confirmed = run_confirmation(policy, searched, lambda b: Trial(b, b <= 222))
+    band = band_of(searched + confirmed)
+    assert band.reliable >= 0.85 * 222, [t.batch_size for t in confirmed]
+    assert policy.is_confirmed(searched, confirmed)
+
+
+def test_the_step_down_doubles_at_most_max_doublings_times() -> None:
+    policy = ConfirmPolicy(k=3)  # no memory model: 3% of the size
+    steps = [policy.step(1000, n) for n in range(1, 7)]
+    assert steps[:3] == [30, 60, 120] and set(steps[MAX_DOUBLINGS:]) == {120}

@@ -42,6 +42,7 @@ from .validate import check_fraction, check_int
 
 __all__ = [
     "DEFAULT_CONFIRMATIONS",
+    "MAX_DOUBLINGS",
     "MIN_MARGIN",
     "ConfirmPolicy",
     "SafeSize",
@@ -57,6 +58,13 @@ DEFAULT_CONFIRMATIONS = 3
 #: search's fragmentation slack (a capped allocator refused sizes whose peak was up to 3% under
 #: its cap, measured).
 MIN_MARGIN = 0.03
+#: A confirmation's step down doubles at most this many times (4x the first step). Measured
+#: (bench_trust, the Transformer under 128 MiB, session 17): a process reused for ascending
+#: fits fitted 224, 230, 236 and 260 where fresh ones ran out of memory from 224 on; each
+#: failure took the search's next fit below as the candidate while the step doubled, and after
+#: the fifth (16x, 128 samples) the step passed every size down to the search's fit at 111,
+#: the answer (the user's ``fit`` trains 219), with ``safe_batch_size`` 1.
+MAX_DOUBLINGS = 2
 
 
 def check_confirm(value: object) -> int:
@@ -120,7 +128,8 @@ class ConfirmPolicy:
     if that is further down than one step, a step below the failed size. A step is
     ``step_fraction`` of the budget in memory, converted to samples with the memory model
     (``per_sample_bytes``; without one, ``step_fraction`` of the size), and doubles with each
-    size that failed in confirmation, so a wide band costs a few probes, not one per granule;
+    size that failed in confirmation (at most :data:`MAX_DOUBLINGS` times), so a wide band
+    costs a few probes, not one per granule;
     below a size that fitted some times and failed others (the edge is there) it doubles only
     with each such size.
 
@@ -167,7 +176,7 @@ class ConfirmPolicy:
         6
         """
         g = self.granularity
-        scale = 2.0 ** max(0, failures - 1)
+        scale = 2.0 ** min(max(0, failures - 1), MAX_DOUBLINGS)
         if self.budget_bytes and self.per_sample_bytes and self.per_sample_bytes > 0:
             samples = self.step_fraction * self.budget_bytes / self.per_sample_bytes
         else:
