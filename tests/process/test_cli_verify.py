@@ -1,7 +1,10 @@
 """``batchfit verify``: the model's own ``fit`` (with validation) in fresh processes under the
 emulated device; exit 0 when every run fits, 1 when any runs out of memory, 2 bad input.
-Also ``max --verify``. The built-in demo under 64 MiB: 16 fits with room to spare (a peak of
-~35-46 MiB measured), 1024 cannot (its activations alone are several times the budget)."""
+Also ``max --verify``. The built-in demo at batch 16 peaks at ~48 MiB, most of it a scratch buffer
+of TensorFlow's convolution filter gradient whose size does not follow the batch (shape
+``[177, 1024, 27]``, 19.6 MiB): under 64 MiB one CI run in two processes ran out of memory at
+54 MiB, so the fitting case runs under 96 MiB (half of it spare). 1024 cannot fit 64 MiB (its
+activations alone are several times the budget)."""
 
 from __future__ import annotations
 
@@ -16,15 +19,15 @@ DEMO = "batchfit.examples.models:demo_model"
 
 def test_a_size_that_fits_trains_k_of_k_and_exits_0(run_cli, tmp_path) -> None:
     out = tmp_path / "v.json"
-    proc = run_cli("verify", DEMO, "--batch", "16", "--memory", "64MiB", "--repeats", "2",
+    proc = run_cli("verify", DEMO, "--batch", "16", "--memory", "96MiB", "--repeats", "2",
                    "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "fits 2/2" in proc.stdout and "synthetic data" in proc.stdout
     result = load_result(out.read_text())
     assert isinstance(result, VerifyResult) and result.fitted == 2 and result.all_fit
     # The peak is fit's own (the region reserved at start is not counted), under the budget.
-    assert all(0 < r.peak_bytes < 64 << 20 for r in result.runs)
-    assert result.margin_bytes == (64 << 20) - max(r.peak_bytes for r in result.runs)
+    assert all(0 < r.peak_bytes < 96 << 20 for r in result.runs)
+    assert result.margin_bytes == (96 << 20) - max(r.peak_bytes for r in result.runs)
     assert json.loads(out.read_text())["fitted"] == 2
 
 
