@@ -171,3 +171,24 @@ def test_max_on_cpu_compiles_for_the_users_data_when_given() -> None:
             _sequence_model, memory=1 << 20, isolate="none", data=(x, y)).max_batch_size
     assert results[40, "float32"] < results[10, "float32"]     # longer sequences: fewer
     assert results[40, "float64"] == results[40, "float32"]   # float64 is float32 on JAX
+
+
+def test_a_compiled_probe_judges_its_predicted_peak_by_the_shared_rule() -> None:
+    """On CPU the probe's peak is the compile-time prediction; near or over the budget it is
+    judged by ``core.settle.limit_outcome`` and says it was predicted, not measured."""
+    from batchfit.backend.jax.probe import JaxProbeRunner
+    from batchfit.core.settle import limit_outcome
+
+    model = models.seed_mlp()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64,) + tuple(model.input_shape[1:])).astype("float32")
+    y = rng.normal(size=(64,) + tuple(model.output_shape[1:])).astype("float32")
+    peak = get_backend().compiled_step_memory(model, 32).total_bytes
+    for budget, expected in ((peak - 1, "over_budget"), (int(peak / 0.99), "at_limit"),
+                             (2 * peak, "fits")):
+        runner = JaxProbeRunner(model, lambda b: (x[:b], y[:b]), device="CPU:0",
+                                budget_bytes=budget)
+        probe = runner.run(32)
+        assert probe.peak_bytes == peak
+        assert probe.outcome == expected == limit_outcome(peak, budget), probe
+        assert ("predicted peak" in probe.detail) == (expected != "fits"), probe.detail

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchfit.core.settle import SETTLE_MIN_BYTES, SettleRule, limit_outcome
+from batchfit.core.settle import SETTLE_MIN_BYTES, SettleRule, limit_note, limit_outcome
 from batchfit.errors import InvalidInputError
 
 # ResNet50 (64x64, Adam) at 16 under 512 MiB, the peak after each epoch of 3 steps (MiB)
@@ -73,3 +73,15 @@ def test_the_margins_are_the_callers() -> None:
     assert limit_outcome(0.92, 1.0, margin=0.1) == "at_limit"
     assert limit_outcome(0.92, 1.0, margin=0.1, typical=0.85, typical_margin=0.1) == "fits"
     assert limit_outcome(0.92, 1.0, margin=0.1, typical=0.91, typical_margin=0.1) == "at_limit"
+
+
+@pytest.mark.parametrize("typical", [None, 0.5, 0.96])
+@pytest.mark.parametrize("peak", [0.5, 0.96, 0.975, 0.99, 1.0, 1.01])
+def test_the_note_says_what_the_verdict_decided(peak: float, typical: float | None) -> None:
+    outcome = limit_outcome(peak, 1.0, typical=typical)
+    note = limit_note(outcome, peak, 1.0, typical=typical)
+    assert ("exceeds the budget" in note) == (outcome == "over_budget")
+    assert ("too close to count" in note) == (outcome == "at_limit")
+    # a near peak that still fits says why; a peak far from the budget says nothing
+    assert ("counted as fitting" in note) == (outcome == "fits" and peak >= 0.97)
+    assert (note == "") == (outcome == "fits" and peak < 0.97)

@@ -110,6 +110,38 @@ def limit_outcome(peak: float, budget: float, *, typical: float | None = None,
     return "at_limit"
 
 
+def limit_note(outcome: str, peak: float, budget: float, *, typical: float | None = None,
+               margin: float = LIMIT_MARGIN, what: str = "peak") -> str:
+    """What a verdict of :func:`limit_outcome` says, in words (empty: nothing to say).
+
+    Args:
+        outcome: the verdict, as :func:`limit_outcome` gave it for the same arguments.
+        peak: the largest peak (bytes).
+        budget: the memory budget (bytes).
+        typical: the median training step's peak, as given to :func:`limit_outcome`.
+        margin: the margin the verdict used.
+        what: how the peak was known (``"predicted peak"`` for a compile-time figure).
+
+    Example:
+
+    >>> limit_note("over_budget", 101.0, 100.0, what="predicted peak")
+    'predicted peak exceeds the budget'
+    >>> limit_note("fits", 99.0, 100.0, typical=75.0)
+    'peak within 3% of the budget in some training steps only (the typical step 75% of it): counted as fitting'
+    >>> limit_note("fits", 50.0, 100.0)
+    ''
+    """
+    if outcome == "over_budget":
+        return f"{what} exceeds the budget"
+    if outcome == "at_limit":
+        return (f"{what} within {margin:.0%} of the budget: too close to count as fitting (near "
+                f"the cap the same size fits in one process and not in the next)")
+    if outcome == "fits" and typical is not None and peak >= (1.0 - margin) * budget:
+        return (f"{what} within {margin:.0%} of the budget in some training steps only (the "
+                f"typical step {typical / budget:.0%} of it): counted as fitting")
+    return ""
+
+
 @dataclass(frozen=True)
 class SettleRule:
     """Stop a probe's epochs once its peak has stopped rising.

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ...core.settle import LIMIT_MARGIN
+from ...core.settle import LIMIT_MARGIN, limit_note, limit_outcome
 from ...errors import error_line
 from ...results import Probe
 from ..oom import is_oom_error
@@ -116,13 +116,11 @@ class JaxProbeRunner:
                          seconds=time.perf_counter() - t0, detail=failure_line(exc))
         outcome = "fits"
         if self.budget_bytes is not None and peak is not None:
-            if peak > self.budget_bytes:
-                outcome = "over_budget"
-                detail = f"{'predicted' if self.kind == 'cpu' else 'measured'} peak exceeds " \
-                         f"the budget; {detail}"
-            elif peak >= (1.0 - self.limit_margin) * self.budget_bytes:
-                outcome = "at_limit"
-                detail = f"peak within {self.limit_margin:.0%} of the budget; {detail}"
+            outcome = limit_outcome(peak, self.budget_bytes, margin=self.limit_margin)
+            what = "predicted peak" if self.kind == "cpu" else "measured peak"
+            note = limit_note(outcome, peak, self.budget_bytes, margin=self.limit_margin,
+                              what=what)
+            detail = f"{note}; {detail}" if note else detail
         return Probe(batch_size=batch_size, fits=outcome == "fits", outcome=outcome,
                      peak_bytes=peak, seconds=time.perf_counter() - t0,
                      step_seconds=step_seconds, detail=detail)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ...core.settle import LIMIT_MARGIN, PROBE_STEPS, SettleRule, limit_outcome
+from ...core.settle import LIMIT_MARGIN, PROBE_STEPS, SettleRule, limit_note, limit_outcome
 from ...errors import error_line
 from ...results import Probe
 from ..oom import is_oom_error
@@ -708,13 +708,6 @@ class ProbeRunner:
 def _limit_detail(outcome: str, peak: int, budget: int, margin: float, typical: float | None,
                   in_eval: bool) -> str:
     """What a probe's verdict from its peak says (empty: nothing to say)."""
-    where = " (in the validation step)" if in_eval else ""
-    if outcome == "over_budget":
-        return "measured peak exceeds the budget" + where
-    if outcome == "at_limit":
-        return (f"peak within {margin:.0%} of the budget: too close to count as fitting (near "
-                f"the cap the same size fits in one process and not in the next)" + where)
-    if peak >= (1.0 - margin) * budget and typical is not None:
-        return (f"peak within {margin:.0%} of the budget in some training steps only (the "
-                f"typical step {typical / budget:.0%} of it): counted as fitting")
-    return ""
+    note = limit_note(outcome, peak, budget, typical=typical, margin=margin,
+                      what="measured peak" if outcome == "over_budget" else "peak")
+    return note + (" (in the validation step)" if note and in_eval else "")
