@@ -20,11 +20,21 @@ sections of an earlier run that this run did not redo):
   capped and configured as a worker's; the same budget (:data:`MAX_BUDGETS`). Wall time, probes,
   OOMs, answer, and the share of ``max``'s wall time outside its probes. ``BENCH_NO_REUSE=1``
   also runs ``max`` with a fresh process for every probe (``BATCHFIT_REUSE_WORKER=0``).
-- ``tune``, ``fit``, ``noise``: hooks, to be added (see :data:`SECTIONS`).
+- ``tune``: ``batchfit tune`` as a user runs it (the CLI, ``--memory`` the model's budget,
+  ``--json``): the recommended size, the knee and its range, ``max``'s answer, the throughput
+  points, wall time.
+- ``fit``: ``batchfit.fit`` at twice ``max``'s answer, in a process under the same capped
+  allocator (``batchfit run --memory``), beside plain ``model.fit`` at the same size in another:
+  whether each finished, the micro-batch and accumulation ``batchfit.fit`` settled on, its
+  adjustments, the loss, wall time.
+- ``noise``: ``batchfit.estimate_noise_scale`` on a small generated data set that has something
+  to learn (:func:`data`; synthetic inputs are refused): ``B_simple``, its interval, time.
 
     python bench/bench_real.py                        # every section, every model
     python bench/bench_real.py --only check           # about 2 minutes on 2 cores
     python bench/bench_real.py --only check --models bert gpt2
+    python bench/bench_real.py --only noise fit       # every model, about 15 minutes
+    python bench/bench_real.py --only tune --models mobilenet_v2 bert
     python bench/bench_real.py --markdown             # the docs table, from the JSON
 
 KerasHub: ``pip install --no-deps keras-hub regex tokenizers`` (``make`` does; see README).
@@ -119,6 +129,72 @@ MODELS: dict[str, tuple[Callable[[], Any], dict[str, tuple[int, ...]] | None, bo
     "bert": (bert, {"token_ids": (SEQ,), "segment_ids": (SEQ,), "padding_mask": (SEQ,)}, True),
     "gpt2": (gpt2, {"token_ids": (SEQ,), "padding_mask": (SEQ,)}, True),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# A small data set per model, generated, with something to learn (noise refuses synthetic data)
+# --------------------------------------------------------------------------------------------
+
+def data(name: str, n: int = 512, seed: int = 0) -> tuple[Any, Any]:
+    """``n`` examples for model ``name``: images whose class sets a smooth pattern (a fixed
+    8x8 prototype per class, upsampled, plus noise); for BERT token sequences whose label sets
+    which half of the vocabulary a quarter of the tokens come from (padding at the ends); for
+    GPT-2 sequences of a fixed walk over 1,000 tokens with a random restart now and then."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if name in ("bert", "gpt2"):
+        return _text(name, n, rng)
+    protos = np.random.default_rng(1234).normal(size=(CLASSES, 8, 8, IMAGE[2]))
+    labels = rng.integers(0, CLASSES, n)
+    rep = IMAGE[0] // 8
+    x = np.repeat(np.repeat(protos[labels], rep, axis=1), rep, axis=2)
+    x = x + 0.5 * rng.normal(size=x.shape)
+    return x.astype("float32"), labels.astype("int32")
+
+
+def _text(name: str, n: int, rng: Any) -> tuple[Any, Any]:
+    import numpy as np
+
+    lengths = rng.integers(SEQ // 2, SEQ + 1, n)
+    mask = (np.arange(SEQ)[None, :] < lengths[:, None])
+    if name == "bert":
+        labels = rng.integers(0, 2, n)
+        tokens = rng.integers(1000, 30522, (n, SEQ))
+        half = rng.integers(1000, 15000, (n, SEQ)) + 15000 * labels[:, None]
+        pick = rng.random((n, SEQ)) < 0.25
+        tokens = np.where(pick, np.minimum(half, 30521), tokens) * mask
+        x = {"token_ids": tokens.astype("int32"),
+             "segment_ids": np.zeros((n, SEQ), "int32"),
+             "padding_mask": mask.astype("int32")}
+        return x, labels.astype("int32")
+    walk = np.empty((n, SEQ + 1), "int64")
+    walk[:, 0] = rng.integers(0, 1000, n)
+    for t in range(1, SEQ + 1):
+        jump = rng.random(n) < 0.1
+        walk[:, t] = np.where(jump, rng.integers(0, 1000, n), (walk[:, t - 1] * 7 + 3) % 1000)
+    x = {"token_ids": (walk[:, :-1] * mask).astype("int32"), "padding_mask": mask.astype("int32")}
+    return x, (walk[:, 1:] * mask).astype("int32")
+
+
+def data_mobilenet_v2() -> tuple[Any, Any]:
+    return data("mobilenet_v2")
+
+
+def data_resnet50() -> tuple[Any, Any]:
+    return data("resnet50")
+
+
+def data_efficientnet_b0() -> tuple[Any, Any]:
+    return data("efficientnet_b0")
+
+
+def data_bert() -> tuple[Any, Any]:
+    return data("bert")
+
+
+def data_gpt2() -> tuple[Any, Any]:
+    return data("gpt2")
 
 
 def _has_keras_hub() -> bool:
@@ -322,6 +398,125 @@ def run_max(name: str) -> dict[str, Any]:
     return out
 
 
+def _shape_args(name: str) -> list[str]:
+    shapes = MODELS[name][1] or {}
+    return [a for k, v in shapes.items() for a in ("--input-shape", f"{k}={v[0]}")]
+
+
+def run_tune(name: str) -> dict[str, Any]:
+    """``batchfit tune`` as a user runs it: the CLI with the model's budget and ``--json``."""
+    import subprocess
+    import tempfile
+
+    memory = MAX_BUDGETS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        out_json = Path(tmp) / "tune.json"
+        cmd = [sys.executable, "-m", "batchfit", "tune", f"{Path(__file__).resolve()}:{name}",
+               "--memory", memory, "--quiet", "--json", str(out_json), *_shape_args(name)]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+        wall = time.perf_counter() - start
+        if done.returncode != 0 or not out_json.exists():
+            return {"memory": memory, "failed": True, "rc": done.returncode,
+                    "stderr": done.stderr[-800:], "wall_s": round(wall, 1)}
+        r = json.loads(out_json.read_text())
+    thr, mx, rec = r.get("throughput") or {}, r.get("max_batch") or {}, r.get("recommendation") or {}
+    return {"memory": memory, "wall_s": round(wall, 1), "seconds": r.get("seconds"),
+            "recommended": rec.get("batch_size"), "decided_by": rec.get("decided_by"),
+            "reasons": rec.get("reasons"),
+            "max": mx.get("max_batch_size"), "safe": mx.get("safe_batch_size"),
+            "max_probes": len(mx.get("probes") or []),
+            "knee": thr.get("knee"), "knee_range": thr.get("knee_range"),
+            "machine_drift": thr.get("machine_drift"), "throughput_s": thr.get("seconds"),
+            "points": [{"batch_size": p.get("batch_size"), "outcome": p.get("outcome"),
+                        "samples_per_s": p.get("samples_per_second"), "cv": p.get("cv")}
+                       for p in thr.get("points") or []]}
+
+
+def _fit_child(name: str, batch: int, mode: str) -> None:
+    """One training run under the capped allocator (``batchfit run --memory``): ``mode``
+    ``batchfit`` (``batchfit.fit``) or ``keras`` (``model.fit``), one epoch of 4 batches of
+    ``batch`` from :func:`data`. Prints one JSON line, also when training ran out of memory."""
+    import keras
+    import numpy as np
+
+    import batchfit
+    from batchfit.backend import is_oom_error
+
+    keras.utils.set_random_seed(0)
+    model = MODELS[name][0]()
+    x, y = data(name, 4 * batch)
+    start = time.perf_counter()
+    out: dict[str, Any] = {"mode": mode, "batch_size": batch}
+    try:
+        if mode == "batchfit":
+            h = batchfit.fit(model, x, y, batch_size=batch, epochs=1, verbose=0)
+            out.update(micro_batch_size=h.micro_batch_size,
+                       accumulation_steps=h.accumulation_steps,
+                       adjustments=[a.to_dict() for a in h.adjustments])
+        else:
+            h = model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+        loss = h.history["loss"][-1]
+        out.update(finished=True, loss=float(loss), loss_finite=bool(np.isfinite(loss)))
+    except Exception as exc:  # noqa: BLE001 - what happened is the result
+        out.update(finished=False, oom=bool(is_oom_error(exc)),
+                   error=f"{type(exc).__name__}: {str(exc)[:200]}")
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(out), flush=True)
+
+
+def _fit_run(name: str, memory: str, batch: int, mode: str) -> dict[str, Any]:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "batchfit", "run", "--memory", memory, "--", sys.executable,
+           str(Path(__file__).resolve()), "--fit-child", name, str(batch), mode]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"mode": mode, "batch_size": batch, "finished": False, "rc": done.returncode,
+                "error": done.stderr[-400:], "process_s": round(time.perf_counter() - start, 1)}
+    out = json.loads(lines[-1])
+    out["process_s"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def run_fit(name: str) -> dict[str, Any]:
+    """``batchfit.fit`` and plain ``model.fit`` at twice ``max``'s saved answer, each in a
+    process under the model's budget."""
+    saved = json.loads(_path("max").read_text())["models"].get(name, {}) \
+        if _path("max").exists() else {}
+    answer = (saved.get("max") or {}).get("answer")
+    if not answer:
+        return {"failed": True, "error": "no saved max answer: run --only max first"}
+    memory = MAX_BUDGETS[name]
+    batch = 2 * int(answer)
+    return {"memory": memory, "max_answer": answer, "batch_size": batch,
+            "keras": _fit_run(name, memory, batch, "keras"),
+            "batchfit": _fit_run(name, memory, batch, "batchfit")}
+
+
+#: noise: small and big batch and pairs, kept short on a 2-core CPU (512 examples each)
+NOISE = {"small": 8, "big": 64, "steps": 16}
+
+
+def run_noise(name: str) -> dict[str, Any]:
+    """``batchfit.estimate_noise_scale`` on the model's generated data set."""
+    import keras
+
+    from batchfit.verbs.noise import estimate_noise_scale
+
+    keras.utils.set_random_seed(0)
+    model = MODELS[name][0]()
+    start = time.perf_counter()
+    r = estimate_noise_scale(model, data(name), **NOISE)
+    d = r.to_dict()
+    keras.backend.clear_session()
+    return {**NOISE, "wall_s": round(time.perf_counter() - start, 1),
+            **{k: d.get(k) for k in ("b_simple", "low", "high", "confidence", "seconds",
+                                     "examples", "notes")}}
+
+
 #: section -> (function(model name) -> dict, one-line description). Other sections (max, tune,
 #: fit, noise on a shipped data set) register here with the same signature; each writes
 #: bench/results/real_<section>.json and its own --markdown table.
@@ -329,6 +524,10 @@ SECTIONS: dict[str, tuple[Callable[[str], dict[str, Any]], str]] = {
     "check": (run_check, "batchfit.check: third-party layers checked/skipped, findings, time"),
     "max": (run_max, ("batchfit max (defaults, confirmations included) vs Lightning's binsearch "
                      "in one process under the same capped allocator")),
+    "tune": (run_tune, "batchfit tune (the CLI, defaults) under the model's budget"),
+    "fit": (run_fit, ("batchfit.fit and plain model.fit at twice max's answer, each in a "
+                      "process under the model's budget")),
+    "noise": (run_noise, "batchfit.estimate_noise_scale on a generated data set with a signal"),
 }
 
 
@@ -446,7 +645,63 @@ def markdown_max_both(data: dict[str, Any]) -> str:
     return markdown_max(data) + "\n\n" + markdown_max_time(data)
 
 
-MARKDOWN = {"check": markdown_check, "max": markdown_max_both}
+def _ordered(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    saved = data.get("models", {})
+    return [(n, saved[n]) for n in MODELS if n in saved]
+
+
+def markdown_tune(data: dict[str, Any]) -> str:
+    rows = [("| model | budget | recommended (decided by) | knee (range) | max (safe) | max probes "
+            "| throughput points | machine drift | wall |"), "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for name, r in _ordered(data):
+        if r.get("failed"):
+            rows.append(f"| {name} | {r['memory']} | failed (exit {r.get('rc')}) |")
+            continue
+        drift = r.get("machine_drift")
+        rows.append(f"| {name} | {r['memory']} | {r['recommended']} ({r['decided_by']}) | "
+                    f"{r['knee']} ({r['knee_range']}) | {r['max']} ({r['safe']}) | "
+                    f"{r['max_probes']} | {len(r['points'])} | "
+                    f"{'-' if drift is None else f'{drift:+.0%}'} | {r['wall_s']:.0f} s |")
+    return "\n".join(rows)
+
+
+def markdown_fit(data: dict[str, Any]) -> str:
+    def said(run: dict[str, Any]) -> str:
+        if run.get("finished"):
+            return f"trained, loss {run['loss']:.3f}, {run['seconds']:.0f} s"
+        return "out of memory" if run.get("oom") else f"failed: {run.get('error', '')[:60]}"
+
+    rows = [("| model | budget | max's answer | batch | model.fit | batchfit.fit | micro-batch x "
+            "steps | adjustments |"), "|---|---|---:|---:|---|---|---|---:|"]
+    for name, r in _ordered(data):
+        if r.get("failed"):
+            rows.append(f"| {name} | - | - | - | {r['error']} |")
+            continue
+        b = r["batchfit"]
+        plan = (f"{b['micro_batch_size']} x {b['accumulation_steps']}"
+                if b.get("finished") else "-")
+        rows.append(f"| {name} | {r['memory']} | {r['max_answer']} | {r['batch_size']} | "
+                    f"{said(r['keras'])} | {said(b)} | {plan} | "
+                    f"{len(b.get('adjustments') or [])} |")
+    return "\n".join(rows)
+
+
+def markdown_noise(data: dict[str, Any]) -> str:
+    rows = ["| model | small / big x pairs | B_simple | interval (95%) | seconds | notes |",
+            "|---|---|---:|---|---:|---|"]
+    for name, r in _ordered(data):
+        def num(v: Any) -> str:
+            return "-" if v is None else f"{v:,.0f}"
+        interval = (f"{num(r['low'])}-{num(r['high'])}" if r["high"] is not None
+                    else f"at least {num(r['low'])}")
+        rows.append(f"| {name} | {r['small']} / {r['big']} x {r['steps']} | {num(r['b_simple'])} | "
+                    f"{interval} | {r['wall_s']:.0f} | "
+                    f"{'; '.join(r.get('notes') or []) or '-'} |")
+    return "\n".join(rows)
+
+
+MARKDOWN = {"check": markdown_check, "max": markdown_max_both, "tune": markdown_tune,
+            "fit": markdown_fit, "noise": markdown_noise}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,9 +712,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the tables from the saved JSON, run nothing")
     ap.add_argument("--binsearch-child", nargs=2, metavar=("MODEL", "MEMORY"),
                     help=argparse.SUPPRESS)
+    ap.add_argument("--fit-child", nargs=3, metavar=("MODEL", "BATCH", "MODE"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.binsearch_child:
         _binsearch_child(*args.binsearch_child)
+        return 0
+    if args.fit_child:
+        _fit_child(args.fit_child[0], int(args.fit_child[1]), args.fit_child[2])
         return 0
     if args.markdown:
         for section in args.only:
