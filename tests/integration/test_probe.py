@@ -251,6 +251,52 @@ def test_a_probe_runs_epochs_over_its_batches_until_the_peak_settles() -> None:
     assert runner.state.equals_current()
 
 
+def _record_calls(m: keras.Model, calls: list[str]) -> None:
+    """Append "T" to ``calls`` at each call of ``m.train_function``, "V" of ``m.test_function``,
+    however often a probe builds them anew."""
+    for kind, name in (("T", "train"), ("V", "test")):
+        build = getattr(m, f"make_{name}_function")
+
+        def make_recording(force: bool = False, build=build, kind=kind, name=name) -> None:
+            build(force=force)
+            compiled = getattr(m, f"{name}_function")
+
+            def recording(iterator):
+                calls.append(kind)
+                return compiled(iterator)
+
+            setattr(m, f"{name}_function", recording)
+
+        setattr(m, f"make_{name}_function", make_recording)
+
+
+def test_a_probe_validates_after_every_epoch_as_fit_does() -> None:
+    # fit's next epoch starts on the heap its validation pass left: the probe's epochs are
+    # each followed by one validation batch, not one validation after all of them.
+    m = _model()
+    runner = ProbeRunner(m, _batch, steps=3, settle_epochs=5)
+    calls: list[str] = []
+    _record_calls(m, calls)
+    assert runner.run(16).fits
+    epochs = "".join(calls).split("V")
+    assert epochs[-1] == "" and len(epochs) - 1 >= 3, calls  # ends with validation; >= 3 epochs
+    assert set(epochs[:-1]) == {"TTT"}, calls
+    assert runner.state.equals_current()
+
+
+def test_a_validation_pass_that_fails_ends_the_probe_and_says_so() -> None:
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32,))
+    h = _RefusesLargeValidationBatches()(keras.layers.Dense(8)(inp))
+    m = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(h))
+    m.compile("adam", "sparse_categorical_crossentropy")
+    calls: list[str] = []
+    _record_calls(m, calls)
+    p = ProbeRunner(m, _batch, steps=2).run(16)
+    assert p.outcome == "refused" and p.detail.startswith("in the validation step")
+    assert calls == ["T", "T", "V"]  # the first epoch's validation refused: nothing after it
+
+
 def test_the_probes_docstring_examples_run() -> None:
     import doctest
 
