@@ -159,12 +159,17 @@ class _RefusesLargeValidationBatches(keras.layers.Layer):
             return tf.identity(x)
 
 
-def test_probe_ends_with_a_validation_step_at_the_same_batch_size() -> None:
+def _refusing_model() -> keras.Model:
     keras.utils.set_random_seed(0)
     inp = keras.Input((32,))
     h = _RefusesLargeValidationBatches()(keras.layers.Dense(8)(inp))
     m = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(h))
     m.compile("adam", "sparse_categorical_crossentropy")
+    return m
+
+
+def test_probe_ends_with_a_validation_step_at_the_same_batch_size() -> None:
+    m = _refusing_model()
     runner = ProbeRunner(m, _batch, steps=2)
     assert runner.warm_up() is None
     assert runner.run(8).fits
@@ -285,11 +290,7 @@ def test_a_probe_validates_after_every_epoch_as_fit_does() -> None:
 
 
 def test_a_validation_pass_that_fails_ends_the_probe_and_says_so() -> None:
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((32,))
-    h = _RefusesLargeValidationBatches()(keras.layers.Dense(8)(inp))
-    m = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(h))
-    m.compile("adam", "sparse_categorical_crossentropy")
+    m = _refusing_model()
     calls: list[str] = []
     _record_calls(m, calls)
     p = ProbeRunner(m, _batch, steps=2).run(16)
