@@ -22,6 +22,7 @@ bench/results/trust.json; ``--markdown`` prints the docs table.
     python bench/bench_trust.py                              # all cases, R=5, k=3 (hours)
     python bench/bench_trust.py --cases cnn:512MiB --runs 2  # one case, two searches
     python bench/bench_trust.py --markdown bench/results/trust.json
+    python bench/bench_trust.py --cases transformer:128MiB --fits 222 226 --k 3 --out f.json
 
 Cases are ``model:memory`` with the models of bench_max.py plus two ``keras.applications``
 architectures built offline (``mobilenetv2``: MobileNetV2 at 96x96, ``resnet50``: ResNet50 at
@@ -101,6 +102,23 @@ def _fixed_layout() -> None:
             os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
+def _where_callback(where: dict):
+    """A Keras callback keeping ``where`` at the phase, epoch and batch (1-based) fit is in."""
+    import keras
+
+    class Where(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            where.update(phase="training", epoch=epoch + 1, batch=0)
+
+        def on_train_batch_begin(self, batch, logs=None):
+            where["batch"] = batch + 1
+
+        def on_test_begin(self, logs=None):
+            where.update(phase="validation", batch=None)
+
+    return Where()
+
+
 def child(spec: str, batch: int, budget: int, settings: str, epochs: int) -> None:
     """In a fresh process: the user's fit at ``batch``; prints one JSON line."""
     if settings == "worker":
@@ -111,16 +129,18 @@ def child(spec: str, batch: int, budget: int, settings: str, epochs: int) -> Non
     if settings == "worker":
         backend.configure_worker("CPU:0", budget)
     out: dict = {"batch": batch}
+    where: dict = {"phase": "before fit"}
     try:
         model = backend.load_model(spec)
         batch_fn, _ = backend.make_batch_fn(model, None, None, 0)
         x, y = batch_fn(int(os.environ.get("BENCH_FIT_BATCHES", FIT_BATCHES)) * batch)
         xv, yv = batch_fn(batch)
         t0 = time.perf_counter()
-        model.fit(x, y, batch_size=batch, epochs=epochs, validation_data=(xv, yv), verbose=0)
+        model.fit(x, y, batch_size=batch, epochs=epochs, validation_data=(xv, yv), verbose=0,
+                  callbacks=[_where_callback(where)])
         out.update(fits=True, seconds=round(time.perf_counter() - t0, 2))
     except Exception as exc:  # noqa: BLE001 - recorded
-        out.update(fits=False, oom=backend.is_oom_error(exc),
+        out.update(fits=False, oom=backend.is_oom_error(exc), where=where,
                    detail=f"{type(exc).__name__}: {str(exc)[:200]}")
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -347,6 +367,23 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def fits_only(case: str, sizes: list[int], k: int, epochs: int, out: Path) -> None:
+    """The user's fit k times at each size (worker settings): JSON with where each failed."""
+    from batchfit.core.sizes import parse_size
+
+    name, memory = case.split(":")
+    spec, budget = MODELS[name], parse_size(memory)
+    data = {"benchmark": "trust_fits", "command": " ".join(sys.argv), "case": case,
+            "fit": f"{epochs} epoch(s) of {os.environ['BENCH_FIT_BATCHES']} batches, each + 1 "
+                   f"validation batch, fresh process, worker settings", "sizes": []}
+    for b in sizes:
+        row = fit_k(spec, b, budget, "worker", k, epochs)
+        data["sizes"].append(row)
+        where = [r.get("where") for r in row["runs"] if not r["fits"]]
+        print(f"{case} {b}: trained {row['fitted']}/{k}; failed at {where}", flush=True)
+        out.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
@@ -367,11 +404,17 @@ def main() -> None:
                          "size that trains, from the first run's safe size")
     ap.add_argument("--fit-batches", type=int, default=FIT_BATCHES,
                     help=f"batches per epoch of the user's fit (default {FIT_BATCHES})")
+    ap.add_argument("--fits", nargs="+", type=int, metavar="SIZE",
+                    help="no search: the user's fit k times at each size of the first case "
+                         "(worker settings), with where each one ran out of memory")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return
     os.environ["BENCH_FIT_BATCHES"] = str(args.fit_batches)  # the fits' processes read it
+    if args.fits:
+        fits_only(args.cases[0], args.fits, args.k, args.fit_epochs, Path(args.out))
+        return
     settings = ["worker", "default"] if args.settings == "both" else [args.settings]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
