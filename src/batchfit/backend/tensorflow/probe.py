@@ -711,9 +711,9 @@ class ProbeRunner:
         Validation between the epochs, not once after them: ``fit``'s next epoch starts on the
         heap its validation left. Measured (the Transformer of the examples under 128 MiB, the
         worker's settings, fresh processes): the user's ``fit`` of 6 epochs of 4 batches with
-        one validation batch ran out of memory at 226 in 3 of 3, each at the first training
-        step after a validation pass (epochs 2, 2 and 4), and at 220 in 1 of 3, where probes
-        with a single validation at the end fitted 3 of 3.
+        one validation batch ran out of memory at 226 in 5 of 6, every time in an epoch after
+        a validation pass (4 times at its first step), and once at 220 (of 6), where probes
+        with a single validation at the end had fitted 3 of 3.
         """
         def first(a: Any) -> Any:
             return None if a is None else tf.nest.map_structure(lambda t: t[:batch_size], a)
