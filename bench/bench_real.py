@@ -691,7 +691,9 @@ def markdown_noise(data: dict[str, Any]) -> str:
             "|---|---|---:|---|---:|---|"]
     for name, r in _ordered(data):
         def num(v: Any) -> str:
-            return "-" if v is None else f"{v:,.0f}"
+            if v is None:
+                return "-"
+            return f"{v:,.0f}" if abs(v) >= 10 else f"{v:.2f}"
         interval = (f"{num(r['low'])}-{num(r['high'])}" if r["high"] is not None
                     else f"at least {num(r['low'])}")
         rows.append(f"| {name} | {r['small']} / {r['big']} x {r['steps']} | {num(r['b_simple'])} | "

@@ -317,3 +317,12 @@ def test_replica_plans_cover_each_share_under_the_micro_batch(rest: list[int], m
     assert [sum(p) for p in plan.pieces] == rest
     assert all(len(p) == plan.steps for p in plan.pieces)
     assert plan.micro == max(max(p) for p in plan.pieces) <= min(per, max(rest))
+
+
+def test_the_summary_reports_the_plan_that_ran_not_the_cap() -> None:
+    # Measured (bench_real fit, a KerasHub BERT under 256 MiB): 70 shrank to a cap of 17, and
+    # the even split ran 5 micro-batches of 14; History said 17 x 5 (85, not 70).
+    c = FitController(HalvingShrink(), batch_size=70, micro_batch_size=17)
+    s = c.summary()
+    assert (s.micro_batch_size, s.accumulation_steps) == (14, 5)
+    assert s.micro_batch_size * s.accumulation_steps == 70

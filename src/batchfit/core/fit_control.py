@@ -130,7 +130,9 @@ class FitSummary:
     """The last training plan of a fit, as ``History`` reports it (sizes global).
 
     Attributes:
-        micro_batch_size: the global micro-batch at the end (``None`` before any batch).
+        micro_batch_size: the largest global micro-batch of the last plan (``None`` before
+            any batch): under the size the shrinking left where the batch splits evenly into
+            smaller parts (70 under a cap of 17: 5 parts of 14).
         accumulation_steps: micro-batches per batch at the end.
         replicas: replicas in sync.
         per_replica_batch_size: each replica's share of the batch (``None`` when unknown).
@@ -442,8 +444,10 @@ class FitController:
         r = self.replicas
         # Without batch_size (a dataset's own batches), the batch is the largest one that ran.
         full = self.batch_size or self.largest_batch("train", largest_seen)
-        steps = (plan_micro_batches(-(-full // r), max(1, micro // r)).steps
-                 if micro and full else 1)
+        steps = 1
+        if micro and full:  # the plan that ran: an even split may use parts under the cap
+            plan = plan_micro_batches(-(-full // r), max(1, micro // r))
+            steps, micro = plan.steps, plan.micro_batch_size * r
         return FitSummary(micro_batch_size=micro, accumulation_steps=steps, replicas=r,
                           per_replica_batch_size=-(-full // r) if full else None,
                           per_replica_micro_batch_size=max(1, micro // r) if micro else None)
