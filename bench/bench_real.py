@@ -177,26 +177,6 @@ def _text(name: str, n: int, rng: Any) -> tuple[Any, Any]:
     return x, (walk[:, 1:] * mask).astype("int32")
 
 
-def data_mobilenet_v2() -> tuple[Any, Any]:
-    return data("mobilenet_v2")
-
-
-def data_resnet50() -> tuple[Any, Any]:
-    return data("resnet50")
-
-
-def data_efficientnet_b0() -> tuple[Any, Any]:
-    return data("efficientnet_b0")
-
-
-def data_bert() -> tuple[Any, Any]:
-    return data("bert")
-
-
-def data_gpt2() -> tuple[Any, Any]:
-    return data("gpt2")
-
-
 def _has_keras_hub() -> bool:
     try:
         import keras_hub  # noqa: F401
@@ -295,21 +275,26 @@ def _binsearch_child(name: str, memory: str) -> None:
                       "probe_list": probes}))
 
 
-def _binsearch(name: str, memory: str) -> dict[str, Any]:
+def _child_under_budget(memory: str, *args: str) -> dict[str, Any]:
+    """This script with ``args`` in a process under ``batchfit run --memory``: the last JSON
+    line it printed, with ``process_s`` (Python's start and TensorFlow's import included), or
+    ``{"failed": True, ...}`` where it exited non-zero or printed none."""
     import subprocess
 
     cmd = [sys.executable, "-m", "batchfit", "run", "--memory", memory, "--", sys.executable,
-           str(Path(__file__).resolve()), "--binsearch-child", name, memory]
+           str(Path(__file__).resolve()), *args]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-    wall = time.perf_counter() - start
+    wall = round(time.perf_counter() - start, 1)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"failed": True, "rc": done.returncode, "stderr": done.stderr[-800:],
-                "process_s": round(wall, 1)}
-    out = json.loads(lines[-1])
-    out["process_s"] = round(wall, 1)  # with Python's start and TensorFlow's import
-    return out
+                "process_s": wall}
+    return {**json.loads(lines[-1]), "process_s": wall}
+
+
+def _binsearch(name: str, memory: str) -> dict[str, Any]:
+    return _child_under_budget(memory, "--binsearch-child", name, memory)
 
 
 def _max_once(name: str, memory: str) -> dict[str, Any]:
@@ -466,18 +451,9 @@ def _fit_child(name: str, batch: int, mode: str) -> None:
 
 
 def _fit_run(name: str, memory: str, batch: int, mode: str) -> dict[str, Any]:
-    import subprocess
-
-    cmd = [sys.executable, "-m", "batchfit", "run", "--memory", memory, "--", sys.executable,
-           str(Path(__file__).resolve()), "--fit-child", name, str(batch), mode]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        return {"mode": mode, "batch_size": batch, "finished": False, "rc": done.returncode,
-                "error": done.stderr[-400:], "process_s": round(time.perf_counter() - start, 1)}
-    out = json.loads(lines[-1])
-    out["process_s"] = round(time.perf_counter() - start, 1)
+    out = _child_under_budget(memory, "--fit-child", name, str(batch), mode)
+    if out.get("failed"):
+        out.update(mode=mode, batch_size=batch, finished=False, error=out["stderr"][-400:])
     return out
 
 

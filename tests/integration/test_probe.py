@@ -111,24 +111,29 @@ def test_steps_must_be_positive() -> None:
         ProbeRunner(_model(), _batch, steps=0)
 
 
-def _count_train_calls(m: keras.Model) -> list[type]:
-    """The type of the iterator of each call of ``m.train_function``, however often a probe
-    builds it anew (each probe does)."""
-    calls: list[type] = []
-    build = m.make_train_function
+def _record_calls(m: keras.Model) -> list[tuple[str, type]]:
+    """``("T", iterator type)`` for each call of ``m.train_function``, ``("V", ...)`` of
+    ``m.test_function``, in order, however often a probe builds them anew (each probe does)."""
+    calls: list[tuple[str, type]] = []
+    for kind, name in (("T", "train"), ("V", "test")):
+        build = getattr(m, f"make_{name}_function")
 
-    def make_counting(force: bool = False) -> None:
-        build(force=force)
-        compiled = m.train_function
+        def make_recording(force: bool = False, build=build, kind=kind, name=name) -> None:
+            build(force=force)
+            compiled = getattr(m, f"{name}_function")
 
-        def counting(iterator):
-            calls.append(type(iterator))
-            return compiled(iterator)
+            def recording(iterator):
+                calls.append((kind, type(iterator)))
+                return compiled(iterator)
 
-        m.train_function = counting
+            setattr(m, f"{name}_function", recording)
 
-    m.make_train_function = make_counting
+        setattr(m, f"make_{name}_function", make_recording)
     return calls
+
+
+def _train_calls(calls: list[tuple[str, type]]) -> list[type]:
+    return [t for kind, t in calls if kind == "T"]
 
 
 def test_probe_runs_fits_compiled_function_over_an_iterator_per_steps_per_execution() -> None:
@@ -138,8 +143,9 @@ def test_probe_runs_fits_compiled_function_over_an_iterator_per_steps_per_execut
     m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", steps_per_execution=2)
     runner = ProbeRunner(m, _batch, steps=4, settle_epochs=1)
     runner.warm_up()
-    calls = _count_train_calls(m)
+    recorded = _record_calls(m)
     assert runner.run(16).fits
+    calls = _train_calls(recorded)
     # 4 steps, 2 per execution: two calls of the function fit calls, each with fit's iterator
     # (a generator is what train_on_batch passes instead).
     assert len(calls) == 2
@@ -249,30 +255,12 @@ def test_a_probe_runs_epochs_over_its_batches_until_the_peak_settles() -> None:
     # epochs, at most settle_epochs, each of `steps` steps; the state restored after all.
     m = _model()
     runner = ProbeRunner(m, _batch, steps=3, settle_epochs=5)
-    calls = _count_train_calls(m)
+    recorded = _record_calls(m)
     p = runner.run(16)
+    calls = _train_calls(recorded)
     assert p.fits and p.peak_bytes is not None
     assert len(calls) % 3 == 0 and 9 <= len(calls) <= 15, len(calls)
     assert runner.state.equals_current()
-
-
-def _record_calls(m: keras.Model, calls: list[str]) -> None:
-    """Append "T" to ``calls`` at each call of ``m.train_function``, "V" of ``m.test_function``,
-    however often a probe builds them anew."""
-    for kind, name in (("T", "train"), ("V", "test")):
-        build = getattr(m, f"make_{name}_function")
-
-        def make_recording(force: bool = False, build=build, kind=kind, name=name) -> None:
-            build(force=force)
-            compiled = getattr(m, f"{name}_function")
-
-            def recording(iterator):
-                calls.append(kind)
-                return compiled(iterator)
-
-            setattr(m, f"{name}_function", recording)
-
-        setattr(m, f"make_{name}_function", make_recording)
 
 
 def test_a_probe_validates_after_every_epoch_as_fit_does() -> None:
@@ -280,10 +268,9 @@ def test_a_probe_validates_after_every_epoch_as_fit_does() -> None:
     # each followed by one validation batch, not one validation after all of them.
     m = _model()
     runner = ProbeRunner(m, _batch, steps=3, settle_epochs=5)
-    calls: list[str] = []
-    _record_calls(m, calls)
+    calls = _record_calls(m)
     assert runner.run(16).fits
-    epochs = "".join(calls).split("V")
+    epochs = "".join(kind for kind, _ in calls).split("V")
     assert epochs[-1] == "" and len(epochs) - 1 >= 3, calls  # ends with validation; >= 3 epochs
     assert set(epochs[:-1]) == {"TTT"}, calls
     assert runner.state.equals_current()
@@ -291,11 +278,10 @@ def test_a_probe_validates_after_every_epoch_as_fit_does() -> None:
 
 def test_a_validation_pass_that_fails_ends_the_probe_and_says_so() -> None:
     m = _refusing_model()
-    calls: list[str] = []
-    _record_calls(m, calls)
+    calls = _record_calls(m)
     p = ProbeRunner(m, _batch, steps=2).run(16)
     assert p.outcome == "refused" and p.detail.startswith("in the validation step")
-    assert calls == ["T", "T", "V"]  # the first epoch's validation refused: nothing after it
+    assert [kind for kind, _ in calls] == ["T", "T", "V"]  # the first epoch's validation refused: nothing after it
 
 
 def test_the_probes_docstring_examples_run() -> None:

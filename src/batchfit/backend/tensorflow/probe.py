@@ -6,7 +6,8 @@ through Keras's own epoch iterator (the data adapter, prefetching, the model's s
 into ``model.train_function``, the compiled function ``fit`` calls, and after each epoch one
 batch of the same size goes through ``model.test_function``, as ``fit``'s validation pass at
 the end of an epoch does (the next epoch starts on the heap it left). The peak is taken over
-both: neither training nor validation at the answer can need memory the probe did not see. Around them it resets and reads the allocator's peak
+both: neither training nor validation at the answer can need memory the probe did not see.
+Around them it resets and reads the allocator's peak
 (``tf.config.experimental.reset_memory_stats`` / ``get_memory_info``), times each step, and
 afterwards assigns back every variable it may have touched (weights, non-trainable state, random
 seed state, optimizer slots and iteration count, metrics), so probing is invisible to the caller.
@@ -731,8 +732,8 @@ class ProbeRunner:
         return again
 
     def _settling(self, step_peaks: StepPeaks) -> Callable[[], bool] | None:
-        """Whether to run another epoch: until the peak settles (see
-        :mod:`batchfit.core.settle`), or ``None`` where the allocator keeps no peak."""
+        """A function saying, after each epoch, whether to run another: until the peak
+        settles (see :mod:`batchfit.core.settle`); ``None`` where the allocator keeps no peak."""
         if self.settle.max_epochs <= 1 or not step_peaks.known:
             return None
         peaks: list[float] = []
