@@ -263,6 +263,21 @@ def test_a_probe_runs_epochs_over_its_batches_until_the_peak_settles() -> None:
     assert runner.state.equals_current()
 
 
+def test_a_probe_far_under_its_budget_ends_after_two_epochs_and_says_how_many() -> None:
+    # A peak a thousand times under the budget cannot reach it in the epochs left, whatever
+    # the allocator's creep: two epochs (a validation pass between them), not the quiet three.
+    m = _model()
+    runner = ProbeRunner(m, _batch, steps=3, device="CPU:0", budget_bytes=64 << 30,
+                         settle_epochs=5)
+    recorded = _record_calls(m)
+    p = runner.run(16)
+    assert p.fits and p.epochs == 2
+    assert "".join(kind for kind, _ in recorded) == "TTTVTTTV"
+    # Without a budget nothing is clear of it: at least 1 + 2 quiet epochs, counted
+    assert ProbeRunner(m, _batch, steps=3, settle_epochs=5).run(16).epochs >= 3
+    assert runner.state.equals_current()
+
+
 def test_a_probe_validates_after_every_epoch_as_fit_does() -> None:
     # fit's next epoch starts on the heap its validation pass left: the probe's epochs are
     # each followed by one validation batch, not one validation after all of them.

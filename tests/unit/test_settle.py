@@ -30,6 +30,28 @@ def test_a_peak_that_keeps_rising_stops_at_max_epochs() -> None:
     assert SettleRule(tolerance_bytes=1.0, max_epochs=1).settled([1.0])
 
 
+def test_a_peak_clear_of_the_line_ends_after_two_epochs_and_one_near_it_settles() -> None:
+    # ResNet50's climb (446 -> 470.5 MiB) under 768 MiB: at its largest rise (10 MiB) for the 6
+    # epochs left it stays under the 3% line (745 MiB): two epochs, a validation pass between.
+    line = 0.97 * 768
+    far = SettleRule(tolerance_bytes=1.9, quiet=2, max_epochs=8, clear_below=line)
+    stops = [n for n in range(1, len(RESNET) + 1) if far.settled(RESNET[:n])]
+    assert stops[0] == 2
+    # The same climb 260 MiB higher could reach the line: it settles as without one (epoch 7).
+    near = [p + 260.0 for p in RESNET]
+    assert [n for n in range(1, 9) if far.settled(near[:n])][0] == 7
+    # A climb that speeds up is followed, whatever the line
+    assert not far.settled([100.0, 110.0, 500.0])
+    # One epoch alone never ends it early (no validation pass has run before a training epoch)
+    assert not far.settled([1.0])
+
+
+def test_the_clear_line_follows_the_budget_and_the_margin() -> None:
+    assert SettleRule.for_budget(None).clear_below is None
+    assert SettleRule.for_budget(1000).clear_below == pytest.approx(970.0)
+    assert SettleRule.for_budget(1000, limit_margin=0.1).clear_below == pytest.approx(900.0)
+
+
 def test_tolerance_follows_the_budget_with_a_floor() -> None:
     assert SettleRule.for_budget(512 << 20).tolerance_bytes == pytest.approx(0.0025 * (512 << 20))
     assert SettleRule.for_budget(None).tolerance_bytes == SETTLE_MIN_BYTES

@@ -46,6 +46,9 @@ class Probe(_Serializable):
         typical_peak_bytes: the median training step's peak, where the largest peak came
             from a training step (``None`` otherwise, or where not measured): a peak near the
             budget in a few steps only still fits (:func:`batchfit.core.settle.limit_outcome`).
+        epochs: the probe's training epochs that ended, each followed by a validation pass
+            (``None`` where not counted): until its peak settled, or fewer where the peak
+            stayed clear of the budget (:class:`batchfit.core.settle.SettleRule`).
     """
 
     batch_size: int
@@ -58,6 +61,7 @@ class Probe(_Serializable):
     phase: str = "search"
     reused: bool = False
     typical_peak_bytes: int | None = None
+    epochs: int | None = None
 
 
 @dataclass(frozen=True)

@@ -640,7 +640,8 @@ class ProbeRunner:
         if not 0 <= limit_margin < 1:
             raise ValueError(f"limit_margin must be in [0, 1), got {limit_margin}")
         self.limit_margin = limit_margin
-        self.settle = SettleRule.for_budget(budget_bytes, max_epochs=settle_epochs)
+        self.settle = SettleRule.for_budget(budget_bytes, max_epochs=settle_epochs,
+                                            limit_margin=limit_margin)
         self.state = ModelState(model, build_optimizer=not own_model)
         self.watch: Watch | None = None
         self.defer_cleanup = False
@@ -673,6 +674,7 @@ class ProbeRunner:
         t0 = time.perf_counter()
         probe: Probe | None = None
         phase = ["training"]
+        epochs = [0]  # training epochs that ended (each followed by its validation pass)
         held: list[Any] = []  # fit keeps its epoch iterator through validation: so does this
         try:
             x, y = repeated_batches(self.batch_fn, batch_size, self.steps)
@@ -680,18 +682,18 @@ class ProbeRunner:
             peaks = StepPeaks(self.device)
             logs, step_times = train_like_fit(
                 self.model, x, y, batch_size, watch=self.watch, hold=held, fresh=True,
-                again=self._end_of_epoch(x, y, batch_size, held, peaks, phase),
+                again=self._end_of_epoch(x, y, batch_size, held, peaks, phase, epochs),
                 step_peaks=peaks)
             del x, y
             peak = peaks.total()
             probe = self._outcome(batch_size, logs, peak, peaks.validation if peak else None,
-                                  step_times, t0, peaks)
+                                  step_times, t0, peaks, epochs[0])
         except Exception as exc:  # noqa: BLE001 - every failure becomes a probe outcome
             where = "" if phase[0] == "training" else "in the validation step: "
             probe = Probe(batch_size=batch_size, fits=False,
                           outcome="oom" if is_oom_error(exc) else "refused", peak_bytes=None,
                           seconds=time.perf_counter() - t0, step_seconds=None,
-                          detail=where + failure_line(exc))
+                          detail=where + failure_line(exc), epochs=epochs[0])
         finally:
             # Outside the handler: the exception's traceback, which keeps the failed step's
             # tensors alive, is released before the state is assigned back. Metrics are reset
@@ -704,7 +706,8 @@ class ProbeRunner:
         return probe
 
     def _end_of_epoch(self, x: Any, y: Any, batch_size: int, held: list[Any],
-                      step_peaks: StepPeaks, phase: list[str]) -> Callable[[], bool]:
+                      step_peaks: StepPeaks, phase: list[str],
+                      epochs: list[int]) -> Callable[[], bool]:
         """``again`` for :func:`train_like_fit`: after every epoch a validation pass on one
         batch, as ``fit`` runs it (:class:`FitValidation`), then another epoch until the peak
         settles (see :mod:`batchfit.core.settle`; one epoch where the allocator keeps no peak).
@@ -724,6 +727,7 @@ class ProbeRunner:
         settling = self._settling(step_peaks)
 
         def again() -> bool:
+            epochs[0] += 1
             phase[0] = "validation"
             step_peaks.around(validate)
             phase[0] = "training"
@@ -755,7 +759,8 @@ class ProbeRunner:
         self.state.restore()
 
     def _outcome(self, batch_size: int, logs: Any, peak: int | None, eval_peak: int | None,
-                 step_times: list[float], t0: float, step_peaks: StepPeaks) -> Probe:
+                 step_times: list[float], t0: float, step_peaks: StepPeaks,
+                 epochs: int | None = None) -> Probe:
         """The probe of steps that ran: fits, or too close to / over the budget (see
         :func:`~batchfit.core.settle.limit_outcome`: a peak near the budget in a few training
         steps only, the typical one well under it, still fits)."""
@@ -775,7 +780,8 @@ class ProbeRunner:
             batch_size=batch_size, fits=outcome == "fits", outcome=outcome,
             peak_bytes=peak, seconds=time.perf_counter() - t0,
             step_seconds=statistics.median(step_times[1:]) if len(step_times) > 1 else None,
-            detail=detail, typical_peak_bytes=None if typical is None else int(typical))
+            detail=detail, typical_peak_bytes=None if typical is None else int(typical),
+            epochs=epochs)
 
 
 def _limit_detail(outcome: str, peak: int, budget: int, margin: float, typical: float | None,
