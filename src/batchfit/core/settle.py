@@ -43,6 +43,7 @@ False
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 from ..errors import InvalidInputError
 
@@ -206,5 +207,5 @@ class SettleRule:
         epochs left at its largest rise so far (at least the tolerance) per epoch."""
         if self.clear_below is None or len(peaks) < 2:
             return False
-        rise = max([self.tolerance_bytes] + [b - a for a, b in zip(peaks, peaks[1:])])
+        rise = max([self.tolerance_bytes] + [b - a for a, b in pairwise(peaks)])
         return peaks[-1] + rise * (self.max_epochs - len(peaks)) < self.clear_below
