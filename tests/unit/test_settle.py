@@ -39,7 +39,7 @@ def test_a_peak_clear_of_the_line_ends_after_two_epochs_and_one_near_it_settles(
     assert stops[0] == 2
     # The same climb 260 MiB higher could reach the line: it settles as without one (epoch 7).
     near = [p + 260.0 for p in RESNET]
-    assert [n for n in range(1, 9) if far.settled(near[:n])][0] == 7
+    assert next(n for n in range(1, 9) if far.settled(near[:n])) == 7
     # A climb that speeds up is followed, whatever the line
     assert not far.settled([100.0, 110.0, 500.0])
     # One epoch alone never ends it early (no validation pass has run before a training epoch)
