@@ -332,7 +332,7 @@ def _max_once(name: str, memory: str) -> dict[str, Any]:
             "outside_probes": round(1 - probe_s / wall, 2) if wall else None,
             "probe_list": [{"batch_size": p.batch_size, "outcome": p.outcome,
                             "phase": p.phase, "reused": bool(getattr(p, "reused", False)),
-                            "seconds": round(p.seconds, 2),
+                            "seconds": round(p.seconds, 2), "epochs": p.epochs,
                             **({"detail": p.detail[:200]} if not p.fits else {})}
                            for p in r.probes],
             "time": time_breakdown(events, wall),
