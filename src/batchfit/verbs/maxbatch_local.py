@@ -442,7 +442,10 @@ def _nothing_fits(probes: list[Probe], granularity: int, budget: int | None,
     """The error for a search in which nothing fit: the smallest size tried, the fixed cost."""
     smallest = min((p.batch_size for p in probes), default=granularity)
     fixed = mem_model.fixed_bytes if mem_model else state
-    parts = [f"nothing fits: even batch {smallest} does not fit"]
+    memory = any(p.batch_size == smallest and p.outcome in ("oom", "over_budget", "at_limit")
+                 for p in probes) or not probes
+    parts = [f"nothing fits: even batch {smallest} does not fit" if memory else
+             f"nothing fits: no probe down to batch {smallest} succeeded"]
     if budget is not None:
         parts.append(f"in {format_bytes(budget)}")
     msg = " ".join(parts) + "."
@@ -452,7 +455,28 @@ def _nothing_fits(probes: list[Probe], granularity: int, budget: int | None,
         msg += f" ({state / budget:.0%} of the budget)." if budget else "."
     msg += (" Use a larger budget, a smaller model, mixed precision, or an optimizer with "
             "less state (Adam keeps two extra copies of the weights, SGD none).")
-    return NothingFitsError(msg, fixed_bytes=fixed, budget_bytes=budget)
+    return NothingFitsError(msg + _not_memory(probes), fixed_bytes=fixed, budget_bytes=budget)
+
+
+_OUTCOME_WORDS = {"timeout": "timed out", "crashed": "crashed (the worker process died)",
+                  "refused": "raised an error in the model"}
+
+
+def _not_memory(probes: list[Probe]) -> str:
+    """What a "nothing fits" message must add where some probes failed for another reason than
+    memory (a worker that crashed or timed out, a model that raised): each such outcome, how
+    often, and its first detail; empty where every failure was memory's."""
+    other: dict[str, list[Probe]] = {}
+    for p in probes:
+        if not p.fits and p.outcome not in ("oom", "over_budget", "at_limit"):
+            other.setdefault(p.outcome, []).append(p)
+    if not other:
+        return ""
+    said = "; ".join(f"{len(ps)} {_OUTCOME_WORDS.get(outcome, outcome)} (first at batch "
+                     f"{ps[0].batch_size}: {ps[0].detail or 'no detail'})"
+                     for outcome, ps in other.items())
+    return (f" Not every failure was memory's: {said}. Those say nothing about the budget: "
+            f"fix what they name, then run again.")
 
 
 def _stall_timeout(probes: list[Probe], batch_size: int, limit: float) -> float:
