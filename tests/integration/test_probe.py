@@ -136,6 +136,11 @@ def _train_calls(calls: list[tuple[str, type]]) -> list[type]:
     return [t for kind, t in calls if kind == "T"]
 
 
+def _kinds(calls: list[tuple[str, type]]) -> str:
+    """The calls' kinds in order: ``"TTTV..."``."""
+    return "".join(kind for kind, _ in calls)
+
+
 def test_probe_runs_fits_compiled_function_over_an_iterator_per_steps_per_execution() -> None:
     import tensorflow as tf
 
@@ -272,7 +277,7 @@ def test_a_probe_far_under_its_budget_ends_after_two_epochs_and_says_how_many() 
     recorded = _record_calls(m)
     p = runner.run(16)
     assert p.fits and p.epochs == 2
-    assert "".join(kind for kind, _ in recorded) == "TTTVTTTV"
+    assert _kinds(recorded) == "TTTVTTTV"
     # Without a budget nothing is clear of it: at least 1 + 2 quiet epochs, counted
     assert ProbeRunner(m, _batch, steps=3, settle_epochs=5).run(16).epochs >= 3
     assert runner.state.equals_current()
@@ -285,7 +290,7 @@ def test_a_probe_validates_after_every_epoch_as_fit_does() -> None:
     runner = ProbeRunner(m, _batch, steps=3, settle_epochs=5)
     calls = _record_calls(m)
     assert runner.run(16).fits
-    epochs = "".join(kind for kind, _ in calls).split("V")
+    epochs = _kinds(calls).split("V")
     assert epochs[-1] == "" and len(epochs) - 1 >= 3, calls  # ends with validation; >= 3 epochs
     assert set(epochs[:-1]) == {"TTT"}, calls
     assert runner.state.equals_current()
@@ -296,7 +301,7 @@ def test_a_validation_pass_that_fails_ends_the_probe_and_says_so() -> None:
     calls = _record_calls(m)
     p = ProbeRunner(m, _batch, steps=2).run(16)
     assert p.outcome == "refused" and p.detail.startswith("in the validation step")
-    assert [kind for kind, _ in calls] == ["T", "T", "V"]  # the first epoch's validation refused: nothing after it
+    assert _kinds(calls) == "TTV"  # the first epoch's validation refused: nothing after it
 
 
 def test_the_probes_docstring_examples_run() -> None:

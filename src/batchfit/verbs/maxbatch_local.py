@@ -403,8 +403,11 @@ def _fresh_search_fits(prober: _Prober, probes: list[Probe]) -> list[Trial]:
             if p.phase == "search" and p.fits and not p.reused]
 
 
-#: Outcomes that say memory set the limit (a refusal by the model does not).
-_MEMORY_OUTCOMES = ("oom", "over_budget", "at_limit", "crashed", "timeout")
+#: Outcomes the budget itself gave: the allocator refused, or the peak came over or near it.
+_BUDGET_OUTCOMES = ("oom", "over_budget", "at_limit")
+#: Outcomes that say memory set the limit (a refusal by the model does not; a worker that
+#: crashed or stalled may have been short of memory).
+_MEMORY_OUTCOMES = (*_BUDGET_OUTCOMES, "crashed", "timeout")
 
 
 def _memory_slope(probes: list[Probe], model: MemoryModel | None) -> float | None:
@@ -442,7 +445,7 @@ def _nothing_fits(probes: list[Probe], granularity: int, budget: int | None,
     """The error for a search in which nothing fit: the smallest size tried, the fixed cost."""
     smallest = min((p.batch_size for p in probes), default=granularity)
     fixed = mem_model.fixed_bytes if mem_model else state
-    memory = any(p.batch_size == smallest and p.outcome in ("oom", "over_budget", "at_limit")
+    memory = any(p.batch_size == smallest and p.outcome in _BUDGET_OUTCOMES
                  for p in probes) or not probes
     parts = [f"nothing fits: even batch {smallest} does not fit" if memory else
              f"nothing fits: no probe down to batch {smallest} succeeded"]
@@ -468,7 +471,7 @@ def _not_memory(probes: list[Probe]) -> str:
     often, and its first detail; empty where every failure was memory's."""
     other: dict[str, list[Probe]] = {}
     for p in probes:
-        if not p.fits and p.outcome not in ("oom", "over_budget", "at_limit"):
+        if not p.fits and p.outcome not in _BUDGET_OUTCOMES:
             other.setdefault(p.outcome, []).append(p)
     if not other:
         return ""
