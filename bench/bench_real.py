@@ -364,11 +364,19 @@ def time_breakdown(events: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 def run_max(name: str) -> dict[str, Any]:
     """``batchfit max`` (defaults: guided, 3 confirmations) against Lightning's binsearch in
     one process, same model and budget; with ``BATCHFIT_REUSE_WORKER=0`` also (``--no-reuse``)
-    the search with a fresh process for every probe."""
+    the search with a fresh process for every probe; with ``BENCH_NEAR_EDGE_AB=1`` also the
+    search with ``BATCHFIT_FRESH_NEAR_EDGE=0`` (reused processes up to the edge, as before
+    session 20)."""
     memory = MAX_BUDGETS[name]
     out: dict[str, Any] = {"memory": memory}
     out["binsearch_one_process"] = _binsearch(name, memory)
     out["max"] = _max_once(name, memory)
+    if os.environ.get("BENCH_NEAR_EDGE_AB") == "1":
+        os.environ["BATCHFIT_FRESH_NEAR_EDGE"] = "0"
+        try:
+            out["max_reused_near_edge"] = _max_once(name, memory)
+        finally:
+            os.environ.pop("BATCHFIT_FRESH_NEAR_EDGE", None)
     if os.environ.get("BENCH_NO_REUSE") == "1":
         os.environ["BATCHFIT_REUSE_WORKER"] = "0"
         try:

@@ -79,10 +79,12 @@ def test_prefetched_spares_serve_the_fresh_probes_and_are_cleaned_up() -> None:
 
 def test_a_search_reuses_only_after_smaller_fits_and_confirms_in_fresh_processes() -> None:
     """Within a search (seed_wide, 64 MiB): a probe runs in a reused process only right after
-    a smaller size fitted; never after an out-of-memory error or a larger size; the answer is
+    a smaller size fitted, and only far from the budget; never after an out-of-memory error or
+    a larger size; the answer is
     confirmed in processes that ran nothing before. (Whether reuse moves the limit is measured
     in bench/bench_real.py's max section; the band between fresh processes is wider than 1%
     here: 208 and 212 fresh, 215 and 182 with reuse, in four searches.)"""
+    from batchfit.core.confirm import near_the_edge
     from batchfit.verbs.maxbatch_local import search_max_batch_size
 
     r = search_max_batch_size(SPEC, memory=64 << 20, confirm=2)
@@ -91,6 +93,13 @@ def test_a_search_reuses_only_after_smaller_fits_and_confirms_in_fresh_processes
     for before, p in itertools.pairwise(search):
         if p.reused:
             assert before.fits and before.batch_size < p.batch_size, (before, p)
+    # ...and only where the size was predicted clear of the budget: the refinements near the
+    # edge ran in fresh processes, as the user's fit will
+    nears = [near_the_edge([(q.batch_size, q.peak_bytes) for q in search[:i]
+                            if q.fits and q.peak_bytes is not None], p.batch_size, 64 << 20)
+             for i, p in enumerate(search)]
+    assert not any(p.reused and near for p, near in zip(search, nears)), (search, nears)
+    assert any(near and not p.reused for p, near in zip(search, nears))
     confirms = [p for p in r.probes if p.phase == "confirm"]
     assert len(confirms) >= 2 and not any(p.reused for p in confirms)
     assert r.band.confirmed and r.max_batch_size == r.band.reliable

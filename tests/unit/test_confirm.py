@@ -8,10 +8,12 @@ from collections.abc import Callable
 import pytest
 
 from batchfit.core.confirm import (
+    FRESH_NEAR,
     MAX_DOUBLINGS,
     ConfirmPolicy,
     band_of,
     check_confirm,
+    near_the_edge,
     run_confirmation,
     safe_size,
 )
@@ -359,3 +361,28 @@ def test_the_step_down_doubles_at_most_max_doublings_times() -> None:
     policy = ConfirmPolicy(k=3)  # no memory model: 3% of the size
     steps = [policy.step(1000, n) for n in range(1, 7)]
     assert steps[:3] == [30, 60, 120] and set(steps[MAX_DOUBLINGS:]) == {120}
+
+
+def test_a_size_predicted_near_the_budget_is_near_the_edge_by_the_closest_line() -> None:
+    """The line through the two measured sizes closest to the size decides (FIXED + PER_SAMPLE
+    per sample meets FRESH_NEAR of the budget at ~124); a jump in memory between far sizes
+    follows the near ones."""
+    line = [(b, FIXED + PER_SAMPLE * b) for b in (8, 16, 64)]
+    edge = (FRESH_NEAR * BUDGET - FIXED) / PER_SAMPLE
+    assert not near_the_edge(line, int(edge) - 1, BUDGET)
+    assert near_the_edge(line, int(edge) + 1, BUDGET)
+    assert near_the_edge(line, 10_000, BUDGET)
+    # 8 and 16 alone would put 120 at 400 MiB (78%); 64 and 96, measured higher, at 435 (85%)
+    jumped = [(8, FIXED + PER_SAMPLE * 8), (16, FIXED + PER_SAMPLE * 16),
+              (64, 260 * MiB), (96, 360 * MiB)]
+    assert near_the_edge(jumped, 120, BUDGET)
+    assert not near_the_edge(jumped[:2], 120, BUDGET)
+
+
+def test_from_one_measured_size_the_peak_scales_with_the_batch_and_nothing_is_near_unknown() -> None:
+    one = [(32, 100 * MiB)]
+    assert not near_the_edge(one, 32 * 4, BUDGET)           # 400 MiB: 78%
+    assert near_the_edge(one, 32 * 5, BUDGET)               # 500 MiB: 98%
+    assert not near_the_edge([], 10_000, BUDGET)            # nothing measured
+    assert not near_the_edge(one, 10_000, None)             # no budget
+    assert near_the_edge(one, 32 * 4, BUDGET, near=0.75)    # the share is a parameter

@@ -36,18 +36,21 @@ from dataclasses import dataclass
 
 from ..errors import InvalidInputError
 from ..results import Band
+from .memory_model import local_model
 from .search import Trial
 from .sizes import format_bytes
 from .validate import check_fraction, check_int
 
 __all__ = [
     "DEFAULT_CONFIRMATIONS",
+    "FRESH_NEAR",
     "MAX_DOUBLINGS",
     "MIN_MARGIN",
     "ConfirmPolicy",
     "SafeSize",
     "band_of",
     "check_confirm",
+    "near_the_edge",
     "run_confirmation",
     "safe_size",
 ]
@@ -65,6 +68,49 @@ MIN_MARGIN = 0.03
 #: the fifth (16x, 128 samples) the step passed every size down to the search's fit at 111,
 #: the answer (the user's ``fit`` trains 219), with ``safe_batch_size`` 1.
 MAX_DOUBLINGS = 2
+
+
+#: A search probe whose predicted peak reaches this share of the budget runs in a process that
+#: has run nothing before, never in one reused after smaller fits. Measured (session 20,
+#: bench_real): in 3 of 5 real models the ascending run in a reused process fitted sizes that
+#: then failed in fresh ones (MobileNetV2 under 256 MiB fitted 31, 32 and 33 reused; the
+#: user's own ``fit`` ran out of memory at 31 and 33 in 3 of 3 fresh processes each;
+#: EfficientNetB0 21, GPT-2 9), and each such size cost a failed confirmation.
+FRESH_NEAR = 0.8
+
+
+def near_the_edge(points: Sequence[tuple[int, float]], batch_size: int,
+                  budget_bytes: float | None, *, near: float = FRESH_NEAR) -> bool:
+    """Whether ``batch_size``'s predicted peak reaches ``near`` of the budget.
+
+    The prediction is the line through the two measured sizes closest to ``batch_size``
+    (:func:`batchfit.core.memory_model.local_model`); from one measured size, the peak scaled
+    in proportion to the batch (an over-estimate: the fixed part scales too). Without a
+    budget or a measurement nothing is near.
+
+    Args:
+        points: ``(batch_size, peak_bytes)`` of probes that fitted.
+        batch_size: the size about to be probed.
+        budget_bytes: the memory budget (``None``: unknown).
+        near: the share of the budget that counts as near. Default :data:`FRESH_NEAR`.
+
+    Example:
+
+    >>> pts = [(8, 30.0), (16, 40.0)]  # 20 fixed + 1.25 per sample
+    >>> near_the_edge(pts, 32, 100.0), near_the_edge(pts, 48, 100.0)
+    (False, True)
+    >>> near_the_edge([(8, 30.0)], 24, 100.0)  # 30 * 24 / 8 = 90
+    True
+    """
+    if not budget_bytes or budget_bytes <= 0 or not points:
+        return False
+    sizes = {b for b, _ in points}
+    if len(sizes) < 2:
+        b0 = max(sizes)
+        peak = max(m for b, m in points if b == b0) * batch_size / b0
+    else:
+        peak = local_model(points, near=batch_size).predict(batch_size)
+    return peak >= near * budget_bytes
 
 
 def check_confirm(value: object) -> int:

@@ -20,6 +20,7 @@ from ..core.confirm import (
     ConfirmPolicy,
     band_of,
     check_confirm,
+    near_the_edge,
     run_confirmation,
     safe_size,
 )
@@ -165,6 +166,20 @@ class _Prober:
         """A probe in a process that has run nothing before (a worker is needed)."""
         return self.worker.probe_fresh(batch_size, timeout=timeout)  # type: ignore[no-any-return]
 
+    def near_the_edge(self, probes: list[Probe], batch_size: int) -> bool:
+        """Whether a search probe at ``batch_size`` runs in a fresh process rather than a
+        reused one: the worker reuses processes after fits, and the size's predicted peak is
+        near the budget (:func:`batchfit.core.confirm.near_the_edge`;
+        ``BATCHFIT_FRESH_NEAR_EDGE=0`` turns this off)."""
+        w = self.worker
+        if w is None or not (w.fresh_each_probe and w.reuse_fits):
+            return False
+        if not switched_on("BATCHFIT_FRESH_NEAR_EDGE"):
+            return False
+        points = [(p.batch_size, float(p.peak_bytes)) for p in probes
+                  if p.fits and p.peak_bytes is not None and p.phase != SAFE_PHASE]
+        return near_the_edge(points, batch_size, w.config.budget_bytes)
+
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
@@ -215,6 +230,8 @@ def _trial_function(prober: _Prober, probes: list[Probe], probe_timeout: float,
         timeout = _stall_timeout(probes, b, probe_timeout)
         if confirm:
             p = dataclasses.replace(prober.probe_fresh(b, timeout), phase="confirm")
+        elif prober.near_the_edge(probes, b):
+            p = prober.probe_fresh(b, timeout)
         else:
             p = prober.probe(b, timeout)
         probes.append(p)

@@ -3,7 +3,8 @@
 Each is on unless its variable is ``0``: ``BATCHFIT_COMPILE_CACHE`` (processes share compiled
 XLA programs), ``BATCHFIT_STALL_WATCH`` (a probe waiting on the capped allocator is stopped
 early), ``BATCHFIT_FORK_SERVER`` (workers are forked from a preloaded server),
-``BATCHFIT_REUSE_WORKER`` (ascending fits run in one process). They exist to measure each
+``BATCHFIT_REUSE_WORKER`` (ascending fits run in one process), ``BATCHFIT_FRESH_NEAR_EDGE``
+(a search probe predicted near the budget runs in a fresh process, not a reused one). They exist to measure each
 behaviour against its absence.
 """
 
@@ -14,7 +15,7 @@ import os
 from ..errors import InvalidInputError
 
 SWITCHES = ("BATCHFIT_COMPILE_CACHE", "BATCHFIT_STALL_WATCH", "BATCHFIT_FORK_SERVER",
-            "BATCHFIT_REUSE_WORKER")
+            "BATCHFIT_REUSE_WORKER", "BATCHFIT_FRESH_NEAR_EDGE")
 
 
 def switched_on(name: str) -> bool:
