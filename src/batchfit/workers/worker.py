@@ -217,9 +217,10 @@ class ProbeWorker:
             every probe that process ran fitted and the next size is larger than all of them
             (default ``False``): the model is built and traced once for an ascending run of
             fits. A process that ran out of memory (or came near the limit) is never reused,
-            and :meth:`probe_fresh` always gets a process that has run nothing. With the
-            budget reserved as one region, what is left is the process-to-process band, and a
-            reused process errs toward failing (measured: docs/design.md, "Reusing a worker");
+            and :meth:`probe_fresh` always gets a process that has run nothing. A reused
+            process can fit sizes that fail in fresh ones (measured on real models:
+            docs/design.md, "Reusing a worker"), so ``max`` sends a size near the budget to
+            :meth:`probe_fresh` (:func:`batchfit.core.confirm.near_the_edge`), and
             confirmations in fresh processes decide the answer.
         fork_server: fork each fresh process from a server that has imported TensorFlow
             once (see :mod:`batchfit.workers.server`) instead of starting it by ``exec``. Default: with
