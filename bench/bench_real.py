@@ -361,6 +361,11 @@ def time_breakdown(events: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     return out
 
 
+#: more ``max`` runs beside the default one: (asked by, the batchfit switch turned off, key)
+_EXTRA_ARMS = (("BENCH_NEAR_EDGE_AB", "BATCHFIT_FRESH_NEAR_EDGE", "max_reused_near_edge"),
+               ("BENCH_NO_REUSE", "BATCHFIT_REUSE_WORKER", "max_fresh_each_probe"))
+
+
 def run_max(name: str) -> dict[str, Any]:
     """``batchfit max`` (defaults: guided, 3 confirmations) against Lightning's binsearch in
     one process, same model and budget; with ``BATCHFIT_REUSE_WORKER=0`` also (``--no-reuse``)
@@ -371,18 +376,13 @@ def run_max(name: str) -> dict[str, Any]:
     out: dict[str, Any] = {"memory": memory}
     out["binsearch_one_process"] = _binsearch(name, memory)
     out["max"] = _max_once(name, memory)
-    if os.environ.get("BENCH_NEAR_EDGE_AB") == "1":
-        os.environ["BATCHFIT_FRESH_NEAR_EDGE"] = "0"
-        try:
-            out["max_reused_near_edge"] = _max_once(name, memory)
-        finally:
-            os.environ.pop("BATCHFIT_FRESH_NEAR_EDGE", None)
-    if os.environ.get("BENCH_NO_REUSE") == "1":
-        os.environ["BATCHFIT_REUSE_WORKER"] = "0"
-        try:
-            out["max_fresh_each_probe"] = _max_once(name, memory)
-        finally:
-            os.environ.pop("BATCHFIT_REUSE_WORKER", None)
+    for asked, switch, key in _EXTRA_ARMS:
+        if os.environ.get(asked) == "1":
+            os.environ[switch] = "0"
+            try:
+                out[key] = _max_once(name, memory)
+            finally:
+                os.environ.pop(switch, None)
     b = out["binsearch_one_process"]
     if not b.get("failed") and not out["max"].get("failed"):
         out["ratio_vs_binsearch"] = round(out["max"]["wall_s"] / max(1e-9, b["search_s"]), 2)
