@@ -80,10 +80,10 @@ def test_prefetched_spares_serve_the_fresh_probes_and_are_cleaned_up() -> None:
 def test_a_search_reuses_only_after_smaller_fits_and_confirms_in_fresh_processes() -> None:
     """Within a search (seed_wide, 64 MiB): a probe runs in a reused process only right after
     a smaller size fitted, and only far from the budget; never after an out-of-memory error or
-    a larger size; the answer is
-    confirmed in processes that ran nothing before. (Whether reuse moves the limit is measured
-    in bench/bench_real.py's max section; the band between fresh processes is wider than 1%
-    here: 208 and 212 fresh, 215 and 182 with reuse, in four searches.)"""
+    a larger size; the answer is confirmed in processes that ran nothing before. (Whether
+    reuse moves the limit is measured in bench/bench_real.py's max section; the band between
+    fresh processes is wider than 1% here: 208 and 212 fresh, 215 and 182 with reuse, in four
+    searches.)"""
     from batchfit.core.confirm import near_the_edge
     from batchfit.verbs.maxbatch_local import search_max_batch_size
 

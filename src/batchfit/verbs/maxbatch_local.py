@@ -176,9 +176,7 @@ class _Prober:
             return False
         if not switched_on("BATCHFIT_FRESH_NEAR_EDGE"):
             return False
-        points = [(p.batch_size, float(p.peak_bytes)) for p in probes
-                  if p.fits and p.peak_bytes is not None and p.phase != SAFE_PHASE]
-        return near_the_edge(points, batch_size, w.config.budget_bytes)
+        return near_the_edge(_fit_points(probes), batch_size, w.config.budget_bytes)
 
     def close(self) -> None:
         if self.worker is not None:
@@ -520,12 +518,16 @@ def _free_at(model: MemoryModel | None, budget: int | None, size: int, free: flo
     return max(0.0, 1.0 - model.predict(size) / budget)
 
 
+def _fit_points(probes: list[Probe]) -> list[tuple[int, float]]:
+    """``(batch_size, peak_bytes)`` of the probes that fitted under the workers' settings."""
+    return [(p.batch_size, float(p.peak_bytes)) for p in probes
+            if p.fits and p.peak_bytes is not None and p.phase != SAFE_PHASE]
+
+
 def _fit(probes: list[Probe]) -> MemoryModel | None:
-    """The memory model of the probes that fitted under the workers' settings."""
-    pts: dict[int, float] = {}
-    for p in probes:
-        if p.fits and p.peak_bytes is not None and p.phase != SAFE_PHASE:
-            pts[p.batch_size] = float(p.peak_bytes)
+    """The memory model of the probes that fitted under the workers' settings (the last peak
+    measured at each size)."""
+    pts = dict(_fit_points(probes))
     if len(pts) < 2:
         return None
     return fit_memory_model(sorted(pts.items()))

@@ -4,8 +4,8 @@ Each is on unless its variable is ``0``: ``BATCHFIT_COMPILE_CACHE`` (processes s
 XLA programs), ``BATCHFIT_STALL_WATCH`` (a probe waiting on the capped allocator is stopped
 early), ``BATCHFIT_FORK_SERVER`` (workers are forked from a preloaded server),
 ``BATCHFIT_REUSE_WORKER`` (ascending fits run in one process), ``BATCHFIT_FRESH_NEAR_EDGE``
-(a search probe predicted near the budget runs in a fresh process, not a reused one). They exist to measure each
-behaviour against its absence.
+(a search probe predicted near the budget runs in a fresh process, not a reused one). They
+exist to measure each behaviour against its absence.
 """
 
 from __future__ import annotations
