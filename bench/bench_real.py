@@ -363,7 +363,8 @@ def time_breakdown(events: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 
 #: more ``max`` runs beside the default one: (asked by, the batchfit switch turned off, key)
 _EXTRA_ARMS = (("BENCH_NEAR_EDGE_AB", "BATCHFIT_FRESH_NEAR_EDGE", "max_reused_near_edge"),
-               ("BENCH_NO_REUSE", "BATCHFIT_REUSE_WORKER", "max_fresh_each_probe"))
+               ("BENCH_NO_REUSE", "BATCHFIT_REUSE_WORKER", "max_fresh_each_probe"),
+               ("BENCH_PREPARE_AB", "BATCHFIT_PREPARE_AHEAD", "max_not_prepared"))
 
 
 def run_max(name: str) -> dict[str, Any]:
@@ -371,7 +372,8 @@ def run_max(name: str) -> dict[str, Any]:
     one process, same model and budget; with ``BATCHFIT_REUSE_WORKER=0`` also (``--no-reuse``)
     the search with a fresh process for every probe; with ``BENCH_NEAR_EDGE_AB=1`` also the
     search with ``BATCHFIT_FRESH_NEAR_EDGE=0`` (reused processes up to the edge, as before
-    session 20)."""
+    session 20); with ``BENCH_PREPARE_AB=1`` also with ``BATCHFIT_PREPARE_AHEAD=0`` (no
+    process traces ahead for a known size, as before session 21)."""
     memory = MAX_BUDGETS[name]
     out: dict[str, Any] = {"memory": memory}
     out["binsearch_one_process"] = _binsearch(name, memory)

@@ -352,3 +352,79 @@ def test_a_peak_near_the_budget_outside_the_steps_or_in_validation_is_at_limit()
     probe = runner._outcome(8, {}, 990, 990, [0.1] * 3, 0.0, steps)
     assert probe.outcome == "at_limit" and "validation" in probe.detail
     assert probe.typical_peak_bytes is None
+
+
+class _RefusesBatchesOver(keras.layers.Layer):
+    """Refuses, when traced, a static batch dimension over ``limit`` (a shape check in Python)."""
+
+    def __init__(self, limit: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.limit = limit
+
+    def call(self, x):
+        if x.shape[0] is not None and x.shape[0] > self.limit:
+            raise ValueError(f"batch {x.shape[0]} is over {self.limit}")
+        return x
+
+
+def _counting_model(traces: list[tuple], limit: int = 10**6) -> keras.Model:
+    class Count(keras.layers.Layer):
+        def call(self, x, training=None):
+            traces.append((x.shape[0], bool(training)))
+            return x
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32,))
+    h = _RefusesBatchesOver(limit)(Count()(inp))
+    m = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(h))
+    m.compile("adam", "sparse_categorical_crossentropy", steps_per_execution=2)
+    traces.clear()  # (building the functional model called the layer once)
+    return m
+
+
+def test_a_prepared_probe_runs_the_graphs_traced_ahead_for_its_size_and_traces_nothing() -> None:
+    # A process started ahead of a confirmation traces its step for the known size while the
+    # current probe runs; the probe then starts at its first step. It must run the same
+    # graphs a plain probe at that size runs (specialized to the size, training and
+    # validation), and leave the model as it was.
+    traces: list[tuple] = []
+    m = _counting_model(traces)
+    runner = ProbeRunner(m, _batch, steps=4, own_model=True)
+    runner.prepare(16)
+    assert sorted(set(traces)) == [(16, False), (16, True)], traces  # traced before any step
+    traced = len(traces)
+    p = runner.run(16)
+    assert runner.ran_prepared and p.fits and p.peak_bytes and p.epochs >= 2
+    assert len(traces) == traced, traces[traced:]  # the steps ran the prepared graphs
+    before = [np.array(v) for v in m.trainable_variables]
+    plain = runner.run(16)  # the same size from scratch: traced again, fits the same way
+    assert not runner.ran_prepared and plain.fits and len(traces) > traced
+    assert all(np.array_equal(a, np.array(v)) for a, v in zip(before, m.trainable_variables))
+
+
+def test_a_probe_at_another_size_than_prepared_starts_from_scratch() -> None:
+    traces: list[tuple] = []
+    m = _counting_model(traces)
+    runner = ProbeRunner(m, _batch, steps=2)
+    runner.prepare(16)
+    traces.clear()
+    p = runner.run(8)
+    assert not runner.ran_prepared and p.fits
+    assert sorted(set(traces)) == [(8, False), (8, True)], traces
+    assert runner.state.equals_current()
+
+
+def test_a_failure_while_preparing_is_the_probes_outcome_and_the_next_probe_runs() -> None:
+    # What fails while preparing (here the model refuses the size when its step is traced)
+    # is what the probe at that size would have met: it is reported as that probe's outcome.
+    m = _counting_model([], limit=10)
+    snap = ModelState(m)
+    runner = ProbeRunner(m, _batch, steps=2)
+    runner.prepare(16)
+    p = runner.run(16)
+    assert runner.ran_prepared and p.outcome == "refused" and not p.fits
+    assert "_RefusesBatchesOver" in p.detail
+    plain = ProbeRunner(_counting_model([], limit=10), _batch, steps=2).run(16)
+    assert (plain.outcome, plain.detail) == (p.outcome, p.detail)
+    assert snap.equals_current()
+    assert runner.run(8).fits

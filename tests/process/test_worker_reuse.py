@@ -77,17 +77,25 @@ def test_prefetched_spares_serve_the_fresh_probes_and_are_cleaned_up() -> None:
     assert all(_ended(pid) for pid in [*ahead, *left])
 
 
-def test_a_search_reuses_only_after_smaller_fits_and_confirms_in_fresh_processes() -> None:
+def test_a_search_reuses_only_after_smaller_fits_and_confirms_in_fresh_processes(
+        monkeypatch) -> None:
     """Within a search (seed_wide, 64 MiB): a probe runs in a reused process only right after
     a smaller size fitted, and only far from the budget; never after an out-of-memory error or
     a larger size; the answer is confirmed in processes that ran nothing before. (Whether
     reuse moves the limit is measured in bench/bench_real.py's max section; the band between
     fresh processes is wider than 1% here: 208 and 212 fresh, 215 and 182 with reuse, in four
-    searches.)"""
+    searches.) The confirmations after the first at a size ran in processes that traced
+    their step for it while the one before ran; no search probe did (its size is not known
+    ahead)."""
     from batchfit.core.confirm import near_the_edge
     from batchfit.verbs.maxbatch_local import search_max_batch_size
+    from batchfit.workers import worker as worker_module
 
+    events: list[dict] = []
+    monkeypatch.setattr(worker_module, "EVENTS", events)
     r = search_max_batch_size(SPEC, memory=64 << 20, confirm=2)
+    prepared = [e.get("prepared", False) for e in events if e["event"] == "probe"]
+    assert len(prepared) == len(r.probes), events
     search = [p for p in r.probes if p.phase == "search"]
     assert any(p.reused for p in search)
     for before, p in itertools.pairwise(search):
@@ -103,3 +111,33 @@ def test_a_search_reuses_only_after_smaller_fits_and_confirms_in_fresh_processes
     confirms = [p for p in r.probes if p.phase == "confirm"]
     assert len(confirms) >= 2 and not any(p.reused for p in confirms)
     assert r.band.confirmed and r.max_batch_size == r.band.reliable
+    ran = list(zip(r.probes, prepared))
+    assert not any(ready for p, ready in ran if p.phase == "search")
+    assert any(ready for p, ready in ran
+               if p.phase == "confirm" and p.batch_size == r.max_batch_size), ran
+
+
+def test_spares_prepare_the_expected_size_and_never_run_another(monkeypatch) -> None:
+    # A process started ahead for a known size (expect) traces its step for it while the
+    # current probe runs; the probe at that size then starts from there. A spare prepared for
+    # one size is not used for another (the confirmation after a failure steps down): it is
+    # stopped and the probe gets a process of its own.
+    from batchfit.workers import worker as worker_module
+
+    events: list[dict] = []
+    monkeypatch.setattr(worker_module, "EVENTS", events)
+    with _worker() as w:
+        assert w.probe(8).fits
+        w.expect(96)
+        first = w.probe_fresh(96)  # the spare started during probe(8), before expect
+        second = w.probe_fresh(96)  # the one started during `first`, prepared for 96
+        prepared_spare = w._spares[0][0].pid
+        third = w.probe_fresh(48)
+        third_pid = w.pid
+    runs = [e["prepared"] for e in events if e["event"] == "probe"]
+    assert runs == [False, False, True, False], events
+    assert [e.get("prepare") for e in events if e["event"] == "launch"][2:4] == [96, 96]
+    assert first.fits and second.fits and third.fits
+    # the same size in two fresh processes, one prepared: the same memory
+    assert abs(second.peak_bytes - first.peak_bytes) < 0.05 * first.peak_bytes
+    assert third_pid != prepared_spare and _ended(prepared_spare)

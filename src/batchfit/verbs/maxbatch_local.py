@@ -162,8 +162,11 @@ class _Prober:
             return self.worker.probe(batch_size, timeout=timeout)  # type: ignore[no-any-return]
         return self.runner.run(batch_size)  # type: ignore[no-any-return]
 
-    def probe_fresh(self, batch_size: int, timeout: float) -> Probe:
-        """A probe in a process that has run nothing before (a worker is needed)."""
+    def probe_fresh(self, batch_size: int, timeout: float, *, again: bool = False) -> Probe:
+        """A probe in a process that has run nothing before (a worker is needed). ``again``:
+        the next probe is likely at this size too (a confirmation): the process started
+        meanwhile prepares for it (:meth:`~batchfit.workers.worker.ProbeWorker.expect`)."""
+        self.worker.expect(batch_size if again else None)
         return self.worker.probe_fresh(batch_size, timeout=timeout)  # type: ignore[no-any-return]
 
     def near_the_edge(self, probes: list[Probe], batch_size: int) -> bool:
@@ -227,7 +230,8 @@ def _trial_function(prober: _Prober, probes: list[Probe], probe_timeout: float,
     def trial(b: int) -> Trial:
         timeout = _stall_timeout(probes, b, probe_timeout)
         if confirm:
-            p = dataclasses.replace(prober.probe_fresh(b, timeout), phase="confirm")
+            p = dataclasses.replace(prober.probe_fresh(b, timeout, again=True),
+                                    phase="confirm")
         elif prober.near_the_edge(probes, b):
             p = prober.probe_fresh(b, timeout)
         else:
@@ -369,7 +373,7 @@ def _confirm(prober: _Prober, trials: list[Trial], probes: list[Probe], k: int,
                            per_sample_bytes=_memory_slope(probes, _fit(probes)))
     answer = band_of(trials).reliable
     shared = _fresh_search_fits(prober, probes)
-    prober.worker.prefetch(_confirm_spares(k))
+    prober.worker.prefetch(_confirm_spares(k), size=answer)
     confirmed = run_confirmation(policy, trials, _trial_function(
         prober, probes, probe_timeout, on_probe, confirm=True), shared=shared)
     edge = band_of([*trials, *confirmed]).reliable

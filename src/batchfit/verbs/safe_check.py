@@ -81,6 +81,7 @@ def check_safe_by_default(config: Any, safe: int, *, k: int, granularity: int,
     seed = [Trial(safe, True)]
 
     def trial(b: int) -> Trial:
+        worker.expect(b)  # the process started meanwhile prepares the next check (same size)
         p = dataclasses.replace(worker.probe_fresh(b, probe_timeout), phase=SAFE_PHASE)
         probes.append(p)
         if on_probe is not None:
@@ -88,7 +89,7 @@ def check_safe_by_default(config: Any, safe: int, *, k: int, granularity: int,
         return Trial(b, p.fits, p.peak_bytes)
 
     try:
-        worker.prefetch(1)
+        worker.prefetch(1, size=safe)
         made = run_confirmation(policy, seed, trial)
     except (ProbeFailedError, ModelLoadError, NothingFitsError) as exc:
         notes.append(f"safe_batch_size {safe} was not checked under {settings}: the worker "

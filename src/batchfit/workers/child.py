@@ -241,9 +241,12 @@ def _worker_main(inbox: Any, conn: Any, config: Any) -> None:  # pragma: no cove
             return
         if cmd[0] == "stop":
             return
-        if cmd[0] == "probe":
+        if cmd[0] == "prepare" and hasattr(runner, "prepare"):
+            runner.prepare(int(cmd[1]))  # no answer: the probe that follows reports
+        elif cmd[0] == "probe":
             probe = runner.run(int(cmd[1]))
-            conn.send({"probe": probe.to_dict()})
+            conn.send({"probe": probe.to_dict(),
+                       "prepared": bool(getattr(runner, "ran_prepared", False))})
             if finish is not None:
                 finish()
 

@@ -4,8 +4,10 @@ Each is on unless its variable is ``0``: ``BATCHFIT_COMPILE_CACHE`` (processes s
 XLA programs), ``BATCHFIT_STALL_WATCH`` (a probe waiting on the capped allocator is stopped
 early), ``BATCHFIT_FORK_SERVER`` (workers are forked from a preloaded server),
 ``BATCHFIT_REUSE_WORKER`` (ascending fits run in one process), ``BATCHFIT_FRESH_NEAR_EDGE``
-(a search probe predicted near the budget runs in a fresh process, not a reused one). They
-exist to measure each behaviour against its absence.
+(a search probe predicted near the budget runs in a fresh process, not a reused one),
+``BATCHFIT_PREPARE_AHEAD`` (a process started ahead of a probe whose size is known traces its
+step for that size while the current probe runs). They exist to measure each behaviour against
+its absence.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from ..errors import InvalidInputError
 
 SWITCHES = ("BATCHFIT_COMPILE_CACHE", "BATCHFIT_STALL_WATCH", "BATCHFIT_FORK_SERVER",
-            "BATCHFIT_REUSE_WORKER", "BATCHFIT_FRESH_NEAR_EDGE")
+            "BATCHFIT_REUSE_WORKER", "BATCHFIT_FRESH_NEAR_EDGE", "BATCHFIT_PREPARE_AHEAD")
 
 
 def switched_on(name: str) -> bool:

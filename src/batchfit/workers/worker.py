@@ -53,7 +53,8 @@ STOP_GRACE_SECONDS = 0.5  # a stopped worker still cleaning up after its last pr
 #: ``"launch"`` (forking or exec'ing a process, the fork server's start included), ``"start"``
 #: (waiting for a process to be ready; with the child's ``build_s`` and ``warm_up_s``, which
 #: overlap earlier probes when it was started ahead), ``"probe"`` (a probe's round trip, with
-#: the worker's own ``probe_s``), ``"stop"``. ``None`` (default): nothing is recorded.
+#: the worker's own ``probe_s`` and ``prepared``: it started from a prepared first part, see
+#: :meth:`ProbeWorker.expect`), ``"stop"``. ``None`` (default): nothing is recorded.
 EVENTS: list[dict[str, Any]] | None = None
 
 
@@ -263,6 +264,8 @@ class ProbeWorker:
         self._conn: Any = None
         self._send_conn: Any = None
         self._spares: list[tuple[Any, Any, Any, str]] = []
+        self._expect: int | None = None  # the size spares launched from now on prepare for
+        self._prepared_for: dict[str, int] = {}  # a spare's log path -> the size it prepared
         self._log_paths: list[str] = []
         self._cache_dir = ""  # the compile cache this worker made (removed by close)
         self._closed = False  # the last _receive saw the worker's pipe close
@@ -295,8 +298,12 @@ class ProbeWorker:
         return None if self._server is None else self._server.proc.pid
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> dict[str, Any]:
+    def start(self, batch_size: int | None = None) -> dict[str, Any]:
         """Start the worker and wait until it has built the model; return what it reports.
+
+        ``batch_size``: the size of the probe it starts for. A spare prepared for another size
+        (:meth:`expect`) is not used for it: it is stopped, and the next one (or a new process)
+        starts instead, so that a process runs no size but the one it prepared.
 
         The worker is a fresh interpreter (``python -c``), not a ``multiprocessing`` child, so
         the caller's ``__main__`` is never re-run and needs no ``if __name__ == "__main__"``
@@ -307,8 +314,10 @@ class ProbeWorker:
             ModelLoadError: the worker could not load or build the model.
             ProbeFailedError: the worker died or hung while starting.
         """
-        spare = bool(self._spares)
-        launched = self._spares.pop(0) if self._spares else self._launch()
+        launched = self._take_spare(batch_size)
+        spare = launched is not None
+        if launched is None:
+            launched = self._launch()
         t0 = time.perf_counter()  # (a launch here is recorded as one)
         proc, self._send_conn, self._conn, self.config.log_path = launched
         self._proc = proc
@@ -353,13 +362,30 @@ class ProbeWorker:
         self.info = msg
         return msg
 
-    def _launch(self) -> tuple[Any, Any, Any, str]:
-        """Start a worker process and send it the config, without waiting for it."""
+    def _take_spare(self, batch_size: int | None) -> tuple[Any, Any, Any, str] | None:
+        """The first spare that prepared for ``batch_size`` or for nothing (see :meth:`start`);
+        the spares before it, prepared for another size, are stopped."""
+        while self._spares:
+            launched = self._spares.pop(0)
+            prepared = self._prepared_for.pop(launched[3], None)
+            if prepared is None or batch_size is None or prepared == batch_size:
+                return launched
+            _end_process(launched)
+        return None
+
+    def _launch(self, prepare: int | None = None) -> tuple[Any, Any, Any, str]:
+        """Start a worker process and send it the config (and ``prepare``: the size of its
+        first probe, see :meth:`expect`), without waiting for it."""
         t0 = time.perf_counter()
         try:
-            return self._launch_now()
+            launched = self._launch_now()
+            if prepare is not None:
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    launched[1].send(("prepare", int(prepare)))
+                    self._prepared_for[launched[3]] = int(prepare)
+            return launched
         finally:
-            _record("launch", time.perf_counter() - t0)
+            _record("launch", time.perf_counter() - t0, prepare=prepare)
 
     def _launch_now(self) -> tuple[Any, Any, Any, str]:
         fd, log_path = tempfile.mkstemp(prefix="batchfit-worker-", suffix=".log")
@@ -478,13 +504,13 @@ class ProbeWorker:
             self._stop_current()
         if self._proc is None or self._proc.poll() is not None:
             if self.starts == 0:
-                self.start()
+                self.start(batch_size)
             else:
                 # A restart (after a crash, an OOM, or for a fresh process): it built the model
                 # before, so a failure now is this probe's, not bad input.
                 t_start = time.perf_counter()
                 try:
-                    self.start()
+                    self.start(batch_size)
                 except (ProbeFailedError, NothingFitsError, ModelLoadError) as exc:
                     return Probe(batch_size=batch_size, fits=False, outcome="crashed",
                                  seconds=time.perf_counter() - t_start,
@@ -502,7 +528,8 @@ class ProbeWorker:
             probe = Probe.from_dict(msg["probe"])
             _record("probe", time.perf_counter() - t0, probe_s=round(probe.seconds, 3),
                     batch_size=int(batch_size), outcome=probe.outcome, reused=reused,
-                    longest_quiet_s=round(self.longest_quiet, 2))
+                    longest_quiet_s=round(self.longest_quiet, 2),
+                    prepared=bool(msg.get("prepared")))
             if reused:
                 probe = dataclasses.replace(probe, reused=True)
             if self.fresh_each_probe and self.reuse_fits and probe.fits:
@@ -558,21 +585,33 @@ class ProbeWorker:
         """Whether the current process may run ``batch_size`` (it ran only fits, all smaller)."""
         return (not self.fresh_each_probe) or (self.reuse_fits and batch_size > max(self._ran))
 
-    def prefetch(self, spares: int) -> None:
+    def prefetch(self, spares: int, *, size: int | None = None) -> None:
         """Keep ``spares`` fresh processes started ahead (building and tracing the model in
         parallel) from now on, e.g. before confirmations, each of which needs a fresh process.
         Beyond the first, a spare is started only while the host's available memory exceeds
         the budget plus :data:`SPARE_OVERHEAD_BYTES` (each holds its whole budget).
+        ``size``: as :meth:`expect` (given before the spares start).
         """
         self.spares_wanted = max(0, int(spares))
+        if size is not None:
+            self.expect(size)
         self._top_up_spares()
+
+    def expect(self, size: int | None) -> None:
+        """Have the spares started from now on prepare a probe at ``size`` (``None``: no
+        size): build the batches and trace the step for it while the current probe runs
+        (:meth:`batchfit.backend.tensorflow.probe.ProbeRunner.prepare`), for probes whose size
+        is known ahead, such as the ``k`` confirmations of one size. A spare prepared for a
+        size is used only for a probe at that size (:meth:`start`).
+        """
+        self._expect = None if size is None else int(size)
 
     def _top_up_spares(self) -> None:
         if not (self.fresh_each_probe and self.prestart):
             return
         while len(self._spares) < self.spares_wanted and (
                 not self._spares or _room_for_another(self.config.budget_bytes)):
-            self._spares.append(self._launch())
+            self._spares.append(self._launch(self._expect))
 
     def kill(self) -> None:
         """Kill the worker process at once (no-op if it is gone)."""
@@ -608,14 +647,8 @@ class ProbeWorker:
         """Stop the worker and any pre-started one, and remove their logs."""
         self._stop_current()
         while self._spares:
-            proc, send_conn, conn, _ = self._spares.pop()
-            if proc.poll() is None:
-                proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(10)
-            for c in (send_conn, conn):
-                with contextlib.suppress(OSError):
-                    c.close()
+            _end_process(self._spares.pop())
+        self._prepared_for.clear()
         if self._server is not None:
             release_fork_server(self._server)  # kept for the next search a while
             self._server = None
@@ -640,6 +673,18 @@ class ProbeWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _end_process(launched: tuple[Any, Any, Any, str]) -> None:
+    """Kill a started process that will run nothing (a spare) and close its pipes."""
+    proc, send_conn, conn, _ = launched
+    if proc.poll() is None:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+    for c in (send_conn, conn):
+        with contextlib.suppress(OSError):
+            c.close()
 
 
 def _setup_oom_error(msg: dict[str, Any], budget: int | None, *,

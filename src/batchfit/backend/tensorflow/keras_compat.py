@@ -22,6 +22,7 @@ __all__ = [
     "call_has_training_arg",
     "communication_options_of",
     "compile_loss",
+    "compiled_step_function",
     "compute_loss_fn",
     "current_learning_rate_fn",
     "drop_new_nodes",
@@ -250,6 +251,27 @@ def epoch_dataset(epochs: Any) -> Any:
     (:func:`batchfit.backend.tensorflow.probe.trace_fit_path`), which costs one more trace.
     """
     return epochs._get_iterator()
+
+
+def compiled_step_function(function: Any) -> Any:
+    """The ``tf.function`` behind ``model.train_function`` / ``test_function`` (``None``: none).
+
+    Reads the closure of the plain Python function ``_make_function`` returns (Keras 3.15.1,
+    ``keras/src/backend/tensorflow/trainer.py``: ``function(iterator)`` calling the
+    ``tf.function`` ``multi_step_on_iterator``), so that its graph can be traced for a batch
+    shape before any step runs (:meth:`batchfit.backend.tensorflow.probe.ProbeRunner.prepare`).
+    If Keras changes it, or the model runs eagerly, this returns ``None`` and nothing is traced
+    ahead: the first step traces, as it always did.
+    """
+    code, closure = getattr(function, "__code__", None), getattr(function, "__closure__", None)
+    if code is None or not closure:
+        return None
+    cell = dict(zip(code.co_freevars, closure)).get("multi_step_on_iterator")
+    try:
+        inner = cell.cell_contents if cell is not None else None
+    except ValueError:  # an empty cell
+        return None
+    return inner if hasattr(inner, "get_concrete_function") else None
 
 
 # --- the optimizer ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ seed state, optimizer slots and iteration count, metrics), so probing is invisib
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import statistics
 import time
@@ -29,7 +30,7 @@ from ...core.settle import LIMIT_MARGIN, PROBE_STEPS, SettleRule, limit_note, li
 from ...errors import error_line
 from ...results import Probe
 from ..oom import is_oom_error
-from .keras_compat import epoch_dataset, fit_epoch_iterator
+from .keras_compat import compiled_step_function, epoch_dataset, fit_epoch_iterator
 
 BatchFn = Callable[[int], "tuple[Any, Any]"]
 #: ``watch(True)`` as a compiled step starts, ``watch(False)`` as it returns (see :func:`in_step`).
@@ -351,7 +352,8 @@ def _sync(logs: Any) -> Any:
 def train_like_fit(model: Any, x: Any, y: Any, batch_size: int, *, watch: Watch | None = None,
                    hold: list[Any] | None = None, fresh: bool = False,
                    again: Callable[[], bool] | None = None,
-                   step_peaks: StepPeaks | None = None) -> tuple[Any, list[float]]:
+                   step_peaks: StepPeaks | None = None,
+                   prepared: Any = None) -> tuple[Any, list[float]]:
     """Train on ``x``/``y`` in batches of ``batch_size`` the way one epoch of ``fit`` does.
 
     Keras's epoch iterator feeds ``model.train_function`` (built by ``make_train_function``, as
@@ -366,7 +368,9 @@ def train_like_fit(model: Any, x: Any, y: Any, batch_size: int, *, watch: Watch 
     under 64 MiB where the user's own ``fit`` at 141 ran out of memory). ``again``: called after
     each epoch; while it returns ``True`` another epoch runs over the same batches, through the
     same epoch iterator, as ``fit``'s epochs do. ``step_peaks``: told before and after each
-    compiled call (:class:`StepPeaks`).
+    compiled call (:class:`StepPeaks`). ``prepared``: the epoch iterator over ``x``/``y``
+    that :meth:`ProbeRunner.prepare` made, with the train function it traced for it (used as
+    they are: ``fresh`` was applied there).
 
     Returns:
         The last logs (NumPy values) and the seconds of each step (an execution's time split
@@ -381,12 +385,15 @@ def train_like_fit(model: Any, x: Any, y: Any, batch_size: int, *, watch: Watch 
     >>> int(m.optimizer.iterations.numpy()), len(times)
     (3, 3)
     """
-    with in_step(watch):  # the arrays become tensors here: memory the allocator may refuse
-        epochs = fit_epoch_iterator(model, x, y, batch_size=batch_size, shuffle=True)
+    if prepared is None:
+        with in_step(watch):  # the arrays become tensors here: memory the allocator may refuse
+            epochs = fit_epoch_iterator(model, x, y, batch_size=batch_size, shuffle=True)
+    else:
+        epochs = prepared
     held = [epochs] if hold is None else hold
     if hold is not None:
         hold.append(epochs)
-    model.make_train_function(force=fresh)
+    model.make_train_function(force=fresh and prepared is None)
     model.reset_metrics()
     logs: Any = None
     times: list[float] = []
@@ -585,6 +592,53 @@ def repeated_batches(batch_fn: BatchFn, batch_size: int, steps: int) -> tuple[An
             None if yb is None else tf.nest.map_structure(repeat, yb))
 
 
+def trace_ahead(model: Any, epochs: Any) -> bool:
+    """Trace the train and test functions for the batches of ``epochs`` without running them.
+
+    Each compiled function is traced for the iterator type of the epoch's dataset
+    (``get_concrete_function`` on a ``tf.data.IteratorSpec``), the same type the first call
+    with the epoch's own iterator has, so that call runs the traced graph instead of tracing.
+    Nothing executes; what tracing creates (the optimizer's slots, if not built yet) is created
+    here, in the order the first step would have created it, after the batches. Returns
+    whether both were traced (a distributed dataset, or a Keras whose functions are not found
+    by :func:`~batchfit.backend.tensorflow.keras_compat.compiled_step_function`, is left to its
+    first step). Raises what tracing raises.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> m.compile("sgd", "mse")
+    >>> epochs = fit_epoch_iterator(m, np.ones((8, 3)), np.ones((8, 1)), batch_size=4,
+    ...                             shuffle=True)
+    >>> m.make_train_function(force=True); m.make_test_function(force=True)
+    >>> trace_ahead(m, epochs)
+    True
+    >>> logs, _ = train_like_fit(m, None, None, 4, prepared=epochs)
+    >>> compiled_step_function(m.train_function).experimental_get_tracing_count()
+    1
+    """
+    dataset = epoch_dataset(epochs)
+    functions = [compiled_step_function(f) for f in (model.train_function, model.test_function)]
+    if not isinstance(dataset, tf.data.Dataset) or any(f is None for f in functions):
+        return False
+    spec = tf.data.IteratorSpec(dataset.element_spec)
+    for function in functions:
+        function.get_concrete_function(spec)
+    return True
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A probe's first part, done ahead by :meth:`ProbeRunner.prepare`."""
+
+    batch_size: int
+    x: Any = None
+    y: Any = None
+    epochs: Any = None
+    failure: Probe | None = None
+
+
 class ProbeRunner:
     """Measures training steps at chosen batch sizes on one model, in this process.
 
@@ -646,6 +700,8 @@ class ProbeRunner:
         self.watch: Watch | None = None
         self.defer_cleanup = False
         self._pending: list[Any] | None = None  # a deferred cleanup's held iterators
+        self._prepared: _Prepared | None = None  # the next probe's first part (prepare)
+        self.ran_prepared = False  # whether the last run started from what prepare made
 
     def warm_up(self, sizes: tuple[int, ...] = (1, 2)) -> tuple[bool, str] | None:
         """Trace the training and validation steps for any batch size before measuring.
@@ -661,29 +717,85 @@ class ProbeRunner:
         return trace_fit_path(self.model, self.batch_fn, self.state, self.steps, sizes,
                               self.watch)
 
+    def prepare(self, batch_size: int) -> None:
+        """Do the first part of the next :meth:`run` at ``batch_size`` now: the batches, the
+        epoch iterator (the batches as tensors) and the train and test functions traced for
+        them (:func:`trace_ahead`), in the order ``run`` does it, no step run.
+
+        A worker started ahead of a probe whose size is known (a confirmation, a check of the
+        safe size) prepares while the current probe runs: its probe then starts at its first
+        step. Measured (MobileNetV2 at 96x96, batch 29, one thread, the machine loaded): the
+        first call of the train function took 18.8 s, of which tracing 11.9 s, where a later
+        step took 0.6 s. A failure here (the batches do not fit) is kept and becomes that
+        probe's outcome, as it would have in ``run``.
+        """
+        self.finish()
+        self._prepared = None
+        t0 = time.perf_counter()
+        prepared = _Prepared(batch_size)
+        try:
+            prepared.x, prepared.y = repeated_batches(self.batch_fn, batch_size, self.steps)
+            reset_peak(self.device)
+            prepared.epochs = fit_epoch_iterator(self.model, prepared.x, prepared.y,
+                                                 batch_size=batch_size, shuffle=True)
+            self.model.make_train_function(force=True)
+            self.model.make_test_function(force=True)
+            trace_ahead(self.model, prepared.epochs)
+        except Exception as exc:  # noqa: BLE001 - the probe's outcome, reported by run
+            prepared = _Prepared(batch_size, failure=Probe(
+                batch_size=batch_size, fits=False,
+                outcome="oom" if is_oom_error(exc) else "refused", peak_bytes=None,
+                seconds=time.perf_counter() - t0, step_seconds=None, detail=failure_line(exc),
+                epochs=0))
+            del exc
+            gc.collect()
+            with contextlib.suppress(Exception):
+                self.model.reset_metrics()
+            self.state.restore()
+        self._prepared = prepared
+
+    def _take_prepared(self, batch_size: int) -> _Prepared | None:
+        """The prepared first part for ``batch_size`` (``None``: none; one prepared for
+        another size is dropped and the probe starts from scratch)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared.batch_size != batch_size:
+            if prepared.epochs is not None:
+                release_epochs([prepared.epochs])
+            return None
+        return prepared
+
     def run(self, batch_size: int) -> Probe:
         """Run ``steps`` training steps at ``batch_size`` and report what happened.
 
         The train and test functions are built anew and traced for this batch shape (see
         ``fresh`` in :func:`train_like_fit`): the graph the user's own ``fit`` at this size
-        runs, not the warm-up's ``None``-batch one. Out-of-memory errors and errors raised by
-        the model become the probe's outcome
+        runs, not the warm-up's ``None``-batch one (or :meth:`prepare` did that ahead). Out-of-
+        memory errors and errors raised by the model become the probe's outcome
         (``"oom"``/``"refused"``); the model's state is restored in every case.
         """
+        prepared = self._take_prepared(batch_size)
+        self.ran_prepared = prepared is not None
+        if prepared is not None and prepared.failure is not None:
+            return prepared.failure
         self.finish()
         t0 = time.perf_counter()
         probe: Probe | None = None
         phase = ["training"]
         epochs = [0]  # training epochs that ended (each followed by its validation pass)
         held: list[Any] = []  # fit keeps its epoch iterator through validation: so does this
+        ready = None if prepared is None else prepared.epochs
         try:
-            x, y = repeated_batches(self.batch_fn, batch_size, self.steps)
-            reset_peak(self.device)
+            if prepared is None:
+                x, y = repeated_batches(self.batch_fn, batch_size, self.steps)
+                reset_peak(self.device)
+            else:  # the peak since prepare's reset counts, as run's own would
+                x, y, prepared = prepared.x, prepared.y, None
             peaks = StepPeaks(self.device)
             logs, step_times = train_like_fit(
                 self.model, x, y, batch_size, watch=self.watch, hold=held, fresh=True,
-                again=self._end_of_epoch(x, y, batch_size, held, peaks, phase, epochs),
-                step_peaks=peaks)
+                again=self._end_of_epoch(x, y, batch_size, held, peaks, phase, epochs,
+                                         traced=ready is not None),
+                step_peaks=peaks, prepared=ready)
             del x, y
             peak = peaks.total()
             probe = self._outcome(batch_size, logs, peak, peaks.validation if peak else None,
@@ -700,6 +812,7 @@ class ProbeRunner:
             # first (those built by the steps start at zero), then the snapshot is restored
             # (the caller's metric totals included). The epoch iterators go first, outside
             # any step (their deletion can sit still for seconds; see in_step).
+            ready = None  # (``held`` alone keeps a prepared epoch iterator now)
             self._pending = held
             if not self.defer_cleanup:
                 self.finish()
@@ -707,7 +820,7 @@ class ProbeRunner:
 
     def _end_of_epoch(self, x: Any, y: Any, batch_size: int, held: list[Any],
                       step_peaks: StepPeaks, phase: list[str],
-                      epochs: list[int]) -> Callable[[], bool]:
+                      epochs: list[int], traced: bool = False) -> Callable[[], bool]:
         """``again`` for :func:`train_like_fit`: after every epoch a validation pass on one
         batch, as ``fit`` runs it (:class:`FitValidation`), then another epoch until the peak
         settles (see :mod:`batchfit.core.settle`; one epoch where the allocator keeps no peak).
@@ -723,7 +836,7 @@ class ProbeRunner:
             return None if a is None else tf.nest.map_structure(lambda t: t[:batch_size], a)
 
         validate = FitValidation(self.model, first(x), first(y), batch_size, hold=held,
-                                 watch=self.watch, fresh=True)
+                                 watch=self.watch, fresh=not traced)
         settling = self._settling(step_peaks)
 
         def again() -> bool:
