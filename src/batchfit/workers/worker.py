@@ -363,12 +363,13 @@ class ProbeWorker:
         return msg
 
     def _take_spare(self, batch_size: int | None) -> tuple[Any, Any, Any, str] | None:
-        """The first spare that prepared for ``batch_size`` or for nothing (see :meth:`start`);
-        the spares before it, prepared for another size, are stopped."""
+        """The first spare that prepared for ``batch_size`` or for nothing (see :meth:`start`;
+        ``None``: a size not known, for which no prepared spare is used); the spares before
+        it, prepared for another size, are stopped."""
         while self._spares:
             launched = self._spares.pop(0)
             prepared = self._prepared_for.pop(launched[3], None)
-            if prepared is None or batch_size is None or prepared == batch_size:
+            if prepared is None or prepared == batch_size:
                 return launched
             _end_process(launched)
         return None
