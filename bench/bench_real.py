@@ -345,7 +345,8 @@ def time_breakdown(events: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     round trips (``probe_s``, of which the worker's own ``probe_steps_s``), forking
     (``launch_s``, the fork server's start in the first), stopping (``stop_s``) and the rest
     (the parent's own: resolving the model, the search's logic). ``build_s``/``warm_up_s``:
-    every process's model build and warm-up (trace), overlapped with probes when prestarted."""
+    every process's model build and warm-up (trace), overlapped with probes when prestarted.
+    ``prepared_probes``: probes that ran in a process that had traced their step ahead."""
     def total(event: str, key: str = "seconds") -> float:
         return round(sum(e.get(key) or 0.0 for e in events if e["event"] == event), 1)
 
@@ -354,6 +355,8 @@ def time_breakdown(events: list[dict[str, Any]], wall: float) -> dict[str, Any]:
            "stop_s": total("stop"), "build_s": total("start", "build_s"),
            "warm_up_s": total("start", "warm_up_s"),
            "processes": sum(e["event"] == "launch" for e in events),
+           "prepared_probes": sum(bool(e.get("prepared")) for e in events
+                                  if e["event"] == "probe"),
            "first_launch_s": next((e["seconds"] for e in events if e["event"] == "launch"),
                                   None)}
     accounted = out["start_wait_s"] + out["probe_s"] + out["launch_s"] + out["stop_s"]
