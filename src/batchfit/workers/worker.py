@@ -604,8 +604,10 @@ class ProbeWorker:
         (:meth:`batchfit.backend.tensorflow.probe.ProbeRunner.prepare`), for probes whose size
         is known ahead, such as the ``k`` confirmations of one size. A spare prepared for a
         size is used only for a probe at that size (:meth:`start`).
+        ``BATCHFIT_PREPARE_AHEAD=0`` turns this off.
         """
-        self._expect = None if size is None else int(size)
+        on = size is not None and switched_on("BATCHFIT_PREPARE_AHEAD")
+        self._expect = int(size) if on else None
 
     def _top_up_spares(self) -> None:
         if not (self.fresh_each_probe and self.prestart):
